@@ -1,0 +1,57 @@
+"""The decoder: one module class for inference and fine-tuning.
+
+``forward`` takes a flat token stream (every sequence of the batch back to back)
+with each token's absolute position, and an attention backend that knows how the
+stream splits into sequences and where keys/values live. It returns the final
+normalised hidden states; ``logits`` projects them, so that callers compute logits
+only for the rows they need (the last token of each sequence when decoding, chunks
+of rows for a memory-light training loss).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .layers import Attention, AttentionBackend, FeedForward, RMSNorm, rotary_cos_sin
+from .moe import MoeLayer
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module = (
+            MoeLayer(args.dim, args.hidden_dim, args.moe) if args.moe else FeedForward(args.dim, args.hidden_dim)
+        )
+
+    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, backend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """tokens, positions: (T,) -> hidden states (T, D)."""
+        h = self.tok_embeddings(tokens)  # (T, D)
+        cos, sin = rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, backend)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, vocab), in the weights' dtype."""
+        return self.output(hidden)

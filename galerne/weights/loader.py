@@ -1,0 +1,280 @@
+"""Find a checkpoint, read its config, and load its weights into a model built on
+the ``meta`` device, one memory-mapped tensor at a time.
+
+Two folder layouts are understood:
+
+- Mistral-native: ``params.json`` + ``consolidated.safetensors`` (or
+  ``consolidated-0000x-of-0000y.safetensors``);
+- Hugging Face: ``config.json`` + ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json``.
+
+Pickle checkpoints (``.bin``, ``.pth``, ``.pt``) are read only through
+``torch.load(weights_only=True)``, which cannot run code; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from ..errors import ConfigError, ModelLoadError
+from ..models.args import ModelArgs
+from ..models.transformer import Transformer
+from .names import IGNORED_HF, hf_to_native, permute_rows
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on a GPU, float32 on a CPU (where bf16 matmuls are slow on
+    most processors and fp32 is the reference precision)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class Checkpoint:
+    """A model folder as found on disk: its layout, config and weight files."""
+
+    folder: Path
+    layout: str  # "mistral" | "hf"
+    config_path: Path
+    args: ModelArgs
+    weight_files: list[Path]
+
+    @classmethod
+    def open(cls, folder: str | Path, layout: str | None = None) -> "Checkpoint":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError("not a folder", path=str(folder))
+        params, config = folder / "params.json", folder / "config.json"
+        native_files = sorted(folder.glob("consolidated*.safetensors"))
+        if layout is None:
+            # Mistral's own Hub repos ship both layouts: prefer the native one.
+            if params.exists() and (native_files or not config.exists()):
+                layout = "mistral"
+            elif config.exists():
+                layout = "hf"
+            else:
+                raise ModelLoadError(
+                    "no params.json (Mistral-native) or config.json (Hugging Face) in this folder",
+                    path=str(folder),
+                )
+        if layout == "mistral":
+            args = ModelArgs.from_params_json(_read_json(params), str(params))
+            files = native_files or _pickle_files(folder, "consolidated")
+            config_path = params
+        elif layout == "hf":
+            args = ModelArgs.from_hf_config(_read_json(config), str(config))
+            files = _hf_weight_files(folder)
+            config_path = config
+        else:
+            raise ModelLoadError(f"unknown layout {layout!r} (use 'mistral' or 'hf')")
+        if not files:
+            raise ModelLoadError(
+                f"no weights found: expected {'consolidated.safetensors' if layout == 'mistral' else 'model.safetensors or model-*-of-*.safetensors'}",
+                path=str(folder),
+            )
+        return cls(folder, layout, config_path, args, files)
+
+    def tensors(self) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """Yield (file, checkpoint name, tensor) for every tensor, lazily."""
+        for path in self.weight_files:
+            if path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        for name in f.keys():
+                            yield path, name, f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
+            else:
+                for name, t in _load_pickle(path).items():
+                    yield path, name, t
+
+    def native_tensors(self) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+        """Yield (file, checkpoint name, native name, tensor in native layout)."""
+        a = self.args
+        for path, name, t in self.tensors():
+            if self.layout == "mistral":
+                yield path, name, name, t
+                continue
+            if IGNORED_HF.match(name):
+                continue
+            mapped = hf_to_native(name)
+            if mapped is None:
+                raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
+            native, rotary = mapped
+            yield path, name, native, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="native")
+
+
+def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a Hugging Face Hub id downloaded (or found in the local
+    cache) through ``huggingface_hub``."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not _HUB_ID.match(str(model)):
+        raise ModelLoadError("no such folder", path=str(model))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+    try:
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        log.info("downloading %s from the Hugging Face Hub", model)
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{model!r} is not a local folder and the Hugging Face Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1). Download it where there is network "
+            "(`huggingface-cli download ...`) and pass its folder.",
+        ) from None
+    except HfHubHTTPError as e:
+        raise ModelLoadError(f"the Hugging Face Hub refused {model!r}: {e}") from None
+    except OSError as e:  # connection errors surface as OSError subclasses
+        raise ModelLoadError(f"cannot download {model!r} from the Hugging Face Hub: {e}") from None
+
+
+def load_model(
+    folder: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    layout: str | None = None,
+    progress: bool | None = None,
+) -> tuple[Transformer, Checkpoint]:
+    """Build the model on ``meta`` and fill it from the checkpoint.
+
+    Each tensor is checked (known name, expected shape), cast and moved on its own,
+    so that peak memory stays near the size of the model, not twice it.
+    """
+    ckpt = Checkpoint.open(folder, layout)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = Transformer(ckpt.args)
+    expected = dict(model.named_parameters())  # tied output is listed once, as the embedding
+    seen: set[str] = set()
+    # progress=None: tqdm decides (a bar on a terminal, nothing in logs or tests).
+    bar = tqdm(total=len(expected), desc=f"loading {ckpt.folder.name}", unit="tensor",
+               disable=None if progress is None else not progress, leave=False)
+    for path, name, native, t in ckpt.native_tensors():
+        if native == "output.weight" and ckpt.args.tied_embeddings:
+            continue  # some tied checkpoints still store lm_head: the embedding wins
+        param = expected.get(native)
+        if param is None:
+            raise ModelLoadError("unexpected tensor: the config has no such weight", path=str(path), tensor=name)
+        if native in seen:
+            raise ModelLoadError("tensor appears twice in the checkpoint", path=str(path), tensor=name)
+        if tuple(t.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"shape {tuple(t.shape)} disagrees with the config ({ckpt.config_path.name}), which implies {tuple(param.shape)}",
+                path=str(path), tensor=name,
+            )
+        _set_param(model, native, t.to(device=dev, dtype=dt))
+        seen.add(native)
+        bar.update(1)
+    bar.close()
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"missing tensor(s) in the checkpoint: {shown}", path=str(ckpt.folder))
+    if ckpt.args.tied_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.eval()
+    return model, ckpt
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError("file not found", path=str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not valid JSON: {e}", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a JSON object", path=str(path))
+    return data
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError("has no weight_map", path=str(index))
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise ModelLoadError(f"lists shard(s) that are not in the folder: {', '.join(absent)}", path=str(index))
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    return shards or _pickle_files(folder, "pytorch_model")
+
+
+def _pickle_files(folder: Path, stem: str) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.name.startswith(stem) and p.suffix in _PICKLE_SUFFIXES)
+    if stem == "consolidated" and len(files) > 1:
+        raise ModelLoadError(
+            f"{len(files)} consolidated.*.pth files are tensor-parallel shards, which galerne does not merge; "
+            "use the consolidated.safetensors release of this model",
+            path=str(folder),
+        )
+    return files
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Only ``weights_only=True``: a pickle that needs arbitrary code is refused."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... : all mean "refused"
+        raise ModelLoadError(
+            "refusing this pickle checkpoint: it does not load with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Convert it to safetensors with "
+            "a tool you trust, or get the .safetensors release.",
+            path=str(path),
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError("pickle checkpoint is not a flat dict of tensors", path=str(path))
+    return sd
