@@ -106,24 +106,25 @@ class Checkpoint:
             )
         return cls(folder, layout, config_path, args, files)
 
-    def tensors(self) -> Iterator[tuple[Path, str, torch.Tensor]]:
-        """Yield (file, checkpoint name, tensor) for every tensor, lazily."""
+    def tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """Yield (file, checkpoint name, tensor) for every tensor, lazily. With
+        ``meta``, the tensors are shape/dtype-only, read from the file headers."""
         for path in self.weight_files:
             if path.suffix == ".safetensors":
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         for name in f.keys():
-                            yield path, name, f.get_tensor(name)
+                            yield path, name, _meta_of(f.get_slice(name)) if meta else f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
             else:
                 for name, t in _load_pickle(path).items():
-                    yield path, name, t
+                    yield path, name, t.to("meta") if meta else t
 
-    def native_tensors(self) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+    def native_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
         a = self.args
-        for path, name, t in self.tensors():
+        for path, name, t in self.tensors(meta):
             if self.layout == "mistral":
                 yield path, name, name, t
                 continue
@@ -134,6 +135,20 @@ class Checkpoint:
                 raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
             native, rotary = mapped
             yield path, name, native, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="native")
+
+
+_ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _meta_of(sl) -> torch.Tensor:
+    code = sl.get_dtype()
+    if code not in _ST_TO_TORCH:
+        raise ModelLoadError(f"unsupported safetensors dtype {code}")
+    return torch.empty(sl.get_shape(), dtype=_ST_TO_TORCH[code], device="meta")
 
 
 def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:

@@ -1,0 +1,78 @@
+"""Settings: every knob has one home here, one default and one description.
+
+CLI flags are generated from these dataclasses (``add_arguments``), and each
+field can also be set by an environment variable named ``GALERNE_<FIELD>``
+(flags win over the environment, the environment over the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class ModelSettings:
+    """How to load a model (shared by generate, chat, serve, ...)."""
+
+    dtype: str = setting("auto", "weight and activation dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    device: str = setting("auto", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    tokenizer: str | None = setting(None, "tokenizer file or folder (default: the model folder)")
+    max_model_len: int | None = setting(None, "context length to allow (default: the model's own)")
+    layout: str | None = setting(None, "checkpoint layout when a folder holds both (default: Mistral-native first)", choices=("mistral", "hf"))
+    revision: str | None = setting(None, "Hub revision, when MODEL is a Hugging Face Hub id")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SamplingSettings:
+    """Sampling flags of the CLI (the API takes the same fields per request)."""
+
+    max_tokens: int | None = setting(256, "maximum tokens to generate")
+    temperature: float = setting(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
+    top_k: int = setting(0, "keep only the k most likely tokens (0 = off)")
+    seed: int | None = setting(None, "random seed for reproducible sampling")
+    stop: list[str] = setting(None, "stop string (repeatable)")
+    ignore_eos: bool = setting(False, "keep generating after the end-of-sequence token")
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    if "int" in t and "float" not in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        env = f"GALERNE_{f.name.upper()}"
+        default = os.environ.get(env, f.default)
+        help_text = f"{f.metadata['help']} [env {env}]"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", default=_truthy(default), help=help_text)
+        elif str(f.type).startswith("list"):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_type_of(f), default=default if default is None else _type_of(f)(default),
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def from_args(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def _truthy(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")

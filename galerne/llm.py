@@ -1,0 +1,153 @@
+"""``LLM``: the offline Python front end.
+
+    llm = LLM("path/to/model")
+    llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .engine.dense import Delta, DenseGenerator, check_token_ids
+from .errors import InvalidParameter, ModelLoadError
+from .models.attention import NoCacheAttention
+from .sampling.params import SamplingParams
+from .tokenizer import Tokenizer
+from .weights.loader import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]  # generated tokens only (a final EOS / stop token included)
+    finish_reason: str | None  # "stop" | "length"
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    # The first (usually only) completion, for the common case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        tokenizer: str | Path | None = None,
+        max_model_len: int | None = None,
+        layout: str | None = None,
+        revision: str | None = None,
+        progress: bool | None = None,
+    ):
+        path = resolve_model_path(model, revision)
+        self.model, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
+        self.tokenizer = Tokenizer.from_path(tokenizer or path)
+        args = self.model.args
+        if self.tokenizer.vocab_size > args.vocab_size:
+            raise ModelLoadError(
+                f"tokenizer {self.tokenizer.path.name} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"vocabulary has {args.vocab_size}",
+                path=str(self.tokenizer.path),
+            )
+        if max_model_len is not None and not 0 < max_model_len <= args.max_seq_len:
+            raise InvalidParameter("max_model_len", f"must be in 1..{args.max_seq_len} (the model's context), got {max_model_len}")
+        self.max_model_len = max_model_len or args.max_seq_len
+        self.device = next(self.model.parameters()).device
+        self._generator = DenseGenerator(self.model, self.tokenizer, self.max_model_len)
+        log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
+                 args.n_params / 1e6, next(self.model.parameters()).dtype, self.device)
+
+    # ------------------------------------------------------------- generation
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Stream one completion: text deltas as they become final."""
+        return self._generator.stream(self.encode(prompt), params or SamplingParams())
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (text, or a list of token ids). One params for all,
+        or one per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidParameter("params", f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        return [self._complete(p, sp) for p, sp in zip(prompts, params)]
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Chat completion with the model's own template (mistral-common for Mistral
+        tokenizers). One conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return [
+            self._complete(self.tokenizer.encode_chat(list(conv), tools=tools), params or SamplingParams())
+            for conv in conversations
+        ]
+
+    def _complete(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
+        ids = self.encode(prompt)
+        text, tokens, finish = [], [], None
+        for delta in self._generator.stream(ids, params):
+            text.append(delta.text)
+            tokens.extend(delta.token_ids)
+            finish = delta.finish_reason
+        return RequestOutput(
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=ids,
+            outputs=[CompletionOutput(0, "".join(text), tokens, finish)],
+        )
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits (len(token_ids), vocab) for one sequence, without a cache."""
+        ids = self.encode(token_ids)
+        if not ids:
+            raise InvalidParameter("token_ids", "is empty")
+        if len(ids) > self.max_model_len:
+            raise InvalidParameter("token_ids", f"{len(ids)} tokens is longer than the model's context of {self.max_model_len}")
+        check_token_ids(ids, self.model.args.vocab_size, "token_ids")
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device))
+            return self.model.logits(hidden).float().cpu()

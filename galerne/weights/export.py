@@ -1,0 +1,163 @@
+"""Write a checkpoint in either layout: ``galerne convert SRC DST --to mistral|hf``.
+
+Tensors are renamed and q/k rows permuted by ``names.py`` only (pure re-indexing)
+and keep their dtype unless asked otherwise, so HF -> Mistral -> HF gives back
+bit-identical tensors.
+
+Files are written one tensor at a time (``StreamingSafetensorsWriter``):
+``safetensors.torch.save_file`` wants every tensor of a file in memory at once,
+which for a 14.5 GB single ``consolidated.safetensors`` would need as much RAM.
+The format is a length-prefixed JSON header followed by raw little-endian bytes,
+so writing it in a stream is short and the result is read back by ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ModelLoadError
+from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
+from .names import native_to_hf, permute_rows
+
+_ST_DTYPES = {dt: code for code, dt in _ST_TO_TORCH.items()}
+HF_SHARD_BYTES = 5 * 1024**3  # the Hub's usual shard size
+
+# Files that travel with the weights: tokenizers and generation defaults.
+_COMPANIONS = (
+    "tekken.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamingSafetensorsWriter:
+    """Write a .safetensors file whose tensors (names, dtypes, shapes) are known in
+    advance, one tensor at a time, in the announced order."""
+
+    def __init__(self, path: Path, entries: list[_Entry], metadata: dict[str, str] | None = None):
+        header: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}  # type: ignore[dict-item]
+        offset = 0
+        for e in entries:
+            if e.dtype not in _ST_DTYPES:
+                raise ModelLoadError(f"dtype {e.dtype} cannot be stored in safetensors", tensor=e.name)
+            header[e.name] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+        self._order = [e.name for e in entries]
+        self._expected = {e.name: e for e in entries}
+        self._f = open(path, "wb")
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self._order[self._next]
+        e = self._expected[want]
+        if name != want or t.dtype != e.dtype or tuple(t.shape) != e.shape:
+            raise RuntimeError(f"tensor {name} {t.dtype} {tuple(t.shape)} written out of plan (expected {want})")
+        self._f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise RuntimeError(f"{len(self._order) - self._next} tensors were announced but not written")
+        self._f.close()
+
+
+def convert(
+    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None
+) -> Path:
+    """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
+    if to not in ("mistral", "hf"):
+        raise ModelLoadError(f"unknown target layout {to!r} (use 'mistral' or 'hf')")
+    ckpt = Checkpoint.open(src)
+    dst = Path(dst)
+    if dst.resolve() == ckpt.folder.resolve():
+        raise ModelLoadError("the destination is the source folder", path=str(dst))
+    if dst.exists() and any(dst.iterdir()):
+        raise ModelLoadError("destination folder is not empty", path=str(dst))
+    dst.mkdir(parents=True, exist_ok=True)
+    a = ckpt.args
+    cast = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+
+    # Plan every file from the headers first (names, shapes, dtypes), then stream
+    # the tensors through: only one tensor is in memory at a time.
+    def target(native: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+        if to == "mistral":
+            return native, t
+        name, rotary = native_to_hf(native)  # type: ignore[misc]
+        return name, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="hf")
+
+    def stream():
+        for _, _, native, t in ckpt.native_tensors():
+            if native == "output.weight" and a.tied_embeddings:
+                continue
+            name, out = target(native, t)
+            yield name, out.to(cast) if cast is not None else out
+
+    entries = [
+        _Entry(name, cast or t.dtype, tuple(t.shape))
+        for _, _, native, meta in ckpt.native_tensors(meta=True)
+        if not (native == "output.weight" and a.tied_embeddings)
+        for name, t in [target(native, meta)]
+    ]
+    files = _plan_files(entries, to)
+    by_name = {e.name: f for f, group in files.items() for e in group}
+    writers = {f: StreamingSafetensorsWriter(dst / f, group) for f, group in files.items()}
+    # Tensors arrive in checkpoint order; files were planned in that order too,
+    # so each writer receives its tensors in the order it announced.
+    for name, t in tqdm(stream(), total=len(entries), desc=f"converting to {to}", unit="tensor",
+                        disable=None if progress is None else not progress, leave=False):
+        writers[by_name[name]].write(name, t)
+    for w in writers.values():
+        w.close()
+
+    out_dtype = cast or (entries[0].dtype if entries else torch.float32)
+    if to == "mistral":
+        (dst / "params.json").write_text(json.dumps(a.to_params_json(), indent=2) + "\n")
+    else:
+        (dst / "config.json").write_text(json.dumps(a.to_hf_config(str(out_dtype).removeprefix("torch.")), indent=2) + "\n")
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": by_name}
+            (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for p in ckpt.folder.iterdir():
+        if p.is_file() and (p.name in _COMPANIONS or p.name.startswith("tokenizer.model")):
+            shutil.copy2(p, dst / p.name)
+    return dst
+
+
+def _plan_files(entries: list[_Entry], to: str) -> dict[str, list[_Entry]]:
+    if to == "mistral":
+        return {"consolidated.safetensors": entries}
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > HF_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    n = len(shards)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards)}

@@ -1,0 +1,68 @@
+"""Tiny random models built with transformers (our numerical reference), saved as
+real checkpoint folders with a real Mistral tokenizer from mistral-common."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+
+TOKENIZERS = Path(mistral_common.__file__).parent / "data"
+V3_TOKENIZER = TOKENIZERS / "mistral_instruct_tokenizer_240323.model.v3"
+VOCAB = 32768  # the v3 tokenizer's
+
+# name -> (transformers config class, config kwargs)
+TINY = {
+    "mistral": ("MistralConfig", dict()),
+    "mistral-window": ("MistralConfig", dict(sliding_window=16)),
+    "head-dim": ("MistralConfig", dict(head_dim=32)),  # 4 heads x 32 != hidden 64
+    "tied": ("MistralConfig", dict(tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "llama": ("LlamaConfig", dict()),
+}
+
+
+def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
+    """Save a tiny random transformers model of ``kind`` in ``folder``; return it."""
+    import transformers
+
+    cls_name, extra = TINY[kind]
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        # Wide weights spread the logits, so that greedy argmaxes are not near-ties
+        # that float rounding could flip.
+        initializer_range=0.2,
+    )
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(config).eval()
+    model.generation_config.eos_token_id = None  # compare full-length greedy runs
+    model.save_pretrained(folder)
+    shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Cached builder: tiny_factory(kind) -> (folder, transformers model)."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            folder = tmp_path_factory.mktemp(kind)
+            cache[kind] = (folder, build_hf(kind, folder))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tiny_factory):
+    return tiny_factory("mistral")
