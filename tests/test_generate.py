@@ -1,0 +1,147 @@
+"""Generation behaviour: sampling, stops, limits, streaming, CLI."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from galerne import LLM, SamplingParams
+from galerne.cli import main
+from galerne.engine.stop import StopChecker
+from galerne.errors import InvalidParameter, PromptTooLong
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_factory):
+    folder, _ = tiny_factory("mistral")
+    return LLM(folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_factory):
+    return tiny_factory("mistral")[0]
+
+
+def _gen(llm, prompt="Once upon a time", **kw):
+    return llm.generate([prompt], SamplingParams(**kw))[0]
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    a = _gen(llm, temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
+    b = _gen(llm, temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
+    c = _gen(llm, temperature=1.0, seed=8, max_tokens=24, ignore_eos=True)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(llm):
+    greedy = _gen(llm, temperature=0, max_tokens=16, ignore_eos=True).token_ids
+    assert _gen(llm, temperature=1.0, top_k=1, seed=1, max_tokens=16, ignore_eos=True).token_ids == greedy
+    assert _gen(llm, temperature=1.0, top_p=1e-9, seed=2, max_tokens=16, ignore_eos=True).token_ids == greedy
+
+
+def test_stop_string_cuts_the_text(llm):
+    full = _gen(llm, temperature=0, max_tokens=40, ignore_eos=True)
+    stop = full.text[12:16]
+    cut = full.text[: full.text.find(stop)]
+    out = _gen(llm, temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
+    assert out.finish_reason == "stop" and out.text == cut
+    kept = _gen(llm, temperature=0, max_tokens=40, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    assert kept.text == cut + stop
+
+
+def test_stop_token_id_and_length(llm):
+    first = _gen(llm, temperature=0, max_tokens=5, ignore_eos=True)
+    assert first.finish_reason == "length" and len(first.token_ids) == 5
+    out = _gen(llm, temperature=0, max_tokens=5, stop_token_ids=[first.token_ids[2]])
+    assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:3]
+
+
+def test_stream_concatenates_to_the_full_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate("Bonjour, je m'appelle", params)[0]
+    deltas = list(llm.stream("Bonjour, je m'appelle", params))
+    assert "".join(d.text for d in deltas) == full.text
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+    # Prompt + completion is what the tokenizer decodes from all the tokens: the
+    # first word keeps its SentencePiece space, nothing is lost or added.
+    assert full.text.startswith(" ")
+    assert "Bonjour, je m'appelle" + full.text == llm.tokenizer.decode(full.prompt_token_ids + full.token_ids)
+
+
+def test_limits_are_errors_not_truncation(llm):
+    with pytest.raises(PromptTooLong, match=r"600 tokens is longer than the model's context of 512"):
+        llm.generate([[5] * 600], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidParameter, match=r"max_tokens: prompt \(500 tokens\) \+ max_tokens \(100\)"):
+        llm.generate([[5] * 500], SamplingParams(max_tokens=100))
+    with pytest.raises(InvalidParameter, match=r"prompt: token id 40000 is outside the vocabulary"):
+        llm.generate([[5, 40000]], SamplingParams(max_tokens=1))
+
+
+def test_max_tokens_none_runs_to_the_context(llm):
+    out = llm.generate([[5] * 500], SamplingParams(temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(seed=1.5), "seed"),
+        (dict(stop=["ok", ""]), "stop[1]"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids[0]"),
+    ],
+)
+def test_sampling_params_name_the_bad_field(kwargs, field):
+    with pytest.raises(InvalidParameter) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and str(e.value).startswith(field + ":")
+
+
+def test_stop_checker_holds_back_partial_matches():
+    s = StopChecker(("</end>",))
+    assert s.push("Hello </") == ("Hello ", False)
+    assert s.push("en") == ("", False)
+    assert s.push("d> tail") == ("", True)
+    s = StopChecker(("</end>",))
+    assert s.push("a </") == ("a ", False)
+    assert s.push("b") == ("</b", False)
+    assert s.flush() == ""
+    s = StopChecker(("xy", "abc"))
+    assert s.push("zzab") == ("zz", False)
+    assert s.push("cxy") == ("", True)
+
+
+def test_chat_uses_the_template(llm):
+    msgs = [{"role": "user", "content": "Hi"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode_chat(msgs)
+    assert len(out.token_ids) == 8
+
+
+def test_cli_generate_streams_the_completion(folder, llm, capsys):
+    code = main(["generate", str(folder), "--prompt", "Once upon a time", "--max-tokens", "12",
+                 "--temperature", "0", "--ignore-eos", "--device", "cpu"])
+    assert code == 0
+    expected = _gen(llm, temperature=0, max_tokens=12, ignore_eos=True).text
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_chat_reads_turns_from_stdin(folder, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/reset\nSecond question\n/exit\n"))
+    code = main(["chat", str(folder), "--max-tokens", "6", "--temperature", "0", "--ignore-eos"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # one answer per question; /reset and /exit print nothing
+
+
+def test_cli_rejects_bad_sampling_values(folder, capsys):
+    assert main(["generate", str(folder), "--prompt", "x", "--top-p", "2"]) == 1
+    assert "top_p: must be <= 1.0" in capsys.readouterr().err
