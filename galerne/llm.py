@@ -16,6 +16,7 @@ import torch
 from .engine.dense import Delta, DenseGenerator, check_token_ids
 from .errors import InvalidParameter, ModelLoadError
 from .models.attention import NoCacheAttention
+from .models.transformer import Transformer
 from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.loader import load_model, resolve_model_path
@@ -67,22 +68,33 @@ class LLM:
         progress: bool | None = None,
     ):
         path = resolve_model_path(model, revision)
-        self.model, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
-        self.tokenizer = Tokenizer.from_path(tokenizer or path)
-        args = self.model.args
-        if self.tokenizer.vocab_size > args.vocab_size:
+        transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
+        self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
+        log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
+                 transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)
+
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None) -> "LLM":
+        """Wrap a model already in memory (built by hand, or transformed)."""
+        self = cls.__new__(cls)
+        self.checkpoint = None
+        self._setup(model, tokenizer, max_model_len)
+        return self
+
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        args = model.args
+        if tokenizer.vocab_size > args.vocab_size:
             raise ModelLoadError(
-                f"tokenizer {self.tokenizer.path.name} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"tokenizer {tokenizer.path.name} has {tokenizer.vocab_size} tokens but the model's "
                 f"vocabulary has {args.vocab_size}",
-                path=str(self.tokenizer.path),
+                path=str(tokenizer.path),
             )
         if max_model_len is not None and not 0 < max_model_len <= args.max_seq_len:
             raise InvalidParameter("max_model_len", f"must be in 1..{args.max_seq_len} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or args.max_seq_len
-        self.device = next(self.model.parameters()).device
-        self._generator = DenseGenerator(self.model, self.tokenizer, self.max_model_len)
-        log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
-                 args.n_params / 1e6, next(self.model.parameters()).dtype, self.device)
+        self.device = next(model.parameters()).device
+        self._generator = DenseGenerator(model, tokenizer, self.max_model_len)
 
     # ------------------------------------------------------------- generation
 

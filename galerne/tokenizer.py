@@ -98,6 +98,10 @@ class Tokenizer:
     def stop_token_ids(self) -> set[int]:
         return {self.eos_id}
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a control/special token (one that ``decode`` skips)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, path={str(self.path)!r}, vocab_size={self.vocab_size})"
 
@@ -105,7 +109,10 @@ class Tokenizer:
 def _find_tokenizer_file(folder: Path) -> Path:
     if (folder / "tekken.json").is_file():
         return folder / "tekken.json"
-    versioned = [p for p in folder.iterdir() if _SPM_VERSIONED.fullmatch(p.name) and p.is_file()]
+    try:
+        versioned = [p for p in folder.iterdir() if _SPM_VERSIONED.fullmatch(p.name) and p.is_file()]
+    except OSError as e:
+        raise TokenizerError(f"{folder}: cannot list the folder: {e}") from e
     if versioned:
         return max(versioned, key=_spm_version_key)
     for name in ("tokenizer.model", "tokenizer.json"):
@@ -276,6 +283,9 @@ class MistralCommonTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
 
+    def is_special(self, token_id: int) -> bool:
+        return self._tok.is_special(token_id)
+
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         checked = _check_messages(messages)
         tools = _check_tools(tools)
@@ -359,6 +369,7 @@ class HFTokenizer(Tokenizer):
             self._eos_token = self._tok.id_to_token(eos_id)
         self.eos_id = eos_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def _token_id(self, token: str | None, what: str) -> int | None:
         if token is None:
@@ -382,6 +393,9 @@ class HFTokenizer(Tokenizer):
 
     def stop_token_ids(self) -> set[int]:
         return {self.eos_id} | self._config_eos
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         checked = _check_messages(messages)
@@ -495,14 +509,14 @@ def _token_text(token: Any) -> str | None:
 class IncrementalDetokenizer:
     """Streaming decode of generated ids: push one id at a time, get back the newly completed text.
 
-    ``"".join(pushes) + flush()`` is exactly the text the generated ids add after the prompt:
-    with no prompt, ``tokenizer.decode(generated)``; after a prompt that ends mid-sentence, the
-    first word keeps its leading space (SentencePiece drops a leading space at the start of a
-    decode, so generated ids are never decoded alone).
+    ``"".join(pushes) + flush()`` is exactly ``tokenizer.decode(generated_ids)`` after a chat
+    prompt (or none), and exactly the text the ids add to the prompt's after a prompt that ends
+    mid-sentence: there the first word keeps its leading space, which SentencePiece drops from
+    the first word of a decode.
 
-    Each push decodes a short window (a few ids already emitted + the new ones) and diffs it
-    against the window's already-emitted part. Text ending in U+FFFD is held back: it is a
-    UTF-8 character whose remaining bytes are still to come.
+    Each push decodes a short window (a few ids whose text was already emitted + the new ones)
+    and diffs it against the window's already-emitted text. Text ending in U+FFFD is held
+    back: it is a UTF-8 character whose remaining bytes are still to come.
     """
 
     _CONTEXT = 5  # prompt ids decoded with the first generated ones
@@ -511,14 +525,20 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._ids = list(prompt_ids)
         self._read_offset = len(self._ids)  # the text of the ids before this was emitted
-        # The window opens a few prompt ids back, so that the first generated word keeps its
-        # leading space; and on a character boundary, as a window opening mid-character would
-        # decode differently (HF byte fallback turns the whole byte run into U+FFFD).
-        start = max(self._read_offset - self._CONTEXT, 0)
-        while start > 0 and self._decode(start, self._read_offset).startswith("\ufffd"):
+        self._prefix_offset = self._first_window_start()
+        self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+
+    def _first_window_start(self) -> int:
+        # A few prompt ids back, for the leading space; further back while the window would
+        # open mid-character (HF byte fallback decodes a byte run with a stray byte as all
+        # U+FFFD); never past a special token: after [/INST] the answer starts a new text,
+        # whose first word has no leading space in tokenizer.decode(generated) either.
+        end = start = len(self._ids)
+        while start > 0 and not self._tokenizer.is_special(self._ids[start - 1]):
+            if end - start >= self._CONTEXT and not self._decode(start, end).startswith("\ufffd"):
+                break
             start -= 1
-        self._prefix_offset = start
-        self._prefix_text = self._decode(start, self._read_offset)
+        return start
 
     def _decode(self, start: int, end: int) -> str:
         return self._tokenizer.decode(self._ids[start:end])

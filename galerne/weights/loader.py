@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,18 +123,23 @@ class Checkpoint:
 
     def native_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
-        a = self.args
-        for path, name, t in self.tensors(meta):
-            if self.layout == "mistral":
-                yield path, name, name, t
-                continue
-            if IGNORED_HF.match(name):
-                continue
-            mapped = hf_to_native(name)
-            if mapped is None:
-                raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
-            native, rotary = mapped
-            yield path, name, native, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="native")
+        if self.layout == "mistral":
+            return ((path, name, name, t) for path, name, t in self.tensors(meta))
+        return hf_to_native_items(self.args, self.tensors(meta))
+
+
+def hf_to_native_items(
+    args: ModelArgs, items: Iterable[tuple[Path, str, torch.Tensor]]
+) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+    """Map Hugging Face (file, name, tensor) items to native names and rotary layout."""
+    for path, name, t in items:
+        if IGNORED_HF.match(name):
+            continue
+        mapped = hf_to_native(name)
+        if mapped is None:
+            raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
+        native, rotary = mapped
+        yield path, name, native, permute_rows(t, rotary, args.n_heads, args.n_kv_heads, to="native")
 
 
 _ST_TO_TORCH = {
@@ -190,23 +195,51 @@ def load_model(
     layout: str | None = None,
     progress: bool | None = None,
 ) -> tuple[Transformer, Checkpoint]:
-    """Build the model on ``meta`` and fill it from the checkpoint.
+    """Build the model on ``meta`` and fill it from the checkpoint in ``folder``."""
+    ckpt = Checkpoint.open(folder, layout)
+    model = build_model(ckpt.args, ckpt.native_tensors(), dtype=dtype, device=device,
+                        config_name=ckpt.config_path.name, where=str(ckpt.folder),
+                        desc=f"loading {ckpt.folder.name}", progress=progress)
+    return model, ckpt
+
+
+def model_from_hf_state_dict(
+    args: ModelArgs, state_dict: dict[str, torch.Tensor], *, dtype=None, device=None
+) -> Transformer:
+    """A model from an in-memory Hugging Face state dict (benchmarks and tests use it
+    to share one set of random weights with a transformers model)."""
+    items = hf_to_native_items(args, ((Path("<state_dict>"), n, t) for n, t in state_dict.items()))
+    return build_model(args, items, dtype=dtype or next(iter(state_dict.values())).dtype, device=device or "auto",
+                       config_name="config", where="<state_dict>", desc="building", progress=False)
+
+
+def build_model(
+    args: ModelArgs,
+    tensors: Iterator[tuple[Path, str, str, torch.Tensor]],
+    *,
+    dtype: str | torch.dtype | None,
+    device: str | torch.device | None,
+    config_name: str,
+    where: str,
+    desc: str,
+    progress: bool | None,
+) -> Transformer:
+    """Fill a model built on ``meta`` from (file, checkpoint name, native name,
+    tensor) items.
 
     Each tensor is checked (known name, expected shape), cast and moved on its own,
     so that peak memory stays near the size of the model, not twice it.
     """
-    ckpt = Checkpoint.open(folder, layout)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with torch.device("meta"):
-        model = Transformer(ckpt.args)
+        model = Transformer(args)
     expected = dict(model.named_parameters())  # tied output is listed once, as the embedding
     seen: set[str] = set()
     # progress=None: tqdm decides (a bar on a terminal, nothing in logs or tests).
-    bar = tqdm(total=len(expected), desc=f"loading {ckpt.folder.name}", unit="tensor",
-               disable=None if progress is None else not progress, leave=False)
-    for path, name, native, t in ckpt.native_tensors():
-        if native == "output.weight" and ckpt.args.tied_embeddings:
+    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=None if progress is None else not progress, leave=False)
+    for path, name, native, t in tensors:
+        if native == "output.weight" and args.tied_embeddings:
             continue  # some tied checkpoints still store lm_head: the embedding wins
         param = expected.get(native)
         if param is None:
@@ -215,7 +248,7 @@ def load_model(
             raise ModelLoadError("tensor appears twice in the checkpoint", path=str(path), tensor=name)
         if tuple(t.shape) != tuple(param.shape):
             raise ModelLoadError(
-                f"shape {tuple(t.shape)} disagrees with the config ({ckpt.config_path.name}), which implies {tuple(param.shape)}",
+                f"shape {tuple(t.shape)} disagrees with the config ({config_name}), which implies {tuple(param.shape)}",
                 path=str(path), tensor=name,
             )
         _set_param(model, native, t.to(device=dev, dtype=dt))
@@ -225,11 +258,11 @@ def load_model(
     missing = [n for n in expected if n not in seen]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"missing tensor(s) in the checkpoint: {shown}", path=str(ckpt.folder))
-    if ckpt.args.tied_embeddings:
+        raise ModelLoadError(f"missing tensor(s) in the checkpoint: {shown}", path=where)
+    if args.tied_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.eval()
-    return model, ckpt
+    return model
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
