@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmark scripts: the reference model shapes of
+``shared/BENCHMARKS.md``, random checkpoints, bandwidth, and the report line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # Mistral architecture, untied, vocab of the v3 tokenizer.
+    "cpu-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                     head_dim=64, intermediate_size=2048, vocab_size=32768),
+    "mistral-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=14336, vocab_size=32768),
+}
+CACHE = Path(os.environ.get("GALERNE_BENCH_CACHE", Path(__file__).resolve().parent.parent / ".bench"))
+
+
+def v3_tokenizer() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def hf_config(name: str):
+    from transformers import MistralConfig
+
+    return MistralConfig(**SHAPES[name], max_position_embeddings=32768, sliding_window=None,
+                         tie_word_embeddings=False, rope_theta=1e6, bos_token_id=1, eos_token_id=2)
+
+
+def random_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Path:
+    """A Hugging Face folder with random weights (seed 0) for shape ``name``,
+    built once and cached under .bench/."""
+    from transformers import MistralForCausalLM
+
+    folder = CACHE / f"{name}-{str(dtype).removeprefix('torch.')}"
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        return folder
+    torch.manual_seed(0)
+    model = MistralForCausalLM(hf_config(name)).to(dtype)
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.copy(v3_tokenizer(), tmp / "tokenizer.model.v3")
+    tmp.rename(folder)
+    return folder
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def peak_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large copy (bytes read + written): on CPU a memcpy-style copy,
+    on GPU a device-to-device copy (BENCHMARKS.md measures 2 GiB)."""
+    n = int(gib * 2**30) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine() -> dict:
+    info = {
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return info
+
+
+def report(name: str, figures: dict) -> None:
+    """The JSON line every benchmark ends with."""
+    print(json.dumps({"benchmark": name, **figures, "env": machine()}))

@@ -1,0 +1,139 @@
+"""Protocol 1 of shared/BENCHMARKS.md: decode latency at batch 1.
+
+128-token prompt, 256 new tokens, greedy, EOS ignored; tokens/s of the decode
+phase (first generated token to last) and MBU = tokens/s x weight bytes / peak
+bandwidth, the bandwidth measured in the same run. Baselines on the same weights
+and prompt in the same run: transformers ``generate`` and, where
+``llama-cpp-python`` is installed, llama.cpp at the same precision.
+
+    python benchmarks/decode_latency.py                       # cpu-125m, fp32, CPU
+    python benchmarks/decode_latency.py --model mistral-7b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import SHAPES, hf_config, median, peak_bandwidth, random_checkpoint, report, sync, v3_tokenizer, weight_bytes
+
+
+def galerne_decode(llm, prompt: list[int], new_tokens: int, device) -> float:
+    from galerne import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    stamps = []
+    for delta in llm.stream(prompt, params):
+        sync(device)
+        stamps.append(time.perf_counter())
+    assert len(stamps) == new_tokens
+    return (new_tokens - 1) / (stamps[-1] - stamps[0])
+
+
+def hf_decode(model, prompt: list[int], new_tokens: int, device) -> float:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t: list[float] = []
+            self.first = True
+
+        def put(self, value):
+            if self.first:  # the prompt
+                self.first = False
+                return
+            sync(device)
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    s = Stamps()
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, streamer=s, pad_token_id=0)
+    assert len(s.t) == new_tokens
+    return (new_tokens - 1) / (s.t[-1] - s.t[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cpu-125m", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
+    args = ap.parse_args()
+
+    from galerne import LLM
+    from galerne.models.args import ModelArgs
+    from galerne.tokenizer import Tokenizer
+    from galerne.weights.loader import model_from_hf_state_dict
+    from transformers import MistralForCausalLM
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    baselines = {b.strip() for b in args.baselines.split(",")} - {"none", ""}
+
+    # One set of random weights for everyone. On CPU they live in a cached HF folder
+    # (llama.cpp converts from it); on GPU they are made on the device (a 7B random
+    # init on the CPU would take minutes).
+    if device.type == "cpu":
+        folder = random_checkpoint(args.model, dtype)
+        hf = MistralForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    else:
+        folder = None
+        torch.manual_seed(0)
+        with torch.device(device):
+            hf = MistralForCausalLM(hf_config(args.model)).to(dtype).eval()
+    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": ["MistralForCausalLM"]})
+    ours = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
+    llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()))
+    if "transformers" not in baselines:
+        del hf
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, SHAPES[args.model]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
+    wbytes = weight_bytes(ours)
+    bw = peak_bandwidth(device, gib=2.0 if device.type == "cuda" else 1.0)
+    print(f"{args.model} {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights, peak copy bandwidth {bw / 1e9:.1f} GB/s")
+
+    figures: dict[str, float] = {}
+
+    def run(name, fn):
+        fn()  # warm-up (allocator, kernels, caches)
+        tps = median([fn() for _ in range(args.repeats)])
+        figures[name] = round(tps, 2)
+        print(f"  {name:<22} {tps:8.1f} tokens/s   MBU {tps * wbytes / bw:6.1%}")
+
+    run("galerne", lambda: galerne_decode(llm, prompt, args.new_tokens, device))
+    if "transformers" in baselines:
+        run("transformers", lambda: hf_decode(hf, prompt, args.new_tokens, device))
+    if "llamacpp" in baselines and device.type == "cpu":
+        try:
+            from llamacpp_baseline import convert_hf_to_gguf, decode_tokens_per_s
+        except ImportError as e:
+            print(f"  llama.cpp skipped: {e}")
+        else:
+            precision = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
+            if precision:
+                gguf = convert_hf_to_gguf(folder, folder / f"model-{precision}.gguf", precision)
+                run(f"llama.cpp {precision}", lambda: decode_tokens_per_s(gguf, prompt, args.new_tokens, threads=torch.get_num_threads()))
+
+    base = figures.get("transformers")
+    if base:
+        print(f"  galerne / transformers: {figures['galerne'] / base:.2f}x")
+    report("decode_latency", {
+        "model": args.model, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
+        "tokens_per_s": figures, "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},
+    })
+
+
+if __name__ == "__main__":
+    main()
