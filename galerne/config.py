@@ -34,6 +34,19 @@ class ModelSettings:
 
 
 @dataclass
+class EngineSettings:
+    """The paged engine: KV cache size, batch limits."""
+
+    block_size: int = setting(16, "tokens per KV-cache block")
+    kv_cache_gb: float | None = setting(None, "KV cache size in GB (default: 2 GB on CPU, from --gpu-memory-utilization on GPU)")
+    gpu_memory_utilization: float = setting(0.90, "fraction of the GPU's memory galerne may use (weights + activations + KV cache)")
+    max_num_seqs: int = setting(256, "most sequences running at once")
+    max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of a shared prompt prefix", flag="--prefix-caching")
+    enforce_eager: bool = setting(False, "no CUDA graphs for decode (GPU)")
+
+
+@dataclass
 class SamplingSettings:
     """Sampling flags of the CLI (the API takes the same fields per request)."""
 
@@ -62,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = os.environ.get(env, f.default)
         help_text = f"{f.metadata['help']} [env {env}]"
         if str(f.type) == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", default=_truthy(default), help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=_truthy(default), help=help_text)
         elif str(f.type).startswith("list"):
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
         else:

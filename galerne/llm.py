@@ -13,7 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .engine.dense import Delta, DenseGenerator, check_token_ids
+from tqdm import tqdm
+
+from .config import EngineSettings
+from .engine.dense import check_token_ids
+from .engine.engine import Engine, StepOutput
 from .errors import InvalidParameter, ModelLoadError
 from .models.attention import NoCacheAttention
 from .models.transformer import Transformer
@@ -32,6 +36,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]  # generated tokens only (a final EOS / stop token included)
     finish_reason: str | None  # "stop" | "length"
+    logprobs: list[float] | None = None  # per token, when SamplingParams.logprobs is set
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -66,7 +72,11 @@ class LLM:
         layout: str | None = None,
         revision: str | None = None,
         progress: bool | None = None,
+        **engine: object,
     ):
+        """``engine`` takes the fields of ``EngineSettings`` (block_size, kv_cache_gb,
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
+        self.engine_settings = _engine_settings(engine)
         path = resolve_model_path(model, revision)
         transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
         self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
@@ -74,10 +84,11 @@ class LLM:
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None) -> "LLM":
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None, **engine: object) -> "LLM":
         """Wrap a model already in memory (built by hand, or transformed)."""
         self = cls.__new__(cls)
         self.checkpoint = None
+        self.engine_settings = _engine_settings(engine)
         self._setup(model, tokenizer, max_model_len)
         return self
 
@@ -94,7 +105,14 @@ class LLM:
             raise InvalidParameter("max_model_len", f"must be in 1..{args.max_seq_len} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or args.max_seq_len
         self.device = next(model.parameters()).device
-        self._generator = DenseGenerator(model, tokenizer, self.max_model_len)
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The paged engine, made on first use (it sizes and allocates the KV cache)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, self.engine_settings, max_model_len=self.max_model_len)
+        return self._engine
 
     # ------------------------------------------------------------- generation
 
@@ -103,24 +121,39 @@ class LLM:
             return self.tokenizer.encode(prompt, bos=True)
         return [int(t) for t in prompt]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """Stream one completion: text deltas as they become final."""
-        return self._generator.stream(self.encode(prompt), params or SamplingParams())
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise InvalidParameter("n", "stream() yields one completion; use generate() for n > 1")
+        engine = self.engine
+        rid = engine.add_request(self.encode(prompt), params)
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finish_reason is not None:
+                            return
+        finally:
+            engine.abort(rid)  # a consumer that stops early frees the request's blocks
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text, or a list of token ids). One params for all,
-        or one per prompt."""
+        """Complete every prompt (text, or a list of token ids) in one continuous
+        batch. One params for all, or one per prompt. Outputs come back in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidParameter("params", f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        return [self._complete(p, sp) for p, sp in zip(prompts, params)]
+        return self._run([(p, self.encode(p), sp) for p, sp in zip(prompts, params)], use_tqdm)
 
     def chat(
         self,
@@ -131,23 +164,42 @@ class LLM:
         """Chat completion with the model's own template (mistral-common for Mistral
         tokenizers). One conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return [
-            self._complete(self.tokenizer.encode_chat(list(conv), tools=tools), params or SamplingParams())
-            for conv in conversations
-        ]
+        sp = params or SamplingParams()
+        return self._run([(None, self.tokenizer.encode_chat(list(c), tools=tools), sp) for c in conversations], None)
 
-    def _complete(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
-        ids = self.encode(prompt)
-        text, tokens, finish = [], [], None
-        for delta in self._generator.stream(ids, params):
-            text.append(delta.text)
-            tokens.extend(delta.token_ids)
-            finish = delta.finish_reason
-        return RequestOutput(
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=ids,
-            outputs=[CompletionOutput(0, "".join(text), tokens, finish)],
-        )
+    def _run(self, items: list[tuple[Prompt | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
+        engine = self.engine
+        results: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        try:
+            for prompt, ids, sp in items:  # every request is validated before any runs
+                rid = engine.add_request(ids, sp)
+                order.append(rid)
+                results[rid] = RequestOutput(
+                    prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids,
+                    outputs=[CompletionOutput(i, "", [], None) for i in range(sp.n)],
+                )
+            bar = tqdm(total=len(order), desc="generating", unit="req", disable=(not use_tqdm) if use_tqdm is not None else None, leave=False)
+            pending = {rid: len(results[rid].outputs) for rid in order}  # completions still running
+            while pending:
+                for out in engine.step():
+                    c = results[out.request_id].outputs[out.index]
+                    c.text += out.text
+                    c.token_ids.extend(out.token_ids)
+                    if out.logprobs is not None:
+                        c.logprobs = (c.logprobs or []) + out.logprobs
+                        c.top_logprobs = (c.top_logprobs or []) + (out.top_logprobs or [])
+                    if out.finish_reason is not None:
+                        c.finish_reason = out.finish_reason
+                        pending[out.request_id] -= 1
+                        if pending[out.request_id] == 0:
+                            del pending[out.request_id]
+                            bar.update(1)
+            bar.close()
+        finally:
+            for rid in order:
+                engine.abort(rid)  # no-op for finished requests; frees the rest on error
+        return [results[rid] for rid in order]
 
     # ---------------------------------------------------------------- scoring
 
@@ -163,3 +215,10 @@ class LLM:
         with torch.inference_mode():
             hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device))
             return self.model.logits(hidden).float().cpu()
+
+
+def _engine_settings(kwargs: dict) -> EngineSettings:
+    try:
+        return EngineSettings(**kwargs)
+    except TypeError as e:
+        raise InvalidParameter("engine", f"{e}; valid settings: {', '.join(EngineSettings.__dataclass_fields__)}") from None

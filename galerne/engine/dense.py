@@ -18,7 +18,7 @@ from ..models.transformer import Transformer
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import make_generator, sample
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from .stop import StopChecker
+from .stop import StopChecker, drain
 
 
 class DenseKVCache:
@@ -139,22 +139,17 @@ class DenseGenerator:
                 logits = self.model.logits(hidden[-1]).float()  # (V,)
                 token = sample(logits, params, generator)
                 if token in stop_ids:
-                    yield Delta(_drain(detok, stopper)[0], [token], "stop")
+                    yield Delta(drain(detok, stopper)[0], [token], "stop")
                     return
                 text, stopped = stopper.push(detok.push(token))
                 if stopped:
                     yield Delta(text, [token], "stop")
                     return
                 if step == budget - 1:
-                    tail, stopped = _drain(detok, stopper)
+                    tail, stopped = drain(detok, stopper)
                     yield Delta(text + tail, [token], "stop" if stopped else "length")
                     return
                 yield Delta(text, [token])
                 tokens = torch.tensor([token], device=self.device)
                 positions = torch.tensor([cache.length], device=self.device)
 
-
-def _drain(detok: IncrementalDetokenizer, stopper: StopChecker) -> tuple[str, bool]:
-    """Everything still held back when a stream ends."""
-    text, stopped = stopper.push(detok.flush())
-    return (text if stopped else text + stopper.flush()), stopped

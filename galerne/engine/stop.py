@@ -34,3 +34,10 @@ class StopChecker:
         """The held-back text, once the stream ends without a stop string."""
         out, self.pending = self.pending, ""
         return out
+
+
+def drain(detok, stopper: StopChecker) -> tuple[str, bool]:
+    """Everything still held back (by the detokenizer, then the stop checker) when
+    a stream ends; True if a stop string turned up in it."""
+    text, stopped = stopper.push(detok.flush())
+    return (text if stopped else text + stopper.flush()), stopped

@@ -1,14 +1,42 @@
 """SamplingParams: what a request asks of generation, validated once when made.
 
 Every field is checked here, so that an engine or a route never sees an
-out-of-range value; the error names the field.
+out-of-range value; the error names the field (``InvalidParameter.field``, and
+the message starts with it).
+
+Semantics (the sampler applies them in this order, see ``sampler.sample_batch``):
+
+* ``repetition_penalty`` (HF/vLLM): every token id seen in the prompt *or* the
+  output so far has its logit divided by the penalty when positive, multiplied
+  when negative. 1.0 is off.
+* ``presence_penalty`` / ``frequency_penalty`` (OpenAI): over the *generated*
+  tokens only, ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``.
+  0.0 is off.
+* ``logit_bias``: ``logit[t] += bias`` for each (token id, bias) pair. Ids are
+  checked against the vocabulary by the engine (and the sampler), not here.
+* ``min_tokens``: EOS and ``stop_token_ids`` cannot be drawn until this many
+  tokens were generated (stop *strings* are not affected).
+* ``temperature`` (0 = greedy), then ``top_k``, ``top_p``, ``min_p`` (keep the
+  tokens whose probability is at least ``min_p`` times the most likely one's).
+* ``logprobs``: None returns none; k in 0..20 returns the chosen token's
+  logprob and the k most likely alternatives. They are the log-softmax of the
+  logits after penalties, bias and masking, before temperature and the
+  top-k/top-p/min-p cuts.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidParameter
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+# torch.Generator.manual_seed accepts this inclusive range.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -21,13 +49,30 @@ class SamplingParams:
     # None: until EOS, a stop string, or the model's context is full.
     max_tokens: int | None = None
     # A request with a seed draws from its own generator, so its tokens do not
-    # depend on anything else running.
+    # depend on anything else running. With n > 1, completion i uses seed + i.
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     # Keep the stop string in the returned text.
     include_stop_str_in_output: bool = False
+    # How many completions to return for the prompt (1..128).
+    n: int = 1
+    # Keep tokens with probability >= min_p * (the highest probability); 0 is off.
+    min_p: float = 0.0
+    # OpenAI penalties over the generated tokens, in [-2, 2]; 0 is off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF/vLLM penalty over prompt and generated tokens, > 0; 1 is off.
+    repetition_penalty: float = 1.0
+    # Given as a mapping {token id: bias} (ids may be decimal strings, as in
+    # OpenAI JSON) or pairs; stored as a tuple of (id, bias) pairs sorted by id,
+    # None when empty. Each bias is in [-100, 100].
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+    # EOS and stop_token_ids are masked until this many tokens were generated.
+    min_tokens: int = 0
+    # None: no logprobs. 0..20: the chosen token's logprob plus that many top alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string / lists from callers, store tuples (hashable, immutable).
@@ -38,35 +83,91 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         self._validate()
 
     def _validate(self) -> None:
         _number("temperature", self.temperature, lo=0.0)
         _number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise InvalidParameter("top_k", f"must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
-        if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise InvalidParameter("max_tokens", f"must be a positive integer or None, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidParameter("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise InvalidParameter("seed", f"must be an integer, got {self.seed!r}")
+            if not _SEED_MIN <= self.seed <= _SEED_MAX:
+                raise InvalidParameter("seed", f"must be in [-2**63, 2**64 - 1], got {self.seed}")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
                 raise InvalidParameter(f"stop[{i}]", f"must be a non-empty string, got {s!r}")
         for i, t in enumerate(self.stop_token_ids):
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            if not _is_int(t) or t < 0:
                 raise InvalidParameter(f"stop_token_ids[{i}]", f"must be a token id (int >= 0), got {t!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise InvalidParameter("n", f"must be an integer in 1..{MAX_N}, got {self.n!r}")
+        _number("min_p", self.min_p, lo=0.0, hi=1.0)
+        _number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise InvalidParameter("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParameter(
+                "min_tokens", f"({self.min_tokens}) must not be more than max_tokens ({self.max_tokens})"
+            )
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidParameter("logprobs", f"must be None or an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def logit_bias_dict(self) -> dict[int, float]:
+        return dict(self.logit_bias or ())
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidParameter(name, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameter(name, f"must be a finite number, got {value!r}")
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise InvalidParameter(name, f"must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and value > hi:
         raise InvalidParameter(name, f"must be <= {hi}, got {value}")
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...] | None:
+    """Normalise logit_bias to sorted (id, bias) pairs, or None; validate it."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (str, bytes)):
+        raise InvalidParameter("logit_bias", f"must be a mapping of token id to bias, got {value!r}")
+    else:
+        try:
+            items = [tuple(p) for p in value]
+        except TypeError:
+            raise InvalidParameter("logit_bias", f"must be a mapping of token id to bias, got {value!r}") from None
+        if any(len(p) != 2 for p in items):
+            raise InvalidParameter("logit_bias", "must be a mapping of token id to bias, or (id, bias) pairs")
+    out: dict[int, float] = {}
+    for key, bias in items:
+        tid = key
+        if isinstance(key, str) and key.strip().lstrip("+-").isdigit():
+            tid = int(key)
+        if not _is_int(tid) or tid < 0:
+            raise InvalidParameter("logit_bias", f"keys must be token ids (int >= 0), got {key!r}")
+        if tid in out:
+            raise InvalidParameter("logit_bias", f"token id {tid} is given twice")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise InvalidParameter("logit_bias", f"bias for token {tid} must be a finite number, got {bias!r}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidParameter("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items())) or None

@@ -1,38 +1,291 @@
-"""Turn one row of logits into the next token under SamplingParams."""
+"""Turn logits into next tokens under SamplingParams, for a whole batch at once.
+
+``sample_batch`` takes the (B, V) logits of one step and one ``SamplingRow`` per
+row, and applies, in this order:
+
+1. penalties: repetition (over prompt + output), presence and frequency (over
+   the output only);
+2. ``logit_bias`` (added);
+3. ``masked_ids`` set to -inf (EOS / stop ids while below ``min_tokens``);
+4. logprobs, when a row asks: ``log_softmax`` of these *processed* logits,
+   before temperature and the top-k/top-p/min-p cuts (what vLLM calls
+   processed logprobs; they do not depend on the sampling knobs, so greedy and
+   sampled requests report the same numbers for the same logits);
+5. greedy rows (temperature 0) take ``torch.argmax`` of the processed logits;
+6. the other rows: temperature, top-k, top-p, min-p, then a draw.
+
+The penalties, bias and masks touch only the (row, id) pairs they concern
+(O(tokens), not O(B * V)); the temperature and the cuts use per-row columns.
+A row with a feature off is left exactly as it was by that feature.
+
+The draw is the exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` (what
+``torch.multinomial(p, 1)`` does inside). A seeded row draws its own ``q`` of
+shape (V,) from its own generator, so its token depends only on its own logits
+and generator: the same whether it runs alone or in a batch, with whatever other
+rows (greedy rows draw nothing). Unseeded rows share one draw from the global
+generator.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from ..errors import InvalidParameter
 from .params import SamplingParams
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private generator for a seeded request (None: the global one)."""
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: Sequence[int] = ()  # for repetition_penalty
+    output_token_ids: Sequence[int] = ()  # for the penalties
+    generator: torch.Generator | None = None  # a seeded request's own (make_generator)
+    masked_ids: frozenset[int] = frozenset()  # ids forbidden this step (see min_tokens_masked_ids)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # The chosen token's logprob for every row; None when no row asked for logprobs.
+    logprobs: list[float] | None
+    # Per row: the top-k (id, logprob), most likely first, when that row asked
+    # (an empty list for logprobs=0), else None. None when no row asked.
+    top_logprobs: list[list[tuple[int, float]] | None] | None
+
+
+def make_generator(params: SamplingParams, device: torch.device | str, index: int = 0) -> torch.Generator | None:
+    """A private generator for a seeded request (None: the global one).
+
+    ``index`` is the completion's index within a request with n > 1: completion
+    i is seeded with ``seed + i``, so that the n completions differ.
+    """
     if params.seed is None:
         return None
+    seed = params.seed + index
+    if seed >= 2**64:
+        seed -= 2**64
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed)
+    g.manual_seed(seed)
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+def min_tokens_masked_ids(
+    params: SamplingParams, num_output_tokens: int, eos_token_ids: Sequence[int] | frozenset[int] = ()
+) -> frozenset[int]:
+    """The ids to forbid this step: EOS (unless ignore_eos) and stop_token_ids
+    while fewer than ``min_tokens`` tokens were generated."""
+    if num_output_tokens >= params.min_tokens:
+        return frozenset()
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids.update(eos_token_ids)
+    return frozenset(ids)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    *,
+    prompt_token_ids: Sequence[int] = (),
+    output_token_ids: Sequence[int] = (),
+    masked_ids: frozenset[int] = frozenset(),
+) -> int:
     """logits: (V,) -> token id. Greedy when temperature is 0.
 
-    Order as in transformers/vLLM: temperature, top-k, top-p, then draw.
+    One row of ``sample_batch``; without the token context, the penalties have
+    nothing to act on.
     """
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    row = SamplingRow(params, prompt_token_ids, output_token_ids, generator, masked_ids)
+    return sample_batch(logits.reshape(1, -1), [row]).token_ids[0]
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Steps 1-3: penalties, logit_bias, masked ids. Returns a new float32 tensor."""
+    V = logits.shape[1]
+    device = logits.device
+    out = logits.to(torch.float32, copy=True)
+
+    # The penalties touch only the (row, id) pairs that occur: O(tokens), not O(B * V).
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        # Every id seen in the prompt or the output; an id seen twice is written twice
+        # with the same value (computed from the logits before this step).
+        lists = [_ids(getattr(rows[i], f)) for i in rep for f in ("prompt_token_ids", "output_token_ids")]
+        r_idx, t_idx = _flatten(lists, [i for i in rep for _ in range(2)], V)
+        penalty = np.array([float(r.params.repetition_penalty) for r in rows], dtype=np.float32)[r_idx]
+        where = (_dev(r_idx, device), _dev(t_idx, device))
+        x = out[where]
+        penalty = _dev(penalty, device)
+        out[where] = torch.where(x > 0, x / penalty, x * penalty)
+
+    pen = [i for i, r in enumerate(rows)
+           if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and len(r.output_token_ids)]
+    if pen:
+        r_idx, t_idx = _flatten([_ids(rows[i].output_token_ids) for i in pen], pen, V)
+        keys, counts = np.unique(r_idx * V + t_idx, return_counts=True)
+        r_idx, t_idx = keys // V, keys % V
+        presence = np.array([float(r.params.presence_penalty) for r in rows], dtype=np.float32)[r_idx]
+        frequency = np.array([float(r.params.frequency_penalty) for r in rows], dtype=np.float32)[r_idx]
+        where = (_dev(r_idx, device), _dev(t_idx, device))
+        # logit -= presence * (count > 0) + frequency * count, over the distinct generated ids.
+        out[where] -= _dev(presence, device) + _dev(frequency, device) * _dev(counts.astype(np.float32), device)
+
+    bias_rows, bias_tok, bias_vals = [], [], []
+    mask_rows, mask_tok = [], []
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            for t, b in r.params.logit_bias:
+                if t >= V:
+                    raise InvalidParameter("logit_bias", f"token id {t} is outside the vocabulary (0..{V - 1})")
+                bias_rows.append(i)
+                bias_tok.append(t)
+                bias_vals.append(b)
+        if r.masked_ids:
+            ids = [t for t in r.masked_ids if 0 <= t < V]  # an id outside the vocabulary cannot be drawn anyway
+            mask_rows.extend([i] * len(ids))
+            mask_tok.extend(ids)
+    if bias_rows:
+        where = (torch.tensor(bias_rows, device=device), torch.tensor(bias_tok, device=device))
+        out.index_put_(where, torch.tensor(bias_vals, dtype=torch.float32, device=device), accumulate=True)
+    if mask_rows:
+        out[torch.tensor(mask_rows, device=device), torch.tensor(mask_tok, device=device)] = float("-inf")
+    return out
+
+
+def _ids(tokens):
+    """Token ids as something that iterates Python ints (lists, tuples, tensors, arrays)."""
+    return tokens.tolist() if isinstance(tokens, (torch.Tensor, np.ndarray)) else tokens
+
+
+def _flatten(lists: list, owners: list[int], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (owner row, id) int64 arrays; ``owners[k]`` is the row of ``lists[k]``.
+
+    numpy.fromiter is several times faster than torch.tensor on long Python lists.
+    Ids are checked here, on the host: a bad index on a GPU is a device assert."""
+    lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum()))
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+        bad = int(flat[(flat < 0) | (flat >= vocab_size)][0])
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    return np.repeat(np.asarray(owners, dtype=np.int64), lens), flat
+
+
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Step 6 without the draw, for rows with temperature > 0: (S, V) processed
+    logits -> (S, V) unnormalised probabilities, zero outside each row's support."""
+    V = logits.shape[1]
+    device = logits.device
+    cols = torch.tensor(
+        [[p.temperature, p.top_p, p.top_k if 0 < p.top_k < V else 0, p.min_p] for p in params],
+        dtype=torch.float64,
+    )
+    temp = cols[:, 0].to(device=device, dtype=torch.float32)
+    x = logits / temp[:, None]
+
+    top_k = cols[:, 2].long()
+    if bool((top_k > 0).any()):
+        k_max = int(top_k.max())
+        kth_sorted = torch.topk(x, k_max, dim=-1).values  # (S, k_max), descending
+        k_idx = (top_k.clamp(min=1) - 1).to(device)
+        kth = kth_sorted.gather(1, k_idx[:, None])
+        # Rows with no top-k cut compare against -inf: nothing is masked.
+        kth = kth.masked_fill((top_k <= 0).to(device)[:, None], float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+
+    top_p = cols[:, 1]
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: a token is dropped when
         # the mass *before* it already reaches top_p (the first token always stays).
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        p_dev = top_p.to(device=device, dtype=torch.float32)[:, None]
+        drop_sorted = (before >= p_dev) & (top_p < 1.0).to(device)[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+
+    min_p = cols[:, 3]
+    if bool((min_p > 0).any()):
+        # Ratios to the most likely token do not change when renormalising, so
+        # the cut can use the unnormalised probabilities left after top-p.
+        thresh = min_p.to(device=device, dtype=torch.float32)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < thresh, 0.0)
+    return probs
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of (unnormalised) ``probs``: the exponential race
+    argmax(p / q), q ~ Exp(1), which is what torch.multinomial(p, 1) does.
+
+    A row with a generator fills its own row of q from it (V numbers, whatever
+    the batch); the other rows share one fill from the global generator.
+    """
+    q = torch.empty_like(probs)
+    shared = []
+    for j, g in enumerate(generators):
+        if g is None:
+            shared.append(j)
+        else:
+            q[j].exponential_(generator=g)
+    if len(shared) == len(generators):
+        q.exponential_()
+    elif shared:
+        s_idx = torch.tensor(shared, dtype=torch.long, device=probs.device)
+        q[s_idx] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_()
+    # A CPU exponential can be exactly 0 (log1p(-u) with u = 0): 0/0 would be NaN and
+    # win the argmax for a forbidden token.
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    """logits: (B, V), any float dtype and device; one SamplingRow per row."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+    B, V = logits.shape
+    device = logits.device
+    processed = process_logits(logits, rows)
+
+    want_lp = [r.params.logprobs for r in rows]
+    any_lp = any(k is not None for k in want_lp)
+    logprobs = torch.log_softmax(processed, dim=-1) if any_lp else None
+
+    tokens = torch.empty(B, dtype=torch.long, device=device)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if greedy:
+        g_idx = torch.tensor(greedy, dtype=torch.long, device=device)
+        tokens[g_idx] = torch.argmax(processed[g_idx], dim=-1)
+    if rand:
+        r_idx = torch.tensor(rand, dtype=torch.long, device=device)
+        probs = sampling_probs(processed[r_idx], [rows[i].params for i in rand])
+        tokens[r_idx] = _draw(probs, [rows[i].generator for i in rand])
+
+    token_ids = tokens.tolist()
+    if not any_lp:
+        return SamplerOutput(token_ids, None, None)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    top: list[list[tuple[int, float]] | None] = [None] * B
+    asked = [i for i, k in enumerate(want_lp) if k is not None]
+    k_max = min(max(want_lp[i] for i in asked), V)
+    if k_max > 0:
+        a_idx = torch.tensor(asked, dtype=torch.long, device=device)
+        vals, ids = torch.topk(logprobs[a_idx], k_max, dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        for j, i in enumerate(asked):
+            k = want_lp[i]
+            top[i] = list(zip(ids[j][:k], vals[j][:k]))
+    else:
+        for i in asked:
+            top[i] = []
+    return SamplerOutput(token_ids, chosen, top)

@@ -1,0 +1,245 @@
+"""The engine: continuous batching over a paged KV cache.
+
+``step()`` is three calls: the scheduler picks this step's tokens (prefill chunks
+and decodes within a token budget), the runner does one forward over them, and
+postprocessing samples, detokenizes and checks stop conditions per sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineSettings
+from ..errors import InvalidParameter
+from ..models.transformer import Transformer
+from ..sampling.params import SamplingParams
+from ..sampling.sampler import SamplingRow, make_generator, sample_batch
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .block_manager import BlockManager
+from .dense import check_budget, check_token_ids
+from .paged import PagedKVCache
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+from .stop import StopChecker, drain
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_GB = 2.0
+
+
+@dataclass
+class StepOutput:
+    """What one step added to one completion of one request."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _SeqState:
+    detok: IncrementalDetokenizer
+    stopper: StopChecker
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    masked_until_min: frozenset[int]
+
+
+@dataclass
+class _Request:
+    seqs: list[Sequence]
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        settings: EngineSettings | None = None,
+        *,
+        max_model_len: int | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = s = settings or EngineSettings()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        args = model.args
+        self.max_model_len = max_model_len or args.max_seq_len
+        num_blocks = self._num_blocks()
+        # One block more than the manager owns: a scratch block that CUDA-graph
+        # padding rows write into.
+        self.cache = PagedKVCache(args, num_blocks + 1, s.block_size, self.dtype, self.device)
+        windows = [args.window(i) for i in range(args.n_layers)]
+        # Blocks can be released only when every layer forgets them.
+        window = max(windows) if all(w is not None for w in windows) else None
+        self.block_manager = BlockManager(num_blocks, s.block_size, enable_prefix_caching=s.enable_prefix_caching, window=window)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=s.max_num_seqs,
+                                   max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager, max_num_seqs=s.max_num_seqs)
+        self._requests: dict[str, _Request] = {}
+        self._state: dict[int, _SeqState] = {}
+        self._eos = frozenset(tokenizer.stop_token_ids())
+        log.info("KV cache: %d blocks of %d tokens (%.2f GB)", num_blocks, s.block_size,
+                 num_blocks * PagedKVCache.bytes_per_block(args, s.block_size, self.dtype) / 1e9)
+
+    # ----------------------------------------------------------------- sizing
+
+    def _num_blocks(self) -> int:
+        s, args = self.settings, self.model.args
+        per_block = PagedKVCache.bytes_per_block(args, s.block_size, self.dtype)
+        if s.kv_cache_gb is not None:
+            budget = s.kv_cache_gb * 1e9
+        elif self.device.type == "cuda":
+            budget = self._free_gpu_bytes()
+        else:
+            budget = DEFAULT_CPU_KV_GB * 1e9
+        # More blocks than every running sequence at full context could use is waste.
+        useful = s.max_num_seqs * -(-self.max_model_len // s.block_size) + 1
+        n = min(int(budget // per_block), useful)
+        if n < 1:
+            raise InvalidParameter("kv_cache_gb", f"{budget / 1e9:.3f} GB does not hold one KV block ({per_block} bytes)")
+        return n
+
+    def _free_gpu_bytes(self) -> float:
+        """What --gpu-memory-utilization leaves after the weights and the peak
+        activations of the largest step (measured by running one)."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.settings.max_num_batched_tokens, self.max_model_len)
+        from ..models.attention import NoCacheAttention
+
+        with torch.inference_mode():
+            h = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
+                           torch.arange(n, device=self.device), NoCacheAttention([n], self.device))
+            self.model.logits(h[-self.settings.max_num_seqs:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = total * self.settings.gpu_memory_utilization - peak
+        if budget <= 0:
+            raise InvalidParameter(
+                "gpu_memory_utilization",
+                f"weights and activations take {peak / 1e9:.1f} GB, more than {self.settings.gpu_memory_utilization:.0%} "
+                f"of the GPU's {total / 1e9:.1f} GB: nothing is left for the KV cache",
+            )
+        return budget
+
+    # --------------------------------------------------------------- requests
+
+    def add_request(
+        self,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter: str | None = None,
+    ) -> str:
+        """Queue a request (n sequences). Errors here, never later: bad ids, a prompt
+        or budget beyond the context, a request the KV cache can never hold."""
+        prompt = [int(t) for t in prompt_token_ids]
+        check_token_ids(prompt, self.model.args.vocab_size)
+        budget = check_budget(len(prompt), params, self.max_model_len)
+        if params.logit_bias:
+            check_token_ids([t for t, _ in _bias_items(params.logit_bias)], self.model.args.vocab_size, "logit_bias")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter, max_tokens=budget)
+                for i in range(params.n)]
+        for seq in seqs:
+            # All n sequences are the same size: the first check decides for all.
+            self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seqs)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
+        for seq in seqs:
+            self._state[seq.seq_id] = _SeqState(
+                detok=IncrementalDetokenizer(self.tokenizer, prompt),
+                stopper=StopChecker(params.stop, params.include_stop_str_in_output),
+                generator=make_generator(params, self.device, seq.index),
+                stop_ids=stop_ids,
+                masked_until_min=stop_ids if params.min_tokens else frozenset(),
+            )
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: its blocks are freed now."""
+        if self._requests.pop(request_id, None) is None:
+            return
+        for seq in self.scheduler.abort(request_id):
+            self._state.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict:
+        return self.scheduler.stats() | {"num_blocks": self.block_manager.num_blocks}
+
+    # ------------------------------------------------------------------- step
+
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        logits, rows = self.runner.run(plan.scheduled)
+        self.scheduler.advance(plan)
+        seqs = [plan.scheduled[i].seq for i in rows]
+        if not seqs:
+            return []
+        sampled = sample_batch(logits, [self._sampling_row(seq) for seq in seqs])
+        outputs = []
+        for i, seq in enumerate(seqs):
+            lp = None if sampled.logprobs is None else sampled.logprobs[i]
+            top = None if sampled.top_logprobs is None else sampled.top_logprobs[i]
+            outputs.append(self._append(seq, sampled.token_ids[i], lp, top))
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        st = self._state[seq.seq_id]
+        masked = st.masked_until_min if seq.num_output_tokens < seq.params.min_tokens else frozenset()
+        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, st.generator, masked)
+
+    def _append(self, seq: Sequence, token: int, logprob, top) -> StepOutput:
+        st = self._state[seq.seq_id]
+        seq.token_ids.append(token)
+        out = StepOutput(seq.request_id, seq.index, "", [token],
+                         logprobs=None if logprob is None else [logprob],
+                         top_logprobs=None if top is None else [top],
+                         num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+        finish = None
+        if token in st.stop_ids:
+            out.text, _ = drain(st.detok, st.stopper)
+            finish = "stop"
+        else:
+            out.text, stopped = st.stopper.push(st.detok.push(token))
+            if stopped:
+                finish = "stop"
+            elif seq.num_output_tokens >= seq.max_tokens:
+                tail, stopped = drain(st.detok, st.stopper)
+                out.text += tail
+                finish = "stop" if stopped else "length"
+        if finish is not None:
+            out.finish_reason = finish
+            self.scheduler.finish(seq, finish)
+            del self._state[seq.seq_id]
+            req = self._requests.get(seq.request_id)
+            if req is not None and all(s.status is Status.FINISHED for s in req.seqs):
+                del self._requests[seq.request_id]
+        return out
+
+
+def _bias_items(logit_bias):
+    return logit_bias.items() if isinstance(logit_bias, dict) else logit_bias

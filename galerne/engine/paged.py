@@ -1,0 +1,155 @@
+"""The paged KV cache and the attention backends that read it.
+
+Layout, one tensor for keys and one for values, all layers:
+``(layers, num_blocks, block_size, K, hd)``. Token position p of a sequence lives
+in slot ``block_table[p // block_size] * block_size + p % block_size`` of the
+flattened ``(num_blocks * block_size, K, hd)`` view of a layer.
+
+Worked example, block_size 4, block table [7, 2]: position 5 is in table entry
+5 // 4 = 1, i.e. block 2, at offset 5 % 4 = 1: slot 2 * 4 + 1 = 9.
+
+A step's batch is flat: the new tokens of every scheduled sequence back to back
+(a prefill chunk is many tokens, a decode one). ``BatchMetadata`` says where each
+sequence's queries are and how long its context is; it is built once per step and
+shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.args import ModelArgs
+from ..models.attention import allowed_mask, sdpa
+
+
+class PagedKVCache:
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * args.n_layers * block_size * args.n_kv_heads * args.head_dim * elem
+
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, K, hd) views of one layer's keys and values."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+@dataclass
+class BatchMetadata:
+    """The layout of one step's flat batch (device tensors + host copies)."""
+
+    positions: torch.Tensor  # (T,) absolute position of each new token
+    slot_mapping: torch.Tensor  # (T,) int64 cache slot of each new token
+    query_start_loc: torch.Tensor  # (B+1,) int32 cumulative new-token counts
+    seq_lens: torch.Tensor  # (B,) int32 context length after this step
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded
+    q_lens: list[int]  # host copies, for the CPU path
+    ctx_lens: list[int]
+    tables: list[list[int]]
+    max_query_len: int
+
+    @classmethod
+    def build(cls, entries: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "BatchMetadata":
+        """entries: (block_table, num_computed_tokens, num_new_tokens) per sequence."""
+        positions, slots, q_lens, ctx_lens, tables = [], [], [], [], []
+        for table, start, n in entries:
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+            q_lens.append(n)
+            ctx_lens.append(start + n)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+
+        def dev(x, dtype):
+            return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(
+            positions=dev(positions, torch.long), slot_mapping=dev(slots, torch.long),
+            query_start_loc=dev(qsl, torch.int32), seq_lens=dev(ctx_lens, torch.int32),
+            block_tables=dev(padded, torch.int32), q_lens=q_lens, ctx_lens=ctx_lens, tables=tables,
+            max_query_len=max(q_lens),
+        )
+
+
+class TorchPagedAttention:
+    """Paged attention in plain torch: the CPU path (and the reference on GPU).
+
+    Per sequence: gather the keys it may see into a contiguous (K, L, hd) block,
+    then one SDPA call. The gather reads only the window's blocks; on CPU the
+    copy costs far less than the weights each step reads anyway.
+    """
+
+    def __init__(self, cache: PagedKVCache, meta: BatchMetadata):
+        self.cache, self.meta = cache, meta
+        bs = cache.block_size
+        device = cache.k.device
+        # Slots to gather per sequence, per window size: computed once per step.
+        self._gather: dict[int | None, list[tuple[torch.Tensor, int]]] = {}
+        self._bs, self._device = bs, device
+
+    def _slots(self, window: int | None) -> list[tuple[torch.Tensor, int]]:
+        got = self._gather.get(window)
+        if got is None:
+            got = []
+            bs = self._bs
+            for table, q_len, ctx in zip(self.meta.tables, self.meta.q_lens, self.meta.ctx_lens):
+                first_q = ctx - q_len
+                lo = max(0, first_q + 1 - window) if window is not None else 0
+                pos = torch.arange(lo, ctx)
+                t = torch.tensor(table, dtype=torch.long)
+                got.append(((t[pos // bs] * bs + pos % bs).to(self._device), lo))
+            self._gather[window] = got
+        return got
+
+    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
+        k_slots, v_slots = self.cache.layer_slots(layer)
+        k_slots.index_copy_(0, self.meta.slot_mapping, k)
+        v_slots.index_copy_(0, self.meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        start = 0
+        for (slots, lo), q_len, ctx in zip(self._slots(window), self.meta.q_lens, self.meta.ctx_lens):
+            qs = q[start : start + q_len].transpose(0, 1)  # (H, q_len, hd)
+            keys = k_slots.index_select(0, slots).transpose(0, 1)  # (K, L, hd)
+            values = v_slots.index_select(0, slots).transpose(0, 1)
+            if q_len == 1:
+                o = sdpa(qs, keys, values)
+            elif q_len == ctx and (window is None or window >= ctx):
+                o = sdpa(qs, keys, values, causal=True)
+            else:
+                q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+                k_pos = torch.arange(lo, ctx, device=q.device)
+                o = sdpa(qs, keys, values, mask=allowed_mask(q_pos, k_pos, window))
+            out[start : start + q_len] = o.transpose(0, 1)
+            start += q_len
+        return out
+
+
+class TritonPagedAttention:
+    """Paged attention on CUDA: one Triton kernel for prefill chunks and decodes."""
+
+    def __init__(self, cache: PagedKVCache, meta: BatchMetadata):
+        from .triton_attention import paged_attention
+
+        self._kernel = paged_attention
+        self.cache, self.meta = cache, meta
+
+    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
+        k_slots, v_slots = self.cache.layer_slots(layer)
+        k_slots.index_copy_(0, self.meta.slot_mapping, k)
+        v_slots.index_copy_(0, self.meta.slot_mapping, v)
+        m = self.meta
+        return self._kernel(q, self.cache.k[layer], self.cache.v[layer], m.block_tables, m.query_start_loc,
+                            m.seq_lens, window, q.shape[-1] ** -0.5, max_query_len=m.max_query_len)

@@ -1,0 +1,64 @@
+"""ModelRunner: turn a scheduled step into one forward over the flat batch.
+
+On CUDA, steps made only of decodes (one token per sequence) replay a CUDA graph
+captured for the next larger batch size, which removes the per-kernel launch cost
+that dominates decoding at small batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..models.transformer import Transformer
+from .paged import BatchMetadata, PagedKVCache, TorchPagedAttention, TritonPagedAttention
+from .scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256):
+        self.model, self.cache = model, cache
+        self.device = cache.k.device
+        self.block_size = cache.block_size
+        self.on_cuda = self.device.type == "cuda"
+        self.attention = TritonPagedAttention if self.on_cuda else TorchPagedAttention
+        self.graphs = None
+        # MoE routing picks token subsets with data-dependent shapes: not capturable.
+        if self.on_cuda and use_cuda_graphs and model.args.moe is None:
+            from .cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-model.args.max_seq_len // self.block_size)
+            sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]
+            self.graphs = DecodeGraphs(model, cache, sizes, max_blocks)
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """Forward the step; returns the float32 logits of the sequences that
+        reached the end of their known tokens (they sample next), and their indices
+        in ``scheduled``."""
+        entries, tokens, sample_rows, rows = [], [], [], []
+        end = 0
+        for i, s in enumerate(scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            entries.append((seq.block_table, start, n))
+            tokens.extend(seq.token_ids[start : start + n])
+            end += n
+            if start + n == seq.num_tokens:
+                sample_rows.append(end - 1)  # its last new token predicts the next one
+                rows.append(i)
+        if self.graphs is not None and len(tokens) == len(scheduled) and self.graphs.fits(len(tokens), entries):
+            hidden = self.graphs.run(tokens, entries)
+        else:
+            meta = BatchMetadata.build(entries, self.block_size, self.device)
+            ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+            hidden = self.model(ids, meta.positions, self.attention(self.cache, meta))
+        if not rows:
+            return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows
+        index = torch.tensor(sample_rows, device=self.device)
+        return self.model.logits(hidden.index_select(0, index)).float(), rows

@@ -1,0 +1,71 @@
+"""A sequence being generated: the unit the scheduler and block manager work on.
+
+Plain Python, no torch. A request with ``n > 1`` becomes n sequences that share
+a prompt (and, through the prefix cache, its KV blocks).
+"""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+
+from ..sampling.params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"  # queued, or preempted (its KV was dropped: recomputed on resume)
+    RUNNING = "running"  # holds KV blocks, scheduled every step
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        index: int = 0,
+        adapter: str | None = None,
+        max_tokens: int | None = None,
+    ):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.index = index  # which of the request's n completions
+        self.params = params
+        self.adapter = adapter  # part of the prefix-cache key: KV depends on the weights
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        # Tokens whose keys/values are in the cache (computed, or found in the prefix
+        # cache). The scheduler moves it forward; preemption resets it to 0.
+        self.num_computed_tokens = 0
+        # Of those, how many came from the prefix cache (for stats).
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        # The generation budget, fixed when the request is admitted.
+        self.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, status={self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
