@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline-new-tokens", type=int, default=None,
+                    help="fewer new tokens for the slow baselines (tokens/s hardly depends on it at this length)")
     ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
     args = ap.parse_args()
 
@@ -112,8 +114,9 @@ def main() -> None:
         print(f"  {name:<22} {tps:8.1f} tokens/s   MBU {tps * wbytes / bw:6.1%}")
 
     run("galerne", lambda: galerne_decode(llm, prompt, args.new_tokens, device))
+    slow_tokens = args.baseline_new_tokens or args.new_tokens
     if "transformers" in baselines:
-        run("transformers", lambda: hf_decode(hf, prompt, args.new_tokens, device))
+        run("transformers", lambda: hf_decode(hf, prompt, slow_tokens, device))
     if "llamacpp" in baselines and device.type == "cpu":
         try:
             from llamacpp_baseline import convert_hf_to_gguf, decode_tokens_per_s

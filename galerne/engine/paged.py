@@ -141,15 +141,23 @@ class TritonPagedAttention:
     """Paged attention on CUDA: one Triton kernel for prefill chunks and decodes."""
 
     def __init__(self, cache: PagedKVCache, meta: BatchMetadata):
-        from .triton_attention import paged_attention
+        from . import triton_attention
 
-        self._kernel = paged_attention
+        self._ops = triton_attention
         self.cache, self.meta = cache, meta
+        self._plan = None  # program map and block shapes: one per step, shared by the layers
 
     def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
         k_slots, v_slots = self.cache.layer_slots(layer)
         k_slots.index_copy_(0, self.meta.slot_mapping, k)
         v_slots.index_copy_(0, self.meta.slot_mapping, v)
         m = self.meta
-        return self._kernel(q, self.cache.k[layer], self.cache.v[layer], m.block_tables, m.query_start_loc,
-                            m.seq_lens, window, q.shape[-1] ** -0.5, max_query_len=m.max_query_len)
+        if self._plan is None:
+            T, H, hd = q.shape
+            self._plan = self._ops.plan_paged_attention(
+                m.query_start_loc, T, H, k.shape[1], hd, m.max_query_len,
+                max_seq_len=m.block_tables.shape[1] * self.cache.block_size,
+            )
+        return self._ops.paged_attention(q, self.cache.k[layer], self.cache.v[layer], m.block_tables,
+                                         m.query_start_loc, m.seq_lens, window, q.shape[-1] ** -0.5,
+                                         m.max_query_len, plan=self._plan)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (device tool): CUDA tests, then protocols 1 and 2 on
+# mistral-7b with random bf16 weights. Each step is bounded so that the next
+# still runs; every output goes to $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if [ -d .whl ]; then  # mistral-common and its pure-Python needs, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
+cd benchmarks
+timeout 75 python3 decode_latency.py --model mistral-7b --device cuda --repeats 2 --baselines transformers \
+  --baseline-new-tokens 64 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/decode.txt"
+timeout 95 python3 throughput.py --model mistral-7b --device cuda --baseline none --max-num-batched-tokens 8192 \
+  2>&1 | grep -v -i warn | tail -8 | tee "$OUT/throughput.txt"

@@ -1,0 +1,31 @@
+"""The CUDA path (Triton paged attention, CUDA graphs for decode) gives the CPU's
+tokens. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galerne import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 32768, (int(k),), generator=g).tolist() for k in torch.randint(5, 80, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mistral-window"])
+def test_cuda_engine_matches_cpu(tiny_factory, kind):
+    folder, _ = tiny_factory(kind)
+    ps = _prompts(5)  # 5 decodes run in the graph of 8: exercises the padding rows
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(folder, device="cpu", block_size=16).generate(ps, params)]
+    graphs = LLM(folder, device="cuda", dtype="float32", block_size=16)
+    assert graphs.engine.runner.graphs is not None
+    assert [o.token_ids for o in graphs.generate(ps, params)] == expected
+    eager = LLM(folder, device="cuda", dtype="float32", block_size=16, enforce_eager=True)
+    assert [o.token_ids for o in eager.generate(ps, params)] == expected
+    bm = graphs.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
