@@ -18,6 +18,7 @@ import torch
 from ..config import EngineSettings
 from ..errors import InvalidParameter
 from ..models.transformer import Transformer
+from ..sampling.guided import GuidedMatcher, allowed_masks, compiler_for
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import SamplingRow, make_generator, sample_batch
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -56,6 +57,9 @@ class _SeqState:
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     masked_until_min: frozenset[int]
+    # Guided decoding: where the sequence is in its grammar (advanced in _append only,
+    # on newly sampled tokens: a recompute after preemption samples nothing old).
+    guide: GuidedMatcher | None = None
 
 
 @dataclass
@@ -158,6 +162,11 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        guides: list[GuidedMatcher | None] = [None] * params.n
+        if params.guided is not None:
+            # Compiled now: a bad grammar is an error of this call, never of a later step.
+            first = compiler_for(self.tokenizer).matcher(params.guided)
+            guides = [first] + [first.copy() for _ in range(params.n - 1)]
         seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter, max_tokens=budget)
                 for i in range(params.n)]
         for seq in seqs:
@@ -165,13 +174,14 @@ class Engine:
             self.scheduler.add(seq)
         self._requests[request_id] = _Request(seqs)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
-        for seq in seqs:
+        for seq, guide in zip(seqs, guides):
             self._state[seq.seq_id] = _SeqState(
                 detok=IncrementalDetokenizer(self.tokenizer, prompt),
                 stopper=StopChecker(params.stop, params.include_stop_str_in_output),
                 generator=make_generator(params, self.device, seq.index),
                 stop_ids=stop_ids,
                 masked_until_min=stop_ids if params.min_tokens else frozenset(),
+                guide=guide,
             )
         return request_id
 
@@ -199,7 +209,7 @@ class Engine:
         seqs = [plan.scheduled[i].seq for i in rows]
         if not seqs:
             return []
-        sampled = sample_batch(logits, [self._sampling_row(seq) for seq in seqs])
+        sampled = sample_batch(logits, self._sampling_rows(seqs, logits.shape[1]))
         outputs = []
         for i, seq in enumerate(seqs):
             lp = None if sampled.logprobs is None else sampled.logprobs[i]
@@ -207,10 +217,26 @@ class Engine:
             outputs.append(self._append(seq, sampled.token_ids[i], lp, top))
         return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_rows(self, seqs: list[Sequence], vocab_size: int) -> list[SamplingRow]:
+        # Grammar masks cost CPU time: only guided rows pay, all computed together.
+        guided = [seq for seq in seqs if self._state[seq.seq_id].guide is not None]
+        masks = {}
+        if guided:
+            executor = compiler_for(self.tokenizer).executor if len(guided) > 1 else None
+            allowed = allowed_masks([self._state[seq.seq_id].guide for seq in guided], vocab_size, executor)
+            masks = {seq.seq_id: allowed[j] for j, seq in enumerate(guided)}
+        return [self._sampling_row(seq, masks.get(seq.seq_id)) for seq in seqs]
+
+    def _sampling_row(self, seq: Sequence, allowed: torch.Tensor | None = None) -> SamplingRow:
         st = self._state[seq.seq_id]
         masked = st.masked_until_min if seq.num_output_tokens < seq.params.min_tokens else frozenset()
-        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, st.generator, masked)
+        if allowed is not None and masked:
+            # min_tokens cannot hold back the end of a complete grammar: the grammar wins.
+            ids = [t for t in masked if 0 <= t < allowed.numel()]
+            if ids and int(allowed.sum()) == int(allowed[ids].sum()):
+                masked = frozenset()
+        return SamplingRow(seq.params, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, st.generator,
+                           masked, allowed)
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> StepOutput:
         st = self._state[seq.seq_id]
@@ -219,6 +245,12 @@ class Engine:
                          logprobs=None if logprob is None else [logprob],
                          top_logprobs=None if top is None else [top],
                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+        grammar_done = False
+        if st.guide is not None:
+            st.guide.advance(token)
+            grammar_done = st.guide.is_finished  # nothing but EOS can follow
+            if st.guide.error is not None:
+                log.error("request %s: guided decoding failed: %s", seq.request_id, st.guide.error)
         finish = None
         if token in st.stop_ids:
             out.text, _ = drain(st.detok, st.stopper)
@@ -227,10 +259,10 @@ class Engine:
             out.text, stopped = st.stopper.push(st.detok.push(token))
             if stopped:
                 finish = "stop"
-            elif seq.num_output_tokens >= seq.max_tokens:
+            elif grammar_done or seq.num_output_tokens >= seq.max_tokens:
                 tail, stopped = drain(st.detok, st.stopper)
                 out.text += tail
-                finish = "stop" if stopped else "length"
+                finish = "stop" if stopped or grammar_done else "length"
         if finish is not None:
             out.finish_reason = finish
             self.scheduler.finish(seq, finish)

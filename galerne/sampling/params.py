@@ -18,10 +18,14 @@ Semantics (the sampler applies them in this order, see ``sampler.sample_batch``)
   tokens were generated (stop *strings* are not affected).
 * ``temperature`` (0 = greedy), then ``top_k``, ``top_p``, ``min_p`` (keep the
   tokens whose probability is at least ``min_p`` times the most likely one's).
+* ``guided`` (a ``guided.Guidance``): every token the grammar does not allow
+  next is masked (-inf), for greedy and sampled rows alike; when the grammar is
+  complete the completion ends with finish reason "stop". Compiled when the
+  request is added (an invalid grammar is an InvalidParameter there).
 * ``logprobs``: None returns none; k in 0..20 returns the chosen token's
   logprob and the k most likely alternatives. They are the log-softmax of the
-  logits after penalties, bias and masking, before temperature and the
-  top-k/top-p/min-p cuts.
+  logits after penalties, bias and masking (grammar included), before
+  temperature and the top-k/top-p/min-p cuts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidParameter
+from .guided import Guidance
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -73,6 +78,8 @@ class SamplingParams:
     min_tokens: int = 0
     # None: no logprobs. 0..20: the chosen token's logprob plus that many top alternatives.
     logprobs: int | None = None
+    # Grammar-constrained decoding (JSON schema, JSON object, Lark, regex); None is off.
+    guided: Guidance | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string / lists from callers, store tuples (hashable, immutable).
@@ -118,6 +125,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidParameter("logprobs", f"must be None or an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+        if self.guided is not None and not isinstance(self.guided, Guidance):
+            raise InvalidParameter("guided", f"must be a Guidance or None, got {type(self.guided).__name__}")
 
     @property
     def greedy(self) -> bool:

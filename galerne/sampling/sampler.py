@@ -6,7 +6,8 @@ row, and applies, in this order:
 1. penalties: repetition (over prompt + output), presence and frequency (over
    the output only);
 2. ``logit_bias`` (added);
-3. ``masked_ids`` set to -inf (EOS / stop ids while below ``min_tokens``);
+3. ``masked_ids`` set to -inf (EOS / stop ids while below ``min_tokens``), and
+   every id outside ``allowed`` (the grammar's mask of a guided row) too;
 4. logprobs, when a row asks: ``log_softmax`` of these *processed* logits,
    before temperature and the top-k/top-p/min-p cuts (what vLLM calls
    processed logprobs; they do not depend on the sampling knobs, so greedy and
@@ -46,6 +47,9 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()  # for the penalties
     generator: torch.Generator | None = None  # a seeded request's own (make_generator)
     masked_ids: frozenset[int] = frozenset()  # ids forbidden this step (see min_tokens_masked_ids)
+    # Guided rows: (V,) bool, the only ids allowed this step (a shorter mask allows
+    # none of the ids past its end). None: every id.
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,13 +99,14 @@ def sample(
     prompt_token_ids: Sequence[int] = (),
     output_token_ids: Sequence[int] = (),
     masked_ids: frozenset[int] = frozenset(),
+    allowed: torch.Tensor | None = None,
 ) -> int:
     """logits: (V,) -> token id. Greedy when temperature is 0.
 
     One row of ``sample_batch``; without the token context, the penalties have
     nothing to act on.
     """
-    row = SamplingRow(params, prompt_token_ids, output_token_ids, generator, masked_ids)
+    row = SamplingRow(params, prompt_token_ids, output_token_ids, generator, masked_ids, allowed)
     return sample_batch(logits.reshape(1, -1), [row]).token_ids[0]
 
 
@@ -155,6 +160,22 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         out.index_put_(where, torch.tensor(bias_vals, dtype=torch.float32, device=device), accumulate=True)
     if mask_rows:
         out[torch.tensor(mask_rows, device=device), torch.tensor(mask_tok, device=device)] = float("-inf")
+
+    guided = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if guided:
+        masks = [rows[i].allowed.reshape(-1).to(torch.bool) for i in guided]
+        if all(m.numel() == V for m in masks):
+            allowed = torch.stack(masks)
+        else:
+            allowed = torch.zeros(len(guided), V, dtype=torch.bool)
+            for j, m in enumerate(masks):
+                allowed[j, : min(m.numel(), V)] = m[:V]
+        forbidden = ~allowed.to(device, non_blocking=True)
+        if len(guided) == len(rows):
+            out.masked_fill_(forbidden, float("-inf"))
+        else:
+            g_idx = torch.tensor(guided, dtype=torch.long, device=device)
+            out[g_idx] = out[g_idx].masked_fill(forbidden, float("-inf"))
     return out
 
 

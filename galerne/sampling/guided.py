@@ -1,0 +1,628 @@
+"""Grammar-constrained ("guided") decoding with llguidance.
+
+A request asks for a constraint with a ``Guidance`` (``SamplingParams.guided``):
+a JSON schema, "any JSON object", a Lark grammar or a regex. The engine compiles it
+for its tokenizer when the request is added (errors are raised there, never
+mid-generation), keeps one ``GuidedMatcher`` per sequence, and each step masks the
+logits of the guided rows to the tokens the grammar allows. When the grammar is
+complete (nothing but EOS can follow) the sequence ends with finish reason "stop".
+
+``guidance_for_chat`` turns the OpenAI/Mistral chat options ``response_format``,
+``tool_choice`` and ``tools`` into a Guidance. Forced tool calls use the model's own
+format, from mistral-common:
+
+* tokenizer v2..v7: ``[TOOL_CALLS]`` then a JSON list
+  ``[{"name": ..., "arguments": {...}}, ...]``;
+* v11 and later (tekken): ``[TOOL_CALLS]name[ARGS]{...}``, once per call, the
+  grammar of mistral-common's ``GrammarFactory``.
+
+``[TOOL_CALLS]`` (and ``[ARGS]``) are special tokens: they are in the token ids,
+but ``Tokenizer.decode`` (and so the streamed text) leaves them out. Parse the ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import llguidance as llg
+import numpy as np
+import torch
+
+from ..errors import InvalidParameter, TokenizerError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("json_schema", "json_object", "lark", "regex")
+# What a bare "json_object" asks for: any JSON object (OpenAI's JSON mode).
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# Whitespace before the JSON, as mistral-common's grammars allow: SentencePiece
+# models start an answer with "▁{", and the bound keeps a looping model finite.
+_SAFE_WS = "SAFE_WS: /[ \\t\\r\\n]{1,8}/"
+# Mistral tool-call ids (v3..v7 calls may carry one after the arguments).
+_CALL_ID_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+_NO_ARGS_SCHEMA = {"type": "object", "properties": {}, "additionalProperties": False}
+# Whitespace between JSON tokens: any, but at most this much in one place (llguidance's
+# own default is unbounded, and a model that loops on newlines would never finish the
+# JSON). Enough for pretty-printed JSON a few levels deep. A schema's own "x-guidance"
+# options replace this.
+JSON_WHITESPACE = "[ \\t\\n\\r]{0,20}"
+_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A constraint on the generated text.
+
+    ``kind``: "json_schema" (``spec`` is the schema as JSON text), "json_object"
+    (any JSON object; ``spec`` is ignored and may be empty), "lark" (``spec`` is a
+    Lark grammar in llguidance's dialect; special tokens are written ``<[id]>``) or
+    "regex" (``spec`` is the regex the whole output matches).
+    ``field`` names the request field that errors are reported against.
+    """
+
+    kind: str
+    spec: str = ""
+    field: str = "guided"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.field, str) or not self.field:
+            raise InvalidParameter("guided", f"field must be a non-empty string, got {self.field!r}")
+        if self.kind not in KINDS:
+            raise InvalidParameter(self.field, f"unknown guidance kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if not isinstance(self.spec, str):
+            raise InvalidParameter(self.field, f"the {self.kind} must be given as a string, got {type(self.spec).__name__}")
+        if self.kind == "json_schema":
+            _check_schema(_parse_schema(self.spec, self.field), self.field)
+        elif self.kind in ("lark", "regex") and not self.spec:
+            raise InvalidParameter(self.field, f"the {self.kind} is empty")
+
+    @classmethod
+    def json_schema(cls, schema: dict | str, field: str = "guided") -> Guidance:
+        text = schema if isinstance(schema, str) else _dumps(schema)
+        return cls("json_schema", text, field)
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON schema of a json_schema / json_object guidance, else None."""
+        if self.kind == "json_object":
+            return JSON_OBJECT_SCHEMA
+        if self.kind == "json_schema":
+            return json.loads(self.spec)
+        return None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _parse_schema(spec: str, field: str) -> dict:
+    try:
+        schema = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise InvalidParameter(field, f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InvalidParameter(field, f"the JSON schema must be an object, got {type(schema).__name__}")
+    return schema
+
+
+def _check_schema(schema: dict, field: str) -> None:
+    """Reject schemas that are not JSON Schema (wrong types of keywords...)."""
+    problem = _schema_problem(_dumps(schema))
+    if problem is not None:
+        raise InvalidParameter(field, problem)
+
+
+@lru_cache(maxsize=256)
+def _schema_problem(text: str) -> str | None:
+    # Cached by text: a server sees the same schemas (tools) request after request.
+    try:
+        import jsonschema  # comes with mistral-common
+    except ImportError:  # pragma: no cover - llguidance still checks what it compiles
+        return None
+    schema = json.loads(text)
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        return f"invalid JSON schema{f' at {where}' if where else ''}: {e.message}"
+    return None
+
+
+# --------------------------------------------------------------------------- matcher
+
+
+class GuidedMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher: llg.LLMatcher, grammar_vocab: int):
+        self._m = matcher
+        self._n = grammar_vocab  # tokens the grammar knows; ids beyond are never allowed
+
+    def copy(self) -> GuidedMatcher:
+        return GuidedMatcher(self._m.deep_copy(), self._n)
+
+    def allowed_mask(self, vocab_size: int) -> torch.Tensor:
+        """(vocab_size,) bool: the tokens the grammar allows next."""
+        return allowed_masks([self], vocab_size)[0]
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        """Write the packed mask (int32, 32 tokens a word, CPU, contiguous) into ``row``."""
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def advance(self, token_id: int) -> None:
+        """Consume a sampled token. A token the grammar forbids puts the matcher in
+        an error state (``error``), which also counts as finished."""
+        self._m.consume_token(int(token_id))
+
+    @property
+    def is_finished(self) -> bool:
+        """Nothing but EOS can follow (or the matcher failed): the sequence is done."""
+        return self._m.is_stopped()
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._m.is_accepting()
+
+    @property
+    def error(self) -> str | None:
+        return (self._m.get_error() or "error") if self._m.is_error() else None
+
+
+def allowed_masks(matchers: Sequence[GuidedMatcher], vocab_size: int,
+                  executor: llg.LLExecutor | None = None) -> torch.Tensor:
+    """(len(matchers), vocab_size) bool masks; with an ``executor`` (a thread pool,
+    ``GuidedCompiler.executor``) several rows are computed in parallel."""
+    n = max(m._n for m in matchers)
+    words = (n + 31) // 32
+    bits = torch.zeros(len(matchers), words, dtype=torch.int32)
+    if executor is None or len(matchers) == 1:
+        for i, m in enumerate(matchers):
+            m.fill_bitmask(bits[i])
+    else:
+        executor.unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)],
+                                         bits.data_ptr(), words * 4, len(matchers))
+    # Bit j of word w is token 32 w + j: little-endian words, little-endian bits.
+    allowed = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little").view(np.bool_))
+    k = min(vocab_size, n)
+    if vocab_size == words * 32:
+        out = allowed
+        out[:, n:] = False  # the last word's unused bits
+    else:
+        out = torch.zeros(len(matchers), vocab_size, dtype=torch.bool)
+        out[:, :k] = allowed[:, :k]
+    for i, m in enumerate(matchers):
+        if m._n < k:  # a smaller grammar vocabulary in a mixed batch (another tokenizer)
+            out[i, m._n :] = False
+    return out
+
+
+# --------------------------------------------------------------------------- compiler
+
+
+class GuidedCompiler:
+    """Compiles Guidance for one tokenizer. Get it with ``compiler_for(tokenizer)``."""
+
+    def __init__(self, tokenizer):
+        # Not the Tokenizer itself: compiler_for's weak cache must let it go.
+        self.kind = tokenizer.kind
+        self.path = tokenizer.path
+        self.eos_ids = sorted(tokenizer.stop_token_ids())
+        self._mt = getattr(tokenizer, "_mt", None)  # mistral_common MistralTokenizer
+        self._hf = getattr(tokenizer, "_tok", None) if tokenizer.kind == "hf" else None
+        self._lock = threading.Lock()
+        self._llg: llg.LLTokenizer | None = None
+        self._factory = None
+        self._grammars: OrderedDict[Guidance, str] = OrderedDict()
+        self._protos: OrderedDict[Guidance, llg.LLMatcher] = OrderedDict()
+        self._executor: llg.LLExecutor | None = None
+
+    @property
+    def executor(self) -> llg.LLExecutor:
+        """A thread pool that computes several rows' masks at once (see allowed_masks)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = llg.LLExecutor()
+            return self._executor
+
+    # ---- the tokenizer, as llguidance sees it
+
+    @property
+    def mistral_version(self):
+        """mistral-common's TokenizerVersion, or None for HF tokenizers."""
+        return None if self._mt is None else self._mt.instruct_tokenizer.tokenizer.version
+
+    @property
+    def factory(self):
+        """mistral-common's GrammarFactory where it supports the tokenizer (tekken >= v11), else None."""
+        self.llg_tokenizer  # noqa: B018 - builds both
+        return self._factory
+
+    @property
+    def llg_tokenizer(self) -> llg.LLTokenizer:
+        with self._lock:
+            if self._llg is None:
+                try:
+                    self._llg, self._factory = self._build()
+                except Exception as e:  # llguidance / mistral-common raise all kinds
+                    raise TokenizerError(f"{self.path}: guided decoding cannot use this tokenizer: "
+                                         f"{type(e).__name__}: {e}") from e
+            return self._llg
+
+    def _build(self):
+        if self._hf is not None:
+            return llg.LLTokenizer(self._hf.to_str(), eos_token=self.eos_ids), None
+        factory = _grammar_factory(self._mt)
+        if factory is not None:
+            return factory.llg_tokenizer, factory
+        inner = self._mt.instruct_tokenizer.tokenizer
+        from mistral_common.tokens.tokenizers.tekken import is_tekkenizer
+
+        if is_tekkenizer(inner):
+            from mistral_common.guidance.tokenizer import from_mistral_tokenizer
+
+            return from_mistral_tokenizer(self._mt), None
+        return llg.LLTokenizer(llg.TokenizerWrapper(_SentencePieceForLLG(inner))), None
+
+    def special_token(self, piece: str) -> int | None:
+        """Id of a Mistral control token such as "[TOOL_CALLS]", None if the tokenizer has none."""
+        if self._mt is None:
+            return None
+        inner = self._mt.instruct_tokenizer.tokenizer
+        try:
+            token_id = inner.get_special_token(piece)
+        except Exception:  # mistral-common raises different errors per tokenizer type
+            return None
+        # Old SentencePiece vocabularies map unknown control names to <unk>.
+        return None if token_id == inner.unk_id else token_id
+
+    # ---- grammars
+
+    def compile(self, guidance: Guidance, field: str | None = None) -> str:
+        """The llguidance grammar of ``guidance``, validated for this tokenizer.
+        Raises InvalidParameter naming ``field`` (default: ``guidance.field``)."""
+        field = field or guidance.field
+        with self._lock:
+            grammar = self._grammars.get(guidance)
+            if grammar is not None:
+                self._grammars.move_to_end(guidance)
+                return grammar
+        grammar = self._grammar(guidance, field)
+        try:
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer)
+        except Exception as e:  # API-level failure: still the request's grammar
+            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {e}") from None
+        if is_error:
+            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {messages[0] if messages else 'invalid'}")
+        for m in messages:
+            log.debug("grammar warning (%s): %s", field, m)
+        with self._lock:
+            self._grammars[guidance] = grammar
+            while len(self._grammars) > _CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        return grammar
+
+    def _grammar(self, g: Guidance, field: str) -> str:
+        if g.kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(g.spec)
+        if g.kind == "lark":
+            return llg.LLMatcher.grammar_from_lark(g.spec)
+        schema = g.schema
+        try:
+            if self.factory is not None:
+                lark = self.factory.get_lark_for_json_schema(self.factory.select_jinja_template(),
+                                                             bounded_whitespace(schema))
+            else:
+                lark = json_lark(schema)
+        except Exception as e:
+            raise InvalidParameter(field, f"cannot compile the JSON schema: {e}") from None
+        return llg.LLMatcher.grammar_from_lark(lark)
+
+    def matcher(self, guidance: Guidance, field: str | None = None) -> GuidedMatcher:
+        """A fresh matcher at the start of ``guidance``'s grammar."""
+        with self._lock:
+            proto = self._protos.get(guidance)
+            if proto is not None:
+                self._protos.move_to_end(guidance)
+        if proto is None:
+            grammar = self.compile(guidance, field)
+            proto = llg.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
+            if proto.is_error():
+                raise InvalidParameter(field or guidance.field, f"cannot compile the {_what(guidance)}: {proto.get_error()}")
+            with self._lock:
+                self._protos[guidance] = proto
+                while len(self._protos) > _CACHE_SIZE:
+                    self._protos.popitem(last=False)
+        return GuidedMatcher(proto.deep_copy(), self.llg_tokenizer.vocab_size)
+
+
+def _what(g: Guidance) -> str:
+    return {"json_schema": "JSON schema", "json_object": "JSON grammar", "lark": "grammar", "regex": "regex"}[g.kind]
+
+
+def json_lark(schema: dict) -> str:
+    """A Lark grammar for one JSON value matching ``schema``, after a little whitespace."""
+    return f"start: SAFE_WS? %json {_json(schema)}\n{_SAFE_WS}\n"
+
+
+def bounded_whitespace(schema: dict) -> dict:
+    """``schema`` with llguidance's option bounding the whitespace runs (JSON_WHITESPACE),
+    unless it sets its own "x-guidance" options."""
+    if "x-guidance" in schema:
+        return schema
+    return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+
+
+def _json(schema: dict) -> str:
+    """A schema as the argument of a Lark ``%json``."""
+    return _dumps(bounded_whitespace(schema))
+
+
+def _grammar_factory(mt):
+    """mistral-common's GrammarFactory for ``mt`` when it supports it, else None."""
+    try:
+        from mistral_common.guidance.grammar_factory import GrammarFactory
+    except ImportError:  # older mistral-common
+        return None
+    if not GrammarFactory.is_supported(mt):
+        return None
+    return GrammarFactory(mt)
+
+
+class _SentencePieceForLLG:
+    """A mistral-common SentencePiece tokenizer as llguidance's TokenizerWrapper wants it:
+    every token's bytes, control tokens as "<NAME>" special tokens."""
+
+    def __init__(self, tok):
+        sp = tok._model
+        self._tok = tok
+        self.bos_token_id = tok.bos_id
+        self.eos_token_id = tok.eos_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(tok.n_words):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                m = re.fullmatch(r"\[(.*)\]", piece)
+                self.tokens.append((f"<{m.group(1)}>" if m else piece).encode())
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))  # "<0x0A>"
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+
+    def __call__(self, text: str) -> list[int]:
+        # No dummy-prefix space: mistral-common's own trick for infilling.
+        return self._tok.encode("\u263a" + text, bos=False, eos=False)[2:]
+
+
+_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer) -> GuidedCompiler:
+    """The GuidedCompiler of ``tokenizer`` (one per Tokenizer object, made on first use)."""
+    with _compilers_lock:
+        compiler = _compilers.get(tokenizer)
+        if compiler is None:
+            compiler = _compilers[tokenizer] = GuidedCompiler(tokenizer)
+        return compiler
+
+
+# --------------------------------------------------------------------------- chat options
+
+
+def guidance_for_chat(
+    tokenizer,
+    *,
+    tools: list[dict] | None = None,
+    tool_choice: str | dict | None = None,
+    response_format: dict | None = None,
+    parallel_tool_calls: bool = True,
+) -> Guidance | None:
+    """The Guidance for OpenAI/Mistral-style chat options, or None when unconstrained.
+
+    * ``tool_choice`` "required"/"any" or ``{"type": "function", "function": {"name": N}}``:
+      the output is one or more tool calls (only N for a named choice; exactly one when
+      ``parallel_tool_calls`` is false), in the model's native format, arguments
+      matching each tool's ``parameters`` schema. ``response_format`` is then moot.
+    * ``response_format`` json_schema: JSON matching the schema (whatever ``strict``
+      says); json_object: any JSON object. With ``tools`` and tool_choice "auto", a
+      Mistral tokenizer may instead produce tool calls (the JSON or the calls, nothing else).
+    * "text" / no response_format, with tool_choice "auto" or "none": None.
+
+    Validates everything and compiles the grammar for ``tokenizer`` now, so that
+    errors (InvalidParameter naming "tools", "tool_choice" or "response_format")
+    come at request time.
+    """
+    from ..tokenizer import _check_tools
+
+    tools = _check_tools(tools) or None
+    choice, named = _tool_choice(tool_choice, tools)
+    schema = _response_schema(response_format)
+    if not isinstance(parallel_tool_calls, bool):
+        raise InvalidParameter("parallel_tool_calls", f"must be a boolean, got {parallel_tool_calls!r}")
+    compiler = compiler_for(tokenizer)
+
+    if choice == "required":
+        if named is not None:
+            tools = [t for t in tools if t["function"]["name"] == named]
+        lark = _tool_calls_lark(compiler, tools, parallel_tool_calls, field="tool_choice")
+        guidance = Guidance("lark", lark, "tool_choice")
+    elif schema is None:
+        return None
+    elif tools and choice == "auto" and _tool_format(compiler) is not None:
+        lark = _tool_calls_lark(compiler, tools, parallel_tool_calls, field="tools", json_schema=schema)
+        guidance = Guidance("lark", lark, "response_format")
+    else:
+        guidance = Guidance.json_schema(schema, "response_format")
+    compiler.matcher(guidance)  # compiled and cached: adding the request only copies it
+    return guidance
+
+
+def _tool_choice(tool_choice, tools) -> tuple[str, str | None]:
+    """("auto" | "none" | "required", the named function or None)."""
+    if tool_choice is None:
+        return "auto", None
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("auto", "none", "any", "required"):
+            raise InvalidParameter("tool_choice", f"must be auto, none, required, any or a named function, got {tool_choice!r}")
+        choice = "required" if tool_choice == "any" else tool_choice
+        if choice == "required" and not tools:
+            raise InvalidParameter("tool_choice", f"{tool_choice!r} needs tools")
+        return choice, None
+    if not isinstance(tool_choice, dict):
+        raise InvalidParameter("tool_choice", "must be a string or an object naming a function")
+    if tool_choice.get("type", "function") != "function":
+        raise InvalidParameter("tool_choice.type", f"unknown tool choice type {tool_choice.get('type')!r}")
+    fn = tool_choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidParameter("tool_choice.function.name", "must be a non-empty string")
+    if not tools:
+        raise InvalidParameter("tool_choice", f"names function {name!r} but no tools are given")
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise InvalidParameter("tool_choice.function.name", f"{name!r} is not one of the tools ({', '.join(names)})")
+    return "required", name
+
+
+def _response_schema(response_format) -> dict | None:
+    """The JSON schema a response_format asks for, None for text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise InvalidParameter("response_format", "must be an object with a type")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise InvalidParameter("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidParameter("response_format.json_schema", "must be an object with a schema")
+    # OpenAI's key is "schema"; some clients send "json_schema"/"schema_" variants.
+    schema = spec.get("schema")
+    if schema is None:
+        raise InvalidParameter("response_format.json_schema.schema", "missing")
+    if isinstance(schema, str):
+        schema = _parse_schema(schema, "response_format.json_schema.schema")
+    if not isinstance(schema, dict):
+        raise InvalidParameter("response_format.json_schema.schema", "must be an object")
+    _check_schema(schema, "response_format.json_schema.schema")
+    return schema
+
+
+def _tool_format(compiler: GuidedCompiler) -> str | None:
+    """"list" (v2..v7), "args" (v11+) or None (no known tool-call format)."""
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+    version = compiler.mistral_version
+    if version is None or version == TokenizerVersion.v1 or compiler.special_token("[TOOL_CALLS]") is None:
+        return None
+    return "list" if version <= TokenizerVersion.v7 else "args"
+
+
+def _tool_args_schema(tool: dict, i: int) -> dict:
+    params = tool["function"].get("parameters")
+    if not params:
+        return _NO_ARGS_SCHEMA
+    field = f"tools[{i}].function.parameters"
+    if not isinstance(params, dict):
+        raise InvalidParameter(field, "must be an object")
+    _check_schema(params, field)
+    problem = _compile_problem(_dumps(params))
+    if problem is not None:
+        raise InvalidParameter(field, f"cannot compile the JSON schema: {problem}")
+    return params
+
+
+@lru_cache(maxsize=256)
+def _compile_problem(schema_text: str) -> str | None:
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(llg.LLMatcher.grammar_from_json_schema(schema_text))
+    return (messages[0] if messages else "invalid") if is_error else None
+
+
+def _tool_calls_lark(compiler: GuidedCompiler, tools: list[dict], parallel: bool, *, field: str,
+                     json_schema: dict | None = None) -> str:
+    """Lark grammar of the model's native tool calls (or, with ``json_schema``, of either
+    a JSON answer or tool calls)."""
+    fmt = _tool_format(compiler)
+    if fmt is None:
+        what = "a Mistral tokenizer (tekken.json / tokenizer.model.vN)" if compiler.mistral_version is None \
+            else "a tokenizer with tool calls (v2 or later)"
+        raise InvalidParameter(field, f"forcing tool calls needs {what}: the tool-call format of this model is unknown")
+    args = [_tool_args_schema(t, i) for i, t in enumerate(tools)]
+    factory = compiler.factory
+    if factory is not None:
+        return _factory_lark(factory, tools, args, parallel, json_schema, field)
+    tc = f"<[{compiler.special_token('[TOOL_CALLS]')}]>"
+    if fmt == "list":
+        items = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": a, "id": _CALL_ID_SCHEMA},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t, a in zip(tools, args)
+        ]
+        calls = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items}, "minItems": 1}
+        if not parallel:
+            calls["maxItems"] = 1
+        fcalls = f"{tc} SAFE_WS? %json {_json(calls)}"
+    else:  # [TOOL_CALLS]name[ARGS]{...} per call, as mistral-common's grammar
+        args_tok = compiler.special_token("[ARGS]")
+        if args_tok is None:
+            raise InvalidParameter(field, "the tokenizer has no [ARGS] token for its tool-call format")
+        one = " | ".join(
+            f"({tc} SAFE_WS? {_dumps(t['function']['name'])} <[{args_tok}]> SAFE_WS? %json {_json(a)} SAFE_WS?)"
+            for t, a in zip(tools, args)
+        )
+        fcalls = f"({one})+" if parallel else f"({one})"
+    start = "fcalls" if json_schema is None else f"fcalls | SAFE_WS? %json {_json(json_schema)}"
+    return f"start: {start}\nfcalls: {fcalls}\n{_SAFE_WS}\n"
+
+
+def _factory_lark(factory, tools, args, parallel, json_schema, field) -> str:
+    from mistral_common.protocol.instruct.request import (
+        ChatCompletionRequest,
+        ResponseFormat,
+    )
+    from mistral_common.protocol.instruct.tool_calls import (
+        Function,
+        Tool,
+        ToolChoiceEnum,
+    )
+
+    # Every tool strict: the grammar enforces each tool's parameters schema.
+    mtools = [
+        Tool(function=Function(name=t["function"]["name"], description=t["function"].get("description") or "",
+                               parameters=bounded_whitespace(a), strict=True))
+        for t, a in zip(tools, args)
+    ]
+    if json_schema is None:
+        request = ChatCompletionRequest(messages=[{"role": "user", "content": "-"}], tools=mtools,
+                                        tool_choice=ToolChoiceEnum.required, parallel_tool_calls=parallel)
+    else:
+        fmt = ResponseFormat(type="json_schema",
+                             json_schema={"name": "response", "schema": bounded_whitespace(json_schema), "strict": True})
+        request = ChatCompletionRequest(messages=[{"role": "user", "content": "-"}], tools=mtools,
+                                        tool_choice=ToolChoiceEnum.auto, parallel_tool_calls=parallel,
+                                        response_format=fmt)
+    try:
+        lark = factory.get_grammar_for_chat_request(request, factory.select_jinja_template())
+    except Exception as e:  # InvalidRequestException, ValueError
+        raise InvalidParameter(field, str(e)) from None
+    assert lark is not None
+    return lark

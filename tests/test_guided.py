@@ -1,0 +1,277 @@
+"""Guided decoding: random tiny models write garbage, so whatever parses and validates
+below does so because of the grammar alone."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import jsonschema
+import pytest
+import torch
+from conftest import TOKENIZERS, V3_TOKENIZER
+from mistral_common.experimental.tools import (
+    _decode_tool_calls,
+    _split_content_and_tool_calls,
+)
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from galerne import LLM, SamplingParams
+from galerne.errors import InvalidParameter
+from galerne.models.args import ModelArgs
+from galerne.models.transformer import Transformer
+from galerne.sampling.guided import Guidance, compiler_for, guidance_for_chat
+from galerne.tokenizer import Tokenizer
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+        "pos": {
+            "type": "object",
+            "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "ok": {"type": "boolean"}},
+            "required": ["x", "ok"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "color", "tags", "pos"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                       "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def tekken_file(folder, version: str):
+    """Mistral-common's shipped tekken vocabulary, declared as ``version``; from v11 on
+    with the [ARGS] and [CALL_ID] tokens that version's tool calls use (as real files)."""
+    data = json.loads((TOKENIZERS / "tekken_240911.json").read_text())
+    data["config"]["version"] = version
+    if version not in ("v3", "v7"):
+        special = [{"rank": t["rank"], "token_str": str(t["token_str"].value), "is_control": True}
+                   for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+        special += [{"rank": i, "token_str": f"<SPECIAL_{i}>", "is_control": True} for i in range(20, 32)]
+        special += [{"rank": 32, "token_str": "[ARGS]", "is_control": True},
+                    {"rank": 33, "token_str": "[CALL_ID]", "is_control": True}]
+        data["special_tokens"] = special
+    path = folder / f"tekken_{version}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_factory, tmp_path_factory):
+    """name -> LLM: the tiny HF model with the v3 and v7 SentencePiece tokenizers, and a
+    tiny model whose vocabulary is larger than tekken's (131072 + 64) with tekken v3 / v11."""
+    v3 = LLM(tiny_factory("mistral")[0], device="cpu")
+    v7 = LLM.from_model(v3.model, Tokenizer.from_path(TOKENIZERS / "mistral_instruct_tokenizer_241114.model.v7"))
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                     vocab_size=131072 + 64, max_seq_len=1024)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.3)  # spread logits, as conftest's models
+    folder = tmp_path_factory.mktemp("tekken")
+    out = {"v3": v3, "v7": v7}
+    for version in ("v3", "v11"):
+        out[f"tekken-{version}"] = LLM.from_model(model, Tokenizer.from_path(tekken_file(folder, version)))
+    return out
+
+
+def chat_prompt(llm, tools=None):
+    return llm.tokenizer.encode_chat(MESSAGES, tools=tools)
+
+
+def sampled(n: int, guided: Guidance, max_tokens: int, **kw) -> list[SamplingParams]:
+    return [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, guided=guided, **kw) for seed in range(n)]
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken-v3", "tekken-v11"])
+def test_json_schema_output_parses_and_validates(llms, name):
+    llm = llms[name]
+    guided = guidance_for_chat(llm.tokenizer, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": False}})
+    assert guided.kind == "json_schema" and guided.field == "response_format"
+    prompt = chat_prompt(llm)
+    outs = llm.generate([prompt] * 3, sampled(3, guided, 400))
+    texts = set()
+    for out in outs:
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", o.text
+        assert max(o.token_ids) < llm.tokenizer.vocab_size  # never an id past the tokenizer's
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+        texts.add(o.text)
+    assert len(texts) > 1  # sampled, not forced into one answer
+
+
+def test_json_object_gives_an_object(llms):
+    llm = llms["v3"]
+    tok = llm.tokenizer
+    guided = guidance_for_chat(tok, response_format={"type": "json_object"})
+    # Garbage strings end when a quote is drawn, objects when a brace is: make both likely
+    # so that the objects close within the budget.
+    pieces = {i: tok.decode([i]) for i in range(1000, tok.vocab_size)}
+    bias = {i: 10.0 if "}" in p else 6.0 for i, p in pieces.items() if '"' in p or "}" in p}
+    outs = llm.generate([chat_prompt(llm)] * 4, sampled(4, guided, 200, logit_bias=bias))
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        assert isinstance(json.loads(out.text), dict)
+
+
+def parse_tool_calls(llm, token_ids: list[int]) -> list:
+    """The calls as mistral-common's parser reads them from the ids (the server's way)."""
+    tok = llm.tokenizer
+    inner = tok._mt.instruct_tokenizer.tokenizer
+    ids = [t for t in token_ids if t != tok.eos_id]
+    tool_calls_id = inner.get_special_token("[TOOL_CALLS]")
+    assert ids[0] == tool_calls_id  # a forced call starts right away
+    content, calls = _split_content_and_tool_calls(ids, tool_calls_id)
+    assert content == []
+    return _decode_tool_calls(calls, inner)
+
+
+@pytest.mark.parametrize("name", ["v3", "v7", "tekken-v3", "tekken-v11"])
+@pytest.mark.parametrize("choice", ["required", "any", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_calls_parse_and_match(llms, name, choice):
+    llm = llms[name]
+    parallel = name == "tekken-v11"  # v11: another call or EOS after each call
+    guided = guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel)
+    assert guided.kind == "lark"
+    outs = llm.generate([chat_prompt(llm, TOOLS)] * 2, sampled(2, guided, 300))
+    for out in outs:
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", llm.tokenizer.decode(o.token_ids)
+        calls = parse_tool_calls(llm, o.token_ids)
+        assert calls and (parallel or len(calls) == 1)
+        for call in calls:
+            name_ = call.function.name.strip()  # the v11 grammar allows whitespace before the name
+            assert name_ in PARAMETERS and (isinstance(choice, str) or name_ == "add")
+            args = call.function.arguments
+            jsonschema.validate(json.loads(args) if isinstance(args, str) else args, PARAMETERS[name_])
+
+
+def test_tool_calls_or_json_with_tool_choice_auto(llms):
+    llm = llms["v3"]
+    g = guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice="auto", response_format={"type": "json_object"})
+    assert g.kind == "lark" and "%json" in g.spec  # JSON, or the model's tool calls
+    assert guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice="none",
+                             response_format={"type": "json_object"}).kind == "json_schema"
+    for choice in (None, "auto", "none"):
+        assert guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice=choice) is None
+        assert guidance_for_chat(llm.tokenizer, tool_choice=choice, response_format={"type": "text"}) is None
+
+
+def test_regex_greedy_logprobs_and_min_tokens(llms):
+    llm = llms["v3"]
+    guided = Guidance("regex", r"[0-9]{3}-[a-z]{2}")
+    params = SamplingParams(temperature=0, max_tokens=30, logprobs=5, min_tokens=20, guided=guided)
+    o = llm.generate([chat_prompt(llm)], params)[0].outputs[0]
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", o.text) and o.finish_reason == "stop"  # the grammar beats min_tokens
+    # Logprobs come after the mask: the alternatives are allowed tokens, with finite logprobs.
+    first = o.top_logprobs[0]
+    assert first and all(lp > float("-inf") for _, lp in first)
+    assert all(re.fullmatch(r"[0-9]{1,3}", llm.tokenizer.decode([t])) for t, _ in first)
+
+
+def test_n_completions_each_follow_the_grammar(llms):
+    llm = llms["tekken-v3"]
+    guided = Guidance("regex", r"(yes|no|maybe)")
+    out = llm.generate([chat_prompt(llm)], SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=10, guided=guided))[0]
+    assert all(o.text in ("yes", "no", "maybe") and o.finish_reason == "stop" for o in out.outputs)
+
+
+def test_preemption_does_not_replay_the_grammar(tiny_factory):
+    folder = tiny_factory("mistral")[0]
+    guided = Guidance.json_schema(SCHEMA)
+    g = torch.Generator().manual_seed(6)
+    ps = [torch.randint(3, 32768, (int(k),), generator=g).tolist() for k in torch.randint(20, 30, (6,), generator=g)]
+    params = SamplingParams(temperature=0, max_tokens=150, guided=guided)
+    expected = [o.token_ids for o in LLM(folder, device="cpu", block_size=4).generate(ps, params)]
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block, kv heads, head_dim, fp32
+    small = LLM(folder, device="cpu", block_size=4, kv_cache_gb=per_block * 60 / 1e9)
+    outs = small.generate(ps, params)
+    assert small.engine.stats()["num_preemptions"] > 0
+    assert [o.token_ids for o in outs] == expected
+    for o in outs:
+        assert o.finish_reason == "stop"
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+     "response_format.json_schema.schema"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format.json_schema.schema"),
+    (dict(response_format={"type": "yaml"}), "response_format.type"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tool_choice="sometimes", tools=TOOLS), "tool_choice"),
+    (dict(tool_choice={"type": "function", "function": {"name": "nope"}}, tools=TOOLS), "tool_choice.function.name"),
+    (dict(tool_choice="required", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}}}]),
+     "tools[0].function.parameters"),
+])
+def test_bad_options_name_the_field(llms, kwargs, field):
+    with pytest.raises(InvalidParameter) as e:
+        guidance_for_chat(llms["v3"].tokenizer, **kwargs)
+    assert e.value.field == field
+
+
+def test_bad_guidance_is_rejected_before_queueing(llms):
+    llm = llms["v3"]
+    with pytest.raises(InvalidParameter) as e:
+        Guidance("json_schema", '{"type": 5}', field="response_format")
+    assert e.value.field == "response_format"
+    with pytest.raises(InvalidParameter) as e:
+        Guidance("toml", "x")
+    assert e.value.field == "guided"
+    with pytest.raises(InvalidParameter) as e:
+        SamplingParams(guided="{}")
+    assert e.value.field == "guided"
+    engine = llm.engine
+    with pytest.raises(InvalidParameter) as e:
+        engine.add_request([1, 2, 3], SamplingParams(guided=Guidance("lark", "start: foo(", field="grammar")))
+    assert e.value.field == "grammar"
+    assert not engine.has_unfinished()
+
+
+def test_json_schema_with_an_hf_tokenizer(llms, tmp_path):
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to convert a SentencePiece model")
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(V3_TOKENIZER, tmp_path / "tokenizer.model")
+    transformers.LlamaTokenizer.from_pretrained(tmp_path, legacy=False).save_pretrained(tmp_path / "hf")
+    tok = Tokenizer.from_path(tmp_path / "hf")
+    assert tok.kind == "hf"
+    llm = LLM.from_model(llms["v3"].model, tok)
+    guided = guidance_for_chat(tok, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+    for out in llm.generate([tok.encode("Answer:")] * 2, sampled(2, guided, 400)):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    with pytest.raises(InvalidParameter) as e:  # its tool-call format is its template's business
+        guidance_for_chat(tok, tools=TOOLS, tool_choice="required")
+    assert e.value.field == "tool_choice"
+
+
+def test_forced_tool_calls_need_a_known_format(llms, tmp_path):
+    assert compiler_for(llms["v3"].tokenizer) is compiler_for(llms["v3"].tokenizer)  # one per tokenizer
+    v1 = Tokenizer.from_path(TOKENIZERS / "tokenizer.model.v1")
+    with pytest.raises(InvalidParameter) as e:
+        guidance_for_chat(v1, tools=TOOLS, tool_choice="required")
+    assert e.value.field == "tool_choice"
+    # JSON needs no tool format.
+    assert guidance_for_chat(v1, response_format={"type": "json_object"}).kind == "json_schema"
