@@ -119,14 +119,21 @@ def main() -> None:
         run("transformers", lambda: hf_decode(hf, prompt, slow_tokens, device))
     if "llamacpp" in baselines and device.type == "cpu":
         try:
-            from llamacpp_baseline import convert_hf_to_gguf, decode_tokens_per_s
+            import llama_cpp  # noqa: F401  (llama-cpp-python, built as in benchmarks/README.md)
+            from llamacpp_baseline import convert_hf_to_gguf, decode_benchmark
         except ImportError as e:
             print(f"  llama.cpp skipped: {e}")
         else:
             precision = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
             if precision:
-                gguf = convert_hf_to_gguf(folder, folder / f"model-{precision}.gguf", precision)
-                run(f"llama.cpp {precision}", lambda: decode_tokens_per_s(gguf, prompt, args.new_tokens, threads=torch.get_num_threads()))
+                gguf = folder / f"model-{precision}.gguf"
+                if not gguf.exists():
+                    convert_hf_to_gguf(folder, gguf, precision)
+                # Its own warm-up and repeats; no idle-waiting, like the runs above.
+                r = decode_benchmark(gguf, prompt, args.new_tokens, threads=torch.get_num_threads(),
+                                     repeats=args.repeats, max_other_load=None, mlock=False)
+                figures[f"llama.cpp {precision}"] = round(r["tok_s"], 2)
+                print(f"  {'llama.cpp ' + precision:<22} {r['tok_s']:8.1f} tokens/s   MBU {r['tok_s'] * wbytes / bw:6.1%}")
 
     base = figures.get("transformers")
     if base:

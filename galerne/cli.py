@@ -1,4 +1,4 @@
-"""The ``galerne`` command: generate, chat, convert."""
+"""The ``galerne`` command: generate, chat, serve, convert."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import ModelSettings, SamplingSettings, add_arguments, from_args
+from .config import EngineSettings, ModelSettings, SamplingSettings, ServerSettings, add_arguments, from_args
 from .errors import GalerneError
 from .log import setup_logging
 
@@ -81,6 +81,62 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+    import ipaddress
+    from pathlib import Path
+
+    settings = from_args(ServerSettings, ns)
+    if not settings.api_key and not _is_loopback(settings.host, ipaddress):
+        if not settings.allow_no_auth:
+            print(f"galerne: error: refusing to listen on {settings.host} without an API key: anyone who can reach "
+                  "it could use the model. Give --api-key KEY (or GALERNE_API_KEY), or --allow-no-auth if a "
+                  "proxy in front authenticates.", file=sys.stderr)
+            return 2
+        print(f"galerne: WARNING: listening on {settings.host} with NO authentication (--allow-no-auth)", file=sys.stderr)
+
+    import uvicorn
+
+    from .llm import LLM
+    from .server import create_app
+
+    engine = from_args(EngineSettings, ns)
+    llm = LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(engine))
+    name = Path(ns.model).expanduser().resolve().name if Path(ns.model).expanduser().exists() else ns.model
+    app = create_app(llm, settings, model_name=name)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        # The startup line comes once the socket is bound, so a port of 0 shows the real one.
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            auth = f"API key required ({len(settings.api_key)} key(s))" if settings.api_key else "no authentication"
+            print(f"galerne: serving {app.state.server.model_id} on http://{_url_host(settings.host)}:{port}/v1 "
+                  f"({auth}; docs at /docs)", file=sys.stderr, flush=True)
+        await task
+
+    asyncio.run(run())
+    return 0 if server.started else 1
+
+
+def _is_loopback(host: str, ipaddress) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def cmd_convert(ns: argparse.Namespace) -> int:
     from .weights.export import convert
 
@@ -110,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(c, ModelSettings)
     add_arguments(c, SamplingSettings)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", parents=[common], help="serve the model over HTTP (OpenAI and Mistral APIs)")
+    s.add_argument("model", help="model folder or Hub id")
+    add_arguments(s, ServerSettings)
+    add_arguments(s, ModelSettings)
+    add_arguments(s, EngineSettings)
+    s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("convert", parents=[common], help="write a checkpoint in the other layout")
     v.add_argument("src", help="source model folder")

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, sep: str | None = None) -> Any:
+    """A settings field. ``sep``: for list fields, the separator of items in the env var
+    (without one, the env var is a single item)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "flag": flag, "choices": choices, "sep": sep})
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "sep": sep})
 
 
 @dataclass
@@ -59,6 +63,34 @@ class SamplingSettings:
     ignore_eos: bool = setting(False, "keep generating after the end-of-sequence token")
 
 
+@dataclass
+class ServerSettings:
+    """The HTTP API server (``galerne serve``)."""
+
+    host: str = setting("127.0.0.1", "address to listen on; a non-loopback one needs an API key (or --allow-no-auth)")
+    port: int = setting(8000, "TCP port to listen on")
+    api_key: list[str] = setting([], "API key clients must send as 'Authorization: Bearer KEY' (repeatable; "
+                                     "the env var takes a comma-separated list); none: no authentication", sep=",")
+    allow_no_auth: bool = setting(False, "allow listening on a non-loopback address without an API key")
+    served_model_name: list[str] = setting([], "model id the API shows and accepts (repeatable: the first is the id, "
+                                               "the others aliases; default: the model folder's name or Hub id)", sep=",")
+    max_queued_requests: int = setting(256, "most requests waiting for a slot in the engine; past it, 429 with Retry-After")
+    drain_timeout: float = setting(60.0, "seconds a shutdown (SIGTERM) waits for in-flight requests to finish")
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidParameter
+
+        if not 0 <= self.port <= 65535:
+            raise InvalidParameter("port", f"must be in 0..65535, got {self.port}")
+        if self.max_queued_requests < 1:
+            raise InvalidParameter("max_queued_requests", f"must be at least 1, got {self.max_queued_requests}")
+        if self.drain_timeout < 0:
+            raise InvalidParameter("drain_timeout", f"must be >= 0, got {self.drain_timeout}")
+        for i, key in enumerate(self.api_key):
+            if not key or key != key.strip():
+                raise InvalidParameter(f"api_key[{i}]", "must be non-empty, without surrounding spaces")
+
+
 def _type_of(f: dataclasses.Field) -> type:
     t = str(f.type)
     if "int" in t and "float" not in t:
@@ -77,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if str(f.type) == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=_truthy(default), help=help_text)
         elif str(f.type).startswith("list"):
+            # No default here: appended flags would add to it. from_args fills in the env var.
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=_type_of(f), default=default if default is None else _type_of(f)(default),
@@ -84,7 +117,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_args(cls: type, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name)
+        if value is None and str(f.type).startswith("list"):
+            value = _env_list(f)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _env_list(f: dataclasses.Field) -> list[str] | None:
+    """A list field's env var (flags win: only used when no flag was given)."""
+    raw = os.environ.get(f"GALERNE_{f.name.upper()}")
+    if raw is None:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    sep = f.metadata.get("sep")
+    items = raw.split(sep) if sep else [raw]
+    return [item.strip() for item in items if item.strip()] if sep else items
 
 
 def _truthy(v: Any) -> bool:

@@ -84,9 +84,28 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         raise NotImplementedError
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; control and special tokens are skipped."""
+    def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
+        """Text of ``ids``; control and special tokens are skipped, or written as their
+        names (``[TOOL_CALLS]``) with ``keep_special``."""
         raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its name), as in API logprobs."""
+        return self.decode([token_id], keep_special=True).encode("utf-8")
+
+    def token_str(self, token_id: int) -> str:
+        """One token as text (a token that is part of a UTF-8 character shows U+FFFD)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def special_token_id(self, name: str) -> int | None:
+        """The id of a control token such as ``[TOOL_CALLS]``, None when the vocabulary has none."""
+        return None
+
+    def decode_tool_calls(self, calls: Sequence[Sequence[int]]) -> list[dict]:
+        """Parse the model's tool calls: one id list per ``[TOOL_CALLS]`` marker (the ids after
+        it). Returns ``[{"id": str | None, "name": str, "arguments": dict}]``; raises
+        ``ValueError`` on output that is not a well-formed call."""
+        raise ValueError(f"tool calls need a Mistral tokenizer (this one is {self.kind})")
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for an OpenAI/Mistral-API style conversation, ready for generation."""
@@ -280,11 +299,62 @@ class MistralCommonTokenizer(Tokenizer):
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return self._tok.encode(text, bos=bos, eos=eos)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
+    def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
+        ids = list(ids)
+        if keep_special and any(self._tok.is_special(t) for t in ids):
+            # KEEP writes SentencePiece's text as raw pieces ("▁Hello"): decode the runs
+            # between special tokens ourselves.
+            out, run = [], []
+            for t in ids:
+                if self._tok.is_special(t):
+                    out += [self._tok.decode(run), self._tok.id_to_piece(t)]
+                    run = []
+                else:
+                    run.append(t)
+            return "".join(out + [self._tok.decode(run)])
+        return self._tok.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if isinstance(self._tok, Tekkenizer):
+            return self._tok.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
+        piece = self._tok.id_to_piece(token_id)
+        if not self._tok.is_special(token_id) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback: <0x0A> is b"\n"
+        return piece.replace("▁", " ").encode("utf-8")
 
     def is_special(self, token_id: int) -> bool:
         return self._tok.is_special(token_id)
+
+    def special_token_id(self, name: str) -> int | None:
+        try:
+            token_id = self._tok.get_special_token(name)
+        except (ValueError, KeyError):
+            return None
+        # Old SentencePiece vocabularies map unknown control names to <unk>.
+        return None if token_id == self._tok.unk_id else token_id
+
+    def decode_tool_calls(self, calls: Sequence[Sequence[int]]) -> list[dict]:
+        # mistral-common's own parser (the one its reference server uses), for every version:
+        # v2-v7 `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`, v11+ `[TOOL_CALLS]name[ARGS]{..}`
+        # (and `name[CALL_ID]id[ARGS]{..}`).
+        from mistral_common.experimental.tools import _decode_tool_calls
+
+        try:
+            parsed = _decode_tool_calls([list(c) for c in calls], self._tok)
+        except (ValueError, TypeError, KeyError, MistralCommonException) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"malformed tool call: {e}") from e
+        out = []
+        for call in parsed:
+            args = call.function.arguments
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"malformed tool call arguments: {e}") from e
+            if not isinstance(args, dict):
+                raise ValueError("tool call arguments must be a JSON object")
+            out.append({"id": None if call.id in (None, "null") else call.id, "name": call.function.name, "arguments": args})
+        return out
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         checked = _check_messages(messages)
@@ -388,8 +458,8 @@ class HFTokenizer(Tokenizer):
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=not keep_special)
 
     def stop_token_ids(self) -> set[int]:
         return {self.eos_id} | self._config_eos

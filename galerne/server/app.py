@@ -1,0 +1,208 @@
+"""The HTTP API server: ``create_app(llm, settings)`` builds the FastAPI app.
+
+Routes are thin: they validate the body with the dialect's wire types, encode
+with the tokenizer, and hand a ``Generation`` to the AsyncEngine (serving.py).
+All state lives on ``app.state.server`` (state.py); the lifespan starts the
+AsyncEngine over ``llm.engine`` and, at shutdown, waits for the requests in
+flight (uvicorn's graceful shutdown already waits for open connections; this
+covers other hosts too) before it stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from ..config import ServerSettings
+from ..engine.async_engine import AsyncEngine
+from ..errors import GalerneError
+from ..llm import LLM
+from . import chat, errors
+from . import dialect as dialects
+from .auth import require_api_key
+from .metrics import Metrics
+from .mistral import routes as mistral_routes
+from .mistral.protocol import MistralChatCompletionRequest, MistralFIMCompletionRequest
+from .openai import routes as openai_routes
+from .openai.protocol import OpenAIChatCompletionRequest, OpenAICompletionRequest
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+
+WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest)
+DESCRIPTION = """\
+An API that the official `openai` and `mistralai` clients use unchanged: chat
+completions (both dialects, tools, JSON output), FIM and text completions, models.
+Errors come in the envelope of the request's dialect (see docs/server.md)."""
+
+
+def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: str | None = None) -> FastAPI:
+    """The app serving ``llm``. Its model id is ``settings.served_model_name[0]``, else
+    ``model_name``, else the model folder's name."""
+    settings = settings or ServerSettings()
+    ids = list(settings.served_model_name) or [model_name or default_model_name(llm)]
+    server: ServerState
+    metrics = Metrics(ids[0], lambda: server.engine_stats())
+    server = ServerState(llm, settings, ids, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.idle = asyncio.Event()
+        server.idle.set()
+        server.draining = False  # an app can be started again after a shutdown (tests do)
+        server.engine = AsyncEngine(llm.engine)
+        try:
+            yield
+        finally:
+            server.draining = True
+            if server.in_flight:
+                log.info("waiting for %d request(s) in flight", server.in_flight)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.idle.wait(), timeout=settings.drain_timeout)
+            engine, server.engine = server.engine, None
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="galerne", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.server = server
+    app.state.api_keys = tuple(k.encode() for k in settings.api_key)
+    errors.install(app)
+    app.add_middleware(_Tracking, server=server)
+    app.include_router(chat.router)
+    app.include_router(openai_routes.router)
+    app.include_router(mistral_routes.router)
+    app.include_router(_models_router())
+    app.include_router(_ops_router())
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def default_model_name(llm: LLM) -> str:
+    folder = llm.checkpoint.folder if llm.checkpoint is not None else Path(llm.tokenizer.path).parent
+    return Path(folder).name or "galerne"
+
+
+# ------------------------------------------------------------------ models, health, metrics
+
+
+def model_card(server: ServerState) -> dict:
+    """Mistral's base-model card, a superset of OpenAI's model object (made once)."""
+    if server.card is not None:
+        return server.card
+    tok = server.tokenizer
+    try:
+        tok.encode_fim("a", "b")
+        fim = True
+    except GalerneError:
+        fim = False
+    server.card = {
+        "id": server.model_id, "object": "model", "created": server.created, "owned_by": "galerne", "type": "base",
+        "name": server.model_id, "description": f"{server.model_id} served by galerne {__version__}",
+        "max_context_length": server.max_model_len, "aliases": server.model_ids[1:],
+        "capabilities": {"completion_chat": True, "completion_fim": fim,
+                         "function_calling": tok.special_token_id("[TOOL_CALLS]") is not None,
+                         "fine_tuning": False, "vision": False, "classification": False},
+        "default_model_temperature": 0.7, "deprecation": None,
+    }
+    return server.card
+
+
+def _models_router() -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
+
+    @router.get("/v1/models", summary="The served models")
+    async def list_models(request: Request) -> dict:
+        return {"object": "list", "data": [model_card(request.app.state.server)]}
+
+    @router.get("/v1/models/{model_id:path}", summary="One model's card")
+    async def get_model(request: Request, model_id: str) -> dict:
+        server: ServerState = request.app.state.server
+        server.check_model(model_id)
+        return model_card(server)
+
+    return router
+
+
+def _ops_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health", summary="200 while the engine runs; 503 when it failed or the server drains")
+    async def health(request: Request) -> Response:
+        server: ServerState = request.app.state.server
+        engine = server.engine
+        if engine is None or getattr(engine, "_error", None) is not None:
+            return JSONResponse({"status": "engine failed" if engine is not None else "not started"}, status_code=503)
+        if server.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": server.model_id})
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+class _Tracking:
+    """Pure ASGI middleware: counts requests in flight (a stream until its last byte)
+    and every answer's status by route, and turns an unexpected exception into a 500 in
+    the dialect's envelope."""
+
+    def __init__(self, app, server: ServerState):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server, status, started = self.server, 500, False
+
+        async def tracked_send(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        server.in_flight += 1
+        server.metrics.in_flight.inc()
+        if server.idle is not None:
+            server.idle.clear()
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as e:
+            # A bug: log it once, answer 500 in the dialect's envelope (if nothing was sent yet).
+            request = Request(scope)
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            if started:
+                raise
+            await errors.error_response(e, dialects.of(request))(scope, receive, tracked_send)
+        finally:
+            server.in_flight -= 1
+            server.metrics.in_flight.dec()
+            if server.in_flight == 0 and server.idle is not None:
+                server.idle.set()
+            route = scope.get("route")
+            server.metrics.request(getattr(route, "path", "other"), status)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's spec, plus the request schemas the routes validate themselves (the chat
+    route picks its schema by dialect, so FastAPI cannot infer it)."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in WIRE_MODELS], ref_template="#/components/schemas/{model}")
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+

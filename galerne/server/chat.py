@@ -1,0 +1,284 @@
+"""Chat completions, one implementation for both dialects (and the shape of
+Mistral's FIM answers, which are chat-shaped).
+
+The dialects differ only in a few places, all here: which request type validates
+the body, the error envelope (errors.py), where the usage goes in a stream
+(Mistral: in the last chunk, always; OpenAI: in an extra chunk with no choices,
+when ``stream_options.include_usage``), how tool calls stream (OpenAI: a first
+delta with id and name, then pieces of the arguments; Mistral: each call whole,
+as its client requires a name in every delta), and ``finish_reason``
+(Mistral says ``model_length`` when the context, not max_tokens, ran out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..engine.engine import StepOutput
+from ..errors import InvalidParameter
+from ..sampling.params import SamplingParams
+from . import dialect as dialects
+from . import tools as toolcalls
+from .auth import require_api_key
+from .dialect import Dialect
+from .mistral.protocol import MistralChatCompletionRequest
+from .openai.protocol import OpenAIChatCompletionRequest
+from .protocol import ChatRequest
+from .serving import Generation, Responder, read_json, respond, validate
+from .state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+CHAT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"anyOf": [
+            {"$ref": "#/components/schemas/OpenAIChatCompletionRequest"},
+            {"$ref": "#/components/schemas/MistralChatCompletionRequest"},
+        ]}}},
+    }
+}
+
+
+@router.post("/v1/chat/completions", openapi_extra=CHAT_BODY, tags=["chat"],
+             summary="Chat completion (OpenAI and Mistral dialects)")
+async def chat_completions(request: Request) -> Response:
+    """Both APIs' chat completions. The dialect is picked by the rule in ``server/dialect.py``."""
+    body = await read_json(request)
+    dialect = dialects.detect(request, body)
+    wire = OpenAIChatCompletionRequest if dialect is Dialect.OPENAI else MistralChatCompletionRequest
+    req = validate(wire, body).normalize()
+    server: ServerState = request.app.state.server
+    model = server.check_model(req.model)
+    # Tokenizing and compiling a grammar take CPU time: not on the event loop.
+    prompt = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages, req.tools)
+    params, tools_on = await asyncio.to_thread(chat_params, server, req)
+    gen = Generation(server, [prompt], params, request_id=new_id(dialect))
+    responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=tools_on,
+                              top_logprobs=req.top_logprobs if req.logprobs else None,
+                              include_usage=req.include_usage)
+    return await respond(request, gen, responder, dialect)
+
+
+def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:
+    """OpenAI's ids carry a prefix; Mistral's are bare hex."""
+    return (prefix if dialect is Dialect.OPENAI else "") + uuid.uuid4().hex
+
+
+def chat_params(server: ServerState, req: ChatRequest) -> tuple[SamplingParams, bool]:
+    """SamplingParams for a chat request, and whether tool calls are parsed from the output."""
+    kwargs = dict(req.sampling)
+    if req.logprobs:
+        kwargs["logprobs"] = req.top_logprobs
+    marker = server.tokenizer.special_token_id("[TOOL_CALLS]")
+    tools_on = bool(req.tools) and req.tool_choice != "none" and marker is not None
+    if req.tools and req.tool_choice == "none" and marker is not None:
+        # The model sees the tools but may not call one: [TOOL_CALLS] cannot be drawn.
+        bias = dict(kwargs.get("logit_bias") or {})
+        bias[str(marker)] = -100.0
+        kwargs["logit_bias"] = bias
+    guided = _guidance(server, req)
+    if guided is not None:
+        kwargs["guided"] = guided
+    try:
+        return SamplingParams(**kwargs), tools_on
+    except InvalidParameter:
+        raise
+    except TypeError as e:  # a keyword this SamplingParams does not know
+        raise InvalidParameter("body", str(e)) from None
+
+
+def _guidance(server: ServerState, req: ChatRequest):
+    """Grammar-constrained decoding for a forced tool call or a JSON answer (None: free
+    text). Compiled now (in the caller's worker thread), so a bad schema is a 400."""
+    from ..sampling.guided import guidance_for_chat
+
+    return guidance_for_chat(server.tokenizer, tools=req.tools, tool_choice=req.tool_choice,
+                             response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
+
+
+# ------------------------------------------------------------------ the response
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: str = ""  # content so far
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False  # role delta sent
+    content_ids: list[int] = field(default_factory=list)  # ids before [TOOL_CALLS]
+    calls: toolcalls.ToolCallStream | None = None  # after [TOOL_CALLS]
+
+
+class ChatResponder(Responder):
+    def __init__(self, server: ServerState, dialect: Dialect, gen: Generation, *, model: str, stream: bool,
+                 tools: bool = False, top_logprobs: int | None = None, include_usage: bool = False,
+                 object_name: str = "chat.completion"):
+        self.server, self.dialect, self.gen, self.model = server, dialect, gen, model
+        self.stream, self.tools, self.top_logprobs = stream, tools, top_logprobs
+        self.include_usage = include_usage or dialect is Dialect.MISTRAL
+        self.object = object_name
+        self.created = int(time.time())
+        tok = server.tokenizer
+        self.tokenizer = tok
+        self.stop_ids = frozenset(tok.stop_token_ids()) | frozenset(gen.params.stop_token_ids)
+        self.marker = tok.special_token_id("[TOOL_CALLS]") if tools else None
+        n = gen.params.n * len(gen.prompts)
+        self.choices = [_Choice(i) for i in range(n)]
+        self._unfinished = n
+
+    # --- pieces
+
+    def _logprobs(self, out: StepOutput) -> list[dict]:
+        if self.top_logprobs is None or out.logprobs is None:
+            return []
+        tok, entries = self.tokenizer, []
+        for j, t in enumerate(out.token_ids):
+            if t in self.stop_ids:
+                continue
+            top = (out.top_logprobs or [[]] * len(out.token_ids))[j][: self.top_logprobs]
+            entries.append({
+                "token": tok.token_str(t), "logprob": out.logprobs[j], "bytes": list(tok.token_bytes(t)), "token_id": t,
+                "top_logprobs": [{"token": tok.token_str(a), "logprob": lp, "bytes": list(tok.token_bytes(a)), "token_id": a}
+                                 for a, lp in top],
+            })
+        return entries
+
+    def _finish_reason(self, c: _Choice, engine_reason: str) -> str:
+        if c.calls is not None and c.calls.calls:
+            return "tool_calls"
+        if engine_reason == "length" and self.dialect is Dialect.MISTRAL:
+            k = c.index // self.gen.params.n
+            if len(self.gen.prompts[k]) + len(c.token_ids) >= self.server.max_model_len:
+                return "model_length"
+        return "stop" if engine_reason == "abort" else engine_reason
+
+    def usage(self) -> dict:
+        g = self.gen
+        return {"prompt_tokens": g.num_prompt_tokens, "completion_tokens": g.num_generated,
+                "total_tokens": g.num_prompt_tokens + g.num_generated,
+                "prompt_tokens_details": {"cached_tokens": g.num_cached_tokens}}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": self.gen.id, "object": f"{self.object}.chunk", "created": self.created, "model": self.model,
+               "choices": choices}
+        if usage is not None or (self.dialect is Dialect.OPENAI and self.include_usage):
+            out["usage"] = usage  # OpenAI: null on every chunk but the last, when asked
+        return out
+
+    def _tool_delta(self, events: list[toolcalls.ToolEvent]) -> list[dict]:
+        deltas = []
+        for e in events:
+            if self.dialect is Dialect.MISTRAL:
+                if e.kind == "end":
+                    deltas.append({"index": e.index, "id": e.id, "type": "function",
+                                   "function": {"name": e.name, "arguments": e.arguments}})
+            elif e.kind == "begin":
+                deltas.append({"index": e.index, "id": e.id, "type": "function",
+                               "function": {"name": e.name, "arguments": ""}})
+            elif e.kind == "args" and e.arguments:
+                deltas.append({"index": e.index, "function": {"arguments": e.arguments}})
+        return deltas
+
+    # --- Responder
+
+    def add(self, i: int, out: StepOutput) -> list[dict]:
+        c = self.choices[i]
+        c.token_ids += out.token_ids
+        logprobs = self._logprobs(out)
+        c.logprobs += logprobs
+        content, tool_deltas = self._split(c, out)
+        chunks = []
+        if self.stream:
+            if not c.started:
+                c.started = True
+                chunks.append(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None, "logprobs": None}]))
+            delta: dict = {}
+            if content:
+                delta["content"] = content
+            if tool_deltas:
+                delta["tool_calls"] = tool_deltas
+            if delta or logprobs:
+                chunks.append(self._chunk([{"index": i, "delta": delta, "finish_reason": None,
+                                            "logprobs": {"content": logprobs} if logprobs else None}]))
+        if out.finish_reason is not None:
+            chunks += self._finish(c, out.finish_reason)
+        return chunks if self.stream else []
+
+    def _split(self, c: _Choice, out: StepOutput) -> tuple[str, list[dict]]:
+        """This output's content text and tool-call deltas."""
+        if self.marker is None:
+            c.text += out.text
+            return out.text, []
+        if c.calls is None and self.marker not in out.token_ids:
+            c.content_ids += [t for t in out.token_ids if t not in self.stop_ids]
+            c.text += out.text
+            return out.text, []
+        events: list[toolcalls.ToolEvent] = []
+        content = ""
+        for t in out.token_ids:
+            if t in self.stop_ids:
+                continue
+            if c.calls is None and t != self.marker:
+                c.content_ids.append(t)
+                continue
+            if c.calls is None:
+                # The exact content before the marker (text the engine still held back included).
+                full = self.tokenizer.decode(c.content_ids)
+                content = full[len(c.text):] if full.startswith(c.text) else ""
+                c.text = full
+                c.calls = toolcalls.ToolCallStream(self.tokenizer, self.marker)
+            events += c.calls.push(t)
+        return content, self._tool_delta(events)
+
+    def _finish(self, c: _Choice, engine_reason: str) -> list[dict]:
+        delta: dict = {}
+        if c.calls is not None:
+            events, not_a_call = c.calls.finish()
+            if not_a_call:  # not a call after all: the raw text is the answer
+                raw = c.calls.raw_text()
+                c.text += raw
+                delta["content"] = raw
+            tool_deltas = self._tool_delta(events)
+            if tool_deltas:
+                delta["tool_calls"] = tool_deltas
+        c.finish_reason = self._finish_reason(c, engine_reason)
+        self._unfinished -= 1
+        if not self.stream:
+            return []
+        last = self._unfinished == 0
+        usage = self.usage() if last and self.dialect is Dialect.MISTRAL else None
+        return [self._chunk([{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}], usage)]
+
+    def end(self) -> list[dict]:
+        if self.dialect is Dialect.OPENAI and self.include_usage:
+            return [self._chunk([], self.usage())]
+        return []
+
+    def body(self) -> dict:
+        choices = []
+        for c in self.choices:
+            calls = None
+            if c.calls is not None:
+                calls = [{"id": k.id, "type": "function", "function": {"name": k.name, "arguments": k.arguments}}
+                         for k in c.calls.calls] or None
+            content = c.text if (c.text or not calls) else None
+            message: dict = {"role": "assistant", "content": content}
+            if self.dialect is Dialect.MISTRAL:
+                message.update(tool_calls=calls, prefix=False)
+            elif calls:
+                message["tool_calls"] = calls
+            choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
+                            "logprobs": {"content": c.logprobs} if self.top_logprobs is not None else None})
+        return {"id": self.gen.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}

@@ -1,0 +1,103 @@
+"""Mistral's request types (La Plateforme): chat completions and FIM."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..protocol import (
+    ChatMessage,
+    ChatRequest,
+    MaxTokens,
+    N,
+    NamedToolChoice,
+    ResponseFormat,
+    SamplingFields,
+    Seed,
+    TextRequest,
+    Tool,
+    ToolChoiceMode,
+    TopLogprobs,
+    dump,
+    sampling_kwargs,
+    tool_choice_value,
+)
+
+DEFAULT_TEMPERATURE = 0.7
+
+# Mistral's documented guardrail prompt for safe_prompt=true.
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+    "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
+)
+
+
+class MistralChatCompletionRequest(SamplingFields):
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: MaxTokens
+    n: N
+    random_seed: Seed
+    stream: bool = False
+    logprobs: bool | None = Field(None, description="return the log-probability of each generated token")
+    top_logprobs: TopLogprobs
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = Field(
+        None, description="'any' (or 'required') forces a call; a named function forces that one")
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    safe_prompt: bool = Field(False, description="prepend Mistral's guardrail prompt to the system prompt")
+    prompt_mode: Literal["reasoning"] | None = Field(None, description="accepted; no effect here")
+    metadata: dict[str, Any] | None = None
+
+    def normalize(self) -> ChatRequest:
+        messages = [m.wire() for m in self.messages]
+        if self.safe_prompt:
+            messages = with_safe_prompt(messages)
+        return ChatRequest(
+            model=self.model,
+            messages=messages,
+            tools=dump(self.tools),
+            tool_choice=tool_choice_value(self.tool_choice),
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            response_format=dump(self.response_format),
+            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, max_tokens=self.max_tokens, seed=self.random_seed),
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            stream=self.stream,
+            include_usage=True,  # Mistral always puts the usage in the last chunk
+        )
+
+
+class MistralFIMCompletionRequest(SamplingFields):
+    """Codestral's fill-in-the-middle: the code before the gap and after it."""
+
+    model: str
+    prompt: str = Field(description="the text before the gap")
+    suffix: str | None = Field(None, description="the text after the gap")
+    max_tokens: MaxTokens
+    n: N
+    random_seed: Seed
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+    def normalize(self) -> TextRequest:
+        return TextRequest(
+            model=self.model,
+            prompts=[self.prompt],
+            suffix=self.suffix,
+            fim=True,
+            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, max_tokens=self.max_tokens, seed=self.random_seed),
+            logprobs=None,
+            stream=self.stream,
+            include_usage=True,
+        )
+
+
+def with_safe_prompt(messages: list[dict]) -> list[dict]:
+    """The guardrail prompt before the system prompt (or as one, if there is none)."""
+    if messages and messages[0]["role"] in ("system", "developer") and isinstance(messages[0].get("content"), str):
+        first = dict(messages[0], content=f"{SAFE_PROMPT}\n\n{messages[0]['content']}")
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": SAFE_PROMPT}, *messages]

@@ -1,0 +1,43 @@
+"""Mistral-only routes: Codestral-style fill-in-the-middle."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...errors import InvalidParameter
+from ...sampling.params import SamplingParams
+from ..auth import require_api_key
+from ..chat import ChatResponder, new_id
+from ..dialect import Dialect
+from ..serving import Generation, read_json, respond, validate
+from ..state import ServerState
+from .protocol import MistralFIMCompletionRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["mistral"])
+
+
+def body_schema(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+@router.post("/v1/fim/completions", openapi_extra=body_schema("MistralFIMCompletionRequest"),
+             summary="Fill-in-the-middle completion (Mistral)")
+async def fim_completions(request: Request) -> Response:
+    """The code between ``prompt`` and ``suffix``, through mistral-common's FIM encoding.
+    The answer has the shape of a chat completion, as La Plateforme's."""
+    req = validate(MistralFIMCompletionRequest, await read_json(request)).normalize()
+    server: ServerState = request.app.state.server
+    model = server.check_model(req.model)
+    prompt = await asyncio.to_thread(server.tokenizer.encode_fim, req.prompts[0], req.suffix)
+    try:
+        params = SamplingParams(**req.sampling)
+    except TypeError as e:
+        raise InvalidParameter("body", str(e)) from None
+    gen = Generation(server, [prompt], params, request_id=new_id(Dialect.MISTRAL))
+    responder = ChatResponder(server, Dialect.MISTRAL, gen, model=model, stream=req.stream, include_usage=True)
+    return await respond(request, gen, responder, Dialect.MISTRAL)

@@ -1,0 +1,1 @@
+"""OpenAI's API dialect: wire types and the OpenAI-only routes."""

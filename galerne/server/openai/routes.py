@@ -1,0 +1,133 @@
+"""OpenAI-only routes: the legacy text completions (with ``suffix``: fill-in-the-middle)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...engine.dense import check_token_ids
+from ...engine.engine import StepOutput
+from ...errors import InvalidParameter
+from ...sampling.params import SamplingParams
+from ..auth import require_api_key
+from ..chat import new_id
+from ..dialect import Dialect
+from ..mistral.routes import body_schema
+from ..serving import Generation, Responder, read_json, respond, validate
+from ..state import ServerState
+from .protocol import OpenAICompletionRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
+
+
+@router.post("/v1/completions", openapi_extra=body_schema("OpenAICompletionRequest"),
+             summary="Text completion (OpenAI legacy)")
+async def completions(request: Request) -> Response:
+    """Complete each prompt (text or token ids); with ``suffix``, fill in the middle
+    between the prompt and the suffix (mistral-common's FIM encoding)."""
+    req = validate(OpenAICompletionRequest, await read_json(request)).normalize()
+    server: ServerState = request.app.state.server
+    model = server.check_model(req.model)
+    tok = server.tokenizer
+
+    def encode() -> list[list[int]]:
+        out = []
+        for i, p in enumerate(req.prompts):
+            where = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                out.append(tok.encode_fim(p, req.suffix) if req.fim else tok.encode(p, bos=True))
+            elif req.fim:
+                raise InvalidParameter(where, "suffix needs a text prompt")
+            elif not p:
+                raise InvalidParameter(where, "is empty")
+            else:
+                check_token_ids(p, tok.vocab_size, where)
+                out.append([int(t) for t in p])
+        return out
+
+    prompts = await asyncio.to_thread(encode)
+    kwargs = dict(req.sampling)
+    if req.logprobs is not None:
+        kwargs["logprobs"] = req.logprobs
+    try:
+        params = SamplingParams(**kwargs)
+    except TypeError as e:
+        raise InvalidParameter("body", str(e)) from None
+    gen = Generation(server, prompts, params, request_id=new_id(Dialect.OPENAI, "cmpl-"))
+    echo = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts] if req.echo else None
+    responder = TextResponder(server, gen, model=model, stream=req.stream, logprobs=req.logprobs,
+                              include_usage=req.include_usage, echo=echo)
+    return await respond(request, gen, responder, Dialect.OPENAI)
+
+
+class TextResponder(Responder):
+    def __init__(self, server: ServerState, gen: Generation, *, model: str, stream: bool, logprobs: int | None,
+                 include_usage: bool, echo: list[str] | None):
+        self.server, self.gen, self.model, self.stream = server, gen, model, stream
+        self.logprobs, self.include_usage, self.echo = logprobs, include_usage, echo
+        self.created = int(time.time())
+        self.tokenizer = server.tokenizer
+        self.stop_ids = frozenset(self.tokenizer.stop_token_ids()) | frozenset(gen.params.stop_token_ids)
+        n = gen.params.n * len(gen.prompts)
+        self.text = [""] * n
+        self.started = [False] * n
+        self.finish: list[str | None] = [None] * n
+        self.lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
+
+    def _logprobs(self, i: int, out: StepOutput) -> dict | None:
+        if self.logprobs is None or out.logprobs is None:
+            return None
+        tok, piece = self.tokenizer, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = len(self.text[i]) - len(out.text)
+        for j, t in enumerate(out.token_ids):
+            if t in self.stop_ids:
+                continue
+            s = tok.token_str(t)
+            piece["tokens"].append(s)
+            piece["token_logprobs"].append(out.logprobs[j])
+            top = (out.top_logprobs or [[]] * len(out.token_ids))[j][: self.logprobs]
+            piece["top_logprobs"].append({tok.token_str(a): lp for a, lp in top})
+            piece["text_offset"].append(offset)
+            offset += len(s)
+        for key, values in piece.items():
+            self.lp[i][key] += values
+        return piece
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": self.gen.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": choices}
+        if self.include_usage:
+            out["usage"] = usage
+        return out
+
+    def add(self, i: int, out: StepOutput) -> list[dict]:
+        text = out.text
+        if self.echo is not None and not self.started[i]:
+            text = self.echo[i // self.gen.params.n] + text
+        self.started[i] = True
+        self.text[i] += text
+        logprobs = self._logprobs(i, out)
+        if out.finish_reason is not None:
+            self.finish[i] = "stop" if out.finish_reason == "abort" else out.finish_reason
+        if not self.stream or not (text or logprobs or out.finish_reason):
+            return []
+        return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i]}])]
+
+    def usage(self) -> dict:
+        g = self.gen
+        return {"prompt_tokens": g.num_prompt_tokens, "completion_tokens": g.num_generated,
+                "total_tokens": g.num_prompt_tokens + g.num_generated,
+                "prompt_tokens_details": {"cached_tokens": g.num_cached_tokens}}
+
+    def end(self) -> list[dict]:
+        return [self._chunk([], self.usage())] if self.include_usage else []
+
+    def body(self) -> dict:
+        choices = [{"index": i, "text": t, "finish_reason": self.finish[i],
+                    "logprobs": self.lp[i] if self.logprobs is not None else None} for i, t in enumerate(self.text)]
+        return {"id": self.gen.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}

@@ -1,0 +1,191 @@
+"""Wire types shared by both dialects: one field per API parameter, with bounds
+and a description (they make the OpenAPI docs and the 400/422 errors).
+
+Every model allows extra fields: a parameter we do not know is ignored, never an
+error, so that clients newer than this server keep working. Conversation rules
+(roles, tool results, content parts) are checked by the tokenizer, which names
+the field at fault in the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling.params import MAX_LOGPROBS, MAX_N
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- messages
+
+
+class ContentPart(Wire):
+    type: str = Field(description="'text' (and 'thinking' for reasoning models); other kinds are refused")
+    text: str | None = None
+
+
+class FunctionCall(Wire):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] | None = Field(None, description="a JSON object, as a string (OpenAI) or an object (Mistral)")
+
+
+class ToolCall(Wire):
+    id: str | None = Field(None, description="any string: ids that are not 9 characters of [a-zA-Z0-9] are mapped")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="'developer' is read as 'system'")
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
+    name: str | None = Field(None, description="tool: the function's name")
+    prefix: bool = Field(False, description="assistant, last message only: the answer must continue this text")
+
+    def wire(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude={"prefix"} if not self.prefix else set())
+
+
+# ---------------------------------------------------------------- tools
+
+
+class FunctionDefinition(Wire):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(Wire):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(Wire):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoiceMode = Literal["auto", "none", "any", "required"]
+
+
+class JsonSchemaFormat(Wire):
+    name: str = Field("response", max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema the answer must match")
+    strict: bool | None = None
+
+
+class ResponseFormat(Wire):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type 'json_schema'")
+
+
+# ---------------------------------------------------------------- sampling
+
+Temperature = Annotated[float | None, Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1 (OpenAI) / 0.7 (Mistral)")]
+TopP = Annotated[float | None, Field(None, ge=0.0, le=1.0, description="nucleus sampling mass; 0 is greedy")]
+MaxTokens = Annotated[int | None, Field(None, ge=1, description="tokens to generate at most; default: until the context is full")]
+Stop = Annotated[str | list[str] | None, Field(None, description="stop strings (not included in the text)")]
+N = Annotated[int | None, Field(None, ge=1, le=MAX_N, description="completions to return")]
+Penalty = Annotated[float | None, Field(None, ge=-2.0, le=2.0)]
+Seed = Annotated[int | None, Field(None, ge=-(2**63), le=2**64 - 1, description="reproducible sampling")]
+TopLogprobs = Annotated[int | None, Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token, with logprobs")]
+
+
+class SamplingFields(Wire):
+    """Fields every generation endpoint takes, and galerne's extensions (vLLM's names)."""
+
+    temperature: Temperature
+    top_p: TopP
+    stop: Stop
+    presence_penalty: Penalty
+    frequency_penalty: Penalty
+    top_k: int | None = Field(None, ge=-1, description="extension: keep the k most likely tokens (0 or -1: off)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension: min-p sampling")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension: HF-style repetition penalty (1: off)")
+    min_tokens: int | None = Field(None, ge=0, description="extension: tokens generated before EOS may end the answer")
+    ignore_eos: bool | None = Field(None, description="extension: keep generating past the end-of-sequence token")
+
+
+def sampling_kwargs(req: SamplingFields, default_temperature: float, *, n: int | None, max_tokens: int | None,
+                    seed: int | None, logit_bias: dict | None = None) -> dict:
+    """SamplingParams keyword arguments from a request's fields (None: the default)."""
+    out: dict[str, Any] = {
+        "temperature": default_temperature if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or ()),
+        "n": n or 1,
+        "logit_bias": logit_bias,
+    }
+    if out["top_p"] == 0.0:  # OpenAI reads top_p 0 as "only the most likely token"
+        out.update(temperature=0.0, top_p=1.0)
+    for name in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos"):
+        value = getattr(req, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def tool_choice_value(choice: str | NamedToolChoice | None) -> str | dict | None:
+    """One spelling for both dialects: "auto" | "none" | "required" | {"type": "function", ...}."""
+    if choice is None or isinstance(choice, str):
+        return "required" if choice == "any" else choice
+    return {"type": "function", "function": {"name": choice.function.name}}
+
+
+def dump(items) -> Any:
+    """Wire objects as the plain dicts the tokenizer and guidance take."""
+    if items is None:
+        return None
+    if isinstance(items, list):
+        return [dump(i) for i in items] or None
+    return items.model_dump(exclude_none=True, by_alias=True)
+
+
+# ---------------------------------------------------------------- normalized requests
+
+
+@dataclass
+class ChatRequest:
+    """A chat request, whichever dialect it came in."""
+
+    model: str
+    messages: list[dict]
+    sampling: dict  # SamplingParams keyword arguments
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stream: bool = False
+    include_usage: bool = False  # in a stream (Mistral: always)
+
+
+@dataclass
+class TextRequest:
+    """A text completion (OpenAI's legacy endpoint) or a fill-in-the-middle (Mistral's FIM)."""
+
+    model: str
+    prompts: list[str | list[int]]
+    sampling: dict
+    suffix: str | None = None
+    fim: bool = False  # encode as fill-in-the-middle (prompt + suffix)
+    echo: bool = False
+    logprobs: int | None = None
+    stream: bool = False
+    include_usage: bool = False

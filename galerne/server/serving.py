@@ -1,0 +1,290 @@
+"""From an API request to engine outputs, and back to HTTP.
+
+``Generation`` runs the engine requests of one API request (one per prompt) and
+merges their outputs. It is *opened* before any byte of the response goes out:
+admission (queue bound, draining), validation by the engine (prompt too long,
+max_tokens past the context, a request the KV cache can never hold) and the wait
+for the first token all happen then, so every refusal is a proper HTTP error in
+the dialect's envelope, never a broken stream.
+
+A client that goes away cancels its engine requests: while the response is being
+prepared (watching the ASGI ``http.disconnect``), and mid-stream (Starlette
+cancels the body iterator, whose ``finally`` closes the generation). The
+AsyncEngine aborts a cancelled request before its next step, freeing its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.engine import StepOutput
+from ..sampling.params import SamplingParams
+from .errors import ClientGone, EngineFailure, FieldError, Overloaded, RequestInvalid, ShuttingDown, error_body
+from .state import ServerState
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ request bodies
+
+
+async def read_json(request: Request) -> Any:
+    """The JSON body; a malformed one is a RequestInvalid that says where it breaks."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise RequestInvalid([FieldError(("body",), f"malformed JSON{where}: {e.msg if hasattr(e, 'msg') else e}",
+                                         "json_invalid")]) from None
+
+
+def validate(model: type[M], body: Any) -> M:
+    if not isinstance(body, dict):
+        raise RequestInvalid([FieldError(("body",), "must be a JSON object", "model_type")])
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestInvalid.from_pydantic(e) from None
+
+
+# ------------------------------------------------------------------ disconnects
+
+
+async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless the client goes away first: then cancel it, raise ClientGone."""
+    task = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read: the next ASGI message can only be the disconnect.
+    while True:
+        try:
+            message = await request.receive()
+        except ClientDisconnect:
+            return
+        if message["type"] == "http.disconnect":
+            return
+
+
+# ------------------------------------------------------------------ generation
+
+
+class Generation:
+    """The engine requests of one API request: prompt k's completion i is choice k * n + i."""
+
+    def __init__(self, server: ServerState, prompts: Sequence[list[int]], params: SamplingParams, request_id: str | None = None):
+        self.server = server
+        self.prompts = list(prompts)
+        self.params = params
+        self.id = request_id or uuid.uuid4().hex
+        self.start = time.monotonic()
+        self.num_prompt_tokens = sum(len(p) for p in self.prompts)
+        self.num_cached_tokens = 0
+        self.num_generated = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._buffer: list[tuple[int, StepOutput]] = []
+        self._waiting_first: set[int] = set()
+        self._live = 0  # producers not finished
+        self._last: dict[tuple[int, int], float] = {}
+
+    # --- opening
+
+    async def open(self, request: Request) -> None:
+        """Admit, start and wait for every prompt's first output (or first error)."""
+        s = self.server
+        if s.draining:
+            raise ShuttingDown("the server is shutting down; it takes no new requests")
+        if s.engine is None:
+            raise EngineFailure("the engine is not running")
+        if s.queued + len(self.prompts) > s.settings.max_queued_requests:
+            raise Overloaded(f"too many requests waiting ({s.queued}, at most {s.settings.max_queued_requests}); "
+                             "retry later", retry_after=1)
+        s.queued += len(self.prompts)
+        s.metrics.queued.inc(len(self.prompts))
+        self._waiting_first = set(range(len(self.prompts)))
+        self._live = len(self.prompts)
+        for k, prompt in enumerate(self.prompts):
+            self._tasks.append(asyncio.create_task(self._produce(k, prompt)))
+        try:
+            await until_disconnect(request, self._prime())
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _prime(self) -> None:
+        seen: set[int] = set()
+        while len(seen) < len(self.prompts):
+            k, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._buffer.append((k, item))
+            seen.add(k)
+
+    async def _produce(self, k: int, prompt: list[int]) -> None:
+        put = self._queue.put_nowait
+        try:
+            async for out in self.server.engine.generate(prompt, self.params, request_id=f"{self.id}-{k}"):
+                self._first(k)
+                put((k, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a refusal (InvalidParameter, PromptTooLong, ...) or the engine's failure
+            # AsyncEngine reports a dead engine loop as a RuntimeError.
+            put((k, EngineFailure(str(e)) if type(e) is RuntimeError else e))
+        finally:
+            self._first(k)
+            put((k, None))
+
+    def _first(self, k: int) -> None:
+        if k in self._waiting_first:
+            self._waiting_first.discard(k)
+            self.server.queued -= 1
+            self.server.metrics.queued.dec()
+
+    # --- reading
+
+    async def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(choice index, output) until every completion finished. The caller closes the
+        generation (``aclose``) in its own ``finally``: a consumer cancelled mid-stream
+        does not close this iterator."""
+        n = self.params.n
+        try:
+            pending = list(self._buffer)
+            self._buffer.clear()
+            while True:
+                for k, item in pending:
+                    if item is None:
+                        self._live -= 1
+                        continue
+                    if isinstance(item, BaseException):
+                        raise item
+                    self._record(k, item)
+                    yield k * n + item.index, item
+                if self._live == 0:
+                    return
+                pending = [await self._queue.get()]
+        finally:
+            await self.aclose()
+
+    def _record(self, k: int, out: StepOutput) -> None:
+        m, now = self.server.metrics, time.monotonic()
+        key = (k, out.index)
+        if key not in self._last:
+            m.ttft.observe(now - self.start)
+            if out.index == 0:
+                self.num_cached_tokens += out.num_cached_tokens
+        else:
+            m.itl.observe(now - self._last[key])
+        self._last[key] = now
+        self.num_generated += len(out.token_ids)
+        if out.finish_reason is not None:
+            m.finished(out.finish_reason)
+
+    async def aclose(self) -> None:
+        """Cancel what still runs (the AsyncEngine aborts those requests); idempotent."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for k in list(self._waiting_first):
+            self._first(k)
+        if tasks:
+            m = self.server.metrics
+            m.prompt_tokens.inc(self.num_prompt_tokens)
+            m.generation_tokens.inc(self.num_generated)
+            m.e2e.observe(time.monotonic() - self.start)
+
+
+# ------------------------------------------------------------------ SSE
+
+
+def sse(data: Any) -> bytes:
+    """One Server-Sent Event: ``data: {...}``."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ------------------------------------------------------------------ responses
+
+
+class Responder:
+    """Turns outputs into an API response: chunks as they come (``add``), closing chunks
+    (``end``), or one body at the end (``body``). One per endpoint shape."""
+
+    stream: bool
+
+    def add(self, choice: int, out: StepOutput) -> list[dict]:
+        raise NotImplementedError
+
+    def end(self) -> list[dict]:
+        raise NotImplementedError
+
+    def body(self) -> dict:
+        raise NotImplementedError
+
+
+async def respond(request: Request, gen: Generation, responder: Responder, dialect) -> Response:
+    """Open the generation (errors still become HTTP errors), then answer: one JSON body,
+    or Server-Sent Events ``data: {...}`` ending with ``data: [DONE]``."""
+    await gen.open(request)
+    if not responder.stream:
+        async def collect() -> None:
+            async for i, out in gen.outputs():
+                responder.add(i, out)
+
+        try:
+            await until_disconnect(request, collect())
+        finally:
+            await gen.aclose()
+        return JSONResponse(responder.body())
+
+    async def events():
+        try:
+            async for i, out in gen.outputs():
+                for chunk in responder.add(i, out):
+                    yield sse(chunk)
+            for chunk in responder.end():
+                yield sse(chunk)
+        except Exception as e:  # the response started: the error goes in the stream (clients raise it)
+            log.warning("stream %s failed: %r", gen.id, e)
+            yield sse(error_body(e, dialect)[1])
+        finally:
+            await gen.aclose()  # also when the client went away and Starlette cancelled us
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,49 @@
+"""What the routes share: the model, its engine, the settings, the counters.
+One per app, on ``app.state.server`` (no module-level state)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..config import ServerSettings
+from ..engine.async_engine import AsyncEngine
+from ..llm import LLM
+from .errors import ModelNotFound
+from .metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    settings: ServerSettings
+    model_ids: list[str]  # the first is the id; the others are aliases
+    metrics: Metrics
+    created: int = field(default_factory=lambda: int(time.time()))
+    engine: AsyncEngine | None = None  # started by the lifespan
+    in_flight: int = 0  # HTTP requests being answered (streams until their last byte)
+    queued: int = 0  # engine requests admitted that have no token yet
+    draining: bool = False
+    idle: asyncio.Event | None = None  # set when in_flight falls to 0
+    card: dict | None = None  # the model card, made on first use
+
+    @property
+    def model_id(self) -> str:
+        return self.model_ids[0]
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    def check_model(self, model: str) -> str:
+        if model not in self.model_ids:
+            raise ModelNotFound(model, self.model_ids)
+        return self.model_id
+
+    def engine_stats(self) -> dict | None:
+        return None if self.engine is None else self.engine.stats()
