@@ -24,7 +24,7 @@ def _sampling(ns: argparse.Namespace):
 def _load(ns: argparse.Namespace):
     from .llm import LLM
 
-    return LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs())
+    return LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(from_args(EngineSettings, ns)))
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -97,11 +97,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .llm import LLM
     from .server import create_app
 
-    engine = from_args(EngineSettings, ns)
-    llm = LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(engine))
+    llm = _load(ns)
     name = Path(ns.model).expanduser().resolve().name if Path(ns.model).expanduser().exists() else ns.model
     app = create_app(llm, settings, model_name=name)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
@@ -157,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="model folder (Hugging Face or Mistral-native layout) or Hub id")
     g.add_argument("--prompt", help="the prompt (default: read stdin)")
     add_arguments(g, ModelSettings)
+    add_arguments(g, EngineSettings)
     add_arguments(g, SamplingSettings)
     g.set_defaults(func=cmd_generate)
 
@@ -164,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model folder or Hub id")
     c.add_argument("--system", help="system prompt")
     add_arguments(c, ModelSettings)
+    add_arguments(c, EngineSettings)
     add_arguments(c, SamplingSettings)
     c.set_defaults(func=cmd_chat)
 
