@@ -151,28 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-json", action="store_true", help="logs as JSON lines on stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", parents=[common], help="complete a prompt, streaming to stdout")
-    g.add_argument("model", help="model folder (Hugging Face or Mistral-native layout) or Hub id")
+    def model_command(name: str, help: str, func, *settings: type) -> argparse.ArgumentParser:
+        """A command that loads a model: MODEL, then the model and engine flags."""
+        cmd = sub.add_parser(name, parents=[common], help=help)
+        cmd.add_argument("model", help="model folder (Hugging Face or Mistral-native layout) or Hub id")
+        for cls in (ModelSettings, EngineSettings, *settings):
+            add_arguments(cmd, cls)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    g = model_command("generate", "complete a prompt, streaming to stdout", cmd_generate, SamplingSettings)
     g.add_argument("--prompt", help="the prompt (default: read stdin)")
-    add_arguments(g, ModelSettings)
-    add_arguments(g, EngineSettings)
-    add_arguments(g, SamplingSettings)
-    g.set_defaults(func=cmd_generate)
-
-    c = sub.add_parser("chat", parents=[common], help="interactive chat with the model's chat template")
-    c.add_argument("model", help="model folder or Hub id")
+    c = model_command("chat", "interactive chat with the model's chat template", cmd_chat, SamplingSettings)
     c.add_argument("--system", help="system prompt")
-    add_arguments(c, ModelSettings)
-    add_arguments(c, EngineSettings)
-    add_arguments(c, SamplingSettings)
-    c.set_defaults(func=cmd_chat)
-
-    s = sub.add_parser("serve", parents=[common], help="serve the model over HTTP (OpenAI and Mistral APIs)")
-    s.add_argument("model", help="model folder or Hub id")
-    add_arguments(s, ServerSettings)
-    add_arguments(s, ModelSettings)
-    add_arguments(s, EngineSettings)
-    s.set_defaults(func=cmd_serve)
+    model_command("serve", "serve the model over HTTP (OpenAI and Mistral APIs)", cmd_serve, ServerSettings)
 
     v = sub.add_parser("convert", parents=[common], help="write a checkpoint in the other layout")
     v.add_argument("src", help="source model folder")

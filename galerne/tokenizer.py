@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +45,7 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _TEXT_PARTS = {"text", "thinking"}  # content parts the engine can feed (thinking: reasoning models)
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """A loaded tokenizer. Build one with ``Tokenizer.from_path``.
 
     ``bos_id`` is None only for HF tokenizers that have no BOS token (then ``encode``
@@ -81,13 +82,14 @@ class Tokenizer:
             f"{file}: not a tokenizer file (expected tekken*.json, tokenizer.model[.vN] or tokenizer.json)"
         )
 
+    @abstractmethod
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
         """Text of ``ids``; control and special tokens are skipped, or written as their
         names (``[TOOL_CALLS]``) with ``keep_special``."""
-        raise NotImplementedError
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a special token: its name), as in API logprobs."""
@@ -107,9 +109,9 @@ class Tokenizer:
         ``ValueError`` on output that is not a well-formed call."""
         raise ValueError(f"tool calls need a Mistral tokenizer (this one is {self.kind})")
 
+    @abstractmethod
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for an OpenAI/Mistral-API style conversation, ready for generation."""
-        raise NotImplementedError
 
     def encode_fim(self, prompt: str, suffix: str | None = None) -> list[int]:
         raise TokenizerError(f"{self.path}: fill-in-the-middle needs a Mistral tokenizer (this one is {self.kind})")
@@ -117,9 +119,9 @@ class Tokenizer:
     def stop_token_ids(self) -> set[int]:
         return {self.eos_id}
 
+    @abstractmethod
     def is_special(self, token_id: int) -> bool:
         """Whether ``token_id`` is a control/special token (one that ``decode`` skips)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, path={str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -30,7 +31,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import StepOutput
 from ..sampling.params import SamplingParams
-from .errors import ClientGone, EngineFailure, FieldError, Overloaded, RequestInvalid, ShuttingDown, error_body
+from .errors import (
+    ClientGone,
+    EngineFailure,
+    FieldError,
+    Overloaded,
+    RequestInvalid,
+    ShuttingDown,
+    error_body,
+)
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -242,20 +251,23 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # ------------------------------------------------------------------ responses
 
 
-class Responder:
+class Responder(ABC):
     """Turns outputs into an API response: chunks as they come (``add``), closing chunks
     (``end``), or one body at the end (``body``). One per endpoint shape."""
 
     stream: bool
 
+    @abstractmethod
     def add(self, choice: int, out: StepOutput) -> list[dict]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def end(self) -> list[dict]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def body(self) -> dict:
-        raise NotImplementedError
+        ...
 
 
 async def respond(request: Request, gen: Generation, responder: Responder, dialect) -> Response:
