@@ -14,6 +14,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from ..sampling.params import SamplingParams
 from .engine import Engine, StepOutput
@@ -29,6 +30,7 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._error: BaseException | None = None
+        self._adders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="galerne-add")
         self._thread = threading.Thread(target=self._loop, name="galerne-engine", daemon=True)
         self._thread.start()
 
@@ -41,8 +43,15 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        # Validation errors (too long, bad values) raise here, before any output.
-        await loop.run_in_executor(None, self._add, rid, list(prompt_token_ids), params, adapter, loop, queue)
+        # Validation errors (too long, bad values) raise here, before any output. The
+        # add runs in a thread (it waits for the step in progress); a caller cancelled
+        # meanwhile (client gone) must not leave the request running once it lands.
+        added = self._adders.submit(self._add, rid, list(prompt_token_ids), params, adapter, loop, queue)
+        try:
+            await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            added.add_done_callback(lambda f: f.cancelled() or f.exception() or self.abort(rid))
+            raise
         remaining = params.n
         try:
             while remaining:
@@ -69,6 +78,7 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self._adders.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_requests(self) -> int:
