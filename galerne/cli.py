@@ -1,4 +1,4 @@
-"""The ``galerne`` command: generate, chat, serve, convert."""
+"""The ``galerne`` command: generate, chat, serve, convert, data validate."""
 
 from __future__ import annotations
 
@@ -143,6 +143,19 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_validate(ns: argparse.Namespace) -> int:
+    from .finetune.validate import validate_files
+    from .tokenizer import Tokenizer
+
+    report = validate_files(ns.files, Tokenizer.from_path(ns.tokenizer), ns.seq_len, clean=ns.clean)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary(ns.tokens_per_s))
+    if ns.clean is not None:
+        print(f"wrote {report.samples} valid lines to {ns.clean}")
+    return 1 if report.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="galerne", description="Run, serve and fine-tune Mistral-family models.")
     p.add_argument("--version", action="version", version=f"galerne {__version__}")
@@ -172,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", required=True, choices=("mistral", "hf"), help="target layout")
     v.add_argument("--dtype", default=None, help="cast the weights (default: keep their dtype)")
     v.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("data", help="fine-tuning data tools").add_subparsers(dest="data_command", required=True)
+    dv = d.add_parser("validate", parents=[common], help="check JSONL training files (mistral-finetune formats)")
+    dv.add_argument("files", nargs="+", help="JSONL files")
+    dv.add_argument("--tokenizer", required=True, help="tokenizer file or model folder")
+    dv.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
+    dv.add_argument("--clean", default=None, help="write the valid lines, unchanged, to this file")
+    dv.add_argument("--tokens-per-s", type=float, default=None, help="training speed, for an ETA")
+    dv.set_defaults(func=cmd_data_validate)
     return p
 
 

@@ -1,0 +1,325 @@
+"""Training data: mistral-finetune's JSONL formats -> weighted token samples -> packed sequences.
+
+Accepted lines (mistral-finetune's formats, unchanged):
+
+* pretraining: ``{"text": "..."}`` -> BOS + text + EOS, every token trained but BOS;
+* instruct: ``{"messages": [...]}`` with system/user/assistant messages (an assistant message
+  may carry ``"weight": 0`` to be seen but not trained on);
+* function calling: the same with ``"tools": [...]``, assistant ``tool_calls`` and ``tool``
+  results.
+
+Conversations are encoded by mistral-common, in its finetuning mode, message by message with
+the same per-version encoders as ``encode_instruct`` (and checked to give exactly its tokens):
+so the boundaries of each assistant turn are exact, and the assistant tokens, with the EOS that
+closes each turn, are the only ones with a weight.
+
+``Sample.weights[i]`` is the loss weight of *predicting* ``tokens[i]`` (from the logits at i-1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from galerne.errors import GalerneError, TokenizerError
+
+_TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # mistral-finetune's rule
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(GalerneError):
+    """A training line that cannot be used; ``path`` and ``line`` say where, when known."""
+
+    def __init__(self, reason: str, *, path: str | None = None, line: int | None = None):
+        self.reason = reason
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}: " if path is not None and line is not None else f"{path}: " if path else ""
+        super().__init__(f"{where}{reason}")
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    weights: list[float]  # weights[i]: loss weight of predicting tokens[i]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for w in self.weights if w > 0)
+
+
+@dataclass
+class PackedBatch:
+    """One training sequence of exactly ``seq_len`` tokens.
+
+    ``seqlens`` are the lengths of the documents in it, in order (the padding, if any, is the
+    last, with weight 0): attention must not cross them (document masking), and position ids
+    restart at each.
+    """
+
+    tokens: list[int]
+    weights: list[float]
+    seqlens: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_sample(tokenizer, obj: Any) -> Sample:
+    """Encode one parsed JSONL line. Raises ``DataError`` (reason only; no path/line)."""
+    if not isinstance(obj, dict):
+        raise DataError("not a JSON object")
+    if "messages" in obj:
+        return _encode_chat(tokenizer, obj)
+    if "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise DataError("text must be a string")
+        if not text.strip():
+            raise DataError("empty text")
+        tokens = tokenizer.encode(text, bos=True, eos=True)
+        return Sample(tokens, [0.0] + [1.0] * (len(tokens) - 1))
+    raise DataError('neither "text" (pretraining) nor "messages" (instruct)')
+
+
+def _check_conversation(obj: dict) -> tuple[list[dict], list[dict] | None]:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError("messages must be a non-empty list")
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError("tools must be a list")
+    call_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: not a JSON object")
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise DataError(f"{where}: unknown role {role!r}")
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"{where}: content must be a string")
+        if role == "assistant":
+            calls = msg.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                raise DataError(f"{where}: tool_calls must be a list")
+            if not content and not calls:
+                raise DataError(f"{where}: assistant message with neither content nor tool_calls")
+            weight = msg.get("weight", 1)
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise DataError(f"{where}: weight must be 0 or 1, not {weight!r}")
+            for k, call in enumerate(calls or ()):
+                if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                    raise DataError(f"{where}.tool_calls[{k}]: must be an object with a function")
+                cid = call.get("id")
+                if not isinstance(cid, str) or not _TOOL_CALL_ID.fullmatch(cid):
+                    raise DataError(
+                        f"{where}.tool_calls[{k}]: tool call id {cid!r} is not 9 alphanumeric characters"
+                    )
+                if not isinstance(call["function"].get("name"), str) or not call["function"]["name"]:
+                    raise DataError(f"{where}.tool_calls[{k}]: function name must be a non-empty string")
+                call_ids.add(cid)
+        else:
+            if content is None:
+                raise DataError(f"{where}: {role} message without content")
+        if role == "tool":
+            cid = msg.get("tool_call_id")
+            if cid not in call_ids:
+                raise DataError(f"{where}: tool message without a preceding call id ({cid!r})")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"last message is from the {messages[-1]['role']}, not the assistant")
+    return messages, tools
+
+
+@lru_cache(maxsize=4)
+def _finetuning_tokenizer(path: str):
+    # mistral-common's finetuning mode: the conversation must end with the assistant, and
+    # assistant weights are checked; the engine's own instance serves (serving mode).
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(path, mode=ValidationMode.finetuning)
+
+
+def _to_request(messages: list[dict], tools: list[dict] | None):
+    from mistral_common.protocol.instruct.messages import (
+        FinetuningAssistantMessage,
+        SystemMessage,
+        ToolMessage,
+        UserMessage,
+    )
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import (
+        Function,
+        FunctionCall,
+        Tool,
+        ToolCall,
+    )
+
+    names = {}
+    out = []
+    for m in messages:
+        role = m["role"]
+        if role == "system":
+            out.append(SystemMessage(content=m["content"]))
+        elif role == "user":
+            out.append(UserMessage(content=m["content"]))
+        elif role == "assistant":
+            calls = None
+            if m.get("tool_calls"):
+                calls = []
+                for c in m["tool_calls"]:
+                    fn = c["function"]
+                    names[c["id"]] = fn["name"]
+                    args = fn.get("arguments")
+                    calls.append(ToolCall(id=c["id"], function=FunctionCall(name=fn["name"], arguments=args if args is not None else {})))
+            out.append(FinetuningAssistantMessage(content=m.get("content") or None, tool_calls=calls, weight=m.get("weight", 1)))
+        else:
+            out.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m.get("name") or names.get(m["tool_call_id"])))
+    tool_objs = None
+    if tools:
+        tool_objs = []
+        for t in tools:
+            if not isinstance(t, dict) or not isinstance(t.get("function"), dict):
+                raise DataError("tools: each tool must be an object with a function")
+            fn = t["function"]
+            tool_objs.append(Tool(function=Function(name=fn.get("name"), description=fn.get("description", ""), parameters=fn.get("parameters") or {})))
+    return ChatCompletionRequest(messages=out, tools=tool_objs)
+
+
+def _assistant_run_weights(messages: list[dict], separators: set[str]) -> list[float]:
+    """The weight of each run of consecutive assistant messages (mistral-common merges runs)."""
+    runs: list[list[float]] = []
+    prev = None
+    for m in messages:
+        role = m["role"]
+        if role == "assistant":
+            w = float(m.get("weight", 1))
+            if prev == "assistant":
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+            prev = role
+        elif role in separators:
+            prev = role
+    for run in runs:
+        if len(set(run)) > 1:
+            raise DataError("consecutive assistant messages with different weights")
+    return [run[0] for run in runs]
+
+
+def _encode_chat(tokenizer, obj: dict) -> Sample:
+    from mistral_common.exceptions import MistralCommonException
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        SystemMessage,
+        ToolMessage,
+        UserMessage,
+    )
+
+    from galerne.tokenizer import MistralCommonTokenizer
+
+    messages, tools = _check_conversation(obj)
+    if not isinstance(tokenizer, MistralCommonTokenizer):
+        raise TokenizerError(f"{tokenizer.path}: instruct data needs a Mistral tokenizer (this one is {tokenizer.kind})")
+    mt = _finetuning_tokenizer(str(tokenizer.path))
+    it = mt.instruct_tokenizer
+    try:
+        request = _to_request(messages, tools)
+        validated = mt._chat_completion_request_validator.validate_request(request)
+        instruct = mt._instruct_request_normalizer.from_chat_completion_request(validated)
+        # encode_instruct's loop, keeping each message's tokens apart.
+        it.validate_messages(instruct.messages)
+        first_user, last_user = it.find_first_last_user(instruct)
+        tokens = it.start()
+        weights = [0.0] * len(tokens)
+        n_assistant = sum(isinstance(m, AssistantMessage) for m in instruct.messages)
+        run_weights = _assistant_run_weights(messages, {"user", "tool", "system"})
+        if len(run_weights) != n_assistant:  # system messages folded into the system prompt
+            run_weights = _assistant_run_weights(messages, {"user", "tool"})
+        if len(run_weights) != n_assistant:
+            raise DataError("cannot match the assistant messages to their encoding")
+        k = 0
+        for idx, msg in enumerate(instruct.messages):
+            w = 0.0
+            if isinstance(msg, UserMessage):
+                new, _, _ = it.encode_user_message(
+                    msg, instruct.available_tools, idx == last_user, idx == first_user,
+                    system_prompt=instruct.system_prompt, force_img_first=True, settings=instruct.settings,
+                )
+            elif isinstance(msg, ToolMessage):
+                new, _, _ = it.encode_tool_message(msg, idx < last_user)
+            elif isinstance(msg, AssistantMessage):
+                new = it.encode_assistant_message(message=msg, is_before_last_user_message=idx < last_user)
+                w = run_weights[k]
+                k += 1
+            elif isinstance(msg, SystemMessage):
+                new, _ = it.encode_system_message(msg)
+            else:
+                raise DataError(f"unknown message type {type(msg).__name__}")
+            new = new or []
+            tokens += new
+            weights += [w] * len(new)
+        full = it.encode_instruct(instruct).tokens
+    except DataError:
+        raise
+    except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError) as e:
+        raise DataError(f"rejected by mistral-common: {type(e).__name__}: {e}") from e
+    if tokens != full:
+        raise DataError("per-message encoding differs from mistral-common's (unsupported conversation)")
+    return Sample(tokens, weights)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> list[PackedBatch]:
+    """Pack samples, in order, greedily into sequences of exactly ``seq_len`` tokens.
+
+    A sample is never split: one that does not fit what is left of a sequence starts the next
+    one, and the rest is padding (weight 0, its own trailing document in ``seqlens``). A sample
+    longer than ``seq_len`` raises ``DataError`` (validation reports these with their line).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, not {seq_len}")
+    out: list[PackedBatch] = []
+    cur = PackedBatch([], [], [])
+
+    def close():
+        nonlocal cur
+        if not cur.tokens:
+            return
+        pad = seq_len - len(cur.tokens)
+        if pad:
+            cur.tokens += [pad_id] * pad
+            cur.weights += [0.0] * pad
+            cur.seqlens.append(pad)
+        out.append(cur)
+        cur = PackedBatch([], [], [])
+
+    for i, s in enumerate(samples):
+        n = len(s.tokens)
+        if n > seq_len:
+            raise DataError(f"sample {i}: {n} tokens > seq_len {seq_len}")
+        if n == 0:
+            continue
+        if len(cur.tokens) + n > seq_len:
+            close()
+        cur.tokens += s.tokens
+        cur.weights += s.weights
+        cur.seqlens.append(n)
+    close()
+    return out
+
+
+def decode_weighted(tokenizer, sample: Sample, *, keep_special: bool = False) -> str:
+    """The text of the trained tokens (weight > 0): a debugging aid for data files."""
+    return tokenizer.decode([t for t, w in zip(sample.tokens, sample.weights) if w > 0], keep_special=keep_special)
+

@@ -1,0 +1,183 @@
+"""Fine-tuning data: mistral-finetune's JSONL formats, weights, validation, packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TOKENIZERS, V3_TOKENIZER
+
+from galerne.cli import main
+from galerne.finetune.data import (
+    DataError,
+    Sample,
+    decode_weighted,
+    encode_sample,
+    pack,
+)
+from galerne.finetune.validate import validate_files
+from galerne.tokenizer import Tokenizer
+
+V7_TOKENIZER = TOKENIZERS / "mistral_instruct_tokenizer_241114.model.v7"
+
+CONV = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+}
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add numbers",
+          "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+FC = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "user", "content": "add 2"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "abcDEF123", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2}"}}]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def v3():
+    return Tokenizer.from_path(V3_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def v7():
+    return Tokenizer.from_path(V7_TOKENIZER)
+
+
+def test_weights_cover_exactly_the_assistant_tokens(v3):
+    s = encode_sample(v3, CONV)
+    assert len(s.tokens) == len(s.weights)
+    assert s.weights[0] == 0 and s.tokens[0] == v3.bos_id
+    assert decode_weighted(v3, s, keep_special=True) == "Hello there</s>It is 4.</s>"
+    # Trained runs are exactly the assistant contents + EOS; everything else weighs 0.
+    runs, cur = [], []
+    for t, w in zip(s.tokens, s.weights):
+        if w > 0:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs.append(cur)
+    assert [r[-1] for r in runs] == [v3.eos_id, v3.eos_id]
+    assert [v3.decode(r) for r in runs] == ["Hello there", "It is 4."]
+    untrained = v3.decode([t for t, w in zip(s.tokens, s.weights) if w == 0])
+    assert "Be brief." in untrained and "Hi" in untrained and "What is 2+2?" in untrained
+    assert "Hello there" not in untrained
+
+
+def test_message_weight_zero(v3):
+    conv = json.loads(json.dumps(CONV))
+    conv["messages"][2]["weight"] = 0
+    s = encode_sample(v3, conv)
+    assert decode_weighted(v3, s, keep_special=True) == "It is 4.</s>"
+    assert s.tokens == encode_sample(v3, CONV).tokens
+
+
+def test_pretraining(v3):
+    s = encode_sample(v3, {"text": "Hello world"})
+    assert s.tokens == v3.encode("Hello world", bos=True, eos=True)
+    assert s.weights == [0.0] + [1.0] * (len(s.tokens) - 1)
+
+
+@pytest.mark.parametrize("which", ["v3", "v7"])
+def test_function_calling(which, request):
+    tok = request.getfixturevalue(which)
+    s = encode_sample(tok, FC)
+    trained = decode_weighted(tok, s, keep_special=True)
+    assert trained.startswith("[TOOL_CALLS]") and '"abcDEF123"' in trained
+    assert trained.endswith("</s>It is 4.</s>")
+    untrained = tok.decode([t for t, w in zip(s.tokens, s.weights) if w == 0], keep_special=True)
+    assert "[AVAILABLE_TOOLS]" in untrained and "[TOOL_RESULTS]" in untrained
+    assert "It is 4." not in untrained
+
+
+def _msgs(*messages, **extra):
+    return json.dumps({"messages": list(messages), **extra})
+
+
+U = {"role": "user", "content": "hi"}
+A = {"role": "assistant", "content": "hello"}
+BAD_LINES = [
+    ("{not json", "bad JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"foo": 1}', 'neither "text"'),
+    (_msgs(U, {"role": "robot", "content": "x"}, A), "unknown role 'robot'"),
+    (_msgs(U, A, U), "last message is from the user"),
+    (_msgs(U, {"role": "assistant"}), "neither content nor tool_calls"),
+    (_msgs(U, {"role": "assistant", "tool_calls": [{"id": "call_1", "function": {"name": "f", "arguments": "{}"}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "1"}, A, tools=TOOLS),
+     "is not 9 alphanumeric characters"),
+    (_msgs(U, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, A), "without a preceding call id"),
+    ('{"text": "  "}', "empty text"),
+    (json.dumps({"text": "word " * 300}), "tokens > seq_len 128"),
+]
+GOOD_LINES = [json.dumps(CONV), json.dumps({"text": "Just some text."}), json.dumps(FC)]
+
+
+def _write(tmp_path):
+    # good, bad, good, bad, ... so that each reason has its own line number.
+    lines = []
+    for i, (bad, _) in enumerate(BAD_LINES):
+        lines += [GOOD_LINES[i % len(GOOD_LINES)], bad]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path, lines
+
+
+def test_validate_files_reports_each_reason_with_its_line(tmp_path, v3):
+    path, lines = _write(tmp_path)
+    clean = tmp_path / "clean.jsonl"
+    report = validate_files([path], v3, 128, clean=clean)
+    assert report.lines == len(lines)
+    assert report.samples == len(BAD_LINES)
+    assert len(report.problems) == len(BAD_LINES)
+    for i, (problem, (_, reason)) in enumerate(zip(report.problems, BAD_LINES)):
+        assert problem.path == str(path) and problem.line == 2 * i + 2
+        assert reason in problem.reason, (problem, reason)
+    assert report.tokens > report.trained_tokens > 0
+    assert report.eta_seconds(100.0) == report.tokens / 100.0
+    # --clean keeps exactly the valid lines, bytes unchanged.
+    assert clean.read_bytes() == "".join(lines[i] + "\n" for i in range(0, len(lines), 2)).encode()
+
+
+def test_cli_data_validate(tmp_path, capsys):
+    path, _ = _write(tmp_path)
+    clean = tmp_path / "clean.jsonl"
+    args = ["data", "validate", str(path), "--tokenizer", str(V3_TOKENIZER), "--seq-len", "128"]
+    assert main(args + ["--clean", str(clean), "--tokens-per-s", "1000"]) == 1
+    out = capsys.readouterr().out
+    for i, (_, reason) in enumerate(BAD_LINES):
+        assert f"{path}:{2 * i + 2}: " in out and reason in out
+    assert "valid samples: 10" in out and "eta per epoch" in out
+    assert main(["data", "validate", str(clean), "--tokenizer", str(V3_TOKENIZER), "--seq-len", "128"]) == 0
+    assert "problems: 0" in capsys.readouterr().out
+
+
+def test_pack():
+    samples = [Sample(list(range(1, n + 1)), [0.0] + [1.0] * (n - 1)) for n in (5, 3, 7, 2, 8, 1)]
+    batches = pack(samples, 8)
+    flat = []
+    for b in batches:
+        assert len(b.tokens) == len(b.weights) == 8
+        assert sum(b.seqlens) == 8
+        start = 0
+        for n in b.seqlens:
+            doc = b.tokens[start : start + n]
+            if doc != list(range(1, n + 1)):  # padding: the trailing document, weight 0
+                assert start + n == 8 and all(w == 0 for w in b.weights[start:])
+            else:
+                flat.append(n)
+            start += n
+    assert flat == [5, 3, 7, 2, 8, 1]  # in order, none split
+    assert [b.seqlens for b in batches] == [[5, 3], [7, 1], [2, 6], [8], [1, 7]]
+    with pytest.raises(DataError, match="9 tokens > seq_len 8"):
+        pack([Sample([1] * 9, [1.0] * 9)], 8)
