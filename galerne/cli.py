@@ -1,4 +1,4 @@
-"""The ``galerne`` command: generate, chat, serve, convert, data validate."""
+"""The ``galerne`` command: generate, chat, serve, convert, merge, data validate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import argparse
 import sys
 
 from . import __version__
-from .config import EngineSettings, ModelSettings, SamplingSettings, ServerSettings, add_arguments, from_args
+from .config import (
+    EngineSettings,
+    ModelSettings,
+    SamplingSettings,
+    ServerSettings,
+    add_arguments,
+    from_args,
+)
 from .errors import GalerneError
 from .log import setup_logging
 
@@ -156,6 +163,27 @@ def cmd_data_validate(ns: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into the base weights and write a full checkpoint."""
+    from .models.lora import apply_lora, merge_lora
+    from .weights.adapters import adapter_spec, load_adapter
+    from .weights.export import save_model
+    from .weights.loader import Checkpoint, load_model, resolve_model_path
+
+    base = resolve_model_path(ns.base)
+    # Merge in float32 whatever the storage dtype; write back in the base's dtype
+    # unless --dtype says otherwise.
+    stored = next(t for _, _, t in Checkpoint.open(base).tensors(meta=True)).dtype
+    model, _ = load_model(base, dtype="float32", device="cpu")
+    rank, targets = adapter_spec(ns.adapter)
+    apply_lora(model, rank=rank, alpha=float(rank), targets=targets)  # the adapter's own scaling replaces alpha
+    layout = load_adapter(model, ns.adapter)
+    merge_lora(model)
+    out = save_model(model, ns.out, ns.to, companions_from=base, dtype=ns.dtype or str(stored).removeprefix("torch."))
+    print(f"merged {layout} adapter (rank {rank}, {', '.join(targets)}) into {out} ({ns.to} layout)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="galerne", description="Run, serve and fine-tune Mistral-family models.")
     p.add_argument("--version", action="version", version=f"galerne {__version__}")
@@ -178,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = model_command("chat", "interactive chat with the model's chat template", cmd_chat, SamplingSettings)
     c.add_argument("--system", help="system prompt")
     model_command("serve", "serve the model over HTTP (OpenAI and Mistral APIs)", cmd_serve, ServerSettings)
+
+    m = sub.add_parser("merge", parents=[common], help="fold a LoRA adapter into its base model's weights")
+    m.add_argument("base", help="base model folder or Hub id")
+    m.add_argument("adapter", help="adapter folder (PEFT's adapter_config.json + adapter_model.safetensors, or lora.safetensors)")
+    m.add_argument("out", help="destination folder (created; must be empty)")
+    m.add_argument("--to", default="mistral", choices=("mistral", "hf"), help="layout of the merged checkpoint")
+    m.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base's)")
+    m.set_defaults(func=cmd_merge)
 
     v = sub.add_parser("convert", parents=[common], help="write a checkpoint in the other layout")
     v.add_argument("src", help="source model folder")

@@ -234,3 +234,32 @@ __all__ = [
     "load_adapter", "load_mistral_adapter", "load_peft_adapter",
     "save_adapter", "save_mistral_adapter", "save_peft_adapter",
 ]
+
+
+def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
+    """(rank, target module names such as "wq") of the adapter at ``path``, read from
+    the file's tensor names and shapes: what :func:`apply_lora` needs before loading."""
+    path = Path(path)
+    peft = (path / PEFT_CONFIG).is_file() if path.is_dir() else path.name == PEFT_FILE
+    file = (path / (PEFT_FILE if peft else MISTRAL_FILE)) if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"no {PEFT_CONFIG} nor {MISTRAL_FILE} here", path=str(path))
+    ranks, targets = set(), set()
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                if not k.endswith(".lora_A.weight"):
+                    continue
+                module = k[: -len(".lora_A.weight")]
+                if peft:
+                    conv = hf_to_native(module.removeprefix(PEFT_PREFIX) + ".weight")
+                    if conv is None:
+                        raise ModelLoadError("not a Mistral-family module", path=str(file), tensor=k)
+                    module = conv[0][: -len(".weight")]
+                targets.add(module.rsplit(".", 1)[-1])
+                ranks.add(f.get_slice(k).get_shape()[0])
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(file)) from None
+    if len(ranks) != 1:
+        raise ModelLoadError(f"expected one LoRA rank, found {sorted(ranks) or 'none'}", path=str(file))
+    return ranks.pop(), tuple(sorted(targets))

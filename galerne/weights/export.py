@@ -84,51 +84,75 @@ class StreamingSafetensorsWriter:
         self._f.close()
 
 
-def convert(
-    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None
-) -> Path:
-    """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
-    if to not in ("mistral", "hf"):
-        raise ModelLoadError(f"unknown target layout {to!r} (use 'mistral' or 'hf')")
-    ckpt = Checkpoint.open(src)
+def _prepare_destination(dst: str | Path, src: Path | None) -> Path:
     dst = Path(dst)
-    if dst.resolve() == ckpt.folder.resolve():
+    if src is not None and dst.resolve() == src.resolve():
         raise ModelLoadError("the destination is the source folder", path=str(dst))
     if dst.exists() and any(dst.iterdir()):
         raise ModelLoadError("destination folder is not empty", path=str(dst))
     dst.mkdir(parents=True, exist_ok=True)
-    a = ckpt.args
-    cast = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+    return dst
 
+
+def convert(
+    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None
+) -> Path:
+    """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
+    _check_layout(to)
+    ckpt = Checkpoint.open(src)
+    dst = _prepare_destination(dst, ckpt.folder)
     # Plan every file from the headers first (names, shapes, dtypes), then stream
     # the tensors through: only one tensor is in memory at a time.
+    metas = ((native, meta) for _, _, native, meta in ckpt.native_tensors(meta=True))
+    tensors = ((native, t) for _, _, native, t in ckpt.native_tensors())
+    return write_checkpoint(dst, to, ckpt.args, metas, tensors, companions_from=ckpt.folder, dtype=dtype, progress=progress)
+
+
+def save_model(
+    model, dst: str | Path, to: str, *, companions_from: str | Path | None = None,
+    dtype: str | None = None, progress: bool | None = None,
+) -> Path:
+    """Write an in-memory model (e.g. with a LoRA adapter merged) as a checkpoint
+    folder of layout ``to``; tokenizer files are copied from ``companions_from``."""
+    _check_layout(to)
+    dst = _prepare_destination(dst, Path(companions_from) if companions_from else None)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    metas = ((k, v.to("meta")) for k, v in state.items())
+    return write_checkpoint(dst, to, model.args, metas, iter(state.items()),
+                            companions_from=Path(companions_from) if companions_from else None, dtype=dtype, progress=progress)
+
+
+def _check_layout(to: str) -> None:
+    if to not in ("mistral", "hf"):
+        raise ModelLoadError(f"unknown target layout {to!r} (use 'mistral' or 'hf')")
+
+
+def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: Path | None, dtype: str | None,
+                     progress: bool | None) -> Path:
+    """Write (native name, tensor) items in layout ``to``: ``metas`` (shape/dtype-only
+    tensors, for planning the files) and ``tensors`` must list the same names in
+    the same order."""
+    cast = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+
     def target(native: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
         if to == "mistral":
             return native, t
         name, rotary = native_to_hf(native)  # type: ignore[misc]
         return name, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="hf")
 
-    def stream():
-        for _, _, native, t in ckpt.native_tensors():
-            if native == "output.weight" and a.tied_embeddings:
-                continue
-            name, out = target(native, t)
-            yield name, out.to(cast) if cast is not None else out
+    def kept(items):
+        return ((n, t) for n, t in items if not (n == "output.weight" and a.tied_embeddings))
 
-    entries = [
-        _Entry(name, cast or t.dtype, tuple(t.shape))
-        for _, _, native, meta in ckpt.native_tensors(meta=True)
-        if not (native == "output.weight" and a.tied_embeddings)
-        for name, t in [target(native, meta)]
-    ]
+    entries = [_Entry(name, cast or t.dtype, tuple(t.shape)) for native, meta in kept(metas) for name, t in [target(native, meta)]]
     files = _plan_files(entries, to)
     by_name = {e.name: f for f, group in files.items() for e in group}
     writers = {f: StreamingSafetensorsWriter(dst / f, group) for f, group in files.items()}
-    # Tensors arrive in checkpoint order; files were planned in that order too,
-    # so each writer receives its tensors in the order it announced.
-    for name, t in tqdm(stream(), total=len(entries), desc=f"converting to {to}", unit="tensor",
-                        disable=None if progress is None else not progress, leave=False):
-        writers[by_name[name]].write(name, t)
+    # Tensors arrive in the planned order, so each writer receives its tensors in
+    # the order it announced.
+    for native, t in tqdm(kept(tensors), total=len(entries), desc=f"writing {to} checkpoint", unit="tensor",
+                          disable=None if progress is None else not progress, leave=False):
+        name, out = target(native, t)
+        writers[by_name[name]].write(name, out.to(cast) if cast is not None else out)
     for w in writers.values():
         w.close()
 
@@ -140,9 +164,10 @@ def convert(
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": by_name}
             (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for p in ckpt.folder.iterdir():
-        if p.is_file() and (p.name in _COMPANIONS or p.name.startswith("tokenizer.model")):
-            shutil.copy2(p, dst / p.name)
+    if companions_from is not None:
+        for p in companions_from.iterdir():
+            if p.is_file() and (p.name in _COMPANIONS or p.name.startswith("tokenizer.model")):
+                shutil.copy2(p, dst / p.name)
     return dst
 
 
