@@ -20,7 +20,12 @@ from ..errors import InvalidParameter
 from ..models.transformer import Transformer
 from ..sampling.guided import GuidedMatcher, allowed_masks, compiler_for
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import SamplingRow, make_generator, sample_batch
+from ..sampling.sampler import (
+    SamplingRow,
+    make_generator,
+    min_tokens_masked_ids,
+    sample_batch,
+)
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .dense import check_budget, check_token_ids
@@ -56,7 +61,6 @@ class _SeqState:
     stopper: StopChecker
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    masked_until_min: frozenset[int]
     # Guided decoding: where the sequence is in its grammar (advanced in _append only,
     # on newly sampled tokens: a recompute after preemption samples nothing old).
     guide: GuidedMatcher | None = None
@@ -180,7 +184,6 @@ class Engine:
                 stopper=StopChecker(params.stop, params.include_stop_str_in_output),
                 generator=make_generator(params, self.device, seq.index),
                 stop_ids=stop_ids,
-                masked_until_min=stop_ids if params.min_tokens else frozenset(),
                 guide=guide,
             )
         return request_id
@@ -229,7 +232,7 @@ class Engine:
 
     def _sampling_row(self, seq: Sequence, allowed: torch.Tensor | None = None) -> SamplingRow:
         st = self._state[seq.seq_id]
-        masked = st.masked_until_min if seq.num_output_tokens < seq.params.min_tokens else frozenset()
+        masked = min_tokens_masked_ids(seq.params, seq.num_output_tokens, self._eos)
         if allowed is not None and masked:
             # min_tokens cannot hold back the end of a complete grammar: the grammar wins.
             ids = [t for t in masked if 0 <= t < allowed.numel()]
