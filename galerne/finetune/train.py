@@ -101,6 +101,7 @@ def train_steps(
     seed: int = 0,
     chunk: int = 1024,
     log: Callable[[dict], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Train the model's trainable parameters (``requires_grad``; only LoRA's after
     ``apply_lora``) for ``max_steps`` optimizer steps; return each step's loss.
@@ -111,7 +112,9 @@ def train_steps(
     The learning rate warms up linearly over ``warmup_steps``, then decays with a cosine to
     0 at ``max_steps`` (:func:`lr_factor`). A sequence of batches is cycled over; an iterator
     that runs out ends training early. The model is left in train mode. Deterministic given
-    ``seed`` (dropout draws from the global generator, seeded here).
+    ``seed`` (dropout draws from the global generator, seeded here). ``amp_dtype``
+    (e.g. ``torch.bfloat16``) runs the forward under autocast on the parameters' device
+    while the parameters and optimizer state stay in their own dtype.
 
     This is only the simple single-process loop: config, checkpoints/resume and
     multi-process come next.
@@ -125,6 +128,7 @@ def train_steps(
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, max_steps))
     source = _microbatches(batches)
+    device_type = params[0].device.type
     model.train()
     losses: list[float] = []
     for step in range(max_steps):
@@ -137,7 +141,8 @@ def train_steps(
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for b in micro:
-            loss_sum, _ = batch_loss(model, b, chunk=chunk)
+            with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss_sum, _ = batch_loss(model, b, chunk=chunk)
             (loss_sum / total_w).backward()
             step_loss += loss_sum.item()
         grad_norm = None
