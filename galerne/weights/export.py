@@ -110,7 +110,7 @@ def convert(
 
 def save_model(
     model, dst: str | Path, to: str, *, companions_from: str | Path | None = None,
-    dtype: str | None = None, progress: bool | None = None,
+    dtype: str | None = None, progress: bool | None = None, shard_bytes: int = HF_SHARD_BYTES,
 ) -> Path:
     """Write an in-memory model (e.g. with a LoRA adapter merged) as a checkpoint
     folder of layout ``to``; tokenizer files are copied from ``companions_from``."""
@@ -119,7 +119,8 @@ def save_model(
     state = {k: v.detach() for k, v in model.state_dict().items()}
     metas = ((k, v.to("meta")) for k, v in state.items())
     return write_checkpoint(dst, to, model.args, metas, iter(state.items()),
-                            companions_from=Path(companions_from) if companions_from else None, dtype=dtype, progress=progress)
+                            companions_from=Path(companions_from) if companions_from else None, dtype=dtype, progress=progress,
+                            shard_bytes=shard_bytes)
 
 
 def _check_layout(to: str) -> None:
@@ -128,7 +129,7 @@ def _check_layout(to: str) -> None:
 
 
 def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: Path | None, dtype: str | None,
-                     progress: bool | None) -> Path:
+                     progress: bool | None, shard_bytes: int = HF_SHARD_BYTES) -> Path:
     """Write (native name, tensor) items in layout ``to``: ``metas`` (shape/dtype-only
     tensors, for planning the files) and ``tensors`` must list the same names in
     the same order."""
@@ -144,7 +145,7 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
         return ((n, t) for n, t in items if not (n == "output.weight" and a.tied_embeddings))
 
     entries = [_Entry(name, cast or t.dtype, tuple(t.shape)) for native, meta in kept(metas) for name, t in [target(native, meta)]]
-    files = _plan_files(entries, to)
+    files = _plan_files(entries, to, shard_bytes)
     by_name = {e.name: f for f, group in files.items() for e in group}
     writers = {f: StreamingSafetensorsWriter(dst / f, group) for f, group in files.items()}
     # Tensors arrive in the planned order, so each writer receives its tensors in
@@ -171,13 +172,13 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
     return dst
 
 
-def _plan_files(entries: list[_Entry], to: str) -> dict[str, list[_Entry]]:
+def _plan_files(entries: list[_Entry], to: str, shard_bytes: int = HF_SHARD_BYTES) -> dict[str, list[_Entry]]:
     if to == "mistral":
         return {"consolidated.safetensors": entries}
     shards: list[list[_Entry]] = [[]]
     size = 0
     for e in entries:
-        if shards[-1] and size + e.nbytes > HF_SHARD_BYTES:
+        if shards[-1] and size + e.nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(e)
