@@ -19,7 +19,7 @@ closes each turn, are the only ones with a weight.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -287,22 +287,22 @@ def pack(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> list[Pa
     one, and the rest is padding (weight 0, its own trailing document in ``seqlens``). A sample
     longer than ``seq_len`` raises ``DataError`` (validation reports these with their line).
     """
+    return list(pack_stream(samples, seq_len, pad_id=pad_id))
+
+
+def pack_stream(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> Iterator[PackedBatch]:
+    """:func:`pack` as a generator: works on an endless stream of samples."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, not {seq_len}")
-    out: list[PackedBatch] = []
     cur = PackedBatch([], [], [])
 
-    def close():
-        nonlocal cur
-        if not cur.tokens:
-            return
+    def close(cur: PackedBatch) -> PackedBatch:
         pad = seq_len - len(cur.tokens)
         if pad:
             cur.tokens += [pad_id] * pad
             cur.weights += [0.0] * pad
             cur.seqlens.append(pad)
-        out.append(cur)
-        cur = PackedBatch([], [], [])
+        return cur
 
     for i, s in enumerate(samples):
         n = len(s.tokens)
@@ -311,12 +311,13 @@ def pack(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> list[Pa
         if n == 0:
             continue
         if len(cur.tokens) + n > seq_len:
-            close()
+            yield close(cur)
+            cur = PackedBatch([], [], [])
         cur.tokens += s.tokens
         cur.weights += s.weights
         cur.seqlens.append(n)
-    close()
-    return out
+    if cur.tokens:
+        yield close(cur)
 
 
 def decode_weighted(tokenizer, sample: Sample, *, keep_special: bool = False) -> str:

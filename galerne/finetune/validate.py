@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from galerne.finetune.data import DataError, encode_sample
+from galerne.finetune.data import DataError, Sample, encode_sample
 
 
 @dataclass
@@ -65,12 +65,10 @@ def validate_files(
                 f = stack.enter_context(open(path, "rb"))
             except OSError as e:
                 raise DataError(f"cannot read: {e.strerror}", path=str(path)) from e
-            for n, raw in enumerate(f, start=1):
+            for n, raw, sample in check_lines(f, tokenizer, seq_len):
                 report.lines += 1
-                try:
-                    sample = _check_line(raw, tokenizer, seq_len)
-                except DataError as e:
-                    report.problems.append(Problem(str(path), n, e.reason))
+                if isinstance(sample, DataError):
+                    report.problems.append(Problem(str(path), n, sample.reason))
                     continue
                 report.samples += 1
                 report.tokens += len(sample.tokens)
@@ -79,6 +77,16 @@ def validate_files(
                     out.write(raw if raw.endswith(b"\n") else raw + b"\n")
             f.close()
     return report
+
+
+def check_lines(lines: Iterable[bytes], tokenizer, seq_len: int) -> Iterator[tuple[int, bytes, Sample | DataError]]:
+    """(1-based line number, raw bytes, the encoded sample or the line's error) for each line:
+    the checks of ``galerne data validate``, shared with training."""
+    for n, raw in enumerate(lines, start=1):
+        try:
+            yield n, raw, _check_line(raw, tokenizer, seq_len)
+        except DataError as e:
+            yield n, raw, e
 
 
 def _check_line(raw: bytes, tokenizer, seq_len: int):
