@@ -165,8 +165,7 @@ def cmd_data_validate(ns: argparse.Namespace) -> int:
 
 def cmd_merge(ns: argparse.Namespace) -> int:
     """Fold a LoRA adapter into the base weights and write a full checkpoint."""
-    from .models.lora import apply_lora, merge_lora
-    from .weights.adapters import adapter_spec, load_adapter
+    from .weights.adapters import merge_adapter
     from .weights.export import save_model
     from .weights.loader import Checkpoint, load_model, resolve_model_path
 
@@ -175,10 +174,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     # unless --dtype says otherwise.
     stored = next(t for _, _, t in Checkpoint.open(base).tensors(meta=True)).dtype
     model, _ = load_model(base, dtype="float32", device="cpu")
-    rank, targets = adapter_spec(ns.adapter)
-    apply_lora(model, rank=rank, alpha=float(rank), targets=targets)  # the adapter's own scaling replaces alpha
-    layout = load_adapter(model, ns.adapter)
-    merge_lora(model)
+    layout, rank, targets = merge_adapter(model, ns.adapter)
     out = save_model(model, ns.out, ns.to, companions_from=base, dtype=ns.dtype or str(stored).removeprefix("torch."))
     print(f"merged {layout} adapter (rank {rank}, {', '.join(targets)}) into {out} ({ns.to} layout)")
     return 0

@@ -32,6 +32,7 @@ class ModelSettings:
     max_model_len: int | None = setting(None, "context length to allow (default: the model's own)")
     layout: str | None = setting(None, "checkpoint layout when a folder holds both (default: Mistral-native first)", choices=("mistral", "hf"))
     revision: str | None = setting(None, "Hub revision, when MODEL is a Hugging Face Hub id")
+    adapter: str | None = setting(None, "LoRA adapter to apply, merged into the weights at load (PEFT folder, or Mistral lora.safetensors)")
 
     def llm_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

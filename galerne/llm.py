@@ -23,6 +23,7 @@ from .models.attention import NoCacheAttention
 from .models.transformer import Transformer
 from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
+from .weights.adapters import merge_adapter
 from .weights.loader import load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,21 @@ class LLM:
         max_model_len: int | None = None,
         layout: str | None = None,
         revision: str | None = None,
+        adapter: str | Path | None = None,
         progress: bool | None = None,
         **engine: object,
     ):
-        """``engine`` takes the fields of ``EngineSettings`` (block_size, kv_cache_gb,
-        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
+        """``adapter``: a LoRA adapter trained on this base (PEFT's folder, or Mistral's
+        ``lora.safetensors``), folded into the weights at load. ``engine`` takes the fields
+        of ``EngineSettings`` (block_size, kv_cache_gb, max_num_seqs,
+        max_num_batched_tokens, enable_prefix_caching, ...)."""
         self.engine_settings = _engine_settings(engine)
         path = resolve_model_path(model, revision)
         transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
+        self.adapter = Path(adapter) if adapter is not None else None
+        if self.adapter is not None:
+            kind, rank, targets = merge_adapter(transformer, self.adapter)
+            log.info("merged %s adapter %s (rank %d, %s)", kind, self.adapter, rank, ", ".join(targets))
         self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
         log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)
@@ -88,6 +96,7 @@ class LLM:
         """Wrap a model already in memory (built by hand, or transformed)."""
         self = cls.__new__(cls)
         self.checkpoint = None
+        self.adapter = None
         self.engine_settings = _engine_settings(engine)
         self._setup(model, tokenizer, max_model_len)
         return self

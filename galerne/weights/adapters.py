@@ -263,3 +263,16 @@ def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
     if len(ranks) != 1:
         raise ModelLoadError(f"expected one LoRA rank, found {sorted(ranks) or 'none'}", path=str(file))
     return ranks.pop(), tuple(sorted(targets))
+
+
+def merge_adapter(model, path: str | Path) -> tuple[str, int, tuple[str, ...]]:
+    """Apply the adapter at ``path`` to ``model`` and fold it into the base weights (in
+    float32, whatever the weights' dtype): the model is then a plain model again, as fast
+    as the base. Returns (layout, rank, targets)."""
+    from galerne.models.lora import apply_lora, merge_lora
+
+    rank, targets = adapter_spec(path)
+    apply_lora(model, rank=rank, alpha=float(rank), targets=targets)  # the adapter's own scaling replaces alpha
+    layout = load_adapter(model, path)
+    merge_lora(model)
+    return layout, rank, targets
