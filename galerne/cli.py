@@ -31,6 +31,12 @@ def _sampling(ns: argparse.Namespace):
 def _load(ns: argparse.Namespace):
     from .llm import LLM
 
+    if ns.model is None:
+        from .builtin import BUILTIN_NAME, builtin_model_path
+
+        ns.model = str(builtin_model_path())
+        print(f"galerne: no model given: using the built-in {BUILTIN_NAME}, a 12M-parameter demo model trained by "
+              f"galerne (short English answers; give a model folder for real work)", file=sys.stderr, flush=True)
     return LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(from_args(EngineSettings, ns)))
 
 
@@ -189,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_command(name: str, help: str, func, *settings: type) -> argparse.ArgumentParser:
-        """A command that loads a model: MODEL, then the model and engine flags."""
+        """A command that loads a model: [MODEL], then the model and engine flags."""
         cmd = sub.add_parser(name, parents=[common], help=help)
-        cmd.add_argument("model", help="model folder (Hugging Face or Mistral-native layout) or Hub id")
+        cmd.add_argument("model", nargs="?", default=None,
+                         help="model folder (Hugging Face or Mistral-native layout), Hub id, or galerne-mini "
+                              "(the built-in model, also the default)")
         for cls in (ModelSettings, EngineSettings, *settings):
             add_arguments(cmd, cls)
         cmd.set_defaults(func=func)

@@ -162,6 +162,10 @@ def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    from galerne.builtin import BUILTIN_NAME, builtin_model_path
+
+    if str(model) == BUILTIN_NAME:
+        return builtin_model_path()
     if not _HUB_ID.match(str(model)):
         raise ModelLoadError("no such folder", path=str(model))
     from huggingface_hub import snapshot_download
