@@ -4,15 +4,18 @@ The loss is mistral-finetune's: cross-entropy of predicting ``tokens[i]`` from t
 state at ``i - 1``, weighted by ``weights[i]`` and normalised by the total weight of the
 optimizer step (so gradient accumulation over micro-batches equals one big batch).
 
-This is only the simple single-process loop: config, checkpoints/resume and multi-process
-come next.
+:func:`train_steps` is the simple single-process loop over a list of batches; the
+``galerne finetune`` trainer (:mod:`galerne.finetune.trainer`: config, checkpoints, resume,
+evaluation, DDP) runs the same :func:`optimizer_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +91,84 @@ def _microbatches(batches: Iterable[PackedBatch]):
     return iter(batches)
 
 
+LossFn = Callable[[PackedBatch], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class StepStats:
+    """One optimizer step: its loss (weighted mean over every trained token of the step, on
+    every process), the learning rate it used, the gradient norm before clipping (None when
+    not clipping) and the total loss weight (trained tokens) of the step."""
+
+    loss: float
+    lr: float
+    grad_norm: float | None
+    weight: float
+
+
+def step_weight(micro: Sequence[PackedBatch]) -> float:
+    """The loss weight of micro-batches: the sum of their weights but each sequence's first
+    (which :func:`weighted_loss` never uses)."""
+    return float(sum(sum(b.weights[1:]) for b in micro))
+
+
+def optimizer_step(
+    loss_fn: LossFn,
+    micro: Sequence[PackedBatch],
+    params: Sequence[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    grad_clip: float | None,
+    amp_dtype: torch.dtype | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> StepStats:
+    """One optimizer step over this process's micro-batches: the step code of
+    :func:`train_steps` and of the trainer (:mod:`galerne.finetune.trainer`).
+
+    ``loss_fn(batch)`` -> (weighted loss sum, weight), e.g. :func:`batch_loss`. Each
+    micro-batch's loss sum is divided by the weight of the whole step (over every process
+    when ``all_reduce``, a sum over processes, is given), so accumulating ``len(micro)``
+    micro-batches, on one or several processes, gives the gradient of one big batch. Under
+    DDP, ``no_sync`` (the DDP module's) skips the gradient all-reduce of all but the last
+    micro-batch; the gradients must be summed over processes, not averaged (the trainer
+    registers a summing communication hook). Then: gradient clipping to ``grad_clip``
+    (None/0: none), one optimizer step and one scheduler step.
+    """
+    device = params[0].device
+    total_w = step_weight(micro)
+    if all_reduce is not None:
+        total_w = float(all_reduce(torch.tensor([total_w], dtype=torch.float64, device=device))[0])
+    if total_w <= 0:
+        raise ValueError("no token with a positive weight in the step's batches")
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for i, b in enumerate(micro):
+        sync = no_sync is None or i == len(micro) - 1
+        with contextlib.nullcontext() if sync else no_sync():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                part, _ = loss_fn(b)
+            (part / total_w).backward()
+        loss_sum += part.item()
+    if all_reduce is not None:
+        loss_sum = float(all_reduce(torch.tensor([loss_sum], dtype=torch.float64, device=device))[0])
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip else None
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    return StepStats(loss_sum / total_w, lr, grad_norm, total_w)
+
+
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas (0.9, 0.95), eps 1e-8, as mistral-finetune) and its warmup + cosine schedule."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, max_steps))
+    return opt, sched
+
+
 def train_steps(
     model,
     batches: Iterable[PackedBatch],
@@ -116,8 +197,8 @@ def train_steps(
     (e.g. ``torch.bfloat16``) runs the forward under autocast on the parameters' device
     while the parameters and optimizer state stay in their own dtype.
 
-    This is only the simple single-process loop: config, checkpoints/resume and
-    multi-process come next.
+    The ``galerne finetune`` trainer adds config, checkpoints, resume, evaluation and
+    multi-process training around the same :func:`optimizer_step`.
     """
     if max_steps < 1 or num_microbatches < 1:
         raise ValueError("max_steps and num_microbatches must be positive")
@@ -125,33 +206,37 @@ def train_steps(
     if not params:
         raise ValueError("the model has no trainable parameters")
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, max_steps))
+    opt, sched = make_optimizer(params, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps)
     source = _microbatches(batches)
-    device_type = params[0].device.type
     model.train()
     losses: list[float] = []
     for step in range(max_steps):
         micro = list(itertools.islice(source, num_microbatches))
         if not micro:
             break
-        total_w = sum(float(sum(b.weights[1:])) for b in micro)
-        if total_w <= 0:
+        if step_weight(micro) <= 0:
             raise ValueError(f"step {step}: no token with a positive weight in its batches")
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for b in micro:
-            with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss_sum, _ = batch_loss(model, b, chunk=chunk)
-            (loss_sum / total_w).backward()
-            step_loss += loss_sum.item()
-        grad_norm = None
-        if grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        cur_lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        losses.append(step_loss / total_w)
+        stats = optimizer_step(lambda b: batch_loss(model, b, chunk=chunk), micro, params, opt, sched,
+                               grad_clip=grad_clip, amp_dtype=amp_dtype)
+        losses.append(stats.loss)
         if log is not None:
-            log({"step": step + 1, "loss": losses[-1], "lr": cur_lr, "grad_norm": grad_norm, "weight": total_w})
+            log({"step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "weight": stats.weight})
     return losses
+
+
+def checkpoint_blocks(model) -> None:
+    """Activation checkpointing of each transformer block: in training, a block keeps only
+    its input and recomputes its activations in the backward. The blocks' state-dict
+    names do not change (their ``forward`` is wrapped, the modules are not). Idempotent."""
+    for block in model.layers:
+        if getattr(block, "_galerne_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block._galerne_checkpointed = True
