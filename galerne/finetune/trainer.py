@@ -1,0 +1,665 @@
+"""``galerne finetune``: a LoRA (or full-weight) training run from a :class:`FinetuneConfig`.
+
+A run reads and checks its JSONL sources (the checks of ``galerne data validate``), mixes
+them by weight with a seeded sampler, packs the samples into ``seq_len`` sequences and
+trains with :func:`~galerne.finetune.train.optimizer_step` (the step of ``train_steps``).
+
+Batches. One optimizer step consumes ``batch_size x num_microbatches x world_size``
+packed sequences from one global, deterministic stream (mistral-finetune's definition:
+``batch_size`` and ``num_microbatches`` are per process). Process ``r`` takes the ``r``-th
+contiguous shard of ``batch_size x num_microbatches`` sequences, in micro-batches of
+``batch_size`` sequences, and every loss is divided by the weight of the whole step summed
+over processes. So 2 processes with ``num_microbatches: 1`` train on exactly the batches,
+and the loss curve, of 1 process with ``num_microbatches: 2``.
+
+Run folder (``run_dir``), written by process 0 only:
+
+* ``metrics.jsonl``: a line every ``log_freq`` steps (step, loss, lr, grad_norm, tokens,
+  tokens_per_s, elapsed) and one per evaluation (step, eval_loss, eval_perplexity);
+* ``checkpoints/checkpoint_NNNNNN/``: the trainable weights (``lora.safetensors``, or the
+  whole model as ``params.json`` + ``consolidated.safetensors``), ``optimizer.pt``,
+  ``trainer_state.pt`` (scheduler, RNG states of every process), ``trainer_state.json``
+  (step, data position, tokens, elapsed) and ``config.yaml``; written to a temporary folder
+  then renamed; the ``num_ckpt_keep`` newest are kept;
+* ``adapter/``: the final LoRA adapter in PEFT's layout (``adapter_config.json`` +
+  ``adapter_model.safetensors``) and Mistral's (``lora.safetensors``); or ``model/``, the
+  full fine-tuned model in the base's layout, when ``lora.enable`` is false;
+* ``tb/``: TensorBoard events, only when ``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from galerne.errors import ConfigError, GalerneError
+from galerne.finetune.config import FinetuneConfig, dump_config, parse_sources
+from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
+from galerne.finetune.train import batch_loss, checkpoint_blocks, make_optimizer, optimizer_step
+from galerne.finetune.validate import Problem, check_lines
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+_CKPT_PREFIX = "checkpoint_"
+_SHOWN_PROBLEMS = 20
+# Keys a resumed run must share with the checkpoint's run (else its data position,
+# or its weights, mean something else).
+_RESUME_KEYS = ("lora.enable", "lora.rank", "lora.targets", "seq_len", "seed",
+                "data.instruct_data", "data.data", "data.shuffle")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # the last completed step
+    losses: list[float] = field(default_factory=list)  # each step run by this call
+    eval: dict[str, float] | None = None  # the last evaluation
+    interrupted: bool = False
+    checkpoint: Path | None = None  # the last checkpoint written
+    skipped_lines: int = 0
+    output: Path | None = None  # adapter/ or model/
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t
+
+
+def init_distributed(device: str) -> Dist:
+    """Under ``torchrun`` (RANK and WORLD_SIZE set): join the process group (nccl on CUDA,
+    gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def _device(cfg: FinetuneConfig, d: Dist) -> torch.device:
+    from galerne.weights.loader import resolve_device
+
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda" and d.on:
+        return torch.device("cuda", d.local_rank)
+    return dev
+
+
+def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """(dtype the base weights load in, dtype of the trained weights, autocast dtype)."""
+    if cfg.dtype in ("float32", "fp32"):
+        return torch.float32, torch.float32, None
+    if cfg.dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16, torch.bfloat16, None
+    if device.type == "cuda":  # auto: fp32 master weights, bf16 compute
+        return (torch.bfloat16 if cfg.lora.enable else torch.float32), torch.float32, torch.bfloat16
+    return torch.float32, torch.float32, None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_source(path: str, tokenizer, seq_len: int, *, skip_bad_lines: bool) -> tuple[list[Sample], list[Problem]]:
+    """The samples of one JSONL file, checked as ``galerne data validate`` checks them."""
+    samples: list[Sample] = []
+    problems: list[Problem] = []
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror}", path=str(path)) from None
+    with f:
+        for n, _, sample in check_lines(f, tokenizer, seq_len):
+            if isinstance(sample, DataError):
+                problems.append(Problem(str(path), n, sample.reason))
+            else:
+                samples.append(sample)
+    return samples, problems
+
+
+def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines: bool) -> tuple[list[tuple[float, list[Sample]]], int]:
+    """[(weight, samples)] of each source of ``spec``, and the count of skipped lines.
+    Bad lines are an error listing them (``file:line: reason``) unless ``skip_bad_lines``."""
+    out, problems = [], []
+    for src in parse_sources(spec, key):
+        samples, bad = read_source(src.path, tokenizer, seq_len, skip_bad_lines=skip_bad_lines)
+        problems += bad
+        if not samples and not bad:
+            raise DataError("no samples (empty file)", path=src.path)
+        out.append((src.weight, samples))
+    if problems and not skip_bad_lines:
+        shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
+        more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise DataError(f"{len(problems)} invalid line(s) in {key} ({shown.count(chr(10)) + 1} shown; "
+                        f"fix them, or set skip_bad_lines: true to skip them):\n{shown}{more}")
+    for (_, samples), src in zip(out, parse_sources(spec, key)):
+        if not samples:
+            raise DataError("every line of the file is invalid", path=src.path)
+    return out, len(problems)
+
+
+def _epochs(samples: list[Sample], seed: int, shuffle: bool) -> Iterator[Sample]:
+    epoch = 0
+    while True:
+        order = list(range(len(samples)))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for i in order:
+            yield samples[i]
+        epoch += 1
+
+
+def sample_stream(sources: Sequence[tuple[float, list[Sample]]], seed: int, shuffle: bool) -> Iterator[Sample]:
+    """Endless: each sample comes from a source drawn with probability proportional to its
+    weight (a seeded ``random.Random``); each source is read in epochs, reshuffled each."""
+    picker = random.Random(seed)
+    iters = [_epochs(samples, seed * 7919 + k, shuffle) for k, (_, samples) in enumerate(sources)]
+    weights = [w for w, _ in sources]
+    ks = range(len(iters))
+    while True:
+        k = picker.choices(ks, weights)[0] if len(iters) > 1 else 0
+        yield next(iters[k])
+
+
+def sequence_stream(sources, cfg: FinetuneConfig, pad_id: int) -> Iterator[PackedBatch]:
+    """The run's global stream of packed sequences (the same on every process)."""
+    return pack_stream(sample_stream(sources, cfg.seed, cfg.data.shuffle), cfg.seq_len, pad_id=pad_id)
+
+
+def concat(seqs: Sequence[PackedBatch]) -> PackedBatch:
+    """Sequences side by side as one micro-batch (documents stay apart: document masking)."""
+    return PackedBatch([t for s in seqs for t in s.tokens], [w for s in seqs for w in s.weights],
+                       [n for s in seqs for n in s.seqlens])
+
+
+def local_microbatches(global_batch: Sequence[PackedBatch], cfg: FinetuneConfig, d: Dist) -> list[PackedBatch]:
+    per_rank = cfg.batch_size * cfg.num_microbatches
+    mine = global_batch[d.rank * per_rank:(d.rank + 1) * per_rank]
+    return [concat(mine[i:i + cfg.batch_size]) for i in range(0, per_rank, cfg.batch_size)]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class LossModule(nn.Module):
+    """(weighted loss sum, weight) of a micro-batch, as a module so that DDP sees the whole
+    computation (the chunked logits included) inside its forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(self.model, batch)
+
+
+def _sum_hook(state, bucket):
+    """DDP communication hook: sum the gradients over processes (the losses are already
+    divided by the global weight), instead of DDP's default mean."""
+    import torch.distributed as dist
+
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
+    from galerne.models.lora import apply_lora
+    from galerne.weights.loader import load_model
+
+    load_dtype, train_dtype, _ = _precision(cfg, device)
+    model, ckpt = load_model(folder, dtype=load_dtype, device=device, progress=False)
+    if cfg.lora.enable:
+        torch.manual_seed(cfg.seed)  # lora_A's init
+        try:
+            apply_lora(model, cfg.lora.rank, cfg.lora.scaling * cfg.lora.rank, cfg.lora.dropout, cfg.lora.targets)
+        except ValueError as e:
+            raise ConfigError(f"lora.targets: {e}") from None
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != train_dtype:
+            p.data = p.data.to(train_dtype)
+    if cfg.checkpoint:
+        checkpoint_blocks(model)
+    return model, ckpt
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_CKPT_PREFIX) and p.name[len(_CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_CKPT_PREFIX):]))
+
+
+def find_checkpoint(run_dir: Path, resume: str | Path | bool | None) -> Path | None:
+    """``resume``: None/False: none; True or "latest": the newest of ``run_dir``; else a path."""
+    if resume in (None, False):
+        return None
+    if resume is True or resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume: {path} is not a checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint restores besides weights and optimizer."""
+
+    step: int = 0
+    sequences: int = 0  # global packed sequences consumed: the data position
+    tokens: int = 0
+    elapsed: float = 0.0
+
+
+class Run:
+    """One training run's state and outputs."""
+
+    def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: Path, base: Path, model: nn.Module, ckpt_info,
+                 opt: torch.optim.Optimizer, sched):
+        self.cfg, self.d, self.run_dir, self.base = cfg, d, run_dir, base
+        self.model, self.ckpt_info, self.opt, self.sched = model, ckpt_info, opt, sched
+        self.progress = Progress()
+        self.last_checkpoint: Path | None = None
+
+    # -- saving
+    def save_checkpoint(self, *, gather: bool = True) -> Path | None:
+        states = [_rng_state()]
+        if self.d.on and gather:
+            import torch.distributed as dist
+
+            states = [None] * self.d.world
+            dist.all_gather_object(states, _rng_state())
+        if not self.d.main:
+            return None
+        p = self.progress
+        root = self.run_dir / CHECKPOINTS
+        final = root / f"{_CKPT_PREFIX}{p.step:06d}"
+        tmp = root / f".tmp_{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._save_weights(tmp)
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
+        info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
+                "world_size": self.d.world, "lora": self.cfg.lora.enable}
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        dump_config(self.cfg, tmp / "config.yaml")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(self.run_dir)[:-self.cfg.num_ckpt_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = final
+        log.info("saved checkpoint %s", final)
+        return final
+
+    def _save_weights(self, folder: Path) -> None:
+        from galerne.weights.adapters import save_mistral_adapter
+        from galerne.weights.export import save_model
+
+        if self.cfg.lora.enable:
+            save_mistral_adapter(self.model, folder)
+        else:  # the trained dtype, for an exact resume; ``folder`` is still empty
+            save_model(self.model, folder, "mistral", companions_from=self.base, progress=False)
+
+    def save_outputs(self) -> Path | None:
+        if not (self.d.main and self.cfg.save_adapters):
+            return None
+        if self.cfg.lora.enable:
+            from galerne.weights.adapters import save_mistral_adapter, save_peft_adapter
+
+            out = self.run_dir / ADAPTER_DIR
+            shutil.rmtree(out, ignore_errors=True)
+            save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
+            save_mistral_adapter(self.model, out)
+            return out
+        from galerne.weights.export import save_model
+
+        out = self.run_dir / MODEL_DIR
+        shutil.rmtree(out, ignore_errors=True)
+        stored = next(t for _, _, t in self.ckpt_info.tensors(meta=True)).dtype  # the base's dtype
+        save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
+                   dtype=str(stored).removeprefix("torch."))
+        return out
+
+    # -- loading
+    def load_checkpoint(self, folder: Path) -> None:
+        info = json.loads((folder / "trainer_state.json").read_text())
+        self._check_resume_config(folder)
+        self._load_weights(folder)
+        try:
+            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--resume: cannot read the checkpoint's optimizer/trainer state: {e}", path=str(folder)) from None
+        self.sched.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
+        self.progress = Progress(info["step"], info["sequences"], info["tokens"], info["elapsed"])
+        self.last_checkpoint = folder
+
+    def _check_resume_config(self, folder: Path) -> None:
+        from galerne.finetune.config import load_config
+
+        saved = load_config(folder / "config.yaml").to_dict()
+        now = self.cfg.to_dict()
+        for key in _RESUME_KEYS:
+            a, b = saved, now
+            for part in key.split("."):
+                a, b = a[part], b[part]
+            if a != b:
+                raise ConfigError(f"--resume: {key} is {b!r} but the checkpoint's run used {a!r}", path=str(folder))
+
+    def _load_weights(self, folder: Path) -> None:
+        if self.cfg.lora.enable:
+            from galerne.weights.adapters import load_mistral_adapter
+
+            load_mistral_adapter(self.model, folder / "lora.safetensors")
+            return
+        from galerne.weights.loader import Checkpoint
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for _, _, native, t in Checkpoint.open(folder, "mistral").native_tensors():
+                if native in params:
+                    params[native].copy_(t.to(params[native].dtype))
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class Metrics:
+    """metrics.jsonl (+ TensorBoard when installed), process 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = run_dir / METRICS
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
+            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            import tensorboard  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current step (and save a checkpoint);
+    a second Ctrl-C stops at once (still saving the last completed step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step; a checkpoint will be saved (Ctrl-C again to stop now)")
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    if resuming:
+        return
+    if (run_dir / METRICS).exists() or checkpoint_dirs(run_dir):
+        raise ConfigError(f"run_dir: {run_dir} already holds a run (metrics.jsonl or checkpoints): "
+                          "pass --resume to continue it, or choose another run_dir")
+
+
+def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Weighted loss over every trained token of the eval set (sharded over processes), and
+    its perplexity exp(loss)."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for b in batches[d.rank::d.world]:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss, w = batch_loss(model, b)
+            total += torch.stack([loss.double(), w.double()])
+    model.train(was_training)
+    d.all_reduce(total)
+    loss = float(total[0] / total[1])
+    return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+
+def train(
+    cfg: FinetuneConfig,
+    *,
+    resume: str | Path | bool | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    progress_bar: bool | None = None,
+) -> TrainResult:
+    """Run (or resume) the training ``cfg`` describes; see the module docstring.
+
+    ``on_log`` receives each metrics row (every process). A KeyboardInterrupt (or SIGINT /
+    SIGTERM) saves a checkpoint of the last completed step, then the result comes back with
+    ``interrupted=True``. ``progress_bar``: None: a tqdm bar on a terminal only.
+    """
+    from tqdm import tqdm
+
+    from galerne.tokenizer import Tokenizer
+    from galerne.weights.loader import resolve_model_path
+
+    cfg.require_paths()
+    d = init_distributed(cfg.device)
+    device = _device(cfg, d)
+    run_dir = Path(cfg.run_dir)
+    resume_from = find_checkpoint(run_dir, resume)
+    _check_run_dir(run_dir, resume_from is not None)
+    base = resolve_model_path(cfg.model_id_or_path)
+    tokenizer = Tokenizer.from_path(base)
+    sources, skipped = _train_sources(cfg, tokenizer)
+    eval_batches, eval_skipped = _eval_batches(cfg, tokenizer)
+    skipped += eval_skipped
+    if skipped:
+        log.warning("skipped %d invalid line(s) (skip_bad_lines)", skipped)
+
+    model, ckpt_info = build_model(cfg, base, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+    run = Run(cfg, d, run_dir, base, model, ckpt_info, opt, sched)
+    torch.manual_seed(cfg.seed + d.rank)  # dropout
+    random.seed(cfg.seed)
+    if resume_from is not None:
+        run.load_checkpoint(resume_from)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    loss_module: nn.Module = LossModule(model)
+    no_sync = None
+    if d.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        loss_module.register_comm_hook(None, _sum_hook)
+        no_sync = loss_module.no_sync
+
+    p = run.progress
+    result = TrainResult(run_dir, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
+    metrics = Metrics(run_dir, d.main, p.step if resume_from is not None else None)
+    stream = sequence_stream(sources, cfg, tokenizer.eos_id if tokenizer.eos_id is not None else 0)
+    for _ in range(p.sequences):  # data position: continue with exactly the next batch
+        next(stream)
+    per_step = cfg.batch_size * cfg.num_microbatches * d.world
+    _, _, amp_dtype = _precision(cfg, device)
+    bar = tqdm(total=cfg.max_steps, initial=p.step, unit="step", desc="finetune", dynamic_ncols=True,
+               disable=(None if progress_bar is None else not progress_bar) if d.main else True)
+
+    def emit(row: dict[str, Any]) -> None:
+        metrics.write(row)
+        if on_log is not None:
+            on_log(row)
+
+    model.train()
+    started = time.perf_counter() - p.elapsed
+    try:
+        with StopRequest() as stop:
+            while p.step < cfg.max_steps:
+                global_batch = [next(stream) for _ in range(per_step)]
+                stats = optimizer_step(loss_module, local_microbatches(global_batch, cfg, d), params, opt, sched,
+                                       grad_clip=cfg.grad_clip, amp_dtype=amp_dtype,
+                                       all_reduce=d.all_reduce if d.on else None, no_sync=no_sync)
+                p.step += 1
+                p.sequences += per_step
+                p.tokens += per_step * cfg.seq_len
+                p.elapsed = time.perf_counter() - started
+                result.losses.append(stats.loss)
+                tok_s = p.tokens / p.elapsed if p.elapsed > 0 else 0.0
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                if p.step % cfg.log_freq == 0 or p.step == cfg.max_steps:
+                    emit({"step": p.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                          "tokens": p.tokens, "tokens_per_s": tok_s, "elapsed": p.elapsed})
+                if eval_batches and (p.step == cfg.max_steps or (cfg.eval_freq and p.step % cfg.eval_freq == 0)):
+                    result.eval = evaluate(model, eval_batches, d, amp_dtype)
+                    emit({"step": p.step, **result.eval})
+                if cfg.ckpt_freq and (p.step % cfg.ckpt_freq == 0 or p.step == cfg.max_steps):
+                    run.save_checkpoint()
+                if bool(d.all_reduce(torch.tensor([float(stop.requested)], device=device), "max")[0]):
+                    result.interrupted = True  # every process agrees: stop here
+                    break
+    except KeyboardInterrupt:  # raised anywhere, on this process only: no collective
+        result.interrupted = True
+        gather = False
+    else:
+        gather = True
+    finally:
+        bar.close()
+        metrics.close()
+    if result.interrupted:
+        if run.last_checkpoint is None or run.last_checkpoint.name != f"{_CKPT_PREFIX}{p.step:06d}":
+            run.save_checkpoint(gather=gather)
+        log.warning("interrupted after step %d; checkpoint: %s", p.step, run.last_checkpoint)
+    result.step = p.step
+    result.checkpoint = run.last_checkpoint
+    if not result.interrupted:
+        if eval_batches and result.eval is None and p.step == cfg.max_steps and not result.losses:
+            result.eval = evaluate(model, eval_batches, d, amp_dtype)  # resumed at the end: evaluate anyway
+        result.output = run.save_outputs()
+    return result
+
+
+def _train_sources(cfg: FinetuneConfig, tokenizer) -> tuple[list[tuple[float, list[Sample]]], int]:
+    sources, skipped = [], 0
+    for key, spec in (("data.instruct_data", cfg.data.instruct_data), ("data.data", cfg.data.data)):
+        if spec:
+            found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines)
+            sources += found
+            skipped += bad
+    return sources, skipped
+
+
+def _eval_batches(cfg: FinetuneConfig, tokenizer) -> tuple[list[PackedBatch], int]:
+    if not cfg.data.eval_instruct_data:
+        return [], 0
+    sources, skipped = load_sources(cfg.data.eval_instruct_data, "data.eval_instruct_data", tokenizer, cfg.seq_len,
+                                    skip_bad_lines=cfg.skip_bad_lines)
+    samples = [s for _, group in sources for s in group]
+    return pack(samples, cfg.seq_len, pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0), skipped
+
+
+__all__ = ["TrainResult", "train", "evaluate", "find_checkpoint", "checkpoint_dirs", "GalerneError"]
