@@ -1,4 +1,4 @@
-"""The ``galerne`` command: generate, chat, serve, convert, merge, data validate."""
+"""The ``galerne`` command: generate, chat, serve, convert, merge, finetune, data validate."""
 
 from __future__ import annotations
 
@@ -186,6 +186,28 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    """Train a LoRA adapter (or every weight) from a mistral-finetune YAML config."""
+    import os
+
+    from .finetune.config import load_config, overrides_from_args
+    from .finetune.trainer import train
+
+    cfg = load_config(ns.config, overrides_from_args(ns))
+    result = train(cfg, resume=ns.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 reports
+        return 130 if result.interrupted else 0
+    if result.skipped_lines:
+        print(f"skipped {result.skipped_lines} invalid line(s)", file=sys.stderr)
+    if result.interrupted:
+        print(f"interrupted after step {result.step}; resume with --resume (checkpoint: {result.checkpoint})", file=sys.stderr)
+        return 130
+    last = f", loss {result.losses[-1]:.4f}" if result.losses else ""
+    evals = f", eval loss {result.eval['eval_loss']:.4f} (perplexity {result.eval['eval_perplexity']:.2f})" if result.eval else ""
+    print(f"trained {result.step} steps{last}{evals}; outputs in {result.output or result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="galerne", description="Run, serve and fine-tune Mistral-family models.")
     p.add_argument("--version", action="version", version=f"galerne {__version__}")
@@ -225,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", required=True, choices=("mistral", "hf"), help="target layout")
     v.add_argument("--dtype", default=None, help="cast the weights (default: keep their dtype)")
     v.set_defaults(func=cmd_convert)
+
+    f = sub.add_parser("finetune", parents=[common], help="LoRA or full fine-tuning from a mistral-finetune YAML config",
+                       description="Every config key is also a flag (--max-steps 10, --lora.rank 8 or --lora-rank 8); "
+                                   "flags override the YAML. See docs/finetune.md.")
+    f.add_argument("config", help="YAML config (mistral-finetune's keys)")
+    f.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the run: from RUN_DIR's newest checkpoint, or from the checkpoint folder given")
+    from .finetune.config import add_config_arguments
+
+    add_config_arguments(f)
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("data", help="fine-tuning data tools").add_subparsers(dest="data_command", required=True)
     dv = d.add_parser("validate", parents=[common], help="check JSONL training files (mistral-finetune formats)")
