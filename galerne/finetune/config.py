@@ -314,7 +314,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for key, hint, f in _leaves():
         dotted = "--" + key.replace("_", "-")
         flags = [dotted] if "." not in key else [dotted, dotted.replace(".", "-")]
-        kwargs: dict[str, Any] = dict(dest="cfg:" + key, default=None, help=f"{f.metadata['help']} (default: {_show(_default(f))})")
+        kwargs: dict[str, Any] = dict(dest="cfg:" + key, default=None, help=f"{f.metadata['help']} (default: {_show(_default(f))})".replace("%", "%%"))
         if hint is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
