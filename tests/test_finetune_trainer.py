@@ -1,0 +1,227 @@
+"""galerne finetune's trainer on a tiny model: data checks, loss, eval, metrics, checkpoints,
+exact resume, Ctrl-C, outputs (LoRA adapters in both layouts, or a full model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from collections import Counter
+
+import pytest
+import torch
+
+from galerne.cli import main
+from galerne.errors import ConfigError
+from galerne.finetune.config import load_config
+from galerne.finetune.data import DataError, Sample, encode_sample, pack
+from galerne.finetune.train import batch_loss
+from galerne.finetune.trainer import checkpoint_dirs, sample_stream, train
+from galerne.finetune.validate import validate_files
+from galerne.models.lora import apply_lora, lora_state_dict
+from galerne.tokenizer import Tokenizer
+from galerne.weights.adapters import load_adapter
+from galerne.weights.loader import load_model
+
+CAPITALS = [("Bretagne", "Rennes"), ("Normandie", "Rouen"), ("Alsace", "Strasbourg"), ("Provence", "Marseille"),
+            ("Corse", "Ajaccio"), ("Savoie", "Chambéry"), ("Bourgogne", "Dijon"), ("Auvergne", "Clermont-Ferrand")]
+
+
+def conversation(region: str, city: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"What is the capital of {region}?"},
+                                    {"role": "assistant", "content": f"{city}."}]})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_factory):
+    return tiny_factory("mistral")[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "train.jsonl").write_text("".join(conversation(r, c) + "\n" for r, c in CAPITALS[:6]))
+    (root / "more.jsonl").write_text("".join(json.dumps({"text": f"{c} est la capitale de {r}."}) + "\n" for r, c in CAPITALS))
+    (root / "eval.jsonl").write_text("".join(conversation(r, c) + "\n" for r, c in CAPITALS[6:]))
+    return root
+
+
+def make_config(tiny, files, run_dir, **over):
+    base = {
+        "model_id_or_path": str(tiny), "run_dir": str(run_dir),
+        "data": {"instruct_data": str(files / "train.jsonl"), "eval_instruct_data": str(files / "eval.jsonl")},
+        "seq_len": 64, "max_steps": 6, "lora": {"rank": 4}, "optim": {"lr": 1e-2, "pct_start": 0.2},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict):
+            base.setdefault(k, {}).update(v)
+        else:
+            base[k] = v
+    return load_config(None, base)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_invalid_data_is_refused_with_file_and_line(tiny, data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(conversation("Bretagne", "Rennes") + "\n{oops\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    cfg = make_config(tiny, data, tmp_path / "run", data={"instruct_data": f"{data / 'train.jsonl'},{bad}:2"})
+    expected = [str(p) for p in validate_files([bad], Tokenizer.from_path(tiny), 64).problems]
+    assert expected == [f"{bad}:2: bad JSON: Expecting property name enclosed in double quotes (column 2)",
+                        f"{bad}:3: last message is from the user, not the assistant"]
+    with pytest.raises(DataError) as e:
+        train(cfg)
+    for line in expected:  # the same messages as `galerne data validate`
+        assert line in str(e.value)
+    assert "skip_bad_lines" in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {tmp_path / 'run'}\ndata:\n  instruct_data: {bad}\n")
+    assert main(["finetune", str(yaml), "--seq-len", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "galerne: error: 2 invalid line(s)" in err and expected[0] in err and "Traceback" not in err
+
+
+def test_skip_bad_lines_counts_them(tiny, data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(conversation("Bretagne", "Rennes") + "\nnot json\n\n" + conversation("Corse", "Ajaccio") + "\n")
+    cfg = make_config(tiny, data, tmp_path / "run", max_steps=1, skip_bad_lines=True,
+                      data={"instruct_data": str(bad), "eval_instruct_data": ""})
+    result = train(cfg)
+    assert result.skipped_lines == 2 and result.step == 1
+
+
+def test_sources_are_mixed_by_weight_with_a_seeded_sampler():
+    a = [Sample([1, i], [0, 1]) for i in range(5)]
+    b = [Sample([2, i], [0, 1]) for i in range(7)]
+
+    def draw(seed, n=4000):
+        stream = sample_stream([(3.0, a), (1.0, b)], seed, shuffle=True)
+        return [next(stream).tokens[0] for _ in range(n)]
+
+    counts = Counter(draw(0))
+    assert 0.72 < counts[1] / 4000 < 0.78  # 3:1
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    # each source goes through all its samples before repeating one (epochs)
+    first = [s.tokens[1] for s in (next(it) for it in [sample_stream([(1.0, a)], 5, True)] * 5)]
+    assert sorted(first) == list(range(5))
+
+
+def test_loss_falls_eval_metrics_and_adapters(tiny, data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_config(tiny, data, run_dir, max_steps=8, eval_freq=4, batch_size=2, log_freq=2,
+                      optim={"lr": 3e-2}, data={"data": f"{data / 'more.jsonl'}:0.5"})
+    result = train(cfg, progress_bar=False)
+    assert len(result.losses) == 8 and result.losses[-1] < 0.7 * result.losses[0], result.losses
+
+    rows = metrics(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8] and [r["step"] for r in eval_rows] == [4, 8]
+    for r in train_rows:
+        assert set(r) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
+        assert r["tokens"] == r["step"] * 2 * 64 and r["tokens_per_s"] > 0
+        assert r["loss"] == pytest.approx(result.losses[r["step"] - 1])
+    for r in eval_rows:
+        assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
+    assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+    assert result.eval == {k: eval_rows[-1][k] for k in ("eval_loss", "eval_perplexity")}
+
+    # Both adapter layouts load back into the same weights; with them, the eval loss on the
+    # eval file (and not on the training data) is the one the run reported.
+    adapters = []
+    for path in (run_dir / "adapter", run_dir / "adapter" / "lora.safetensors"):
+        model, _ = load_model(tiny, dtype="float32", device="cpu", progress=False)
+        apply_lora(model, rank=4, alpha=8.0)
+        layout = load_adapter(model, path)
+        adapters.append((layout, model))
+    assert [layout for layout, _ in adapters] == ["peft", "mistral"]
+    (_, peft_model), (_, mistral_model) = adapters
+    for name, t in lora_state_dict(peft_model).items():
+        torch.testing.assert_close(t, lora_state_dict(mistral_model)[name], rtol=0, atol=0)
+    tokenizer = Tokenizer.from_path(tiny)
+    samples = [encode_sample(tokenizer, json.loads(line)) for line in (data / "eval.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        parts = [batch_loss(mistral_model.eval(), b) for b in pack(samples, 64, pad_id=tokenizer.eos_id)]
+    eval_loss = sum(float(l) for l, _ in parts) / sum(float(w) for _, w in parts)
+    assert eval_loss == pytest.approx(result.eval["eval_loss"], rel=1e-5)
+    with open(run_dir / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["r"] == 4
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, data, tmp_path):
+    # Dropout (RNG), two weighted shuffled sources (data position), accumulation: all restored.
+    over = dict(max_steps=6, ckpt_freq=3, batch_size=2, num_microbatches=2, lora={"rank": 4, "dropout": 0.1},
+                data={"data": f"{data / 'more.jsonl'}:0.5", "eval_instruct_data": ""}, num_ckpt_keep=1)
+    full = train(make_config(tiny, data, tmp_path / "full", **over))
+
+    def stop_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt  # as Ctrl-C would, from anywhere
+
+    run_dir = tmp_path / "split"
+    first = train(make_config(tiny, data, run_dir, **over), on_log=stop_at_3)
+    assert first.interrupted and first.step == 3 and first.output is None
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["checkpoint_000003"]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(make_config(tiny, data, run_dir, **over))
+    rest = train(make_config(tiny, data, run_dir, **over), resume=True)
+    assert rest.step == 6 and len(rest.losses) == 3
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(full.losses), rtol=0, atol=1e-6)
+    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(full.losses, abs=1e-6)
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["checkpoint_000006"]  # num_ckpt_keep
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+
+    # An explicit checkpoint folder; the run's data keys must not change.
+    ckpt = checkpoint_dirs(tmp_path / "full")[-1]
+    assert ckpt.name == "checkpoint_000006"
+    with pytest.raises(ConfigError, match="lora.rank"):
+        train(make_config(tiny, data, tmp_path / "full", **{**over, "lora": {"rank": 8}}), resume=ckpt)
+    again = train(make_config(tiny, data, tmp_path / "full", **over), resume=ckpt)
+    assert again.step == 6 and again.losses == []
+
+
+def test_sigint_saves_a_checkpoint_of_the_last_step(tiny, data, tmp_path):
+    def ctrl_c_at_2(row):
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler asks the run to stop after this step
+
+    run_dir = tmp_path / "run"
+    result = train(make_config(tiny, data, run_dir, max_steps=5), on_log=ctrl_c_at_2)
+    assert result.interrupted and result.step == 2
+    assert result.checkpoint == run_dir / "checkpoints" / "checkpoint_000002"
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sequences"] == 2
+    assert sorted(p.name for p in result.checkpoint.iterdir()) == [
+        "config.yaml", "lora.safetensors", "optimizer.pt", "trainer_state.json", "trainer_state.pt"]
+    assert not (run_dir / "adapter").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_full_weight_training(tiny, data, tmp_path):
+    import transformers
+
+    run_dir = tmp_path / "run"
+    cfg = make_config(tiny, data, run_dir, max_steps=2, ckpt_freq=2, lora={"enable": False}, optim={"lr": 1e-3},
+                      data={"eval_instruct_data": ""})
+    result = train(cfg)
+    assert result.output == run_dir / "model" and not (run_dir / "adapter").exists()
+    base, _ = load_model(tiny, dtype="float32", device="cpu", progress=False)
+    tuned, ckpt = load_model(run_dir / "model", dtype="float32", device="cpu", progress=False)
+    assert ckpt.layout == "hf"  # the base's layout
+    base_params = dict(base.named_parameters())
+    for name, p in tuned.named_parameters():
+        assert not torch.equal(p, base_params[name]), f"{name} was not trained"
+    # transformers loads it too, with the same weights (its q/k rows permuted back).
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    torch.testing.assert_close(hf.model.embed_tokens.weight, tuned.tok_embeddings.weight)
+    assert (run_dir / "model" / "tokenizer.model.v3").is_file()
+    # the checkpoint holds the full weights too, as a model folder
+    ckpt_model, _ = load_model(result.checkpoint, dtype="float32", device="cpu", progress=False)
+    for name, p in ckpt_model.named_parameters():
+        torch.testing.assert_close(p, dict(tuned.named_parameters())[name])
