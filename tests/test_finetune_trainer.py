@@ -207,9 +207,8 @@ def test_full_weight_training(tiny, data, tmp_path):
     import transformers
 
     run_dir = tmp_path / "run"
-    cfg = make_config(tiny, data, run_dir, max_steps=2, ckpt_freq=2, lora={"enable": False}, optim={"lr": 1e-3},
-                      data={"eval_instruct_data": ""})
-    result = train(cfg)
+    over = dict(max_steps=2, ckpt_freq=2, lora={"enable": False}, optim={"lr": 1e-3}, data={"eval_instruct_data": ""})
+    result = train(make_config(tiny, data, run_dir, **over))
     assert result.output == run_dir / "model" and not (run_dir / "adapter").exists()
     base, _ = load_model(tiny, dtype="float32", device="cpu", progress=False)
     tuned, ckpt = load_model(run_dir / "model", dtype="float32", device="cpu", progress=False)
@@ -225,3 +224,20 @@ def test_full_weight_training(tiny, data, tmp_path):
     ckpt_model, _ = load_model(result.checkpoint, dtype="float32", device="cpu", progress=False)
     for name, p in ckpt_model.named_parameters():
         torch.testing.assert_close(p, dict(tuned.named_parameters())[name])
+
+    # resume restores the full weights (and the optimizer) too
+    def stop_at_1(row):
+        if row["step"] == 1:
+            raise KeyboardInterrupt
+
+    first = train(make_config(tiny, data, tmp_path / "split", **over), on_log=stop_at_1)
+    assert (first.checkpoint / "consolidated.safetensors").is_file()
+    rest = train(make_config(tiny, data, tmp_path / "split", **over), resume=True)
+    assert first.losses + rest.losses == pytest.approx(result.losses, abs=1e-6)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tiny, data, tmp_path):
+    runs = [train(make_config(tiny, data, tmp_path / str(on), max_steps=2, checkpoint=on, lora={"rank": 4, "dropout": 0.1},
+                              data={"eval_instruct_data": ""}, save_adapters=False)) for on in (True, False)]
+    assert runs[0].losses == pytest.approx(runs[1].losses, abs=1e-6)
+    assert runs[0].output is None and not (tmp_path / "True" / "adapter").exists()
