@@ -555,6 +555,8 @@ def train(
     skipped += eval_skipped
     if skipped:
         log.warning("skipped %d invalid line(s) (skip_bad_lines)", skipped)
+    if cfg.eval_freq and not eval_batches:
+        log.warning("eval_freq is set but data.eval_instruct_data is empty: no evaluation")
 
     model, ckpt_info = build_model(cfg, base, device)
     params = [p for p in model.parameters() if p.requires_grad]
