@@ -241,3 +241,31 @@ def test_activation_checkpointing_changes_nothing_but_memory(tiny, data, tmp_pat
                               data={"eval_instruct_data": ""}, save_adapters=False)) for on in (True, False)]
     assert runs[0].losses == pytest.approx(runs[1].losses, abs=1e-6)
     assert runs[0].output is None and not (tmp_path / "True" / "adapter").exists()
+
+
+def test_ctrl_c_on_the_command(tiny, data, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    yaml = tmp_path / "config.yaml"
+    run_dir = tmp_path / "run"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\nseq_len: 64\nmax_steps: 100000\n"
+                    f"data:\n  instruct_data: {data / 'train.jsonl'}\nlora:\n  rank: 4\n")
+    proc = subprocess.Popen([sys.executable, "-m", "galerne.cli", "finetune", str(yaml)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    steps = [r["step"] for r in metrics(run_dir)]
+    ckpt = run_dir / "checkpoints" / f"checkpoint_{steps[-1]:06d}"
+    assert ckpt.is_dir() and f"interrupted after step {steps[-1]}" in err and "Traceback" not in err
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps[-1]
