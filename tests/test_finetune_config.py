@@ -6,7 +6,12 @@ import pytest
 
 from galerne.cli import build_parser, main
 from galerne.errors import ConfigError
-from galerne.finetune.config import FinetuneConfig, load_config, overrides_from_args, parse_sources
+from galerne.finetune.config import (
+    FinetuneConfig,
+    load_config,
+    overrides_from_args,
+    parse_sources,
+)
 
 MISTRAL_FINETUNE_YAML = """\
 data:

@@ -29,7 +29,6 @@ Run folder (``run_dir``), written by process 0 only:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -47,10 +46,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from galerne.errors import ConfigError, GalerneError
+from galerne.errors import ConfigError
 from galerne.finetune.config import FinetuneConfig, dump_config, parse_sources
 from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
-from galerne.finetune.train import batch_loss, checkpoint_blocks, make_optimizer, optimizer_step
+from galerne.finetune.train import (
+    batch_loss,
+    checkpoint_blocks,
+    make_optimizer,
+    optimizer_step,
+)
 from galerne.finetune.validate import Problem, check_lines
 
 log = logging.getLogger(__name__)
@@ -144,7 +148,7 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype, 
 # --------------------------------------------------------------------------- data
 
 
-def read_source(path: str, tokenizer, seq_len: int, *, skip_bad_lines: bool) -> tuple[list[Sample], list[Problem]]:
+def read_source(path: str, tokenizer, seq_len: int) -> tuple[list[Sample], list[Problem]]:
     """The samples of one JSONL file, checked as ``galerne data validate`` checks them."""
     samples: list[Sample] = []
     problems: list[Problem] = []
@@ -166,20 +170,18 @@ def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines
     Bad lines are an error listing them (``file:line: reason``) unless ``skip_bad_lines``."""
     out, problems = [], []
     for src in parse_sources(spec, key):
-        samples, bad = read_source(src.path, tokenizer, seq_len, skip_bad_lines=skip_bad_lines)
+        samples, bad = read_source(src.path, tokenizer, seq_len)
         problems += bad
-        if not samples and not bad:
-            raise DataError("no samples (empty file)", path=src.path)
-        out.append((src.weight, samples))
+        out.append((src, samples))
     if problems and not skip_bad_lines:
         shown = "\n".join(str(p) for p in problems[:_SHOWN_PROBLEMS])
         more = f"\n... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
-        raise DataError(f"{len(problems)} invalid line(s) in {key} ({shown.count(chr(10)) + 1} shown; "
-                        f"fix them, or set skip_bad_lines: true to skip them):\n{shown}{more}")
-    for (_, samples), src in zip(out, parse_sources(spec, key)):
+        raise DataError(f"{len(problems)} invalid line(s) in {key} (fix them, or set skip_bad_lines: true "
+                        f"to skip them):\n{shown}{more}")
+    for src, samples in out:
         if not samples:
-            raise DataError("every line of the file is invalid", path=src.path)
-    return out, len(problems)
+            raise DataError("no valid sample in the file", path=src.path)
+    return [(src.weight, samples) for src, samples in out], len(problems)
 
 
 def _epochs(samples: list[Sample], seed: int, shuffle: bool) -> Iterator[Sample]:
@@ -244,6 +246,19 @@ def _sum_hook(state, bucket):
 
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+def _wrap(module: nn.Module, d: Dist, device: torch.device, *, find_unused: bool) -> tuple[nn.Module, Callable | None]:
+    """(the module, or DDP around it under torchrun; DDP's ``no_sync``). MoE models leave
+    the experts no token was routed to without gradient: DDP must look for them."""
+    if not d.on:
+        return module, None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              find_unused_parameters=find_unused)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp, ddp.no_sync
 
 
 def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
@@ -316,6 +331,12 @@ class Progress:
     sequences: int = 0  # global packed sequences consumed: the data position
     tokens: int = 0
     elapsed: float = 0.0
+
+    def advance(self, sequences: int, seq_len: int, elapsed: float) -> None:
+        self.step += 1
+        self.sequences += sequences
+        self.tokens += sequences * seq_len
+        self.elapsed = elapsed
 
 
 class Run:
@@ -484,7 +505,7 @@ class StopRequest:
         self.requested = True
         log.warning("stopping after this step; a checkpoint will be saved (Ctrl-C again to stop now)")
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -550,13 +571,8 @@ def train(
     _check_run_dir(run_dir, resume_from is not None)
     base = resolve_model_path(cfg.model_id_or_path)
     tokenizer = Tokenizer.from_path(base)
-    sources, skipped = _train_sources(cfg, tokenizer)
-    eval_batches, eval_skipped = _eval_batches(cfg, tokenizer)
-    skipped += eval_skipped
-    if skipped:
-        log.warning("skipped %d invalid line(s) (skip_bad_lines)", skipped)
-    if cfg.eval_freq and not eval_batches:
-        log.warning("eval_freq is set but data.eval_instruct_data is empty: no evaluation")
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # padding has weight 0 anyway
+    sources, eval_batches, skipped = load_data(cfg, tokenizer, pad_id)
 
     model, ckpt_info = build_model(cfg, base, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -571,19 +587,11 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
 
-    loss_module: nn.Module = LossModule(model)
-    no_sync = None
-    if d.on:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        loss_module.register_comm_hook(None, _sum_hook)
-        no_sync = loss_module.no_sync
-
+    loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None)
     p = run.progress
     result = TrainResult(run_dir, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
     metrics = Metrics(run_dir, d.main, p.step if resume_from is not None else None)
-    stream = sequence_stream(sources, cfg, tokenizer.eos_id if tokenizer.eos_id is not None else 0)
+    stream = sequence_stream(sources, cfg, pad_id)
     for _ in range(p.sequences):  # data position: continue with exactly the next batch
         next(stream)
     per_step = cfg.batch_size * cfg.num_microbatches * d.world
@@ -605,21 +613,18 @@ def train(
                 stats = optimizer_step(loss_module, local_microbatches(global_batch, cfg, d), params, opt, sched,
                                        grad_clip=cfg.grad_clip, amp_dtype=amp_dtype,
                                        all_reduce=d.all_reduce if d.on else None, no_sync=no_sync)
-                p.step += 1
-                p.sequences += per_step
-                p.tokens += per_step * cfg.seq_len
-                p.elapsed = time.perf_counter() - started
+                p.advance(per_step, cfg.seq_len, time.perf_counter() - started)
                 result.losses.append(stats.loss)
                 tok_s = p.tokens / p.elapsed if p.elapsed > 0 else 0.0
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-                if p.step % cfg.log_freq == 0 or p.step == cfg.max_steps:
+                if _due(p.step, cfg.log_freq, cfg.max_steps):
                     emit({"step": p.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                           "tokens": p.tokens, "tokens_per_s": tok_s, "elapsed": p.elapsed})
-                if eval_batches and (p.step == cfg.max_steps or (cfg.eval_freq and p.step % cfg.eval_freq == 0)):
+                if eval_batches and _due(p.step, cfg.eval_freq, cfg.max_steps):
                     result.eval = evaluate(model, eval_batches, d, amp_dtype)
                     emit({"step": p.step, **result.eval})
-                if cfg.ckpt_freq and (p.step % cfg.ckpt_freq == 0 or p.step == cfg.max_steps):
+                if cfg.ckpt_freq and _due(p.step, cfg.ckpt_freq, cfg.max_steps):
                     run.save_checkpoint()
                 if bool(d.all_reduce(torch.tensor([float(stop.requested)], device=device), "max")[0]):
                     result.interrupted = True  # every process agrees: stop here
@@ -645,23 +650,30 @@ def train(
     return result
 
 
-def _train_sources(cfg: FinetuneConfig, tokenizer) -> tuple[list[tuple[float, list[Sample]]], int]:
+def _due(step: int, freq: int, max_steps: int) -> bool:
+    """Every ``freq`` steps (0: never), and at the last step."""
+    return step == max_steps or (freq > 0 and step % freq == 0)
+
+
+def load_data(cfg: FinetuneConfig, tokenizer, pad_id: int) -> tuple[list[tuple[float, list[Sample]]], list[PackedBatch], int]:
+    """(weighted training sources, packed eval sequences, count of skipped lines)."""
     sources, skipped = [], 0
     for key, spec in (("data.instruct_data", cfg.data.instruct_data), ("data.data", cfg.data.data)):
         if spec:
             found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines)
             sources += found
             skipped += bad
-    return sources, skipped
+    eval_batches: list[PackedBatch] = []
+    if cfg.data.eval_instruct_data:
+        found, bad = load_sources(cfg.data.eval_instruct_data, "data.eval_instruct_data", tokenizer, cfg.seq_len,
+                                  skip_bad_lines=cfg.skip_bad_lines)
+        eval_batches = pack([s for _, group in found for s in group], cfg.seq_len, pad_id=pad_id)
+        skipped += bad
+    if skipped:
+        log.warning("skipped %d invalid line(s) (skip_bad_lines)", skipped)
+    if cfg.eval_freq and not eval_batches:
+        log.warning("eval_freq is set but data.eval_instruct_data is empty: no evaluation")
+    return sources, eval_batches, skipped
 
 
-def _eval_batches(cfg: FinetuneConfig, tokenizer) -> tuple[list[PackedBatch], int]:
-    if not cfg.data.eval_instruct_data:
-        return [], 0
-    sources, skipped = load_sources(cfg.data.eval_instruct_data, "data.eval_instruct_data", tokenizer, cfg.seq_len,
-                                    skip_bad_lines=cfg.skip_bad_lines)
-    samples = [s for _, group in sources for s in group]
-    return pack(samples, cfg.seq_len, pad_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0), skipped
-
-
-__all__ = ["TrainResult", "train", "evaluate", "find_checkpoint", "checkpoint_dirs", "GalerneError"]
+__all__ = ["TrainResult", "checkpoint_dirs", "evaluate", "find_checkpoint", "load_data", "train"]
