@@ -255,8 +255,7 @@ def _wrap(module: nn.Module, d: Dist, device: torch.device, *, find_unused: bool
         return module, None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-              find_unused_parameters=find_unused)
+    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp, ddp.no_sync
 
