@@ -181,3 +181,28 @@ def test_pack():
     assert [b.seqlens for b in batches] == [[5, 3], [7, 1], [2, 6], [8], [1, 7]]
     with pytest.raises(DataError, match="9 tokens > seq_len 8"):
         pack([Sample([1] * 9, [1.0] * 9)], 8)
+
+
+def test_first_fit_packing_keeps_every_sample_and_pads_less():
+    from galerne.finetune.data import Sample, pack, pack_first_fit
+
+    import random
+
+    rng = random.Random(0)
+    samples = [Sample(list(range(1, n + 1)), [0.0] + [1.0] * (n - 1)) for n in (rng.randint(20, 300) for _ in range(200))]
+    ff = pack_first_fit(samples, 512)
+    seq = pack(samples, 512)
+    assert all(len(b.tokens) == 512 == sum(b.seqlens) == len(b.weights) for b in ff)
+    assert len(ff) < len(seq)
+    # every sample once, intact: compare the multisets of (tokens, weights) documents
+    docs = []
+    for b in ff:
+        start = 0
+        for n in b.seqlens:
+            if any(b.weights[start:start + n]) or b.tokens[start] != 0:
+                docs.append((tuple(b.tokens[start:start + n]), tuple(b.weights[start:start + n])))
+            start += n
+    assert sorted(docs) == sorted((tuple(s.tokens), tuple(s.weights)) for s in samples)
+    assert pack_first_fit([], 512) == []
+    with pytest.raises(DataError):
+        pack_first_fit([Sample([1] * 600, [1.0] * 600)], 512)

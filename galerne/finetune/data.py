@@ -320,6 +320,43 @@ def pack_stream(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> 
         yield close(cur)
 
 
+def pack_first_fit(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> list[PackedBatch]:
+    """Pack ``samples`` into as few sequences as first-fit-decreasing finds: far less
+    padding than :func:`pack` when samples are long relative to ``seq_len``, at the cost
+    of their order (sequences come out longest-first-filled; deterministic). Never splits
+    a sample; one longer than ``seq_len`` raises ``DataError``."""
+    items = [s for s in samples if len(s.tokens)]
+    for i, s in enumerate(items):
+        if len(s.tokens) > seq_len:
+            raise DataError(f"sample {i}: {len(s.tokens)} tokens > seq_len {seq_len}")
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].tokens))  # stable: ties keep input order
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(items[i].tokens)
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(seq_len - n)
+    out = []
+    for b, room in zip(bins, free):
+        batch = PackedBatch([], [], [])
+        for i in b:
+            batch.tokens += items[i].tokens
+            batch.weights += items[i].weights
+            batch.seqlens.append(len(items[i].tokens))
+        if room:
+            batch.tokens += [pad_id] * room
+            batch.weights += [0.0] * room
+            batch.seqlens.append(room)
+        out.append(batch)
+    return out
+
+
 def decode_weighted(tokenizer, sample: Sample, *, keep_special: bool = False) -> str:
     """The text of the trained tokens (weight > 0): a debugging aid for data files."""
     return tokenizer.decode([t for t, w in zip(sample.tokens, sample.weights) if w > 0], keep_special=keep_special)

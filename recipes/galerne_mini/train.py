@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from galerne.finetune.data import PackedBatch, encode_sample, pack
+from galerne.finetune.data import encode_sample, pack, pack_first_fit
 from galerne.finetune.evaluate import evaluate
 from galerne.finetune.train import train_steps
 from galerne.models.args import ModelArgs
@@ -53,15 +53,15 @@ def read_jsonl(path: Path):
                 yield json.loads(line)
 
 
-def packed_stream(objs, tokenizer, seq_len: int, group: int = 2000):
-    """Encode and pack in groups of ``group`` samples (memory stays small)."""
+def packed_stream(objs, tokenizer, seq_len: int, group: int = 4000):
+    """Encode and pack (first-fit: little padding) in groups of ``group`` samples (memory stays small)."""
     it = iter(objs)
     while True:
         chunk = list(itertools.islice(it, group))
         if not chunk:
             return
         samples = [s for s in (encode_sample(tokenizer, o) for o in chunk) if len(s.tokens) <= seq_len]
-        yield from pack(samples, seq_len)
+        yield from pack_first_fit(samples, seq_len)
 
 
 def repeat(make):
