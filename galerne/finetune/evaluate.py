@@ -25,10 +25,12 @@ class EvalResult:
     tokens: float  # total weight (tokens, when weights are 0/1)
 
 
-@torch.inference_mode()
-def evaluate(model, batches: Iterable[PackedBatch], *, chunk: int = 1024, amp_dtype: torch.dtype | None = None) -> EvalResult:
-    """Weighted mean loss of ``model`` over packed ``batches`` (the model is left as it was:
-    put in eval mode for the pass, then restored)."""
+@torch.no_grad()
+def loss_sums(model, batches: Iterable[PackedBatch], *, chunk: int = 1024,
+              amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(weighted sum of the cross-entropies, total weight) of ``model`` over packed
+    ``batches``; the model is put in eval mode for the pass, then restored. Processes of a
+    distributed run each sum their shard, then add the pairs up."""
     was_training = model.training
     model.eval()
     device_type = next(model.parameters()).device.type
@@ -41,7 +43,16 @@ def evaluate(model, batches: Iterable[PackedBatch], *, chunk: int = 1024, amp_dt
             weight += float(w)
     finally:
         model.train(was_training)
+    return total, weight
+
+
+def result(total: float, weight: float) -> EvalResult:
     if weight <= 0:
         raise ValueError("no token with a positive weight in the evaluation data")
     loss = total / weight
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=weight)
+
+
+def evaluate(model, batches: Iterable[PackedBatch], *, chunk: int = 1024, amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Weighted mean loss and perplexity of ``model`` over packed ``batches``."""
+    return result(*loss_sums(model, batches, chunk=chunk, amp_dtype=amp_dtype))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -49,6 +48,8 @@ from torch import nn
 from galerne.errors import ConfigError
 from galerne.finetune.config import FinetuneConfig, dump_config, parse_sources
 from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
+from galerne.finetune.evaluate import loss_sums
+from galerne.finetune.evaluate import result as eval_result
 from galerne.finetune.train import (
     batch_loss,
     checkpoint_blocks,
@@ -530,18 +531,10 @@ def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtyp
     """Weighted loss over every trained token of the eval set (sharded over processes), and
     its perplexity exp(loss)."""
     device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for b in batches[d.rank::d.world]:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss, w = batch_loss(model, b)
-            total += torch.stack([loss.double(), w.double()])
-    model.train(was_training)
+    total = torch.tensor(loss_sums(model, batches[d.rank::d.world], amp_dtype=amp_dtype), dtype=torch.float64, device=device)
     d.all_reduce(total)
-    loss = float(total[0] / total[1])
-    return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+    r = eval_result(float(total[0]), float(total[1]))
+    return {"eval_loss": r.loss, "eval_perplexity": r.perplexity}
 
 
 def train(
