@@ -83,6 +83,9 @@ def init_model(args: ModelArgs, std: float, seed: int) -> Transformer:
     return model
 
 
+LOG: list[str] = []  # every metrics line printed, for the model card
+
+
 def logger(stage: str, total: int, every: int = 10):
     start = time.perf_counter()
 
@@ -91,8 +94,10 @@ def logger(stage: str, total: int, every: int = 10):
             return
         dt = time.perf_counter() - start
         eta = dt / m["step"] * (total - m["step"])
-        print(json.dumps({"stage": stage, **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
-                          "elapsed_s": round(dt), "eta_s": round(eta)}), flush=True)
+        line = json.dumps({"stage": stage, **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()},
+                           "elapsed_s": round(dt), "eta_s": round(eta)})
+        LOG.append(line)
+        print(line, flush=True)
 
     return log
 
@@ -173,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_card(out: Path, cfg: dict, args: ModelArgs, result, corpus: Path) -> None:
+    from card import summary_from_log, write_card as card
+
     sources = json.loads((corpus / "sources.json").read_text()) if (corpus / "sources.json").exists() else []
     (out / "recipe.json").write_text(json.dumps({"config": cfg, "heldout_perplexity": result.perplexity,
                                                  "heldout_tokens": result.tokens, "sources": sources}, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {card(out, summary_from_log(LOG))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
