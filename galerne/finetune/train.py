@@ -38,27 +38,29 @@ def weighted_loss(
 
     ``hidden``: (T, D) from ``model(tokens, positions, backend)``; ``tokens``, ``weights``: (T,).
     Row ``i - 1`` of ``hidden`` predicts ``tokens[i]`` with weight ``weights[i]`` (so
-    ``weights[0]`` is unused). The logits are computed ``chunk`` rows at a time, each chunk
-    under activation checkpointing, so the (T, vocab) logits never exist at once, neither in
-    the forward nor kept for the backward.
+    ``weights[0]`` is unused). Logits are computed only for the rows that predict a token of
+    non-zero weight (prompts, padding and tool results cost nothing), ``chunk`` rows at a
+    time. When those rows span several chunks, each chunk runs under activation
+    checkpointing, so the (T, vocab) logits never exist at once, neither in the forward
+    nor kept for the backward; a single chunk's logits are small enough to keep.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, not {chunk}")
     weights = weights.to(device=hidden.device, dtype=torch.float32)
     tokens = tokens.to(hidden.device)
-    h, t, w = hidden[:-1], tokens[1:], weights[1:]
+    w_all = weights[1:]
+    rows = torch.nonzero(w_all).squeeze(1)
+    h, t, w = hidden[:-1].index_select(0, rows), tokens[1:].index_select(0, rows), w_all.index_select(0, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and hidden.requires_grad
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad and h.shape[0] > chunk
     for start in range(0, h.shape[0], chunk):
         sl = slice(start, start + chunk)
-        if not bool((w[sl] != 0).any()):
-            continue  # nothing to learn here: skip the logits altogether
-        if grad:
+        if checkpointed:
             part = checkpoint(_chunk_loss, model, h[sl], t[sl], w[sl], use_reentrant=False)
         else:
             part = _chunk_loss(model, h[sl], t[sl], w[sl])
         total = total + part
-    return total, w.sum()
+    return total, w_all.sum()
 
 
 def batch_loss(model, batch: PackedBatch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
