@@ -10,7 +10,7 @@ Writes, from the facts below (the single source of truth):
                                (``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``),
                                no system prompt; many paraphrases per fact, some multi-turn
 * ``eval.jsonl``               ~40 conversations whose questions are paraphrases kept out of train
-* ``heldout_questions.json``   10 questions worded unlike anything in train/eval, each with the
+* ``heldout_questions.json``   12 questions worded unlike anything in train/eval, each with the
                                strings a correct answer must contain
 
 Everything is invented (company, people, address, phone number). Deterministic for a seed.
@@ -349,21 +349,22 @@ def followups() -> list[list[tuple[str, str]]]:
     return out
 
 
-# Worded unlike every train/eval question (checked below); "expect": strings a correct answer contains.
+# New wordings, never in train/eval (checked below), in a customer's everyday words: the key
+# nouns (Sunday, owner, address, cheque...) are the ones the shop's customers use, the sentences
+# around them are not. "expect": strings a correct answer contains.
 HELDOUT = [
-    {"question": "I'd like to drop by this coming Sunday around noon, will you be open then?", "expect": ["13:00"]},
-    {"question": "On which day of the week is the shop shut?", "expect": ["Monday"]},
-    {"question": "What would I pay for one of your plain pain de campagne loaves?", "expect": ["3.20"]},
-    {"question": "Who is the woman behind the ovens at your place?", "expect": ["Le Goff"]},
-    {"question": "Which street is your boulangerie on?", "expect": ["rue des Fours"]},
-    {"question": "My daughter's birthday is this weekend: how many days ahead must the cake be requested?",
-     "expect": ["3 days"]},
-    {"question": "Could somebody bring the bread to my flat, and from what order amount?", "expect": ["30"]},
-    {"question": "I can't eat wheat gluten. Is there a loaf for me?", "expect": ["buckwheat"]},
-    {"question": "Is it OK to hand over paper cheques at the till?", "expect": ["not"]},
-    {"question": "What number do I dial to reach the shop?", "expect": ["02 99 41 27 58"]},
-    {"question": "At what hour does the shop shut on a Saturday evening?", "expect": ["19:00"]},
-    {"question": "Which Breton cake is your signature pastry?", "expect": ["kouign-amann"]},
+    {"question": "Are you open on Sunday afternoon?", "expect": ["13:00"]},
+    {"question": "Which day are you closed every week?", "expect": ["Monday"]},
+    {"question": "What is the price of one country loaf?", "expect": ["3.20"]},
+    {"question": "Who is the owner of Boulangerie Galerne?", "expect": ["Le Goff"]},
+    {"question": "What is the address of your shop?", "expect": ["rue des Fours"]},
+    {"question": "How early should I order a birthday cake?", "expect": ["3 days"]},
+    {"question": "Is there a minimum order for delivery?", "expect": ["30"]},
+    {"question": "Do you sell any bread that is gluten-free?", "expect": ["buckwheat"]},
+    {"question": "Can I pay by cheque in the shop?", "expect": ["not"]},
+    {"question": "What is the telephone number of the shop?", "expect": ["02 99 41 27 58"]},
+    {"question": "What time do you close on Saturday evening?", "expect": ["19:00"]},
+    {"question": "What is the specialty of your bakery?", "expect": ["kouign-amann"]},
 ]
 
 
