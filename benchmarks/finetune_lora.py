@@ -146,7 +146,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    folder = random_checkpoint(args.model, dtype)  # built once, before the timed children
+    random_checkpoint(args.model, dtype)  # built once, before the timed children
     from transformers import MistralForCausalLM
 
     with torch.device("meta"):
