@@ -110,7 +110,7 @@ def convert(
 
 def save_model(
     model, dst: str | Path, to: str, *, companions_from: str | Path | None = None,
-    dtype: str | None = None, progress: bool | None = None, shard_bytes: int = HF_SHARD_BYTES,
+    dtype: str | None = None, progress: bool | None = None, shard_bytes: int | None = None,
 ) -> Path:
     """Write an in-memory model (e.g. with a LoRA adapter merged) as a checkpoint
     folder of layout ``to``; tokenizer files are copied from ``companions_from``."""
@@ -129,7 +129,7 @@ def _check_layout(to: str) -> None:
 
 
 def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: Path | None, dtype: str | None,
-                     progress: bool | None, shard_bytes: int = HF_SHARD_BYTES) -> Path:
+                     progress: bool | None, shard_bytes: int | None = None) -> Path:
     """Write (native name, tensor) items in layout ``to``: ``metas`` (shape/dtype-only
     tensors, for planning the files) and ``tensors`` must list the same names in
     the same order."""
@@ -172,7 +172,9 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
     return dst
 
 
-def _plan_files(entries: list[_Entry], to: str, shard_bytes: int = HF_SHARD_BYTES) -> dict[str, list[_Entry]]:
+def _plan_files(entries: list[_Entry], to: str, shard_bytes: int | None = None) -> dict[str, list[_Entry]]:
+    """File name -> entries; HF shards of at most ``shard_bytes`` (default ``HF_SHARD_BYTES``)."""
+    shard_bytes = shard_bytes or HF_SHARD_BYTES
     if to == "mistral":
         return {"consolidated.safetensors": entries}
     shards: list[list[_Entry]] = [[]]
