@@ -295,15 +295,6 @@ def pack_stream(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> 
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, not {seq_len}")
     cur = PackedBatch([], [], [])
-
-    def close(cur: PackedBatch) -> PackedBatch:
-        pad = seq_len - len(cur.tokens)
-        if pad:
-            cur.tokens += [pad_id] * pad
-            cur.weights += [0.0] * pad
-            cur.seqlens.append(pad)
-        return cur
-
     for i, s in enumerate(samples):
         n = len(s.tokens)
         if n > seq_len:
@@ -311,13 +302,27 @@ def pack_stream(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> 
         if n == 0:
             continue
         if len(cur.tokens) + n > seq_len:
-            yield close(cur)
+            yield _padded(cur, seq_len, pad_id)
             cur = PackedBatch([], [], [])
-        cur.tokens += s.tokens
-        cur.weights += s.weights
-        cur.seqlens.append(n)
+        _append(cur, s)
     if cur.tokens:
-        yield close(cur)
+        yield _padded(cur, seq_len, pad_id)
+
+
+def _append(batch: PackedBatch, s: Sample) -> None:
+    batch.tokens += s.tokens
+    batch.weights += s.weights
+    batch.seqlens.append(len(s.tokens))
+
+
+def _padded(batch: PackedBatch, seq_len: int, pad_id: int) -> PackedBatch:
+    """``batch`` filled up to ``seq_len`` with padding: weight 0, its own trailing document."""
+    pad = seq_len - len(batch.tokens)
+    if pad:
+        batch.tokens += [pad_id] * pad
+        batch.weights += [0.0] * pad
+        batch.seqlens.append(pad)
+    return batch
 
 
 def pack_first_fit(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> list[PackedBatch]:
@@ -343,17 +348,11 @@ def pack_first_fit(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) 
             bins.append([i])
             free.append(seq_len - n)
     out = []
-    for b, room in zip(bins, free):
+    for b in bins:
         batch = PackedBatch([], [], [])
         for i in b:
-            batch.tokens += items[i].tokens
-            batch.weights += items[i].weights
-            batch.seqlens.append(len(items[i].tokens))
-        if room:
-            batch.tokens += [pad_id] * room
-            batch.weights += [0.0] * room
-            batch.seqlens.append(room)
-        out.append(batch)
+            _append(batch, items[i])
+        out.append(_padded(batch, seq_len, pad_id))
     return out
 
 
