@@ -56,7 +56,7 @@ from galerne.finetune.train import (
     make_optimizer,
     optimizer_step,
 )
-from galerne.finetune.validate import Problem, check_lines
+from galerne.finetune.validate import Problem, check_file
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,8 @@ def read_source(path: str, tokenizer, seq_len: int) -> tuple[list[Sample], list[
     """The samples of one JSONL file, checked as ``galerne data validate`` checks them."""
     samples: list[Sample] = []
     problems: list[Problem] = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror}", path=str(path)) from None
-    with f:
-        for n, _, sample in check_lines(f, tokenizer, seq_len):
-            if isinstance(sample, DataError):
-                problems.append(Problem(str(path), n, sample.reason))
-            else:
-                samples.append(sample)
+    for _, sample in check_file(path, tokenizer, seq_len):
+        (problems if isinstance(sample, Problem) else samples).append(sample)
     return samples, problems
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from galerne.finetune.data import DataError, Sample, encode_sample
 
@@ -58,35 +57,35 @@ def validate_files(
     """Check every line of the JSONL ``paths``; with ``clean``, write the valid lines there
     (their bytes unchanged; a newline is added after a last line that lacks one)."""
     report = Report()
-    with contextlib.ExitStack() as stack:
-        out: BinaryIO | None = stack.enter_context(open(clean, "wb")) if clean is not None else None
+    with open(clean, "wb") if clean is not None else contextlib.nullcontext() as out:
         for path in paths:
-            try:
-                f = stack.enter_context(open(path, "rb"))
-            except OSError as e:
-                raise DataError(f"cannot read: {e.strerror}", path=str(path)) from e
-            for n, raw, sample in check_lines(f, tokenizer, seq_len):
+            for raw, sample in check_file(path, tokenizer, seq_len):
                 report.lines += 1
-                if isinstance(sample, DataError):
-                    report.problems.append(Problem(str(path), n, sample.reason))
+                if isinstance(sample, Problem):
+                    report.problems.append(sample)
                     continue
                 report.samples += 1
                 report.tokens += len(sample.tokens)
                 report.trained_tokens += sample.trained_tokens
                 if out is not None:
                     out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-            f.close()
     return report
 
 
-def check_lines(lines: Iterable[bytes], tokenizer, seq_len: int) -> Iterator[tuple[int, bytes, Sample | DataError]]:
-    """(1-based line number, raw bytes, the encoded sample or the line's error) for each line:
-    the checks of ``galerne data validate``, shared with training."""
-    for n, raw in enumerate(lines, start=1):
-        try:
-            yield n, raw, _check_line(raw, tokenizer, seq_len)
-        except DataError as e:
-            yield n, raw, e
+def check_file(path: str | Path, tokenizer, seq_len: int) -> Iterator[tuple[bytes, Sample | Problem]]:
+    """(raw bytes, the encoded sample or its problem) for each line of the JSONL file
+    ``path``: the checks of ``galerne data validate``, shared with training. An unreadable
+    file is a ``DataError`` naming it."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror}", path=str(path)) from None
+    with f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield raw, _check_line(raw, tokenizer, seq_len)
+            except DataError as e:
+                yield raw, Problem(str(path), n, e.reason)
 
 
 def _check_line(raw: bytes, tokenizer, seq_len: int):
