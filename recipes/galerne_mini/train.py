@@ -60,8 +60,8 @@ def packed_stream(objs, tokenizer, seq_len: int, group: int = 4000):
         chunk = list(itertools.islice(it, group))
         if not chunk:
             return
-        samples = [s for s in (encode_sample(tokenizer, o) for o in chunk) if len(s.tokens) <= seq_len]
-        yield from pack_first_fit(samples, seq_len)
+        # a sample longer than seq_len is an error (DataError), never dropped silently
+        yield from pack_first_fit([encode_sample(tokenizer, o) for o in chunk], seq_len)
 
 
 def repeat(make):
