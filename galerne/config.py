@@ -48,7 +48,7 @@ class EngineSettings:
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of a shared prompt prefix", flag="--prefix-caching")
-    enforce_eager: bool = setting(False, "no CUDA graphs for decode (GPU)")
+    enforce_eager: bool = setting(False, "every step through torch ops: no CUDA graphs (GPU), no native decode kernel (CPU)")
 
 
 @dataclass

@@ -97,7 +97,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, s.block_size, enable_prefix_caching=s.enable_prefix_caching, window=window)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=s.max_num_seqs,
                                    max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager, max_num_seqs=s.max_num_seqs)
+        self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
+                                   max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager)
         self._requests: dict[str, _Request] = {}
         self._state: dict[int, _SeqState] = {}
         self._eos = frozenset(tokenizer.stop_token_ids())

@@ -1,8 +1,9 @@
 """ModelRunner: turn a scheduled step into one forward over the flat batch.
 
-On CUDA, steps made only of decodes (one token per sequence) replay a CUDA graph
-captured for the next larger batch size, which removes the per-kernel launch cost
-that dominates decoding at small batch.
+Steps made only of decodes (one token per sequence) skip the per-op cost that
+dominates decoding at small batch: on CUDA they replay a CUDA graph captured for the
+next larger batch size; on CPU, up to ``kernels.cpu.MAX_BATCH`` of them run through
+galerne's native decode kernel (``galerne/kernels``), one call for the whole step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256):
+    def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
+                 use_cpu_kernel: bool = True):
         self.model, self.cache = model, cache
         self.device = cache.k.device
         self.block_size = cache.block_size
@@ -35,6 +37,11 @@ class ModelRunner:
             max_blocks = -(-model.args.max_seq_len // self.block_size)
             sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]
             self.graphs = DecodeGraphs(model, cache, sizes, max_blocks)
+        self.cpu_decoder = None
+        if self.device.type == "cpu" and use_cpu_kernel:
+            from ..kernels.cpu import CpuDecoder
+
+            self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v, self.block_size)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
@@ -52,6 +59,9 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
                 rows.append(i)
+        decode_only = len(tokens) == len(scheduled) == len(rows)
+        if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
+            return self.cpu_decoder(tokens, entries), rows
         if self.graphs is not None and len(tokens) == len(scheduled) and self.graphs.fits(len(tokens), entries):
             hidden = self.graphs.run(tokens, entries)
         else:

@@ -1,0 +1,362 @@
+// galerne's CPU decode step: every layer of a Mistral-family decoder for a batch
+// of sequences that each add one token, in one call.
+//
+// Why one call: at batch 1 on a CPU the step is bound by reading the weights once
+// (a GEMV per matrix), and everything else is small. Done op by op from Python,
+// the small things (norms, rotary, the cache write, attention over a few hundred
+// positions, silu) cost a few microseconds of dispatch each, which add up to a
+// quarter of the step. Here they are loops inside one OpenMP region, with a
+// barrier between stages.
+//
+// Layouts are the Python side's (galerne/engine/paged.py):
+//   k_cache, v_cache: (layers, num_blocks, block_size, K, hd), the weights' dtype
+//   weights: nn.Linear's (out, in), row-major, untouched (no repacking: LoRA
+//            merges, exports and the torch path see the same tensors)
+//   rotary: Mistral's interleaved pairs (HF checkpoints are permuted at load)
+// Activations stay float32 from the embedding to the logits; with bf16 weights
+// the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
+// bf16 matmul reads bf16 activations).
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline float bf2f(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 f2bf(float f) {  // round to nearest even, NaN kept a NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+template <typename T> inline float to_f(T v);
+template <> inline float to_f<float>(float v) { return v; }
+template <> inline float to_f<bf16>(bf16 v) { return bf2f(v); }
+template <typename T> inline T from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
+template <> inline bf16 from_f<bf16>(float v) { return f2bf(v); }
+
+// ---------------------------------------------------------------- dot products
+// dot_rows<R>: R weight rows (stride ld) against one input vector of length n.
+// xf is the float32 input, xb its bf16 copy (read by the AVX512-BF16 path). The
+// R rows are R independent streams from memory, which a GEMV needs to reach the
+// machine's bandwidth; the vector loops handle what a register holds, the
+// portable loops (vectorised by the compiler) the rest, or all of it elsewhere.
+
+template <int R>
+inline void dot_rows(const float* w, int64_t ld, const float* xf, const bf16*, int64_t n, float* out) {
+  int64_t i0 = 0;
+#if defined(__AVX512F__)
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (; i0 + 16 <= n; i0 += 16) {
+    const __m512 x = _mm512_loadu_ps(xf + i0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ld + i0), x, a[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0;
+#endif
+  for (int r = 0; r < R; ++r) {
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < n; ++i) s += w[r * ld + i] * xf[i];
+    out[r] += s;
+  }
+}
+
+template <int R>
+inline void dot_rows(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t n, float* out) {
+  int64_t i0 = 0;
+#if defined(__AVX512BF16__)
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (; i0 + 32 <= n; i0 += 32) {
+    const __m512bh x = (__m512bh)_mm512_loadu_si512(xb + i0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w + r * ld + i0), x);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+  for (int r = 0; r < R; ++r) {
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < n; ++i) s += bf2f(w[r * ld + i]) * bf2f(xb[i]);
+    out[r] += s;
+  }
+#else
+  (void)xb;
+  for (int r = 0; r < R; ++r) {  // widening bf16 is a shift: this vectorises
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += bf2f(w[r * ld + i]) * xf[i];
+    out[r] = s;
+  }
+#endif
+}
+
+// Attention's small vectors: q . k over one head, and o += p v.
+inline float dot(const float* q, const float* k, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += q[i] * k[i];
+  return s;
+}
+
+inline float dot(const float* q, const bf16* k, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += q[i] * bf2f(k[i]);
+  return s;
+}
+
+template <typename W>
+inline void axpy(float p, const W* v, float* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] += p * to_f(v[i]);
+}
+
+// ----------------------------------------------------------------------- GEMV
+// y[m, col0 + r] (+)= sum_i W[r, i] x[m, i] for the rows of several matrices that
+// share one input (q/k/v, or gate/up), their outputs side by side in y. Work is
+// split in groups of ROWS rows (more streams for float32, whose GEMV is bound by
+// memory bandwidth) across the threads of the enclosing region.
+
+template <typename W>
+constexpr int ROWS = std::is_same_v<W, float> ? 8 : 4;
+
+template <typename W>
+struct Mat {
+  const W* w;
+  int64_t rows;
+  int64_t col0;  // first output column in y
+};
+
+template <typename W>
+void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
+          int64_t ldy, bool accumulate) {
+  int64_t groups[4], total = 0;
+  for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + ROWS<W> - 1) / ROWS<W>, groups[j] = total;
+#pragma omp for schedule(static)
+  for (int64_t g = 0; g < total; ++g) {
+    size_t j = 0;
+    while (g >= groups[j]) ++j;
+    const Mat<W>& mat = mats[j];
+    const int64_t r0 = (g - (j ? groups[j - 1] : 0)) * ROWS<W>;
+    const W* w = mat.w + r0 * n;
+    for (int64_t m = 0; m < M; ++m) {
+      float s[ROWS<W>];
+      const int64_t rows = std::min<int64_t>(ROWS<W>, mat.rows - r0);
+      if (rows == ROWS<W>)
+        dot_rows<ROWS<W>>(w, n, x + m * n, xb + m * n, n, s);
+      else
+        for (int64_t r = 0; r < rows; ++r) dot_rows<1>(w + r * n, n, x + m * n, xb + m * n, n, s + r);
+      float* out = y + m * ldy + mat.col0 + r0;
+      for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[r] : s[r];
+    }
+  }
+}
+
+// ------------------------------------------------------------------ the step
+
+template <typename W>
+torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::vector<torch::Tensor>& weights,
+                        torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor k_cache,
+                        torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor ctx_lens,
+                        const std::vector<int64_t>& windows, int64_t H, int64_t K, int64_t hd, double eps,
+                        double theta, int64_t threads) {
+  const int64_t M = h_in.size(0), D = h_in.size(1);
+  const int64_t L = static_cast<int64_t>(windows.size());
+  const int64_t F = weights[6].size(0);  // w1's rows: the hidden size
+  const int64_t V = out_w.size(0);
+  const int64_t bs = k_cache.size(2), nb_per_seq = block_tables.size(1);
+  const int64_t qkv_w = (H + 2 * K) * hd, group = H / K;
+  const int64_t widest = std::max({D, H * hd, F});
+
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  torch::Tensor h_t = h_in.to(torch::kFloat32).contiguous().clone();
+  torch::Tensor logits = torch::empty({M, V}, opts);
+  std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F);
+  std::vector<bf16> xb(M * widest);
+  float* h = h_t.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* ctx = ctx_lens.data_ptr<int32_t>();
+  int64_t max_ctx = 0;
+  for (int64_t m = 0; m < M; ++m) max_ctx = std::max<int64_t>(max_ctx, ctx[m]);
+  std::vector<float> scores(static_cast<size_t>(threads) * group * max_ctx);
+  W* kc = reinterpret_cast<W*>(k_cache.data_ptr());
+  W* vc = reinterpret_cast<W*>(v_cache.data_ptr());
+  const int64_t layer_stride = k_cache.stride(0), slot_stride = K * hd;
+  std::vector<float> inv_freq(hd / 2);
+  for (int64_t i = 0; i < hd / 2; ++i)
+    inv_freq[i] = 1.0f / std::pow(static_cast<float>(theta), static_cast<float>(2 * i) / static_cast<float>(hd));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // cos then sin of each position's angles, (M, hd): the same for every layer.
+  std::vector<float> rope(M * hd);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      float a = static_cast<float>(pos[m]) * inv_freq[i];
+      rope[m * hd + i] = std::cos(a), rope[m * hd + hd / 2 + i] = std::sin(a);
+    }
+
+  auto wp = [&](int64_t l, int j) { return reinterpret_cast<const W*>(weights[l * 9 + j].data_ptr()); };
+  auto norm_w = [&](const torch::Tensor& t) { return reinterpret_cast<const W*>(t.data_ptr()); };
+
+  // RMSNorm of h into xn (and its bf16 copy), one row per iteration.
+  auto rms_norm = [&](const W* g) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = h + m * D;
+      float ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) ss += row[i] * row[i];
+      float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) {
+        float v = row[i] * r * to_f(g[i]);
+        xn[m * D + i] = v;
+        xb[m * D + i] = f2bf(v);
+      }
+    }
+  };
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    for (int64_t l = 0; l < L; ++l) {
+      // weights per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
+      rms_norm(norm_w(weights[l * 9 + 0]));
+      gemv<W>({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
+              xb.data(), D, xq.data(), qkv_w, false);
+
+      // Rotary on the q and k heads; k and v heads into the cache at this token's slot.
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t head = 0; head < H + 2 * K; ++head) {
+          float* v = xq.data() + m * qkv_w + head * hd;
+          if (head < H + K) {
+            const float* c = rope.data() + m * hd;
+            const float* s = c + hd / 2;
+            for (int64_t i = 0; i < hd / 2; ++i) {
+              float x0 = v[2 * i], x1 = v[2 * i + 1];
+              v[2 * i] = x0 * c[i] - x1 * s[i];
+              v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+            }
+          }
+          if (head >= H) {
+            const int64_t t = pos[m];
+            const int64_t slot = static_cast<int64_t>(tables[m * nb_per_seq + t / bs]) * bs + t % bs;
+            W* dst = (head < H + K ? kc : vc) + l * layer_stride + slot * slot_stride + ((head - H) % K) * hd;
+            for (int64_t i = 0; i < hd; ++i) dst[i] = from_f<W>(v[i]);
+          }
+        }
+      }
+
+      // Attention: one (sequence, kv head) per iteration, its query heads together,
+      // over the positions the layer's window lets this token see (itself included).
+      const int64_t window = windows[l];
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t kvh = 0; kvh < K; ++kvh) {
+          const int64_t n_ctx = ctx[m];
+          const int64_t lo = window > 0 ? std::max<int64_t>(0, n_ctx - window) : 0, n = n_ctx - lo;
+          const float* q = xq.data() + m * qkv_w + kvh * group * hd;  // group heads, back to back
+          float* sc = scores.data() + static_cast<size_t>(tid) * group * max_ctx;
+          const int32_t* table = tables + m * nb_per_seq;
+          const W* kbase = kc + l * layer_stride + kvh * hd;
+          const W* vbase = vc + l * layer_stride + kvh * hd;
+          for (int64_t t = lo; t < n_ctx;) {  // block by block: one table lookup per block
+            const int64_t b = t / bs, stop = std::min(n_ctx, (b + 1) * bs);
+            const W* kr = kbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride;
+            for (; t < stop; ++t, kr += slot_stride)
+              for (int64_t g = 0; g < group; ++g) sc[g * n + t - lo] = dot(q + g * hd, kr, hd) * scale;
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            float* row = sc + g * n;
+            float mx = -INFINITY, denom = 0;
+            for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
+            for (int64_t j = 0; j < n; ++j) denom += (row[j] = std::exp(row[j] - mx));
+            for (int64_t j = 0; j < n; ++j) row[j] /= denom;
+          }
+          float* o = att.data() + m * H * hd + kvh * group * hd;
+          std::fill(o, o + group * hd, 0.0f);
+          for (int64_t t = lo; t < n_ctx;) {
+            const int64_t b = t / bs, stop = std::min(n_ctx, (b + 1) * bs);
+            const W* vr = vbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride;
+            for (; t < stop; ++t, vr += slot_stride)
+              for (int64_t g = 0; g < group; ++g) axpy(sc[g * n + t - lo], vr, o + g * hd, hd);
+          }
+          bf16* ob = xb.data() + m * H * hd + kvh * group * hd;
+          for (int64_t i = 0; i < group * hd; ++i) ob[i] = f2bf(o[i]);
+        }
+      }
+
+      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h, D, true);
+      rms_norm(norm_w(weights[l * 9 + 5]));
+      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false);
+
+      // SwiGLU: silu(gate) * up, the input of w2 (and its bf16 copy).
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < F; ++i) {
+          const float g = ff[m * 2 * F + i];
+          const float v = g / (1.0f + std::exp(-g)) * ff[m * 2 * F + F + i];
+          xn[m * F + i] = v;
+          xb[m * F + i] = f2bf(v);
+        }
+      }
+      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h, D, true);
+    }
+    rms_norm(norm_w(final_norm));
+    gemv<W>({{reinterpret_cast<const W*>(out_w.data_ptr()), V, 0}}, M, xn.data(), xb.data(), D,
+            logits.data_ptr<float>(), V, false);
+  }
+  return logits;
+}
+
+}  // namespace
+
+// The step for a batch of M sequences each adding one token; returns the float32
+// logits (M, vocab). weights: 9 tensors per layer (attention_norm, wq, wk, wv, wo,
+// ffn_norm, w1, w3, w2). windows: per layer, 0 for none. Checked by the caller
+// (galerne/kernels/cpu.py): contiguous tensors, one weight dtype, int32 tables.
+torch::Tensor decode_step(torch::Tensor h, torch::Tensor positions, std::vector<torch::Tensor> weights,
+                          torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor k_cache,
+                          torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor ctx_lens,
+                          std::vector<int64_t> windows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                          double eps, double theta, int64_t threads) {
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 9 * static_cast<int64_t>(windows.size()),
+              "decode_step: 9 weights per layer");
+  TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "decode_step: bad head shape");
+  pybind11::gil_scoped_release no_gil;
+  if (out_w.scalar_type() == torch::kBFloat16)
+    return step_impl<bf16>(h, positions, weights, final_norm, out_w, k_cache, v_cache, block_tables, ctx_lens,
+                           windows, n_heads, n_kv_heads, head_dim, eps, theta, threads);
+  TORCH_CHECK(out_w.scalar_type() == torch::kFloat32, "decode_step: float32 or bfloat16 weights");
+  return step_impl<float>(h, positions, weights, final_norm, out_w, k_cache, v_cache, block_tables, ctx_lens,
+                          windows, n_heads, n_kv_heads, head_dim, eps, theta, threads);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "One decode step of every layer, float32 logits out");
+}

@@ -1,0 +1,149 @@
+"""galerne's native CPU decode kernel (galerne/kernels) against the torch path.
+
+The kernel runs a whole decode step (every layer, the cache writes, the logits) in
+one call; here its logits and the keys/values it writes are compared with the
+model's own forward through ``TorchPagedAttention`` on the same cache, on shapes
+chosen to reach the kernel's edge cases: rows and inputs that are not multiples
+of the vector width, grouped-query heads, sliding windows, several sequences of
+different lengths over shuffled blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from galerne import LLM, SamplingParams
+from galerne.engine.paged import BatchMetadata, PagedKVCache, TorchPagedAttention
+from galerne.kernels import cpu as cpu_kernels
+
+from conftest import build_hf
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the kernel with")
+
+BLOCK = 4
+# hidden 72 and intermediate 100 leave tails after the 16- and 32-wide vector loops
+# and after the groups of rows; 6 heads over 2 kv heads; head_dim 18.
+ODD = dict(hidden_size=72, intermediate_size=100, num_attention_heads=6, num_key_value_heads=2, head_dim=18)
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("odd")
+    build_hf("mistral", folder, seed=3, **ODD)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def window_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("odd-window")
+    build_hf("mistral", folder, seed=4, sliding_window=6, **ODD)
+    return folder
+
+
+def test_the_kernel_builds_here():
+    assert cpu_kernels.load() is not None
+
+
+def one_step(model, lens: list[int], seed: int = 0):
+    """Decode one token for sequences whose contexts (random keys/values in the
+    cache) have ``lens`` tokens; returns (kernel logits, torch logits, the two caches)."""
+    args = model.args
+    dtype = model.output.weight.dtype
+    g = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-(n + 1) // BLOCK) for n in lens]
+    num_blocks = sum(blocks_needed) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()  # tables point all over the cache
+    tables, i = [], 0
+    for k in blocks_needed:
+        tables.append(order[i : i + k])
+        i += k
+    ours = PagedKVCache(args, num_blocks, BLOCK, dtype, torch.device("cpu"))
+    ours.k.copy_(torch.randn(ours.k.shape, generator=g))
+    ours.v.copy_(torch.randn(ours.v.shape, generator=g))
+    ref = PagedKVCache(args, num_blocks, BLOCK, dtype, torch.device("cpu"))
+    ref.k.copy_(ours.k), ref.v.copy_(ours.v)
+    tokens = torch.randint(3, args.vocab_size, (len(lens),), generator=g).tolist()
+    entries = [(t, n, 1) for t, n in zip(tables, lens)]
+
+    decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v, BLOCK)
+    assert decoder is not None
+    with torch.inference_mode():
+        got = decoder(tokens, entries)
+        meta = BatchMetadata.build(entries, BLOCK, torch.device("cpu"))
+        hidden = model(torch.tensor(tokens), meta.positions, TorchPagedAttention(ref, meta))
+        expected = model.logits(hidden).float()
+    return got, expected, ours, ref
+
+
+@pytest.mark.parametrize("lens", [[0], [5], [0, 7, 37, 12]])
+def test_float32_step_equals_the_torch_path(odd_folder, lens):
+    model = LLM(odd_folder, device="cpu", dtype="float32").model
+    got, expected, ours, ref = one_step(model, lens)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)  # the new keys and values, written
+    torch.testing.assert_close(ours.v, ref.v, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_step_equals_the_torch_path(window_folder):
+    model = LLM(window_folder, device="cpu", dtype="float32").model
+    assert model.args.window(0) == 6
+    got, expected, _, _ = one_step(model, [3, 6, 29], seed=1)  # inside, at and past the window
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
+    model = LLM(odd_folder, device="cpu", dtype="bfloat16").model
+    got, expected, ours, ref = one_step(model, [0, 9, 30], seed=2)
+    # The kernel keeps activations in float32 where torch rounds each op to bf16:
+    # close, not equal.
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 0.05 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
+    torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=0.02, atol=0.05)
+
+
+def test_generation_equals_the_torch_path(odd_folder):
+    fast = LLM(odd_folder, device="cpu", block_size=BLOCK)
+    eager = LLM(odd_folder, device="cpu", block_size=BLOCK, enforce_eager=True)
+    assert fast.engine.runner.cpu_decoder is not None and eager.engine.runner.cpu_decoder is None
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 32768, (n,), generator=g).tolist() for n in (5, 23, 11)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
+    a, b = fast.generate(prompts, params), eager.generate(prompts, params)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        torch.testing.assert_close(torch.tensor(x.outputs[0].logprobs), torch.tensor(y.outputs[0].logprobs),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_kernel_generation_still_works(odd_folder, monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("error: no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="galerne"):
+        llm = LLM(odd_folder, device="cpu", block_size=BLOCK)
+    assert llm.engine.runner.cpu_decoder is None
+    assert "CPU decode kernel unavailable (error: no C++ compiler found)" in caplog.text
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = LLM(odd_folder, device="cpu", block_size=BLOCK, enforce_eager=True).generate([[5, 6, 7]], params)
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == expected[0].token_ids
+
+
+def test_turned_off_by_the_environment(odd_folder, monkeypatch):
+    monkeypatch.setenv("GALERNE_CPU_KERNELS", "0")
+    assert LLM(odd_folder, device="cpu").engine.runner.cpu_decoder is None
+
+
+def test_models_it_cannot_run_use_the_torch_path(tiny_factory):
+    folder, _ = tiny_factory("mixtral")
+    llm = LLM(folder, device="cpu")
+    assert cpu_kernels.unsupported(llm.model, torch.float32) == "mixture-of-experts layers"
+    assert llm.engine.runner.cpu_decoder is None
