@@ -12,7 +12,7 @@ row, and applies, in this order:
    before temperature and the top-k/top-p/min-p cuts (what vLLM calls
    processed logprobs; they do not depend on the sampling knobs, so greedy and
    sampled requests report the same numbers for the same logits);
-5. greedy rows (temperature 0) take ``torch.argmax`` of the processed logits;
+5. greedy rows (temperature 0) take the first maximum of the processed logits (argmax);
 6. the other rows: temperature, top-k, top-p, min-p, then a draw.
 
 The penalties, bias and masks touch only the (row, id) pairs they concern
@@ -284,9 +284,12 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOu
     tokens = torch.empty(B, dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if greedy:
+    if len(greedy) == B:
+        # max's indices: the first maximum, like argmax, in half its time on CPU.
+        tokens = processed.max(dim=-1).indices
+    elif greedy:
         g_idx = torch.tensor(greedy, dtype=torch.long, device=device)
-        tokens[g_idx] = torch.argmax(processed[g_idx], dim=-1)
+        tokens[g_idx] = processed[g_idx].max(dim=-1).indices
     if rand:
         r_idx = torch.tensor(rand, dtype=torch.long, device=device)
         probs = sampling_probs(processed[r_idx], [rows[i].params for i in rand])
