@@ -119,18 +119,19 @@ class CpuDecoder:
     """
 
     def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
-        self.ext, self.model = ext, model
-        self.max_batch = MAX_BATCH[model.output.weight.dtype]
         args = model.args
-        self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
-        self.weights = []
+        self.max_batch = MAX_BATCH[model.output.weight.dtype]
+        weights = []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
-            self.weights += [layer.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
-                             layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
-        self.weights = [w.detach() for w in self.weights]
-        self.windows = [args.window(i) or 0 for i in range(args.n_layers)]
-        self.shape = (args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps), float(args.rope_theta))
+            weights += [layer.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
+                        layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
+        windows = [args.window(i) or 0 for i in range(args.n_layers)]
+        # The C++ decoder holds references to these tensors (no copies).
+        self._decoder = ext.Decoder([w.detach() for w in weights], model.norm.weight.detach(),
+                                    model.output.weight.detach(), model.tok_embeddings.weight.detach(),
+                                    k_cache, v_cache, windows, args.n_heads, args.n_kv_heads, args.head_dim,
+                                    float(args.norm_eps), float(args.rope_theta))
 
     @classmethod
     def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
@@ -145,12 +146,5 @@ class CpuDecoder:
     def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """tokens: one new token per sequence; entries: (block_table, num_computed_tokens, 1).
         Returns float32 logits (len(tokens), vocab)."""
-        width = max(len(t) for t, _, _ in entries)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in entries], dtype=torch.int32)
-        positions = torch.tensor([start for _, start, _ in entries], dtype=torch.long)
-        ctx = torch.tensor([start + 1 for _, start, _ in entries], dtype=torch.int32)
-        h = self.model.tok_embeddings.weight.detach()[torch.tensor(tokens)]
-        H, K, hd, eps, theta = self.shape
-        return self.ext.decode_step(h, positions, self.weights, self.model.norm.weight.detach(),
-                                    self.model.output.weight.detach(), self.k_cache, self.v_cache, tables, ctx,
-                                    self.windows, H, K, hd, eps, theta, torch.get_num_threads())
+        return self._decoder.step(tokens, [start for _, start, _ in entries], [t for t, _, _ in entries],
+                                  torch.get_num_threads())

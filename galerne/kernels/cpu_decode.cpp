@@ -179,35 +179,53 @@ void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16
 
 // ------------------------------------------------------------------ the step
 
+// What the step reads besides its inputs: bound once, when the decoder is made.
+struct Model {
+  std::vector<torch::Tensor> weights;  // 9 per layer (see Decoder)
+  torch::Tensor final_norm, out_w, emb, k_cache, v_cache;
+  std::vector<int64_t> windows;        // per layer, 0 for none
+  int64_t H, K, hd;
+  double eps, theta;
+};
+
 template <typename W>
-torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::vector<torch::Tensor>& weights,
-                        torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor k_cache,
-                        torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor ctx_lens,
-                        const std::vector<int64_t>& windows, int64_t H, int64_t K, int64_t hd, double eps,
-                        double theta, int64_t threads) {
-  const int64_t M = h_in.size(0), D = h_in.size(1);
+torch::Tensor step_impl(const Model& model, const std::vector<int64_t>& tokens, const std::vector<int64_t>& pos,
+                        const std::vector<std::vector<int32_t>>& block_tables, int64_t threads) {
+  const std::vector<torch::Tensor>& weights = model.weights;
+  const std::vector<int64_t>& windows = model.windows;
+  const int64_t H = model.H, K = model.K, hd = model.hd;
+  const double eps = model.eps, theta = model.theta;
+  const torch::Tensor &final_norm = model.final_norm, &out_w = model.out_w;
+  const int64_t M = static_cast<int64_t>(tokens.size()), D = model.emb.size(1);
   const int64_t L = static_cast<int64_t>(windows.size());
   const int64_t F = weights[6].size(0);  // w1's rows: the hidden size
   const int64_t V = out_w.size(0);
-  const int64_t bs = k_cache.size(2), nb_per_seq = block_tables.size(1);
+  const int64_t bs = model.k_cache.size(2);
+  int64_t nb_per_seq = 1;
+  for (const auto& t : block_tables) nb_per_seq = std::max<int64_t>(nb_per_seq, static_cast<int64_t>(t.size()));
+  std::vector<int32_t> tables_flat(M * nb_per_seq, 0);  // padded block tables, (M, nb_per_seq)
+  std::vector<int32_t> ctx(M);                          // context after this token
+  for (int64_t m = 0; m < M; ++m) {
+    std::copy(block_tables[m].begin(), block_tables[m].end(), tables_flat.begin() + m * nb_per_seq);
+    ctx[m] = static_cast<int32_t>(pos[m] + 1);
+  }
+  const int32_t* tables = tables_flat.data();
   const int64_t qkv_w = (H + 2 * K) * hd, group = H / K;
   const int64_t widest = std::max({D, H * hd, F});
 
   auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-  torch::Tensor h_t = h_in.to(torch::kFloat32).contiguous().clone();
   torch::Tensor logits = torch::empty({M, V}, opts);
-  std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F);
+  std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F), h(M * D);
   std::vector<bf16> xb(M * widest);
-  float* h = h_t.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* ctx = ctx_lens.data_ptr<int32_t>();
+  const W* emb = reinterpret_cast<const W*>(model.emb.data_ptr());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < D; ++i) h[m * D + i] = to_f(emb[tokens[m] * D + i]);
   int64_t max_ctx = 0;
   for (int64_t m = 0; m < M; ++m) max_ctx = std::max<int64_t>(max_ctx, ctx[m]);
   std::vector<float> scores(static_cast<size_t>(threads) * group * max_ctx);
-  W* kc = reinterpret_cast<W*>(k_cache.data_ptr());
-  W* vc = reinterpret_cast<W*>(v_cache.data_ptr());
-  const int64_t layer_stride = k_cache.stride(0), slot_stride = K * hd;
+  W* kc = reinterpret_cast<W*>(model.k_cache.data_ptr());
+  W* vc = reinterpret_cast<W*>(model.v_cache.data_ptr());
+  const int64_t layer_stride = model.k_cache.stride(0), slot_stride = K * hd;
   std::vector<float> inv_freq(hd / 2);
   for (int64_t i = 0; i < hd / 2; ++i)
     inv_freq[i] = 1.0f / std::pow(static_cast<float>(theta), static_cast<float>(2 * i) / static_cast<float>(hd));
@@ -227,7 +245,7 @@ torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::
   auto rms_norm = [&](const W* g) {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      const float* row = h + m * D;
+      const float* row = h.data() + m * D;
       float ss = 0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < D; ++i) ss += row[i] * row[i];
@@ -311,7 +329,7 @@ torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::
         }
       }
 
-      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h, D, true);
+      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true);
       rms_norm(norm_w(weights[l * 9 + 5]));
       gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false);
 
@@ -325,7 +343,7 @@ torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::
           xb[m * F + i] = f2bf(v);
         }
       }
-      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h, D, true);
+      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true);
     }
     rms_norm(norm_w(final_norm));
     gemv<W>({{reinterpret_cast<const W*>(out_w.data_ptr()), V, 0}}, M, xn.data(), xb.data(), D,
@@ -336,27 +354,51 @@ torch::Tensor step_impl(torch::Tensor h_in, torch::Tensor positions, const std::
 
 }  // namespace
 
-// The step for a batch of M sequences each adding one token; returns the float32
-// logits (M, vocab). weights: 9 tensors per layer (attention_norm, wq, wk, wv, wo,
-// ffn_norm, w1, w3, w2). windows: per layer, 0 for none. Checked by the caller
-// (galerne/kernels/cpu.py): contiguous tensors, one weight dtype, int32 tables.
-torch::Tensor decode_step(torch::Tensor h, torch::Tensor positions, std::vector<torch::Tensor> weights,
-                          torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor k_cache,
-                          torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor ctx_lens,
-                          std::vector<int64_t> windows, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                          double eps, double theta, int64_t threads) {
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 9 * static_cast<int64_t>(windows.size()),
-              "decode_step: 9 weights per layer");
-  TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "decode_step: bad head shape");
-  pybind11::gil_scoped_release no_gil;
-  if (out_w.scalar_type() == torch::kBFloat16)
-    return step_impl<bf16>(h, positions, weights, final_norm, out_w, k_cache, v_cache, block_tables, ctx_lens,
-                           windows, n_heads, n_kv_heads, head_dim, eps, theta, threads);
-  TORCH_CHECK(out_w.scalar_type() == torch::kFloat32, "decode_step: float32 or bfloat16 weights");
-  return step_impl<float>(h, positions, weights, final_norm, out_w, k_cache, v_cache, block_tables, ctx_lens,
-                          windows, n_heads, n_kv_heads, head_dim, eps, theta, threads);
-}
+// The decoder of one model and KV cache. step() runs a batch of M sequences that
+// each add one token and returns the float32 logits (M, vocab).
+//   weights: 9 tensors per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
+//   windows: per layer, 0 for none
+// The caller (galerne/kernels/cpu.py) checks that the model qualifies: contiguous
+// CPU tensors, one dtype (float32 or bfloat16) for weights and cache, no biases.
+class Decoder {
+ public:
+  Decoder(std::vector<torch::Tensor> weights, torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor emb,
+          torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
+          int64_t n_kv_heads, int64_t head_dim, double eps, double theta)
+      : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
+           n_heads, n_kv_heads, head_dim, eps, theta} {
+    TORCH_CHECK(m_.weights.size() == 9 * m_.windows.size(), "Decoder: 9 weights per layer");
+    TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "Decoder: bad head shape");
+    const auto dtype = out_w.scalar_type();
+    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "Decoder: float32 or bfloat16 weights");
+    for (const auto& t : m_.weights) TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: weights");
+    for (const auto& t : {final_norm, emb, k_cache, v_cache})
+      TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: one dtype, contiguous");
+  }
+
+  torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                     const std::vector<std::vector<int32_t>>& block_tables, int64_t threads) const {
+    const int64_t M = static_cast<int64_t>(tokens.size()), vocab = m_.emb.size(0);
+    TORCH_CHECK(M > 0 && positions.size() == tokens.size() && block_tables.size() == tokens.size(),
+                "Decoder.step: one position and one block table per token");
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(tokens[m] >= 0 && tokens[m] < vocab, "Decoder.step: token id out of range");
+      const int64_t need = positions[m] / m_.k_cache.size(2) + 1;
+      TORCH_CHECK(positions[m] >= 0 && static_cast<int64_t>(block_tables[m].size()) >= need,
+                  "Decoder.step: the block table does not reach the position");
+    }
+    pybind11::gil_scoped_release no_gil;
+    if (m_.out_w.scalar_type() == torch::kBFloat16) return step_impl<bf16>(m_, tokens, positions, block_tables, threads);
+    return step_impl<float>(m_, tokens, positions, block_tables, threads);
+  }
+
+ private:
+  Model m_;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_step", &decode_step, "One decode step of every layer, float32 logits out");
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                          torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, double>())
+      .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)");
 }
