@@ -57,61 +57,81 @@ template <> inline float from_f<float>(float v) { return v; }
 template <> inline bf16 from_f<bf16>(float v) { return f2bf(v); }
 
 // ---------------------------------------------------------------- dot products
-// dot_rows<R>: R weight rows (stride ld) against one input vector of length n.
-// xf is the float32 input, xb its bf16 copy (read by the AVX512-BF16 path). The
-// R rows are R independent streams from memory, which a GEMV needs to reach the
-// machine's bandwidth; the vector loops handle what a register holds, the
-// portable loops (vectorised by the compiler) the rest, or all of it elsewhere.
+// tile<R, MB>: R weight rows (stride ld) against MB input vectors (stride ldx) of
+// length n; out[mb * R + r]. xf holds the float32 inputs, xb their bf16 copies
+// (read by the AVX512-BF16 path). Each weight vector loaded is used MB times from
+// a register, and the R rows are R independent streams from memory, which a GEMV
+// needs to reach the machine's bandwidth. The vector loops take what a register
+// holds, the portable loops (vectorised by the compiler) the rest, or all of it
+// on CPUs without AVX512.
 
-template <int R>
-inline void dot_rows(const float* w, int64_t ld, const float* xf, const bf16*, int64_t n, float* out) {
+template <int R, int MB>
+inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64_t ldx, int64_t n, float* out) {
   int64_t i0 = 0;
 #if defined(__AVX512F__)
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  __m512 a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
   for (; i0 + 16 <= n; i0 += 16) {
-    const __m512 x = _mm512_loadu_ps(xf + i0);
+    __m512 wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ld + i0), x, a[r]);
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * ld + i0);
+#pragma GCC unroll 4
+    for (int mb = 0; mb < MB; ++mb) {
+      const __m512 x = _mm512_loadu_ps(xf + mb * ldx + i0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[mb][r] = _mm512_fmadd_ps(wv[r], x, a[mb][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) out[mb * R + r] = _mm512_reduce_add_ps(a[mb][r]);
 #else
-  for (int r = 0; r < R; ++r) out[r] = 0;
+  for (int k = 0; k < MB * R; ++k) out[k] = 0;
 #endif
-  for (int r = 0; r < R; ++r) {
-    float s = 0;
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) {
+      float s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < n; ++i) s += w[r * ld + i] * xf[i];
-    out[r] += s;
-  }
+      for (int64_t i = i0; i < n; ++i) s += w[r * ld + i] * xf[mb * ldx + i];
+      out[mb * R + r] += s;
+    }
 }
 
-template <int R>
-inline void dot_rows(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t n, float* out) {
-  int64_t i0 = 0;
+template <int R, int MB>
+inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t ldx, int64_t n, float* out) {
 #if defined(__AVX512BF16__)
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  (void)xf;
+  int64_t i0 = 0;
+  __m512 a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
   for (; i0 + 32 <= n; i0 += 32) {
-    const __m512bh x = (__m512bh)_mm512_loadu_si512(xb + i0);
+    __m512bh wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w + r * ld + i0), x);
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ld + i0);
+#pragma GCC unroll 4
+    for (int mb = 0; mb < MB; ++mb) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(xb + mb * ldx + i0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[mb][r] = _mm512_dpbf16_ps(a[mb][r], wv[r], x);
+    }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
-  for (int r = 0; r < R; ++r) {
-    float s = 0;
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) {
+      float s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < n; ++i) s += bf2f(w[r * ld + i]) * bf2f(xb[i]);
-    out[r] += s;
-  }
+      for (int64_t i = i0; i < n; ++i) s += bf2f(w[r * ld + i]) * bf2f(xb[mb * ldx + i]);
+      out[mb * R + r] = _mm512_reduce_add_ps(a[mb][r]) + s;
+    }
 #else
   (void)xb;
-  for (int r = 0; r < R; ++r) {  // widening bf16 is a shift: this vectorises
-    float s = 0;
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) {  // widening bf16 is a shift: this vectorises
+      float s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += bf2f(w[r * ld + i]) * xf[i];
-    out[r] = s;
-  }
+      for (int64_t i = 0; i < n; ++i) s += bf2f(w[r * ld + i]) * xf[mb * ldx + i];
+      out[mb * R + r] = s;
+    }
 #endif
 }
 
@@ -139,11 +159,10 @@ inline void axpy(float p, const W* v, float* o, int64_t n) {
 // ----------------------------------------------------------------------- GEMV
 // y[m, col0 + r] (+)= sum_i W[r, i] x[m, i] for the rows of several matrices that
 // share one input (q/k/v, or gate/up), their outputs side by side in y. Work is
-// split in groups of ROWS rows (more streams for float32, whose GEMV is bound by
-// memory bandwidth) across the threads of the enclosing region.
+// split in groups of R rows across the threads of the enclosing region; within a
+// group, the batch goes by tiles of up to MB sequences.
 
-template <typename W>
-constexpr int ROWS = std::is_same_v<W, float> ? 8 : 4;
+constexpr int MB = 4;
 
 template <typename W>
 struct Mat {
@@ -152,29 +171,58 @@ struct Mat {
   int64_t col0;  // first output column in y
 };
 
-template <typename W>
-void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-          int64_t ldy, bool accumulate) {
+template <int R, typename W>
+inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, const bf16* xb, float* s) {
+  switch (mb) {  // the tile sizes are template arguments: registers, not memory
+    case 1: tile<R, 1>(w, n, x, xb, n, n, s); break;
+    case 2: tile<R, 2>(w, n, x, xb, n, n, s); break;
+    case 3: tile<R, 3>(w, n, x, xb, n, n, s); break;
+    default: tile<R, MB>(w, n, x, xb, n, n, s); break;
+  }
+}
+
+template <int R, typename W>
+void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
+               int64_t ldy, bool accumulate) {
   int64_t groups[4], total = 0;
-  for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + ROWS<W> - 1) / ROWS<W>, groups[j] = total;
+  for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + R - 1) / R, groups[j] = total;
 #pragma omp for schedule(static)
   for (int64_t g = 0; g < total; ++g) {
     size_t j = 0;
     while (g >= groups[j]) ++j;
     const Mat<W>& mat = mats[j];
-    const int64_t r0 = (g - (j ? groups[j - 1] : 0)) * ROWS<W>;
+    const int64_t r0 = (g - (j ? groups[j - 1] : 0)) * R;
+    const int64_t rows = std::min<int64_t>(R, mat.rows - r0);
     const W* w = mat.w + r0 * n;
-    for (int64_t m = 0; m < M; ++m) {
-      float s[ROWS<W>];
-      const int64_t rows = std::min<int64_t>(ROWS<W>, mat.rows - r0);
-      if (rows == ROWS<W>)
-        dot_rows<ROWS<W>>(w, n, x + m * n, xb + m * n, n, s);
-      else
-        for (int64_t r = 0; r < rows; ++r) dot_rows<1>(w + r * n, n, x + m * n, xb + m * n, n, s + r);
-      float* out = y + m * ldy + mat.col0 + r0;
-      for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[r] : s[r];
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t mb = std::min<int64_t>(MB, M - m0);
+      float s[MB * R];
+      if (rows == R) {
+        tile_dispatch<R>(mb, w, n, x + m0 * n, xb + m0 * n, s);
+      } else {  // the matrix's last rows, one at a time
+        for (int64_t r = 0; r < rows; ++r) {
+          float t[MB];
+          tile_dispatch<1>(mb, w + r * n, n, x + m0 * n, xb + m0 * n, t);
+          for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
+        }
+      }
+      for (int64_t k = 0; k < mb; ++k) {
+        float* out = y + (m0 + k) * ldy + mat.col0 + r0;
+        for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[k * R + r] : s[k * R + r];
+      }
     }
   }
+}
+
+template <typename W>
+void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
+          int64_t ldy, bool accumulate) {
+  // One float32 sequence is bound by memory bandwidth: more row streams help.
+  // Otherwise 4 rows x 4 sequences of accumulators fit the 32 vector registers.
+  if (M == 1 && std::is_same_v<W, float>)
+    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate);
+  else
+    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate);
 }
 
 // ------------------------------------------------------------------ the step
