@@ -105,7 +105,8 @@ def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
     scale = expected.abs().max()
     assert (got - expected).abs().max() < 0.05 * scale
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
-    torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=0.02, atol=0.05)
+    for a, b in ((ours.k, ref.k), (ours.v, ref.v)):  # later layers' keys inherit the rounding: relative to scale
+        assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
 
 
 def test_generation_equals_the_torch_path(odd_folder):
