@@ -63,10 +63,14 @@ template <> inline bf16 from_f<bf16>(float v) { return f2bf(v); }
 // a register, and the R rows are R independent streams from memory, which a GEMV
 // needs to reach the machine's bandwidth. The vector loops take what a register
 // holds, the portable loops (vectorised by the compiler) the rest, or all of it
-// on CPUs without AVX512.
+// on CPUs without AVX512. pf, where not null, is prefetched row by row as w is
+// read: the rows PREFETCH_GROUPS groups ahead. A bf16 row is short (1.5 KB at
+// dim 768), too short for the hardware prefetcher to ramp up before the next
+// group starts: prefetching them took bf16 from 22 to 30 GB/s on 2 cores.
 
 template <int R, int MB>
-inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64_t ldx, int64_t n, float* out) {
+inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64_t ldx, int64_t n, float* out,
+                 const float*) {  // float32 streams fill the bandwidth without prefetches (measured)
   int64_t i0 = 0;
 #if defined(__AVX512F__)
   __m512 a[MB][R];
@@ -98,7 +102,8 @@ inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64
 }
 
 template <int R, int MB>
-inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t ldx, int64_t n, float* out) {
+inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t ldx, int64_t n, float* out,
+                 const bf16* pf) {
 #if defined(__AVX512BF16__)
   (void)xf;
   int64_t i0 = 0;
@@ -108,7 +113,10 @@ inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int
   for (; i0 + 32 <= n; i0 += 32) {
     __m512bh wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ld + i0);
+    for (int r = 0; r < R; ++r) {
+      if (pf) __builtin_prefetch(pf + r * ld + i0);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ld + i0);
+    }
 #pragma GCC unroll 4
     for (int mb = 0; mb < MB; ++mb) {
       const __m512bh x = (__m512bh)_mm512_loadu_si512(xb + mb * ldx + i0);
@@ -124,7 +132,7 @@ inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int
       out[mb * R + r] = _mm512_reduce_add_ps(a[mb][r]) + s;
     }
 #else
-  (void)xb;
+  (void)xb, (void)pf;
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) {  // widening bf16 is a shift: this vectorises
       float s = 0;
@@ -171,13 +179,15 @@ struct Mat {
   int64_t col0;  // first output column in y
 };
 
+constexpr int64_t PREFETCH_GROUPS = 2;
+
 template <int R, typename W>
-inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, const bf16* xb, float* s) {
+inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, const bf16* xb, float* s, const W* pf) {
   switch (mb) {  // the tile sizes are template arguments: registers, not memory
-    case 1: tile<R, 1>(w, n, x, xb, n, n, s); break;
-    case 2: tile<R, 2>(w, n, x, xb, n, n, s); break;
-    case 3: tile<R, 3>(w, n, x, xb, n, n, s); break;
-    default: tile<R, MB>(w, n, x, xb, n, n, s); break;
+    case 1: tile<R, 1>(w, n, x, xb, n, n, s, pf); break;
+    case 2: tile<R, 2>(w, n, x, xb, n, n, s, pf); break;
+    case 3: tile<R, 3>(w, n, x, xb, n, n, s, pf); break;
+    default: tile<R, MB>(w, n, x, xb, n, n, s, pf); break;
   }
 }
 
@@ -197,12 +207,15 @@ void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
       const int64_t mb = std::min<int64_t>(MB, M - m0);
       float s[MB * R];
+      // Prefetch once per group, with the first tile of sequences. Past the
+      // matrix's end it is a hint about memory nobody reads: harmless.
+      const W* pf = m0 == 0 ? w + PREFETCH_GROUPS * R * n : nullptr;
       if (rows == R) {
-        tile_dispatch<R>(mb, w, n, x + m0 * n, xb + m0 * n, s);
+        tile_dispatch<R>(mb, w, n, x + m0 * n, xb + m0 * n, s, pf);
       } else {  // the matrix's last rows, one at a time
         for (int64_t r = 0; r < rows; ++r) {
           float t[MB];
-          tile_dispatch<1>(mb, w + r * n, n, x + m0 * n, xb + m0 * n, t);
+          tile_dispatch<1>(mb, w + r * n, n, x + m0 * n, xb + m0 * n, t, static_cast<const W*>(nullptr));
           for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
         }
       }
@@ -445,7 +458,7 @@ class Decoder {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Decoder>(m, "Decoder")
+  pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, double>())
       .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)");
