@@ -47,7 +47,8 @@ class ModelRunner:
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
         """Forward the step; returns the float32 logits of the sequences that
         reached the end of their known tokens (they sample next), and their indices
-        in ``scheduled``."""
+        in ``scheduled``. The logits are valid until the next step (the CPU kernel
+        reuses its buffer)."""
         entries, tokens, sample_rows, rows = [], [], [], []
         end = 0
         for i, s in enumerate(scheduled):

@@ -147,6 +147,6 @@ class CpuDecoder:
 
     def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """tokens: one new token per sequence; entries: (block_table, num_computed_tokens, 1).
-        Returns float32 logits (len(tokens), vocab)."""
+        Returns float32 logits (len(tokens), vocab) in a buffer the next call reuses."""
         return self._decoder.step(tokens, [start for _, start, _ in entries], [t for t, _, _ in entries],
                                   torch.get_num_threads())

@@ -111,10 +111,17 @@ def sample(
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 1-3: penalties, logit_bias, masked ids. Returns a new float32 tensor."""
+    """Steps 1-3: penalties, logit_bias, masked ids. Returns float32 logits: a new
+    tensor when a row has something to change, else ``logits`` as they are (cast
+    to float32 if they were not), unmodified either way."""
     V = logits.shape[1]
     device = logits.device
-    out = logits.to(torch.float32, copy=True)
+    changes = any(
+        r.params.repetition_penalty != 1.0 or r.params.logit_bias or r.masked_ids or r.allowed is not None
+        or ((r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and len(r.output_token_ids))
+        for r in rows
+    )
+    out = logits.to(torch.float32, copy=True) if changes else logits.float()
 
     # The penalties touch only the (row, id) pairs that occur: O(tokens), not O(B * V).
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
