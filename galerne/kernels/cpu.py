@@ -80,6 +80,16 @@ def load():
 def _build():
     from torch.utils.cpp_extension import load as build
 
+    try:  # the ninja that pip installed with galerne, when its venv's bin is not on PATH
+        import ninja
+
+        bin_dir = getattr(ninja, "BIN_DIR", None)
+        path = os.environ.get("PATH", "")
+        if bin_dir and bin_dir not in path.split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + path
+    except ImportError:
+        pass
+
     key = hashlib.sha256(
         SOURCE.read_bytes() + _cpu_signature().encode() + torch.__version__.encode() + platform.python_version().encode()
     ).hexdigest()[:16]
