@@ -164,6 +164,18 @@ inline void axpy(float p, const W* v, float* o, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] += p * to_f(v[i]);
 }
 
+// Attention reads a head's rows block by block, a slot apart (1 KB at 4 kv heads
+// x 64 floats): too sparse for the hardware prefetcher, and cold, since the
+// weights streamed through after this layer last ran. While it scores a block,
+// it asks for the next block's keys and this block's values (read after the
+// softmax): half the attention's time on cpu-125m at 256 positions.
+template <typename W>
+inline void prefetch_block(const W* first, int64_t rows, int64_t stride, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(first + r * stride) + b);
+}
+
 // Softmax of a row in place. Scalar exp was a third of the attention's time;
 // with AVX512 the exponentials go 16 at a time: exp(x) = 2^k e^f, k = round(x
 // log2 e), |f| <= ln2/2, e^f by its Taylor series to degree 7 (relative error
@@ -402,6 +414,9 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
           for (int64_t t = lo; t < n_ctx;) {  // block by block: one table lookup per block
             const int64_t b = t / bs, stop = std::min(n_ctx, (b + 1) * bs);
             const W* kr = kbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride;
+            if (t == lo) prefetch_block(kr, stop - t, slot_stride, hd);
+            if ((b + 1) * bs < n_ctx) prefetch_block(kbase + static_cast<int64_t>(table[b + 1]) * bs * slot_stride, bs, slot_stride, hd);
+            prefetch_block(vbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride, stop - t, slot_stride, hd);
             for (; t < stop; ++t, kr += slot_stride)
               for (int64_t g = 0; g < group; ++g) sc[g * n + t - lo] = dot(q + g * hd, kr, hd) * scale;
           }
