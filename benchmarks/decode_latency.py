@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; figures are medians")
     ap.add_argument("--baseline-new-tokens", type=int, default=None,
                     help="fewer new tokens for the slow baselines (tokens/s hardly depends on it at this length)")
     ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
@@ -105,22 +105,18 @@ def main() -> None:
     bw = peak_bandwidth(device, gib=2.0 if device.type == "cuda" else 1.0)
     print(f"{args.model} {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights, peak copy bandwidth {bw / 1e9:.1f} GB/s")
 
-    figures: dict[str, float] = {}
-
-    def run(name, fn):
-        fn()  # warm-up (allocator, kernels, caches)
-        tps = median([fn() for _ in range(args.repeats)])
-        figures[name] = round(tps, 2)
-        print(f"  {name:<22} {tps:8.1f} tokens/s   MBU {tps * wbytes / bw:6.1%}")
-
-    run("galerne", lambda: galerne_decode(llm, prompt, args.new_tokens, device))
+    # Every contender runs once per round, rounds interleaved (galerne, transformers,
+    # llama.cpp, galerne, ...): the shared host's bandwidth drifts by several percent
+    # within minutes, and interleaving spreads that drift over everyone alike.
+    contenders: dict[str, object] = {"galerne": lambda: galerne_decode(llm, prompt, args.new_tokens, device)}
     slow_tokens = args.baseline_new_tokens or args.new_tokens
     if "transformers" in baselines:
-        run("transformers", lambda: hf_decode(hf, prompt, slow_tokens, device))
+        contenders["transformers"] = lambda: hf_decode(hf, prompt, slow_tokens, device)
+    closers = []
     if "llamacpp" in baselines and device.type == "cpu":
         try:
             import llama_cpp  # noqa: F401  (llama-cpp-python, built as in benchmarks/README.md)
-            from llamacpp_baseline import convert_hf_to_gguf, decode_benchmark
+            from llamacpp_baseline import convert_hf_to_gguf, decoder
         except ImportError as e:
             print(f"  llama.cpp skipped: {e}")
         else:
@@ -129,11 +125,26 @@ def main() -> None:
                 gguf = folder / f"model-{precision}.gguf"
                 if not gguf.exists():
                     convert_hf_to_gguf(folder, gguf, precision)
-                # Its own warm-up and repeats; no idle-waiting, like the runs above.
-                r = decode_benchmark(gguf, prompt, args.new_tokens, threads=torch.get_num_threads(),
-                                     repeats=args.repeats, max_other_load=None, mlock=False)
-                figures[f"llama.cpp {precision}"] = round(r["tok_s"], 2)
-                print(f"  {'llama.cpp ' + precision:<22} {r['tok_s']:8.1f} tokens/s   MBU {r['tok_s'] * wbytes / bw:6.1%}")
+                run_llamacpp, close = decoder(gguf, prompt, args.new_tokens, threads=torch.get_num_threads())
+                contenders[f"llama.cpp {precision}"] = run_llamacpp
+                closers.append(close)
+
+    for fn in contenders.values():
+        fn()  # warm-up (allocator, kernels, caches)
+    runs: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, fn in contenders.items():
+            runs[name].append(fn())
+    for close in closers:
+        close()
+    figures = {name: round(median(r), 2) for name, r in runs.items()}
+    for name, tps in figures.items():
+        spread = f"{min(runs[name]):.1f}-{max(runs[name]):.1f}"
+        print(f"  {name:<22} {tps:8.1f} tokens/s   MBU {tps * wbytes / bw:6.1%}   (runs: {spread})")
+    for name in figures:
+        if name.startswith("llama.cpp"):
+            wins = sum(g > b for g, b in zip(runs["galerne"], runs[name]))
+            print(f"  galerne / {name}: {figures['galerne'] / figures[name]:.2f}x (ahead in {wins} of {args.repeats} rounds)")
 
     base = figures.get("transformers")
     if base:
@@ -141,7 +152,8 @@ def main() -> None:
     report("decode_latency", {
         "model": args.model, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
-        "tokens_per_s": figures, "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},
+        "tokens_per_s": figures, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},
     })
 
 

@@ -275,6 +275,15 @@ def decode_benchmark_many(paths: dict, prompt_ids, new_tokens: int, threads: int
     return res
 
 
+def decoder(gguf_path, prompt_ids, new_tokens: int, threads: int = 2):
+    """(run, close) for one loaded GGUF: run() decodes once as decode_benchmark_many
+    does and returns its decode-phase tokens/s, so that a caller can interleave it
+    with other engines' runs."""
+    llm = _load(gguf_path, threads)
+    eos = llm.token_eos()
+    return (lambda: _greedy_decode(llm, prompt_ids, new_tokens, eos)["tok_s"]), llm.close
+
+
 def decode_benchmark(gguf_path, prompt_ids, new_tokens: int, threads: int = 2, repeats: int = 5,
                      **kw) -> dict:
     """Single-model version of decode_benchmark_many."""
