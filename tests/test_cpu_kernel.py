@@ -11,6 +11,7 @@ different lengths over shuffled blocks.
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 
 import pytest
@@ -49,7 +50,7 @@ def test_the_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-def one_step(model, lens: list[int], seed: int = 0):
+def one_step(model, lens: list[int], seed: int = 0, ext=None):
     """Decode one token for sequences whose contexts (random keys/values in the
     cache) have ``lens`` tokens; returns (kernel logits, torch logits, the two caches)."""
     args = model.args
@@ -70,7 +71,10 @@ def one_step(model, lens: list[int], seed: int = 0):
     tokens = torch.randint(3, args.vocab_size, (len(lens),), generator=g).tolist()
     entries = [(t, n, 1) for t, n in zip(tables, lens)]
 
-    decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v, BLOCK)
+    if ext is None:
+        decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v, BLOCK)
+    else:
+        decoder = cpu_kernels.CpuDecoder(ext, model, ours.k, ours.v, BLOCK)
     assert decoder is not None
     with torch.inference_mode():
         got = decoder(tokens, entries)
@@ -107,6 +111,21 @@ def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
     for a, b in ((ours.k, ref.k), (ours.v, ref.v)):  # later layers' keys inherit the rounding: relative to scale
         assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX2 baseline is an x86-64 level")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_portable_loops_on_an_avx2_build(odd_folder, dtype):
+    """Built for x86-64-v3 (AVX2, no AVX512), the kernel runs the loops that laptops
+    without AVX512 run, which a native build on this machine never does."""
+    ext = cpu_kernels._build(march="x86-64-v3")
+    model = LLM(odd_folder, device="cpu", dtype=dtype).model
+    got, expected, ours, ref = one_step(model, [0, 7, 37, 12, 3, 20], seed=5, ext=ext)
+    if dtype == "float32":
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 def test_generation_equals_the_torch_path(odd_folder):

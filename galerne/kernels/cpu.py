@@ -77,7 +77,10 @@ def load():
         return ext
 
 
-def _build():
+def _build(march: str = "native"):
+    """Compile (or find in the cache) the extension for ``-march=<march>``: native
+    for use; tests also build a baseline x86-64-v3 (AVX2) variant, so that the
+    portable loops that AVX512 machines never run are checked too."""
     from torch.utils.cpp_extension import load as build
 
     try:  # the ninja that pip installed with galerne, when its venv's bin is not on PATH
@@ -91,7 +94,8 @@ def _build():
         pass
 
     key = hashlib.sha256(
-        SOURCE.read_bytes() + _cpu_signature().encode() + torch.__version__.encode() + platform.python_version().encode()
+        SOURCE.read_bytes() + _cpu_signature().encode() + march.encode() + torch.__version__.encode()
+        + platform.python_version().encode()
     ).hexdigest()[:16]
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ def _build():
     if not any(folder.glob(f"{name}*.so")):
         log.warning("compiling galerne's CPU decode kernel for this CPU (once, about 30 s) into %s", folder)
     return build(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                 extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
