@@ -72,9 +72,9 @@ def one_step(model, lens: list[int], seed: int = 0, ext=None):
     entries = [(t, n, 1) for t, n in zip(tables, lens)]
 
     if ext is None:
-        decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v, BLOCK)
+        decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v)
     else:
-        decoder = cpu_kernels.CpuDecoder(ext, model, ours.k, ours.v, BLOCK)
+        decoder = cpu_kernels.CpuDecoder(ext, model, ours.k, ours.v)
     assert decoder is not None
     with torch.inference_mode():
         got = decoder(tokens, entries)

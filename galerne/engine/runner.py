@@ -41,7 +41,7 @@ class ModelRunner:
         if self.device.type == "cpu" and use_cpu_kernel:
             from ..kernels.cpu import CpuDecoder
 
-            self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v, self.block_size)
+            self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:

@@ -107,7 +107,9 @@ def _build(march: str = "native"):
 
 
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
-    """Why the kernel can't run this model, or None when it can."""
+    """Why the kernel can't run this model, or None when it can. The kernel knows
+    what ``galerne.models`` builds today (plain RoPE, RMSNorm, SwiGLU, grouped
+    heads, sliding windows); a feature added there must be added here or listed."""
     args = model.args
     if args.moe is not None:
         return "mixture-of-experts layers"
@@ -124,6 +126,9 @@ def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
         tensors = [m.weight for m in mods] + [layer.attention_norm.weight, layer.ffn_norm.weight]
         if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
             return "weights of mixed dtypes, non-contiguous or off the CPU"
+    rest = [model.tok_embeddings.weight, model.norm.weight, model.output.weight]
+    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in rest):
+        return "weights of mixed dtypes, non-contiguous or off the CPU"
     return None
 
 
@@ -134,7 +139,7 @@ class CpuDecoder:
     adapter) are seen, but replaced modules are not; build a new decoder then.
     """
 
-    def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+    def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):
         args = model.args
         self.max_batch = MAX_BATCH[model.output.weight.dtype]
         weights = []
@@ -150,14 +155,14 @@ class CpuDecoder:
                                     float(args.norm_eps), float(args.rope_theta))
 
     @classmethod
-    def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+    def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """A decoder, or None (with the reason logged at info) when the kernel can't serve this model."""
         reason = unsupported(model, k_cache.dtype)
         if reason is not None:
             log.info("CPU decode kernel not used: %s", reason)
             return None
         ext = load()
-        return None if ext is None else cls(ext, model, k_cache, v_cache, block_size)
+        return None if ext is None else cls(ext, model, k_cache, v_cache)
 
     def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """tokens: one new token per sequence; entries: (block_table, num_computed_tokens, 1).
