@@ -396,3 +396,18 @@ def test_penalty_context_outside_the_vocabulary_is_an_error():
     got = process_logits(torch.ones(1, 5), [row(SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0),
                                                 torch.tensor([1]), torch.tensor([2, 2]))])
     assert got[0].tolist() == [1.0, 0.5, 0.5 - 2.0, 1.0, 1.0]
+
+
+def test_processing_never_modifies_the_callers_logits():
+    # The CPU decode kernel hands the sampler its own reused buffer: processing
+    # copies when a row changes something, and returns the logits as they are otherwise.
+    logits = torch.randn(3, 10)
+    before = logits.clone()
+    changed = process_logits(logits, [row(SamplingParams(logit_bias={2: 5.0}, repetition_penalty=1.5), (1, 4), (4,)),
+                                      row(masked={3}), row(SamplingParams(presence_penalty=1.0), (), (7,))])
+    assert torch.equal(logits, before) and not torch.equal(changed, before)
+    assert process_logits(logits, [row(), row(), row()]) is logits
+    out = sample_batch(logits, [row(SamplingParams(temperature=0)), row(SamplingParams(temperature=0)),
+                                row(SamplingParams(temperature=0, logprobs=2))])
+    assert torch.equal(logits, before)
+    assert out.token_ids == logits.argmax(-1).tolist()
