@@ -118,16 +118,12 @@ def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
         return f"{dtype} weights (float32 and bfloat16 only)"
     if cache_dtype != dtype:
         return "a KV cache dtype other than the weights'"
-    for layer in model.layers:
-        mods = [layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
-                layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2]
-        if any(type(m) is not nn.Linear or m.bias is not None for m in mods):
-            return "adapters or biases on the linear layers"
-        tensors = [m.weight for m in mods] + [layer.attention_norm.weight, layer.ffn_norm.weight]
-        if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
-            return "weights of mixed dtypes, non-contiguous or off the CPU"
-    rest = [model.tok_embeddings.weight, model.norm.weight, model.output.weight]
-    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in rest):
+    linears = [m for layer in model.layers for m in (
+        layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+        layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2)]
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return "adapters or biases on the linear layers"
+    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in model.parameters()):
         return "weights of mixed dtypes, non-contiguous or off the CPU"
     return None
 

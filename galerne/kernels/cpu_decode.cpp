@@ -144,17 +144,11 @@ inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int
 }
 
 // Attention's small vectors: q . k over one head, and o += p v.
-inline float dot(const float* q, const float* k, int64_t n) {
+template <typename W>
+inline float dot(const float* q, const W* k, int64_t n) {
   float s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += q[i] * k[i];
-  return s;
-}
-
-inline float dot(const float* q, const bf16* k, int64_t n) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += q[i] * bf2f(k[i]);
+  for (int64_t i = 0; i < n; ++i) s += q[i] * to_f(k[i]);
   return s;
 }
 
@@ -295,7 +289,8 @@ struct Model {
   torch::Tensor final_norm, out_w, emb, k_cache, v_cache;
   std::vector<int64_t> windows;        // per layer, 0 for none
   int64_t H, K, hd;
-  double eps, theta;
+  double eps;
+  std::vector<float> inv_freq;         // rotary frequencies, (hd / 2,)
 };
 
 template <typename W>
@@ -304,7 +299,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
   const std::vector<torch::Tensor>& weights = model.weights;
   const std::vector<int64_t>& windows = model.windows;
   const int64_t H = model.H, K = model.K, hd = model.hd;
-  const double eps = model.eps, theta = model.theta;
+  const double eps = model.eps;
   const torch::Tensor &final_norm = model.final_norm, &out_w = model.out_w;
   const int64_t M = static_cast<int64_t>(tokens.size()), D = model.emb.size(1);
   const int64_t L = static_cast<int64_t>(windows.size());
@@ -314,12 +309,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
   int64_t nb_per_seq = 1;
   for (const auto& t : block_tables) nb_per_seq = std::max<int64_t>(nb_per_seq, static_cast<int64_t>(t.size()));
   std::vector<int32_t> tables_flat(M * nb_per_seq, 0);  // padded block tables, (M, nb_per_seq)
-  std::vector<int32_t> ctx(M);                          // context after this token
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M; ++m)
     std::copy(block_tables[m].begin(), block_tables[m].end(), tables_flat.begin() + m * nb_per_seq);
-    ctx[m] = static_cast<int32_t>(pos[m] + 1);
-  }
   const int32_t* tables = tables_flat.data();
+  // The cache slot of position t in a sequence's block table.
+  auto slot_of = [bs](const int32_t* table, int64_t t) { return static_cast<int64_t>(table[t / bs]) * bs + t % bs; };
   const int64_t qkv_w = (H + 2 * K) * hd, group = H / K;
   const int64_t widest = std::max({D, H * hd, F});
 
@@ -328,21 +322,17 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
   const W* emb = reinterpret_cast<const W*>(model.emb.data_ptr());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < D; ++i) h[m * D + i] = to_f(emb[tokens[m] * D + i]);
-  int64_t max_ctx = 0;
-  for (int64_t m = 0; m < M; ++m) max_ctx = std::max<int64_t>(max_ctx, ctx[m]);
+  const int64_t max_ctx = *std::max_element(pos.begin(), pos.end()) + 1;  // a token sees itself
   std::vector<float> scores(static_cast<size_t>(threads) * group * max_ctx);
   W* kc = reinterpret_cast<W*>(model.k_cache.data_ptr());
   W* vc = reinterpret_cast<W*>(model.v_cache.data_ptr());
   const int64_t layer_stride = model.k_cache.stride(0), slot_stride = K * hd;
-  std::vector<float> inv_freq(hd / 2);
-  for (int64_t i = 0; i < hd / 2; ++i)
-    inv_freq[i] = 1.0f / std::pow(static_cast<float>(theta), static_cast<float>(2 * i) / static_cast<float>(hd));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // cos then sin of each position's angles, (M, hd): the same for every layer.
   std::vector<float> rope(M * hd);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < hd / 2; ++i) {
-      float a = static_cast<float>(pos[m]) * inv_freq[i];
+      float a = static_cast<float>(pos[m]) * model.inv_freq[i];
       rope[m * hd + i] = std::cos(a), rope[m * hd + hd / 2 + i] = std::sin(a);
     }
 
@@ -390,8 +380,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
             }
           }
           if (head >= H) {
-            const int64_t t = pos[m];
-            const int64_t slot = static_cast<int64_t>(tables[m * nb_per_seq + t / bs]) * bs + t % bs;
+            const int64_t slot = slot_of(tables + m * nb_per_seq, pos[m]);
             W* dst = (head < H + K ? kc : vc) + l * layer_stride + slot * slot_stride + ((head - H) % K) * hd;
             for (int64_t i = 0; i < hd; ++i) dst[i] = from_f<W>(v[i]);
           }
@@ -404,7 +393,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
 #pragma omp for collapse(2) schedule(static)
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t kvh = 0; kvh < K; ++kvh) {
-          const int64_t n_ctx = ctx[m];
+          const int64_t n_ctx = pos[m] + 1;
           const int64_t lo = window > 0 ? std::max<int64_t>(0, n_ctx - window) : 0, n = n_ctx - lo;
           const float* q = xq.data() + m * qkv_w + kvh * group * hd;  // group heads, back to back
           float* sc = scores.data() + static_cast<size_t>(tid) * group * max_ctx;
@@ -412,11 +401,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
           const W* kbase = kc + l * layer_stride + kvh * hd;
           const W* vbase = vc + l * layer_stride + kvh * hd;
           for (int64_t t = lo; t < n_ctx;) {  // block by block: one table lookup per block
-            const int64_t b = t / bs, stop = std::min(n_ctx, (b + 1) * bs);
-            const W* kr = kbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride;
+            const int64_t stop = std::min(n_ctx, (t / bs + 1) * bs);
+            const W* kr = kbase + slot_of(table, t) * slot_stride;
             if (t == lo) prefetch_block(kr, stop - t, slot_stride, hd);
-            if ((b + 1) * bs < n_ctx) prefetch_block(kbase + static_cast<int64_t>(table[b + 1]) * bs * slot_stride, bs, slot_stride, hd);
-            prefetch_block(vbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride, stop - t, slot_stride, hd);
+            if (stop < n_ctx) prefetch_block(kbase + slot_of(table, stop) * slot_stride, bs, slot_stride, hd);
+            prefetch_block(vbase + slot_of(table, t) * slot_stride, stop - t, slot_stride, hd);
             for (; t < stop; ++t, kr += slot_stride)
               for (int64_t g = 0; g < group; ++g) sc[g * n + t - lo] = dot(q + g * hd, kr, hd) * scale;
           }
@@ -424,8 +413,8 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
           float* o = att.data() + m * H * hd + kvh * group * hd;
           std::fill(o, o + group * hd, 0.0f);
           for (int64_t t = lo; t < n_ctx;) {
-            const int64_t b = t / bs, stop = std::min(n_ctx, (b + 1) * bs);
-            const W* vr = vbase + (static_cast<int64_t>(table[b]) * bs + t % bs) * slot_stride;
+            const int64_t stop = std::min(n_ctx, (t / bs + 1) * bs);
+            const W* vr = vbase + slot_of(table, t) * slot_stride;
             for (; t < stop; ++t, vr += slot_stride)
               for (int64_t g = 0; g < group; ++g) axpy(sc[g * n + t - lo], vr, o + g * hd, hd);
           }
@@ -470,7 +459,10 @@ class Decoder {
           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
           int64_t n_kv_heads, int64_t head_dim, double eps, double theta)
       : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
-           n_heads, n_kv_heads, head_dim, eps, theta} {
+           n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2)} {
+    // As galerne.models.layers.rotary_cos_sin computes them, in float32.
+    for (int64_t i = 0; i < head_dim / 2; ++i)
+      m_.inv_freq[i] = 1.0f / std::pow(static_cast<float>(theta), static_cast<float>(2 * i) / static_cast<float>(head_dim));
     TORCH_CHECK(m_.weights.size() == 9 * m_.windows.size(), "Decoder: 9 weights per layer");
     TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "Decoder: bad head shape");
     const auto dtype = out_w.scalar_type();
