@@ -37,6 +37,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]  # generated tokens only (a final EOS / stop token included)
     finish_reason: str | None  # "stop" | "length"
+    # With "stop": the token id (EOS, a stop_token_ids entry) or stop string that ended it;
+    # None when a grammar completed.
+    stop_reason: int | str | None = None
     logprobs: list[float] | None = None  # per token, when SamplingParams.logprobs is set
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
@@ -174,7 +177,7 @@ class LLM:
         tokenizers). One conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         sp = params or SamplingParams()
-        return self._run([(None, self.tokenizer.encode_chat(list(c), tools=tools), sp) for c in conversations], None)
+        return self._run([(None, self.tokenizer.encode_chat(list(c), tools), sp) for c in conversations], None)
 
     def _run(self, items: list[tuple[Prompt | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
         engine = self.engine
@@ -199,7 +202,7 @@ class LLM:
                         c.logprobs = (c.logprobs or []) + out.logprobs
                         c.top_logprobs = (c.top_logprobs or []) + (out.top_logprobs or [])
                     if out.finish_reason is not None:
-                        c.finish_reason = out.finish_reason
+                        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
                         pending[out.request_id] -= 1
                         if pending[out.request_id] == 0:
                             del pending[out.request_id]

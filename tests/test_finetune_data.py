@@ -116,7 +116,7 @@ BAD_LINES = [
     (_msgs(U, {"role": "assistant", "tool_calls": [{"id": "call_1", "function": {"name": "f", "arguments": "{}"}}]},
            {"role": "tool", "tool_call_id": "call_1", "content": "1"}, A, tools=TOOLS),
      "is not 9 alphanumeric characters"),
-    (_msgs(U, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, A), "without a preceding call id"),
+    (_msgs(U, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, A), "answers no call made before it"),
     ('{"text": "  "}', "empty text"),
     (json.dumps({"text": "word " * 300}), "tokens > seq_len 128"),
 ]

@@ -72,7 +72,8 @@ def test_invalid_data_is_refused_with_file_and_line(tiny, data, tmp_path, capsys
     cfg = make_config(tiny, data, tmp_path / "run", data={"instruct_data": f"{data / 'train.jsonl'},{bad}:2"})
     expected = [str(p) for p in validate_files([bad], Tokenizer.from_path(tiny), 64).problems]
     assert expected == [f"{bad}:2: bad JSON: Expecting property name enclosed in double quotes (column 2)",
-                        f"{bad}:3: last message is from the user, not the assistant"]
+                        f"{bad}:3: messages[0].role: the last message is from the user, not the assistant "
+                        "(nothing to train on)"]
     with pytest.raises(DataError) as e:
         train(cfg)
     for line in expected:  # the same messages as `galerne data validate`

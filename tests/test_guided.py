@@ -18,11 +18,18 @@ from mistral_common.experimental.tools import (
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from galerne import LLM, SamplingParams
+from galerne.conversation import Conversation
 from galerne.errors import InvalidParameter
 from galerne.models.args import ModelArgs
 from galerne.models.transformer import Transformer
 from galerne.sampling.guided import Guidance, compiler_for, guidance_for_chat
 from galerne.tokenizer import Tokenizer
+
+
+def chat_guidance(tokenizer, **options):
+    """The grammar for a one-message chat with ``options`` (tools, tool_choice, ...)."""
+    return guidance_for_chat(tokenizer, Conversation.parse([{"role": "user", "content": "hi"}], **options))
+
 
 SCHEMA = {
     "type": "object",
@@ -103,7 +110,7 @@ def sampled(n: int, guided: Guidance, max_tokens: int, **kw) -> list[SamplingPar
 @pytest.mark.parametrize("name", ["v3", "tekken-v3", "tekken-v11"])
 def test_json_schema_output_parses_and_validates(llms, name):
     llm = llms[name]
-    guided = guidance_for_chat(llm.tokenizer, response_format={
+    guided = chat_guidance(llm.tokenizer, response_format={
         "type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": False}})
     assert guided.kind == "json_schema" and guided.field == "response_format"
     prompt = chat_prompt(llm)
@@ -121,7 +128,7 @@ def test_json_schema_output_parses_and_validates(llms, name):
 def test_json_object_gives_an_object(llms):
     llm = llms["v3"]
     tok = llm.tokenizer
-    guided = guidance_for_chat(tok, response_format={"type": "json_object"})
+    guided = chat_guidance(tok, response_format={"type": "json_object"})
     # Garbage strings end when a quote is drawn, objects when a brace is: make both likely
     # so that the objects close within the budget.
     pieces = {i: tok.decode([i]) for i in range(1000, tok.vocab_size)}
@@ -135,7 +142,7 @@ def test_json_object_gives_an_object(llms):
 def parse_tool_calls(llm, token_ids: list[int]) -> list:
     """The calls as mistral-common's parser reads them from the ids (the server's way)."""
     tok = llm.tokenizer
-    inner = tok._mt.instruct_tokenizer.tokenizer
+    inner = tok.mistral_tokenizer.instruct_tokenizer.tokenizer
     ids = [t for t in token_ids if t != tok.eos_id]
     tool_calls_id = inner.get_special_token("[TOOL_CALLS]")
     assert ids[0] == tool_calls_id  # a forced call starts right away
@@ -149,7 +156,7 @@ def parse_tool_calls(llm, token_ids: list[int]) -> list:
 def test_forced_tool_calls_parse_and_match(llms, name, choice):
     llm = llms[name]
     parallel = name == "tekken-v11"  # v11: another call or EOS after each call
-    guided = guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel)
+    guided = chat_guidance(llm.tokenizer, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel)
     assert guided.kind == "lark"
     outs = llm.generate([chat_prompt(llm, TOOLS)] * 2, sampled(2, guided, 300))
     for out in outs:
@@ -166,13 +173,13 @@ def test_forced_tool_calls_parse_and_match(llms, name, choice):
 
 def test_tool_calls_or_json_with_tool_choice_auto(llms):
     llm = llms["v3"]
-    g = guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice="auto", response_format={"type": "json_object"})
+    g = chat_guidance(llm.tokenizer, tools=TOOLS, tool_choice="auto", response_format={"type": "json_object"})
     assert g.kind == "lark" and "%json" in g.spec  # JSON, or the model's tool calls
-    assert guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice="none",
+    assert chat_guidance(llm.tokenizer, tools=TOOLS, tool_choice="none",
                              response_format={"type": "json_object"}).kind == "json_schema"
     for choice in (None, "auto", "none"):
-        assert guidance_for_chat(llm.tokenizer, tools=TOOLS, tool_choice=choice) is None
-        assert guidance_for_chat(llm.tokenizer, tool_choice=choice, response_format={"type": "text"}) is None
+        assert chat_guidance(llm.tokenizer, tools=TOOLS, tool_choice=choice) is None
+        assert chat_guidance(llm.tokenizer, tool_choice=choice, response_format={"type": "text"}) is None
 
 
 def test_regex_greedy_logprobs_and_min_tokens(llms):
@@ -228,7 +235,7 @@ def test_preemption_does_not_replay_the_grammar(tiny_factory):
 ])
 def test_bad_options_name_the_field(llms, kwargs, field):
     with pytest.raises(InvalidParameter) as e:
-        guidance_for_chat(llms["v3"].tokenizer, **kwargs)
+        chat_guidance(llms["v3"].tokenizer, **kwargs)
     assert e.value.field == field
 
 
@@ -258,12 +265,12 @@ def test_json_schema_with_an_hf_tokenizer(llms, tmp_path):
     tok = Tokenizer.from_path(tmp_path / "hf")
     assert tok.kind == "hf"
     llm = LLM.from_model(llms["v3"].model, tok)
-    guided = guidance_for_chat(tok, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+    guided = chat_guidance(tok, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
     for out in llm.generate([tok.encode("Answer:")] * 2, sampled(2, guided, 400)):
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), SCHEMA)
     with pytest.raises(InvalidParameter) as e:  # its tool-call format is its template's business
-        guidance_for_chat(tok, tools=TOOLS, tool_choice="required")
+        chat_guidance(tok, tools=TOOLS, tool_choice="required")
     assert e.value.field == "tool_choice"
 
 
@@ -271,7 +278,7 @@ def test_forced_tool_calls_need_a_known_format(llms, tmp_path):
     assert compiler_for(llms["v3"].tokenizer) is compiler_for(llms["v3"].tokenizer)  # one per tokenizer
     v1 = Tokenizer.from_path(TOKENIZERS / "tokenizer.model.v1")
     with pytest.raises(InvalidParameter) as e:
-        guidance_for_chat(v1, tools=TOOLS, tool_choice="required")
+        chat_guidance(v1, tools=TOOLS, tool_choice="required")
     assert e.value.field == "tool_choice"
     # JSON needs no tool format.
-    assert guidance_for_chat(v1, response_format={"type": "json_object"}).kind == "json_schema"
+    assert chat_guidance(v1, response_format={"type": "json_object"}).kind == "json_schema"

@@ -301,12 +301,14 @@ def test_mistral_forced_tool_call(mis):
 
 def test_tool_choice_none_and_output_that_is_not_a_call(oai):
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], max_tokens=4, logit_bias={"5": 100})  # 5: [TOOL_CALLS]
-    # auto: the model "calls" with nothing after the marker, which is no call: the text comes back as it is
+    # auto: the model starts a "call" that max_tokens cuts before anything is called: no call,
+    # and no control text as content either
     r = oai.chat.completions.create(**kw)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
-    assert r.choices[0].message.content.startswith("[TOOL_CALLS]")
-    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(stream=True, **kw))
-    assert streamed == r.choices[0].message.content
+    assert r.choices[0].message.content == ""
+    streamed = list(oai.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == ""
+    assert streamed[-1].choices[0].finish_reason == "length"
     # none: [TOOL_CALLS] cannot be drawn, whatever the bias
     r = oai.chat.completions.create(tool_choice="none", **kw)
     assert "[TOOL_CALLS]" not in r.choices[0].message.content and r.choices[0].message.tool_calls is None

@@ -20,13 +20,10 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from galerne.conversation import mistral_tool_call_id
 from galerne.errors import InvalidParameter, TokenizerError
-from galerne.tokenizer import (
-    IncrementalDetokenizer,
-    Tokenizer,
-    _find_tokenizer_file,
-    mistral_tool_call_id,
-)
+from galerne.tokenizer import IncrementalDetokenizer, Tokenizer
+from galerne.tokenizer.base import _find_tokenizer_file
 
 DATA = Path(mistral_common.__file__).parent / "data"
 # model-folder name -> file shipped by mistral-common
@@ -411,9 +408,9 @@ def test_error_bad_messages(toks, messages, field, text):
 def test_error_bad_tools(toks):
     user = [{"role": "user", "content": "hi"}]
     bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]
-    with pytest.raises(InvalidParameter, match="Invalid tool schema") as info:
+    with pytest.raises(InvalidParameter, match="invalid JSON schema at type: 'objectx'") as info:
         toks["tekken"].encode_chat(user, bad_schema)
-    assert info.value.field == "tools"
+    assert info.value.field == "tools[0].function.parameters"
     with pytest.raises(InvalidParameter, match="must be a string") as info:
         toks["tekken"].encode_chat(user, [{"type": "function", "function": {"name": "f", "description": 3}}])
     assert info.value.field == "tools[0].function.description"

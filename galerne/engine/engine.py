@@ -49,6 +49,10 @@ class StepOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output
+    # What stopped it, with finish_reason "stop": the token id (EOS or one of
+    # stop_token_ids; it is the last of token_ids) or the stop string; None when the
+    # grammar completed. Callers never recompute it (ignore_eos, stop_token_ids...).
+    stop_reason: int | str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_prompt_tokens: int = 0
@@ -258,15 +262,16 @@ class Engine:
         finish = None
         if token in st.stop_ids:
             out.text, _ = drain(st.detok, st.stopper)
-            finish = "stop"
+            finish, out.stop_reason = "stop", token
         else:
             out.text, stopped = st.stopper.push(st.detok.push(token))
             if stopped:
-                finish = "stop"
+                finish, out.stop_reason = "stop", st.stopper.matched
             elif grammar_done or seq.num_output_tokens >= seq.max_tokens:
                 tail, stopped = drain(st.detok, st.stopper)
                 out.text += tail
                 finish = "stop" if stopped or grammar_done else "length"
+                out.stop_reason = st.stopper.matched
         if finish is not None:
             out.finish_reason = finish
             self.scheduler.finish(seq, finish)

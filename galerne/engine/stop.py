@@ -12,6 +12,7 @@ class StopChecker:
         self.stops = stops
         self.include_stop = include_stop
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, text: str) -> tuple[str, bool]:
         """Add newly decoded text; returns (text safe to emit, whether a stop string ended it)."""
@@ -25,6 +26,7 @@ class StopChecker:
         if hits:
             i, s = min(hits)
             self.pending = ""
+            self.matched = s
             return buf[: i + len(s) if self.include_stop else i], True
         hold = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0)
         self.pending = buf[len(buf) - hold :]

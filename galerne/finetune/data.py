@@ -18,16 +18,13 @@ closes each turn, are the only ones with a weight.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from galerne.errors import GalerneError, TokenizerError
-
-_TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # mistral-finetune's rule
-_ROLES = ("system", "user", "assistant", "tool")
+from galerne.conversation import check_messages, check_tools
+from galerne.errors import GalerneError, InvalidParameter, TokenizerError
 
 
 class DataError(GalerneError):
@@ -89,53 +86,12 @@ def encode_sample(tokenizer, obj: Any) -> Sample:
 
 
 def _check_conversation(obj: dict) -> tuple[list[dict], list[dict] | None]:
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError("messages must be a non-empty list")
-    tools = obj.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise DataError("tools must be a list")
-    call_ids: set[str] = set()
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(f"{where}: not a JSON object")
-        role = msg.get("role")
-        if role not in _ROLES:
-            raise DataError(f"{where}: unknown role {role!r}")
-        content = msg.get("content")
-        if content is not None and not isinstance(content, str):
-            raise DataError(f"{where}: content must be a string")
-        if role == "assistant":
-            calls = msg.get("tool_calls")
-            if calls is not None and not isinstance(calls, list):
-                raise DataError(f"{where}: tool_calls must be a list")
-            if not content and not calls:
-                raise DataError(f"{where}: assistant message with neither content nor tool_calls")
-            weight = msg.get("weight", 1)
-            if weight not in (0, 1) or isinstance(weight, bool):
-                raise DataError(f"{where}: weight must be 0 or 1, not {weight!r}")
-            for k, call in enumerate(calls or ()):
-                if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-                    raise DataError(f"{where}.tool_calls[{k}]: must be an object with a function")
-                cid = call.get("id")
-                if not isinstance(cid, str) or not _TOOL_CALL_ID.fullmatch(cid):
-                    raise DataError(
-                        f"{where}.tool_calls[{k}]: tool call id {cid!r} is not 9 alphanumeric characters"
-                    )
-                if not isinstance(call["function"].get("name"), str) or not call["function"]["name"]:
-                    raise DataError(f"{where}.tool_calls[{k}]: function name must be a non-empty string")
-                call_ids.add(cid)
-        else:
-            if content is None:
-                raise DataError(f"{where}: {role} message without content")
-        if role == "tool":
-            cid = msg.get("tool_call_id")
-            if cid not in call_ids:
-                raise DataError(f"{where}: tool message without a preceding call id ({cid!r})")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"last message is from the {messages[-1]['role']}, not the assistant")
-    return messages, tools
+    """mistral-finetune's rules, through the one conversation check (training mode)."""
+    try:
+        messages, _ = check_messages(obj["messages"], training=True)
+        return messages, check_tools(obj.get("tools"))
+    except InvalidParameter as e:
+        raise DataError(str(e)) from None
 
 
 @lru_cache(maxsize=4)
@@ -187,8 +143,6 @@ def _to_request(messages: list[dict], tools: list[dict] | None):
     if tools:
         tool_objs = []
         for t in tools:
-            if not isinstance(t, dict) or not isinstance(t.get("function"), dict):
-                raise DataError("tools: each tool must be an object with a function")
             fn = t["function"]
             tool_objs.append(Tool(function=Function(name=fn.get("name"), description=fn.get("description", ""), parameters=fn.get("parameters") or {})))
     return ChatCompletionRequest(messages=out, tools=tool_objs)

@@ -7,9 +7,9 @@ mid-generation), keeps one ``GuidedMatcher`` per sequence, and each step masks t
 logits of the guided rows to the tokens the grammar allows. When the grammar is
 complete (nothing but EOS can follow) the sequence ends with finish reason "stop".
 
-``guidance_for_chat`` turns the OpenAI/Mistral chat options ``response_format``,
-``tool_choice`` and ``tools`` into a Guidance. Forced tool calls use the model's own
-format, from mistral-common:
+``guidance_for_chat`` turns a checked ``Conversation``'s options (``response_format``,
+``tool_choice``, ``tools``: see ``galerne.conversation``) into a Guidance. Forced tool
+calls use the model's own format, from mistral-common:
 
 * tokenizer v2..v7: ``[TOOL_CALLS]`` then a JSON list
   ``[{"name": ..., "arguments": {...}}, ...]``;
@@ -17,7 +17,13 @@ format, from mistral-common:
   grammar of mistral-common's ``GrammarFactory``.
 
 ``[TOOL_CALLS]`` (and ``[ARGS]``) are special tokens: they are in the token ids,
-but ``Tokenizer.decode`` (and so the streamed text) leaves them out. Parse the ids.
+but ``Tokenizer.decode`` (and so the streamed text) leaves them out. Parse the ids
+(``galerne.tokenizer.toolcalls``).
+
+JSON is forced compact, as Mistral's models write it (``json.dumps``'s separators,
+``{"a": 1, "b": [2, 3]}``, no other whitespace): a model that cannot choose
+whitespace cannot spend its token budget on it. A schema's own "x-guidance"
+options replace this.
 """
 
 from __future__ import annotations
@@ -37,24 +43,21 @@ import llguidance as llg
 import numpy as np
 import torch
 
+from ..conversation import JSON_OBJECT_SCHEMA, Conversation, check_json_schema
 from ..errors import InvalidParameter, TokenizerError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "lark", "regex")
-# What a bare "json_object" asks for: any JSON object (OpenAI's JSON mode).
-JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 # Whitespace before the JSON, as mistral-common's grammars allow: SentencePiece
 # models start an answer with "▁{", and the bound keeps a looping model finite.
 _SAFE_WS = "SAFE_WS: /[ \\t\\r\\n]{1,8}/"
 # Mistral tool-call ids (v3..v7 calls may carry one after the arguments).
 _CALL_ID_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
 _NO_ARGS_SCHEMA = {"type": "object", "properties": {}, "additionalProperties": False}
-# Whitespace between JSON tokens: any, but at most this much in one place (llguidance's
-# own default is unbounded, and a model that loops on newlines would never finish the
-# JSON). Enough for pretty-printed JSON a few levels deep. A schema's own "x-guidance"
-# options replace this.
-JSON_WHITESPACE = "[ \\t\\n\\r]{0,20}"
+# llguidance's JSON layout options: json.dumps's separators and no other whitespace
+# (its own default allows any whitespace anywhere, unbounded).
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE_SIZE = 64
 
 
@@ -81,7 +84,7 @@ class Guidance:
         if not isinstance(self.spec, str):
             raise InvalidParameter(self.field, f"the {self.kind} must be given as a string, got {type(self.spec).__name__}")
         if self.kind == "json_schema":
-            _check_schema(_parse_schema(self.spec, self.field), self.field)
+            check_json_schema(_parse_schema(self.spec, self.field), self.field)
         elif self.kind in ("lark", "regex") and not self.spec:
             raise InvalidParameter(self.field, f"the {self.kind} is empty")
 
@@ -112,29 +115,6 @@ def _parse_schema(spec: str, field: str) -> dict:
     if not isinstance(schema, dict):
         raise InvalidParameter(field, f"the JSON schema must be an object, got {type(schema).__name__}")
     return schema
-
-
-def _check_schema(schema: dict, field: str) -> None:
-    """Reject schemas that are not JSON Schema (wrong types of keywords...)."""
-    problem = _schema_problem(_dumps(schema))
-    if problem is not None:
-        raise InvalidParameter(field, problem)
-
-
-@lru_cache(maxsize=256)
-def _schema_problem(text: str) -> str | None:
-    # Cached by text: a server sees the same schemas (tools) request after request.
-    try:
-        import jsonschema  # comes with mistral-common
-    except ImportError:  # pragma: no cover - llguidance still checks what it compiles
-        return None
-    schema = json.loads(text)
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as e:
-        where = "/".join(str(p) for p in e.absolute_path)
-        return f"invalid JSON schema{f' at {where}' if where else ''}: {e.message}"
-    return None
 
 
 # --------------------------------------------------------------------------- matcher
@@ -216,8 +196,11 @@ class GuidedCompiler:
         self.kind = tokenizer.kind
         self.path = tokenizer.path
         self.eos_ids = sorted(tokenizer.stop_token_ids())
-        self._mt = getattr(tokenizer, "_mt", None)  # mistral_common MistralTokenizer
-        self._hf = getattr(tokenizer, "_tok", None) if tokenizer.kind == "hf" else None
+        self.mistral_version = tokenizer.mistral_version
+        self.tool_call_format = tokenizer.tool_call_format
+        self.special_ids = {name: tokenizer.special_token_id(name) for name in ("[TOOL_CALLS]", "[ARGS]")}
+        self._mt = tokenizer.mistral_tokenizer
+        self._hf = tokenizer.hf_tokenizer
         self._lock = threading.Lock()
         self._llg: llg.LLTokenizer | None = None
         self._factory = None
@@ -234,11 +217,6 @@ class GuidedCompiler:
             return self._executor
 
     # ---- the tokenizer, as llguidance sees it
-
-    @property
-    def mistral_version(self):
-        """mistral-common's TokenizerVersion, or None for HF tokenizers."""
-        return None if self._mt is None else self._mt.instruct_tokenizer.tokenizer.version
 
     @property
     def factory(self):
@@ -271,18 +249,6 @@ class GuidedCompiler:
 
             return from_mistral_tokenizer(self._mt), None
         return llg.LLTokenizer(llg.TokenizerWrapper(_SentencePieceForLLG(inner))), None
-
-    def special_token(self, piece: str) -> int | None:
-        """Id of a Mistral control token such as "[TOOL_CALLS]", None if the tokenizer has none."""
-        if self._mt is None:
-            return None
-        inner = self._mt.instruct_tokenizer.tokenizer
-        try:
-            token_id = inner.get_special_token(piece)
-        except Exception:  # mistral-common raises different errors per tokenizer type
-            return None
-        # Old SentencePiece vocabularies map unknown control names to <unk>.
-        return None if token_id == inner.unk_id else token_id
 
     # ---- grammars
 
@@ -319,7 +285,7 @@ class GuidedCompiler:
         try:
             if self.factory is not None:
                 lark = self.factory.get_lark_for_json_schema(self.factory.select_jinja_template(),
-                                                             bounded_whitespace(schema))
+                                                             compact_json(schema))
             else:
                 lark = json_lark(schema)
         except Exception as e:
@@ -353,17 +319,17 @@ def json_lark(schema: dict) -> str:
     return f"start: SAFE_WS? %json {_json(schema)}\n{_SAFE_WS}\n"
 
 
-def bounded_whitespace(schema: dict) -> dict:
-    """``schema`` with llguidance's option bounding the whitespace runs (JSON_WHITESPACE),
-    unless it sets its own "x-guidance" options."""
+def compact_json(schema: dict) -> dict:
+    """``schema`` with llguidance's options for compact JSON (COMPACT_JSON), unless it
+    sets its own "x-guidance" options."""
     if "x-guidance" in schema:
         return schema
-    return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    return {**schema, "x-guidance": COMPACT_JSON}
 
 
 def _json(schema: dict) -> str:
     """A schema as the argument of a Lark ``%json``."""
-    return _dumps(bounded_whitespace(schema))
+    return _dumps(compact_json(schema))
 
 
 def _grammar_factory(mt):
@@ -420,47 +386,32 @@ def compiler_for(tokenizer) -> GuidedCompiler:
 # --------------------------------------------------------------------------- chat options
 
 
-def guidance_for_chat(
-    tokenizer,
-    *,
-    tools: list[dict] | None = None,
-    tool_choice: str | dict | None = None,
-    response_format: dict | None = None,
-    parallel_tool_calls: bool = True,
-) -> Guidance | None:
-    """The Guidance for OpenAI/Mistral-style chat options, or None when unconstrained.
+def guidance_for_chat(tokenizer, chat: Conversation) -> Guidance | None:
+    """The Guidance for a conversation's options, or None when the answer is free.
 
-    * ``tool_choice`` "required"/"any" or ``{"type": "function", "function": {"name": N}}``:
-      the output is one or more tool calls (only N for a named choice; exactly one when
-      ``parallel_tool_calls`` is false), in the model's native format, arguments
+    * ``tool_choice`` required (OpenAI's "required", Mistral's "any") or a named function:
+      the output is one or more tool calls (only that function for a named choice; exactly
+      one when ``parallel_tool_calls`` is false), in the model's native format, arguments
       matching each tool's ``parameters`` schema. ``response_format`` is then moot.
     * ``response_format`` json_schema: JSON matching the schema (whatever ``strict``
-      says); json_object: any JSON object. With ``tools`` and tool_choice "auto", a
-      Mistral tokenizer may instead produce tool calls (the JSON or the calls, nothing else).
-    * "text" / no response_format, with tool_choice "auto" or "none": None.
+      says); json_object: any JSON object. With tools and tool_choice "auto", a Mistral
+      tokenizer may instead produce tool calls (the JSON or the calls, nothing else).
+    * free text, with tool_choice "auto" or "none": None.
 
-    Validates everything and compiles the grammar for ``tokenizer`` now, so that
-    errors (InvalidParameter naming "tools", "tool_choice" or "response_format")
-    come at request time.
+    Compiles the grammar for ``tokenizer`` now, so that errors (InvalidParameter naming
+    "tools", "tool_choice" or "response_format") come at request time.
     """
-    from ..tokenizer import _check_tools
-
-    tools = _check_tools(tools) or None
-    choice, named = _tool_choice(tool_choice, tools)
-    schema = _response_schema(response_format)
-    if not isinstance(parallel_tool_calls, bool):
-        raise InvalidParameter("parallel_tool_calls", f"must be a boolean, got {parallel_tool_calls!r}")
     compiler = compiler_for(tokenizer)
-
-    if choice == "required":
-        if named is not None:
-            tools = [t for t in tools if t["function"]["name"] == named]
-        lark = _tool_calls_lark(compiler, tools, parallel_tool_calls, field="tool_choice")
+    forced = chat.forced_tools
+    schema = chat.response_schema
+    if forced is not None:
+        lark = _tool_calls_lark(compiler, chat.tools, forced, chat.parallel_tool_calls, field="tool_choice")
         guidance = Guidance("lark", lark, "tool_choice")
     elif schema is None:
         return None
-    elif tools and choice == "auto" and _tool_format(compiler) is not None:
-        lark = _tool_calls_lark(compiler, tools, parallel_tool_calls, field="tools", json_schema=schema)
+    elif chat.calls_allowed and compiler.tool_call_format is not None:
+        lark = _tool_calls_lark(compiler, chat.tools, chat.tools, chat.parallel_tool_calls, field="tools",
+                                json_schema=schema)
         guidance = Guidance("lark", lark, "response_format")
     else:
         guidance = Guidance.json_schema(schema, "response_format")
@@ -468,79 +419,12 @@ def guidance_for_chat(
     return guidance
 
 
-def _tool_choice(tool_choice, tools) -> tuple[str, str | None]:
-    """("auto" | "none" | "required", the named function or None)."""
-    if tool_choice is None:
-        return "auto", None
-    if isinstance(tool_choice, str):
-        if tool_choice not in ("auto", "none", "any", "required"):
-            raise InvalidParameter("tool_choice", f"must be auto, none, required, any or a named function, got {tool_choice!r}")
-        choice = "required" if tool_choice == "any" else tool_choice
-        if choice == "required" and not tools:
-            raise InvalidParameter("tool_choice", f"{tool_choice!r} needs tools")
-        return choice, None
-    if not isinstance(tool_choice, dict):
-        raise InvalidParameter("tool_choice", "must be a string or an object naming a function")
-    if tool_choice.get("type", "function") != "function":
-        raise InvalidParameter("tool_choice.type", f"unknown tool choice type {tool_choice.get('type')!r}")
-    fn = tool_choice.get("function")
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or not name:
-        raise InvalidParameter("tool_choice.function.name", "must be a non-empty string")
-    if not tools:
-        raise InvalidParameter("tool_choice", f"names function {name!r} but no tools are given")
-    names = [t["function"]["name"] for t in tools]
-    if name not in names:
-        raise InvalidParameter("tool_choice.function.name", f"{name!r} is not one of the tools ({', '.join(names)})")
-    return "required", name
-
-
-def _response_schema(response_format) -> dict | None:
-    """The JSON schema a response_format asks for, None for text."""
-    if response_format is None:
-        return None
-    if not isinstance(response_format, dict):
-        raise InvalidParameter("response_format", "must be an object with a type")
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return JSON_OBJECT_SCHEMA
-    if kind != "json_schema":
-        raise InvalidParameter("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
-    spec = response_format.get("json_schema")
-    if not isinstance(spec, dict):
-        raise InvalidParameter("response_format.json_schema", "must be an object with a schema")
-    # OpenAI's key is "schema"; some clients send "json_schema"/"schema_" variants.
-    schema = spec.get("schema")
-    if schema is None:
-        raise InvalidParameter("response_format.json_schema.schema", "missing")
-    if isinstance(schema, str):
-        schema = _parse_schema(schema, "response_format.json_schema.schema")
-    if not isinstance(schema, dict):
-        raise InvalidParameter("response_format.json_schema.schema", "must be an object")
-    _check_schema(schema, "response_format.json_schema.schema")
-    return schema
-
-
-def _tool_format(compiler: GuidedCompiler) -> str | None:
-    """"list" (v2..v7), "args" (v11+) or None (no known tool-call format)."""
-    from mistral_common.tokens.tokenizers.base import TokenizerVersion
-
-    version = compiler.mistral_version
-    if version is None or version == TokenizerVersion.v1 or compiler.special_token("[TOOL_CALLS]") is None:
-        return None
-    return "list" if version <= TokenizerVersion.v7 else "args"
-
-
 def _tool_args_schema(tool: dict, i: int) -> dict:
+    """The arguments' schema of ``tools[i]`` (checked by the conversation), compilable."""
     params = tool["function"].get("parameters")
     if not params:
         return _NO_ARGS_SCHEMA
     field = f"tools[{i}].function.parameters"
-    if not isinstance(params, dict):
-        raise InvalidParameter(field, "must be an object")
-    _check_schema(params, field)
     problem = _compile_problem(_dumps(params))
     if problem is not None:
         raise InvalidParameter(field, f"cannot compile the JSON schema: {problem}")
@@ -553,20 +437,20 @@ def _compile_problem(schema_text: str) -> str | None:
     return (messages[0] if messages else "invalid") if is_error else None
 
 
-def _tool_calls_lark(compiler: GuidedCompiler, tools: list[dict], parallel: bool, *, field: str,
-                     json_schema: dict | None = None) -> str:
-    """Lark grammar of the model's native tool calls (or, with ``json_schema``, of either
-    a JSON answer or tool calls)."""
-    fmt = _tool_format(compiler)
+def _tool_calls_lark(compiler: GuidedCompiler, all_tools: list[dict], tools: list[dict], parallel: bool, *,
+                     field: str, json_schema: dict | None = None) -> str:
+    """Lark grammar of the model's native calls of ``tools`` (some of ``all_tools``, which
+    errors index), or, with ``json_schema``, of either a JSON answer or such calls."""
+    fmt = compiler.tool_call_format
     if fmt is None:
         what = "a Mistral tokenizer (tekken.json / tokenizer.model.vN)" if compiler.mistral_version is None \
             else "a tokenizer with tool calls (v2 or later)"
         raise InvalidParameter(field, f"forcing tool calls needs {what}: the tool-call format of this model is unknown")
-    args = [_tool_args_schema(t, i) for i, t in enumerate(tools)]
+    args = [_tool_args_schema(t, all_tools.index(t)) for t in tools]
     factory = compiler.factory
     if factory is not None:
         return _factory_lark(factory, tools, args, parallel, json_schema, field)
-    tc = f"<[{compiler.special_token('[TOOL_CALLS]')}]>"
+    tc = f"<[{compiler.special_ids['[TOOL_CALLS]']}]>"
     if fmt == "list":
         items = [
             {
@@ -582,7 +466,7 @@ def _tool_calls_lark(compiler: GuidedCompiler, tools: list[dict], parallel: bool
             calls["maxItems"] = 1
         fcalls = f"{tc} SAFE_WS? %json {_json(calls)}"
     else:  # [TOOL_CALLS]name[ARGS]{...} per call, as mistral-common's grammar
-        args_tok = compiler.special_token("[ARGS]")
+        args_tok = compiler.special_ids["[ARGS]"]
         if args_tok is None:
             raise InvalidParameter(field, "the tokenizer has no [ARGS] token for its tool-call format")
         one = " | ".join(
@@ -608,7 +492,7 @@ def _factory_lark(factory, tools, args, parallel, json_schema, field) -> str:
     # Every tool strict: the grammar enforces each tool's parameters schema.
     mtools = [
         Tool(function=Function(name=t["function"]["name"], description=t["function"].get("description") or "",
-                               parameters=bounded_whitespace(a), strict=True))
+                               parameters=compact_json(a), strict=True))
         for t, a in zip(tools, args)
     ]
     if json_schema is None:
@@ -616,7 +500,7 @@ def _factory_lark(factory, tools, args, parallel, json_schema, field) -> str:
                                         tool_choice=ToolChoiceEnum.required, parallel_tool_calls=parallel)
     else:
         fmt = ResponseFormat(type="json_schema",
-                             json_schema={"name": "response", "schema": bounded_whitespace(json_schema), "strict": True})
+                             json_schema={"name": "response", "schema": compact_json(json_schema), "strict": True})
         request = ChatCompletionRequest(messages=[{"role": "user", "content": "-"}], tools=mtools,
                                         tool_choice=ToolChoiceEnum.auto, parallel_tool_calls=parallel,
                                         response_format=fmt)

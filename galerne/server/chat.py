@@ -8,6 +8,13 @@ when ``stream_options.include_usage``), how tool calls stream (OpenAI: a first
 delta with id and name, then pieces of the arguments; Mistral: each call whole,
 as its client requires a name in every delta), and ``finish_reason``
 (Mistral says ``model_length`` when the context, not max_tokens, ran out).
+
+Tool calls: the ids after the first ``[TOOL_CALLS]`` go to one ``ToolCallParser``
+per choice, streamed or not. An answer cut by ``max_tokens`` ends with
+finish_reason "length" and the calls as far as they went, never with the model's
+control text as content. An answer that ends (EOS) without a well-formed call
+after the marker was not a call: its raw text, special tokens written out, is
+the content, so that nothing the model said is lost.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..conversation import Conversation
 from ..engine.engine import StepOutput
 from ..errors import InvalidParameter
+from ..sampling.guided import guidance_for_chat
 from ..sampling.params import SamplingParams
+from ..tokenizer.toolcalls import ToolCallParser, ToolEvent
 from . import dialect as dialects
-from . import tools as toolcalls
 from .auth import require_api_key
 from .dialect import Dialect
 from .mistral.protocol import MistralChatCompletionRequest
@@ -57,11 +66,10 @@ async def chat_completions(request: Request) -> Response:
     req = validate(wire, body).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
-    # Tokenizing and compiling a grammar take CPU time: not on the event loop.
-    prompt = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages, req.tools)
-    params, tools_on = await asyncio.to_thread(chat_params, server, req)
+    # Checking, tokenizing and compiling a grammar take CPU time: not on the event loop.
+    prompt, params, chat = await asyncio.to_thread(prepare, server, req)
     gen = Generation(server, [prompt], params, request_id=new_id(dialect))
-    responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=tools_on,
+    responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=chat.calls_allowed,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
                               include_usage=req.include_usage)
     return await respond(request, gen, responder, dialect)
@@ -72,36 +80,34 @@ def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:
     return (prefix if dialect is Dialect.OPENAI else "") + uuid.uuid4().hex
 
 
-def chat_params(server: ServerState, req: ChatRequest) -> tuple[SamplingParams, bool]:
-    """SamplingParams for a chat request, and whether tool calls are parsed from the output."""
+def prepare(server: ServerState, req: ChatRequest) -> tuple[list[int], SamplingParams, Conversation]:
+    """A chat request's prompt ids, SamplingParams and checked conversation."""
+    chat = Conversation.parse(req.messages, tools=req.tools, tool_choice=req.tool_choice,
+                              response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
+    prompt = server.tokenizer.encode_chat(chat)
+    return prompt, chat_params(server, req, chat), chat
+
+
+def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> SamplingParams:
+    """SamplingParams for a chat request: the request's sampling fields, its logprobs, and
+    what the conversation's options ask (a grammar, no tool call)."""
     kwargs = dict(req.sampling)
     if req.logprobs:
         kwargs["logprobs"] = req.top_logprobs
     marker = server.tokenizer.special_token_id("[TOOL_CALLS]")
-    tools_on = bool(req.tools) and req.tool_choice != "none" and marker is not None
-    if req.tools and req.tool_choice == "none" and marker is not None:
+    if chat.tools and chat.tool_choice.mode == "none" and marker is not None:
         # The model sees the tools but may not call one: [TOOL_CALLS] cannot be drawn.
         bias = dict(kwargs.get("logit_bias") or {})
         bias[str(marker)] = -100.0
         kwargs["logit_bias"] = bias
-    guided = _guidance(server, req)
+    # Compiled now (in the caller's worker thread), so a bad schema is a 400.
+    guided = guidance_for_chat(server.tokenizer, chat)
     if guided is not None:
         kwargs["guided"] = guided
     try:
-        return SamplingParams(**kwargs), tools_on
-    except InvalidParameter:
-        raise
+        return SamplingParams(**kwargs)
     except TypeError as e:  # a keyword this SamplingParams does not know
         raise InvalidParameter("body", str(e)) from None
-
-
-def _guidance(server: ServerState, req: ChatRequest):
-    """Grammar-constrained decoding for a forced tool call or a JSON answer (None: free
-    text). Compiled now (in the caller's worker thread), so a bad schema is a 400."""
-    from ..sampling.guided import guidance_for_chat
-
-    return guidance_for_chat(server.tokenizer, tools=req.tools, tool_choice=req.tool_choice,
-                             response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
 
 
 # ------------------------------------------------------------------ the response
@@ -116,7 +122,7 @@ class _Choice:
     finish_reason: str | None = None
     started: bool = False  # role delta sent
     content_ids: list[int] = field(default_factory=list)  # ids before [TOOL_CALLS]
-    calls: toolcalls.ToolCallStream | None = None  # after [TOOL_CALLS]
+    calls: ToolCallParser | None = None  # after [TOOL_CALLS]
 
 
 class ChatResponder(Responder):
@@ -130,21 +136,18 @@ class ChatResponder(Responder):
         self.created = int(time.time())
         tok = server.tokenizer
         self.tokenizer = tok
-        self.stop_ids = frozenset(tok.stop_token_ids()) | frozenset(gen.params.stop_token_ids)
-        self.marker = tok.special_token_id("[TOOL_CALLS]") if tools else None
+        self.marker = tok.special_token_id("[TOOL_CALLS]") if tools and tok.tool_call_format else None
         n = gen.params.n * len(gen.prompts)
         self.choices = [_Choice(i) for i in range(n)]
         self._unfinished = n
 
     # --- pieces
 
-    def _logprobs(self, out: StepOutput) -> list[dict]:
+    def _logprobs(self, out: StepOutput, ids: list[int]) -> list[dict]:
         if self.top_logprobs is None or out.logprobs is None:
             return []
         tok, entries = self.tokenizer, []
-        for j, t in enumerate(out.token_ids):
-            if t in self.stop_ids:
-                continue
+        for j, t in enumerate(ids):
             top = (out.top_logprobs or [[]] * len(out.token_ids))[j][: self.top_logprobs]
             entries.append({
                 "token": tok.token_str(t), "logprob": out.logprobs[j], "bytes": list(tok.token_bytes(t)), "token_id": t,
@@ -154,13 +157,14 @@ class ChatResponder(Responder):
         return entries
 
     def _finish_reason(self, c: _Choice, engine_reason: str) -> str:
+        if engine_reason == "length":  # also when it cut a tool call
+            k = c.index // self.gen.params.n
+            if self.dialect is Dialect.MISTRAL and len(self.gen.prompts[k]) + len(c.token_ids) >= self.server.max_model_len:
+                return "model_length"
+            return "length"
         if c.calls is not None and c.calls.calls:
             return "tool_calls"
-        if engine_reason == "length" and self.dialect is Dialect.MISTRAL:
-            k = c.index // self.gen.params.n
-            if len(self.gen.prompts[k]) + len(c.token_ids) >= self.server.max_model_len:
-                return "model_length"
-        return "stop" if engine_reason == "abort" else engine_reason
+        return "stop"  # "abort" too: nobody reads it
 
     def usage(self) -> dict:
         g = self.gen
@@ -175,7 +179,7 @@ class ChatResponder(Responder):
             out["usage"] = usage  # OpenAI: null on every chunk but the last, when asked
         return out
 
-    def _tool_delta(self, events: list[toolcalls.ToolEvent]) -> list[dict]:
+    def _tool_delta(self, events: list[ToolEvent]) -> list[dict]:
         deltas = []
         for e in events:
             if self.dialect is Dialect.MISTRAL:
@@ -194,9 +198,11 @@ class ChatResponder(Responder):
     def add(self, i: int, out: StepOutput) -> list[dict]:
         c = self.choices[i]
         c.token_ids += out.token_ids
-        logprobs = self._logprobs(out)
+        # The engine says which token stopped the choice: it is neither content nor logprob.
+        ids = out.token_ids[:-1] if isinstance(out.stop_reason, int) else out.token_ids
+        logprobs = self._logprobs(out, ids)
         c.logprobs += logprobs
-        content, tool_deltas = self._split(c, out)
+        content, tool_deltas = self._split(c, out, ids)
         chunks = []
         if self.stream:
             if not c.started:
@@ -215,20 +221,15 @@ class ChatResponder(Responder):
             chunks += self._finish(c, out.finish_reason)
         return chunks if self.stream else []
 
-    def _split(self, c: _Choice, out: StepOutput) -> tuple[str, list[dict]]:
+    def _split(self, c: _Choice, out: StepOutput, ids: list[int]) -> tuple[str, list[dict]]:
         """This output's content text and tool-call deltas."""
-        if self.marker is None:
+        if self.marker is None or (c.calls is None and self.marker not in ids):
+            c.content_ids += ids
             c.text += out.text
             return out.text, []
-        if c.calls is None and self.marker not in out.token_ids:
-            c.content_ids += [t for t in out.token_ids if t not in self.stop_ids]
-            c.text += out.text
-            return out.text, []
-        events: list[toolcalls.ToolEvent] = []
+        events: list[ToolEvent] = []
         content = ""
-        for t in out.token_ids:
-            if t in self.stop_ids:
-                continue
+        for t in ids:
             if c.calls is None and t != self.marker:
                 c.content_ids.append(t)
                 continue
@@ -237,21 +238,21 @@ class ChatResponder(Responder):
                 full = self.tokenizer.decode(c.content_ids)
                 content = full[len(c.text):] if full.startswith(c.text) else ""
                 c.text = full
-                c.calls = toolcalls.ToolCallStream(self.tokenizer, self.marker)
+                c.calls = ToolCallParser(self.tokenizer)
             events += c.calls.push(t)
         return content, self._tool_delta(events)
 
     def _finish(self, c: _Choice, engine_reason: str) -> list[dict]:
         delta: dict = {}
         if c.calls is not None:
-            events, not_a_call = c.calls.finish()
-            if not_a_call:  # not a call after all: the raw text is the answer
+            tool_deltas = self._tool_delta(c.calls.finish())
+            if tool_deltas:
+                delta["tool_calls"] = tool_deltas
+            elif not c.calls.calls and engine_reason != "length":
+                # Not a call after all: what the model wrote is the answer.
                 raw = c.calls.raw_text()
                 c.text += raw
                 delta["content"] = raw
-            tool_deltas = self._tool_delta(events)
-            if tool_deltas:
-                delta["tool_calls"] = tool_deltas
         c.finish_reason = self._finish_reason(c, engine_reason)
         self._unfinished -= 1
         if not self.stream:
@@ -270,8 +271,7 @@ class ChatResponder(Responder):
         for c in self.choices:
             calls = None
             if c.calls is not None:
-                calls = [{"id": k.id, "type": "function", "function": {"name": k.name, "arguments": k.arguments}}
-                         for k in c.calls.calls] or None
+                calls = [k.as_api() for k in c.calls.calls] or None
             content = c.text if (c.text or not calls) else None
             message: dict = {"role": "assistant", "content": content}
             if self.dialect is Dialect.MISTRAL:

@@ -71,7 +71,6 @@ class TextResponder(Responder):
         self.logprobs, self.include_usage, self.echo = logprobs, include_usage, echo
         self.created = int(time.time())
         self.tokenizer = server.tokenizer
-        self.stop_ids = frozenset(self.tokenizer.stop_token_ids()) | frozenset(gen.params.stop_token_ids)
         n = gen.params.n * len(gen.prompts)
         self.text = [""] * n
         self.started = [False] * n
@@ -83,9 +82,9 @@ class TextResponder(Responder):
             return None
         tok, piece = self.tokenizer, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offset = len(self.text[i]) - len(out.text)
-        for j, t in enumerate(out.token_ids):
-            if t in self.stop_ids:
-                continue
+        # The engine says which token stopped the choice: it has no logprob entry.
+        ids = out.token_ids[:-1] if isinstance(out.stop_reason, int) else out.token_ids
+        for j, t in enumerate(ids):
             s = tok.token_str(t)
             piece["tokens"].append(s)
             piece["token_logprobs"].append(out.logprobs[j])

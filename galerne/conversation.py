@@ -1,0 +1,354 @@
+"""A chat request's conversation, normalised and checked once.
+
+Messages, tools, ``tool_choice``, ``response_format`` and tool-call ids come in
+the shapes of OpenAI's and Mistral's APIs (and of mistral-finetune's JSONL
+lines). ``Conversation.parse`` checks them, naming the field at fault
+(``messages[2].tool_calls[0].function.name``), and returns one normalised form
+that the server, the tokenizers (``Tokenizer.encode_chat``), the grammar
+compiler (``guided.guidance_for_chat``) and the fine-tuning data reader all
+read. Nothing downstream re-checks or re-parses these options.
+
+Pure Python (no torch, no tokenizer): the tokenizer package sits above it.
+
+What is checked here is the *shape*: roles, content kinds, tool calls, tool
+definitions and their JSON schemas, the tool choice against the tools. The
+conversation *rules* of a prompt format (role order, every call answered) stay
+with mistral-common or the model's chat template, which name the field too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from .errors import InvalidParameter
+
+# ------------------------------------------------------------------ tool-call ids
+
+# Mistral's tool-call ids: 9 characters of [a-zA-Z0-9] (mistral-common's validator,
+# mistral-finetune's data rule, La Plateforme's answers).
+TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def is_tool_call_id(value: Any) -> bool:
+    return isinstance(value, str) and TOOL_CALL_ID.fullmatch(value) is not None
+
+
+def new_tool_call_id() -> str:
+    """A fresh tool-call id, as Mistral's API makes them."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
+
+
+def mistral_tool_call_id(foreign_id: str) -> str:
+    """A tool-call id in the form mistral-common accepts.
+
+    Valid ids are kept. Others (e.g. OpenAI's ``call_...``) are hashed: a pure
+    function of the id, so an assistant's call and its tool result map alike, in
+    this request and in the next turn's replay of the same conversation, with no
+    state to keep.
+    """
+    if is_tool_call_id(foreign_id):
+        return foreign_id
+    return hashlib.sha256(foreign_id.encode()).hexdigest()[:9]
+
+
+# ------------------------------------------------------------------ the normalised form
+
+ROLES = ("system", "user", "assistant", "tool")
+TEXT_PARTS = ("text", "thinking")  # content parts the engine can feed (thinking: reasoning models)
+# What a bare "json_object" response format asks for: any JSON object (OpenAI's JSON mode).
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """``mode``: "auto" (the model may call a tool), "none" (it may not) or "required"
+    (it must; ``function``, when set, is the one it must call). Mistral's "any" is
+    "required"."""
+
+    mode: str = "auto"
+    function: str | None = None
+
+
+@dataclass
+class Conversation:
+    """A checked chat request's conversation and options.
+
+    ``messages``: copies holding only the keys galerne uses: ``role`` (OpenAI's
+    "developer" read as "system"), ``content`` (a string, a list of text/thinking
+    parts, or None for an assistant turn with tool calls only), and per role
+    ``tool_calls`` (assistant; each ``{"id"?, "type", "function": {"name",
+    "arguments"}}``, arguments as given: a JSON string or an object),
+    ``tool_call_id`` / ``name`` (tool; the name filled in from the call it
+    answers), ``weight`` (assistant, training data only). ``continue_final``: the
+    last message is an assistant prefix the answer continues (Mistral's
+    ``prefix: true``). ``response_schema``: the JSON schema the answer must match
+    (None: free text).
+    """
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    response_schema: dict | None = None
+    continue_final: bool = False
+
+    @classmethod
+    def parse(cls, messages: Any, *, tools: Any = None, tool_choice: Any = None, response_format: Any = None,
+              parallel_tool_calls: Any = True) -> Conversation:
+        """Check a chat request's conversation and options (API shapes); raises
+        ``InvalidParameter`` naming the field."""
+        checked, prefix = check_messages(messages)
+        tools = check_tools(tools)
+        if not isinstance(parallel_tool_calls, bool):
+            raise InvalidParameter("parallel_tool_calls", f"must be a boolean, got {parallel_tool_calls!r}")
+        return cls(checked, tools, parse_tool_choice(tool_choice, tools), parallel_tool_calls,
+                   response_schema(response_format), prefix)
+
+    @property
+    def calls_allowed(self) -> bool:
+        """Whether the model may answer with tool calls."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
+
+    @property
+    def forced_tools(self) -> list[dict] | None:
+        """The tools one of which the answer must call (None: calls are not forced)."""
+        if self.tool_choice.mode != "required":
+            return None
+        name = self.tool_choice.function
+        return [t for t in self.tools or () if name is None or t["function"]["name"] == name]
+
+
+# ------------------------------------------------------------------ messages
+
+
+def check_messages(messages: Any, *, training: bool = False) -> tuple[list[dict], bool]:
+    """Checked copies of API-shaped ``messages`` and whether the last one is a prefix
+    to continue. ``training``: mistral-finetune's rules for a JSONL line instead of a
+    request's (string contents, 0/1 ``weight`` on assistant messages, tool-call ids
+    already in Mistral's form, every tool result after its call, the assistant last)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages", "must be a non-empty list of messages")
+    out: list[dict] = []
+    prefix = False
+    call_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidParameter(where, "must be an object with a role")
+        role = msg.get("role")
+        if role is None:
+            raise InvalidParameter(f"{where}.role", "missing")
+        if role == "developer" and not training:
+            role = "system"  # OpenAI's newer name for it
+        if role not in ROLES:
+            raise InvalidParameter(f"{where}.role", f"unknown role {role!r}")
+        content = _check_content(msg.get("content"), f"{where}.content", training)
+        clean: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant":
+            calls = msg.get("tool_calls")
+            if calls is not None:
+                clean["tool_calls"] = _check_tool_calls(calls, f"{where}.tool_calls", training)
+                call_ids.update(c["id"] for c in clean["tool_calls"] if "id" in c)
+            if (not content if training else content is None) and not calls:
+                raise InvalidParameter(f"{where}.content", "an assistant message needs content or tool_calls: it has neither content nor tool_calls")
+            if training:
+                weight = msg.get("weight", 1)
+                if isinstance(weight, bool) or weight not in (0, 1):
+                    raise InvalidParameter(f"{where}.weight", f"must be 0 or 1, got {weight!r}")
+                clean["weight"] = int(weight)
+            elif msg.get("prefix"):
+                if i != len(messages) - 1:
+                    raise InvalidParameter(f"{where}.prefix", "only the last message can be a prefix")
+                if content is None:
+                    raise InvalidParameter(f"{where}.content", "a prefix message needs content to continue")
+                prefix = True
+        else:
+            if content is None:
+                raise InvalidParameter(f"{where}.content", f"missing (required for a {role} message)")
+            if msg.get("prefix"):
+                raise InvalidParameter(f"{where}.prefix", "only an assistant message can be a prefix")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                value = msg.get(key)
+                if value is not None and not isinstance(value, str):
+                    raise InvalidParameter(f"{where}.{key}", "must be a string")
+                clean[key] = value
+            if training and clean["tool_call_id"] not in call_ids:
+                raise InvalidParameter(f"{where}.tool_call_id",
+                                       f"{clean['tool_call_id']!r} answers no call made before it")
+        out.append(clean)
+    if training and out[-1]["role"] != "assistant":
+        raise InvalidParameter(f"messages[{len(out) - 1}].role",
+                               f"the last message is from the {out[-1]['role']}, not the assistant (nothing to train on)")
+
+    # OpenAI tool results carry only the call id; v2 prompts and some HF templates also want
+    # the function name, which the assistant's call gives.
+    names = {call.get("id"): call["function"]["name"] for m in out for call in m.get("tool_calls", ())}
+    for msg in out:
+        if msg["role"] == "tool" and msg["name"] is None and msg["tool_call_id"] is not None:
+            msg["name"] = names.get(msg["tool_call_id"])
+    return out, prefix
+
+
+def _check_content(content: Any, where: str, training: bool) -> str | list[dict] | None:
+    if content is None or isinstance(content, str):
+        return content
+    if training:
+        raise InvalidParameter(where, "must be a string")
+    if not isinstance(content, list):
+        raise InvalidParameter(where, "must be a string or a list of content parts")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidParameter(f"{where}[{j}]", "must be an object with a type")
+        if part["type"] not in TEXT_PARTS:
+            # The engine feeds the model text only; images and audio would need their encoders.
+            raise InvalidParameter(f"{where}[{j}].type", f"unsupported content type {part['type']!r} (text only)")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise InvalidParameter(f"{where}[{j}].text", "must be a string")
+    return [dict(part) for part in content]
+
+
+def _check_tool_calls(tool_calls: Any, where: str, training: bool) -> list[dict]:
+    if not isinstance(tool_calls, list):
+        raise InvalidParameter(where, "must be a list")
+    out = []
+    for k, call in enumerate(tool_calls):
+        at = f"{where}[{k}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise InvalidParameter(at, "must be an object with a function")
+        if call.get("type", "function") != "function":
+            raise InvalidParameter(f"{at}.type", f"unknown tool call type {call['type']!r}")
+        fn = call["function"]
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidParameter(f"{at}.function.name", "must be a non-empty string")
+        args = fn.get("arguments")
+        if args is not None and not isinstance(args, (str, dict)):
+            raise InvalidParameter(f"{at}.function.arguments", "must be a JSON string or an object")
+        cid = call.get("id")
+        if cid is not None and not isinstance(cid, str):
+            raise InvalidParameter(f"{at}.id", "must be a string")
+        if training and not is_tool_call_id(cid):
+            # Training data is written as the model will read it: no id mapping here.
+            raise InvalidParameter(f"{at}.id", f"tool call id {cid!r} is not 9 alphanumeric characters")
+        # OpenAI's key order: templates that write a whole call with `tojson` show it.
+        clean = {"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}}
+        out.append(clean if cid is not None else {k: v for k, v in clean.items() if k != "id"})
+    return out
+
+
+# ------------------------------------------------------------------ tools and options
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """Checked tool definitions (None or an empty list: no tools); each tool's
+    ``parameters`` must be a valid JSON schema."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InvalidParameter("tools", "must be a list of tools")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise InvalidParameter(f"tools[{i}]", "must be an object with a function")
+        if tool.get("type", "function") != "function":
+            raise InvalidParameter(f"tools[{i}].type", f"unknown tool type {tool['type']!r}")
+        fn = tool["function"]
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidParameter(f"tools[{i}].function.name", "must be a non-empty string")
+        if fn["name"] in names:
+            raise InvalidParameter(f"tools[{i}].function.name", f"{fn['name']!r} is defined twice")
+        names.add(fn["name"])
+        for key, kind, what in (("description", str, "a string"), ("parameters", dict, "an object")):
+            value = fn.get(key)
+            if value is not None and not isinstance(value, kind):
+                raise InvalidParameter(f"tools[{i}].function.{key}", f"must be {what}")
+        if fn.get("parameters"):
+            check_json_schema(fn["parameters"], f"tools[{i}].function.parameters")
+    return tools or None
+
+
+def parse_tool_choice(tool_choice: Any, tools: list[dict] | None) -> ToolChoice:
+    """``tool_choice`` in either API's spelling, checked against ``tools``."""
+    if tool_choice is None:
+        return ToolChoice()
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("auto", "none", "any", "required"):
+            raise InvalidParameter("tool_choice", f"must be auto, none, required, any or a named function, got {tool_choice!r}")
+        mode = "required" if tool_choice == "any" else tool_choice
+        if mode == "required" and not tools:
+            raise InvalidParameter("tool_choice", f"{tool_choice!r} needs tools")
+        return ToolChoice(mode)
+    if not isinstance(tool_choice, dict):
+        raise InvalidParameter("tool_choice", "must be a string or an object naming a function")
+    if tool_choice.get("type", "function") != "function":
+        raise InvalidParameter("tool_choice.type", f"unknown tool choice type {tool_choice.get('type')!r}")
+    fn = tool_choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidParameter("tool_choice.function.name", "must be a non-empty string")
+    if not tools:
+        raise InvalidParameter("tool_choice", f"names function {name!r} but no tools are given")
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise InvalidParameter("tool_choice.function.name", f"{name!r} is not one of the tools ({', '.join(names)})")
+    return ToolChoice("required", name)
+
+
+def response_schema(response_format: Any) -> dict | None:
+    """The JSON schema a ``response_format`` asks for; None for text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise InvalidParameter("response_format", "must be an object with a type")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise InvalidParameter("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidParameter("response_format.json_schema", "must be an object with a schema")
+    schema = spec.get("schema")
+    where = "response_format.json_schema.schema"
+    if schema is None:
+        raise InvalidParameter(where, "missing")
+    if isinstance(schema, str):  # some clients send the schema as JSON text
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise InvalidParameter(where, f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InvalidParameter(where, f"must be an object, got {type(schema).__name__}")
+    check_json_schema(schema, where)
+    return schema
+
+
+def check_json_schema(schema: dict, field: str) -> None:
+    """Reject what is not a JSON Schema (e.g. ``{"type": "objectx"}``), naming ``field``."""
+    problem = _schema_problem(json.dumps(schema, ensure_ascii=False, sort_keys=True))
+    if problem is not None:
+        raise InvalidParameter(field, problem)
+
+
+@lru_cache(maxsize=256)
+def _schema_problem(text: str) -> str | None:
+    # Cached by text: a server sees the same schemas (tools) request after request.
+    import jsonschema  # comes with mistral-common
+
+    schema = json.loads(text)
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        return f"invalid JSON schema{f' at {where}' if where else ''}: {e.message}"
+    return None

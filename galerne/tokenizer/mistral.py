@@ -1,0 +1,143 @@
+"""Mistral tokenizers (tekken.json, tokenizer.model[.vN]) through mistral-common.
+
+Everything that has a format (chat, tools, fill-in-the-middle) goes through
+mistral-common: the prompt format of a Mistral model is defined there, so galerne
+never writes a chat template of its own for these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from mistral_common.exceptions import (
+    InvalidToolException,
+    InvalidToolSchemaException,
+    MistralCommonException,
+)
+from mistral_common.protocol.fim.request import FIMRequest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from galerne.conversation import mistral_tool_call_id
+from galerne.errors import InvalidParameter, TokenizerError
+
+from .base import Tokenizer
+
+if TYPE_CHECKING:
+    from galerne.conversation import Conversation
+
+
+class MistralCommonTokenizer(Tokenizer):
+    """tekken.json or tokenizer.model[.vN], through mistral-common."""
+
+    def __init__(self, path: Path):
+        try:
+            # Serving mode: the strictest conversation checks (e.g. every tool call answered).
+            self._mt = MistralTokenizer.from_file(path, mode=ValidationMode.serving)
+        except Exception as e:  # sentencepiece, json and mistral-common raise all kinds
+            raise TokenizerError(f"{path}: cannot read tokenizer: {type(e).__name__}: {e}") from e
+        self._tok = self._mt.instruct_tokenizer.tokenizer
+        self.kind = "tekken" if isinstance(self._tok, Tekkenizer) else "sentencepiece"
+        self.path = path
+        self.version = str(self._tok.version.value)
+        self.vocab_size = self._tok.n_words
+        self.bos_id = self._tok.bos_id
+        self.eos_id = self._tok.eos_id
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        return self._tok.encode(text, bos=bos, eos=eos)
+
+    def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
+        ids = list(ids)
+        if keep_special and any(self._tok.is_special(t) for t in ids):
+            # KEEP writes SentencePiece's text as raw pieces ("▁Hello"): decode the runs
+            # between special tokens ourselves.
+            out, run = [], []
+            for t in ids:
+                if self._tok.is_special(t):
+                    out += [self._tok.decode(run), self._tok.id_to_piece(t)]
+                    run = []
+                else:
+                    run.append(t)
+            return "".join(out + [self._tok.decode(run)])
+        return self._tok.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if isinstance(self._tok, Tekkenizer):
+            return self._tok.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
+        piece = self._tok.id_to_piece(token_id)
+        if not self._tok.is_special(token_id) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback: <0x0A> is b"\n"
+        return piece.replace("▁", " ").encode("utf-8")
+
+    def is_special(self, token_id: int) -> bool:
+        return self._tok.is_special(token_id)
+
+    def special_token_id(self, name: str) -> int | None:
+        try:
+            token_id = self._tok.get_special_token(name)
+        except (ValueError, KeyError):
+            return None
+        # Old SentencePiece vocabularies map unknown control names to <unk>.
+        return None if token_id == self._tok.unk_id else token_id
+
+    @property
+    def mistral_tokenizer(self) -> MistralTokenizer:
+        return self._mt
+
+    @property
+    def mistral_version(self) -> TokenizerVersion:
+        return self._tok.version
+
+    @property
+    def tool_call_format(self) -> str | None:
+        if self._tok.version == TokenizerVersion.v1 or self.special_token_id("[TOOL_CALLS]") is None:
+            return None
+        return "list" if self._tok.version <= TokenizerVersion.v7 else "args"
+
+    def _encode_conversation(self, chat: Conversation) -> list[int]:
+        messages = []
+        for msg in chat.messages:
+            # mistral-common takes only its own id form: foreign ids are mapped, consistently.
+            msg = dict(msg)
+            if msg.get("tool_calls"):
+                msg["tool_calls"] = [dict(c, id=mistral_tool_call_id(c["id"])) if "id" in c else c
+                                     for c in msg["tool_calls"]]
+            if msg.get("tool_call_id") is not None:
+                msg["tool_call_id"] = mistral_tool_call_id(msg["tool_call_id"])
+            messages.append(msg)
+        try:
+            request = ChatCompletionRequest.from_openai(
+                messages,
+                tools=chat.tools,
+                continue_final_message=chat.continue_final,
+                # mistral-common's serving mode insists on a model name; it does not change the tokens.
+                model="galerne",
+            )
+            return self._mt.encode_chat_completion(request).tokens
+        except (InvalidToolException, InvalidToolSchemaException) as e:
+            raise InvalidParameter("tools", str(e)) from e
+        # pydantic's validation errors are ValueErrors; mistral-common also asserts on requests.
+        except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError) as e:
+            raise InvalidParameter("messages", _message(e)) from e
+
+    def encode_fim(self, prompt: str, suffix: str | None = None) -> list[int]:
+        # mistral-common's v2 SentencePiece encoder "supports" FIM but its vocabulary has no
+        # [PREFIX]/[SUFFIX]: they come out as <unk>. Refuse rather than feed the model that.
+        it = self._mt.instruct_tokenizer
+        markers = (getattr(it, "PREFIX", None), getattr(it, "SUFFIX", None))
+        if None in markers or self._tok.unk_id in markers:
+            raise TokenizerError(f"{self.path}: tokenizer {self.version} has no fill-in-the-middle tokens")
+        try:
+            return self._mt.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens
+        except (MistralCommonException, ValueError) as e:
+            raise TokenizerError(f"{self.path}: cannot encode fill-in-the-middle request: {_message(e)}") from e
+
+
+def _message(e: Exception) -> str:
+    # KeyError's str() is just the quoted key; say what it is.
+    return f"missing field {e}" if isinstance(e, KeyError) else str(e)
