@@ -299,6 +299,51 @@ def test_mistral_forced_tool_call(mis):
     _check_call(streamed[0].function.name, streamed[0].function.arguments, streamed[0].id)
 
 
+UNIT = {"type": "function", "function": {"name": "set_unit", "description": "the unit of temperatures", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["unit"], "additionalProperties": False}}}
+CONTROL = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "</s>")
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+def test_an_enum_call_completes_within_32_tokens(oai, mis, seed):
+    """Forced JSON is compact: a random model, which would spend its budget on free
+    whitespace, completes a one-enum call well within 32 tokens (greedy and sampled)."""
+    sampling = dict(temperature=0) if seed is None else dict(temperature=1.0)
+    r = oai.chat.completions.create(model=MODEL, messages=USER, tools=[UNIT], tool_choice="required", max_tokens=32,
+                                    parallel_tool_calls=False, seed=seed, **sampling)
+    m = mis.chat.complete(model=MODEL, messages=USER, tools=[UNIT], tool_choice="any", max_tokens=32,
+                          parallel_tool_calls=False, random_seed=seed, **sampling)
+    for c in (r.choices[0], m.choices[0]):
+        assert c.finish_reason == "tool_calls", c
+        (call,) = c.message.tool_calls
+        args = call.function.arguments
+        assert call.function.name == "set_unit"
+        assert json.loads(args) in ({"unit": "celsius"}, {"unit": "fahrenheit"}) if isinstance(args, str) \
+            else args in ({"unit": "celsius"}, {"unit": "fahrenheit"})
+        if isinstance(args, str):
+            assert args == json.dumps(json.loads(args))  # json.dumps's layout, as Mistral's models write it
+    assert r.usage.completion_tokens <= 32 and m.usage.completion_tokens <= 32
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, 12])
+def test_a_forced_call_cut_by_max_tokens_shows_no_control_text(oai, mis, max_tokens):
+    """Cut anywhere (at the marker, inside the JSON), the answer says "length" and never
+    carries the model's control text as content, in either dialect, streamed or not."""
+    kw = dict(model=MODEL, messages=USER, tools=[WEATHER], max_tokens=max_tokens, temperature=0)
+    r = oai.chat.completions.create(tool_choice="required", **kw)
+    m = mis.chat.complete(tool_choice="any", **kw)
+    for c in (r.choices[0], m.choices[0]):
+        assert c.finish_reason == "length"
+        assert not any(t in (c.message.content or "") for t in CONTROL), c.message.content
+    chunks = list(oai.chat.completions.create(tool_choice="required", stream=True, **kw))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-1].choices[0].finish_reason == "length" and not any(t in text for t in CONTROL)
+    events = [e.data for e in mis.chat.stream(tool_choice="any", **kw)]
+    text = "".join(e.choices[0].delta.content or "" for e in events if isinstance(e.choices[0].delta.content, str))
+    assert events[-1].choices[0].finish_reason == "length" and not any(t in text for t in CONTROL)
+
+
 def test_tool_choice_none_and_output_that_is_not_a_call(oai):
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], max_tokens=4, logit_bias={"5": 100})  # 5: [TOOL_CALLS]
     # auto: the model starts a "call" that max_tokens cuts before anything is called: no call,

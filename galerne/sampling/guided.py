@@ -49,9 +49,9 @@ from ..errors import InvalidParameter, TokenizerError
 log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "lark", "regex")
-# Whitespace before the JSON, as mistral-common's grammars allow: SentencePiece
-# models start an answer with "▁{", and the bound keeps a looping model finite.
-_SAFE_WS = "SAFE_WS: /[ \\t\\r\\n]{1,8}/"
+# Before the JSON, one space at most: a SentencePiece model writes "▁{" / "▁[" (the
+# encoder's dummy prefix), a tekken one "{"; nothing else is free to waste tokens on.
+_LEAD = '" "?'
 # Mistral tool-call ids (v3..v7 calls may carry one after the arguments).
 _CALL_ID_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
 _NO_ARGS_SCHEMA = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -316,7 +316,7 @@ def _what(g: Guidance) -> str:
 
 def json_lark(schema: dict) -> str:
     """A Lark grammar for one JSON value matching ``schema``, after a little whitespace."""
-    return f"start: SAFE_WS? %json {_json(schema)}\n{_SAFE_WS}\n"
+    return f"start: {_LEAD} %json {_json(schema)}\n"
 
 
 def compact_json(schema: dict) -> dict:
@@ -464,18 +464,18 @@ def _tool_calls_lark(compiler: GuidedCompiler, all_tools: list[dict], tools: lis
         calls = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items}, "minItems": 1}
         if not parallel:
             calls["maxItems"] = 1
-        fcalls = f"{tc} SAFE_WS? %json {_json(calls)}"
+        fcalls = f"{tc} {_LEAD} %json {_json(calls)}"
     else:  # [TOOL_CALLS]name[ARGS]{...} per call, as mistral-common's grammar
         args_tok = compiler.special_ids["[ARGS]"]
         if args_tok is None:
             raise InvalidParameter(field, "the tokenizer has no [ARGS] token for its tool-call format")
         one = " | ".join(
-            f"({tc} SAFE_WS? {_dumps(t['function']['name'])} <[{args_tok}]> SAFE_WS? %json {_json(a)} SAFE_WS?)"
+            f"({tc} {_dumps(t['function']['name'])} <[{args_tok}]> {_LEAD} %json {_json(a)})"
             for t, a in zip(tools, args)
         )
         fcalls = f"({one})+" if parallel else f"({one})"
-    start = "fcalls" if json_schema is None else f"fcalls | SAFE_WS? %json {_json(json_schema)}"
-    return f"start: {start}\nfcalls: {fcalls}\n{_SAFE_WS}\n"
+    start = "fcalls" if json_schema is None else f"fcalls | {_LEAD} %json {_json(json_schema)}"
+    return f"start: {start}\nfcalls: {fcalls}\n"
 
 
 def _factory_lark(factory, tools, args, parallel, json_schema, field) -> str:
