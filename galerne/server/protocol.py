@@ -2,9 +2,9 @@
 and a description (they make the OpenAPI docs and the 400/422 errors).
 
 Every model allows extra fields: a parameter we do not know is ignored, never an
-error, so that clients newer than this server keep working. Conversation rules
-(roles, tool results, content parts) are checked by the tokenizer, which names
-the field at fault in the same way.
+error, so that clients newer than this server keep working. The conversation
+(roles, content parts, tool calls, tools, tool_choice, response_format) is checked
+by ``galerne.conversation``, which names the field at fault in the same way.
 """
 
 from __future__ import annotations
