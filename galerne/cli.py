@@ -18,16 +18,6 @@ from .errors import GalerneError
 from .log import setup_logging
 
 
-def _sampling(ns: argparse.Namespace):
-    from .sampling.params import SamplingParams
-
-    s = from_args(SamplingSettings, ns)
-    return SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        seed=s.seed, stop=tuple(s.stop or ()), ignore_eos=s.ignore_eos,
-    )
-
-
 def _load(ns: argparse.Namespace):
     from .llm import LLM
 
@@ -41,7 +31,7 @@ def _load(ns: argparse.Namespace):
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    params = _sampling(ns)
+    params = from_args(SamplingSettings, ns).params()
     prompt = ns.prompt if ns.prompt is not None else sys.stdin.read()
     llm = _load(ns)
     finish = None
@@ -56,7 +46,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    params = _sampling(ns)
+    params = from_args(SamplingSettings, ns).params()
     llm = _load(ns)
     history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, InvalidParameter
+from .sampling.params import MISTRAL_DEFAULT_TEMPERATURE, SamplingParams
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, sep: str | None = None) -> Any:
@@ -74,17 +75,41 @@ class EngineSettings:
     enforce_eager: bool = setting(False, "every step through torch ops: no CUDA graphs (GPU), no native decode kernel (CPU)")
 
 
+def _neutral(name: str) -> Any:
+    """SamplingParams' default for ``name``: the one source of the neutral sampling defaults."""
+    return SamplingParams.__dataclass_fields__[name].default
+
+
+# The command line's length limit. SamplingParams (and the API) have none: a request runs
+# until EOS, a stop string or the end of the context. But a base model may never write
+# EOS, and a bare `galerne generate` on one would then run to the end of a 32k-token
+# context (minutes to hours on a CPU): the CLI stops at this many unless --max-tokens
+# says otherwise (`--max-tokens none`: no limit).
+CLI_MAX_TOKENS = 256
+
+
 @dataclass
 class SamplingSettings:
-    """Sampling flags of the CLI (the API takes the same fields per request)."""
+    """Sampling flags of ``galerne generate`` and ``galerne chat`` (the API takes the same
+    fields per request). The defaults are SamplingParams' but two: the temperature Mistral
+    recommends (as ``galerne chat`` talks to instruct models) and ``CLI_MAX_TOKENS``."""
 
-    max_tokens: int | None = setting(256, "maximum tokens to generate")
-    temperature: float = setting(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
-    top_k: int = setting(0, "keep only the k most likely tokens (0 = off)")
-    seed: int | None = setting(None, "random seed for reproducible sampling")
-    stop: list[str] = setting([], "stop string (repeatable)")
-    ignore_eos: bool = setting(False, "keep generating after the end-of-sequence token")
+    temperature: float = setting(MISTRAL_DEFAULT_TEMPERATURE, "sampling temperature, 0 = greedy; the default is the one "
+                                 "Mistral recommends and its API applies (SamplingParams and the OpenAI API default to "
+                                 f"{_neutral('temperature')})")
+    top_p: float = setting(_neutral("top_p"), "nucleus sampling: keep the smallest set of tokens with this probability mass")
+    top_k: int = setting(_neutral("top_k"), "keep only the k most likely tokens (0 = off)")
+    seed: int | None = setting(_neutral("seed"), "random seed for reproducible sampling (default: none, a random draw)")
+    stop: tuple[str, ...] = setting(_neutral("stop"), "stop string, not included in the output (repeatable)")
+    max_tokens: int | None = setting(CLI_MAX_TOKENS, "most tokens to generate (none: until the end-of-sequence token or "
+                                     "the end of the context; a limit by default, as a base model may never stop)")
+    ignore_eos: bool = setting(_neutral("ignore_eos"), "keep generating after the end-of-sequence token")
+
+    def __post_init__(self) -> None:
+        self.params()  # values out of range are an error of the flag (or variable) that gave them
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**dataclasses.asdict(self))
 
 
 @dataclass

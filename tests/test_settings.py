@@ -1,16 +1,23 @@
-"""Settings from flags, GALERNE_* variables and defaults: one mechanism for the server,
-engine, model and sampling flags and the fine-tuning config."""
+"""Settings from flags, GALERNE_* variables and defaults (one mechanism for the server,
+engine, model and sampling flags and the fine-tuning config), and the one source of
+sampling defaults behind LLM, both API dialects and the CLI."""
 
 from __future__ import annotations
 
+import io
 import os
 
+import httpx
 import pytest
+from test_server import USER, LiveServer
 
+from galerne import LLM, SamplingParams
 from galerne.cli import build_parser, main
-from galerne.config import EngineSettings, ModelSettings, SamplingSettings, ServerSettings, from_args
+from galerne.config import CLI_MAX_TOKENS, EngineSettings, ModelSettings, SamplingSettings, ServerSettings, from_args
+from galerne.engine.engine import Engine
 from galerne.errors import ConfigError
 from galerne.finetune.config import load_config, overrides_from_args
+from galerne.server import create_app
 
 COMMAND = {ServerSettings: "serve", ModelSettings: "generate", EngineSettings: "generate", SamplingSettings: "generate"}
 
@@ -37,7 +44,7 @@ def no_galerne_env(monkeypatch):
     (EngineSettings, "enforce_eager", "on", True, ["--enforce-eager=false"], False),
     (ServerSettings, "api_key", " a, b ,", ["a", "b"], ["--api-key", "c", "--api-key", "d,e"], ["c", "d", "e"]),
     (ServerSettings, "served_model_name", "m,alias", ["m", "alias"], ["--served-model-name", "x"], ["x"]),
-    (SamplingSettings, "stop", "a,b", ["a,b"], ["--stop", "x", "--stop", "y"], ["x", "y"]),
+    (SamplingSettings, "stop", "a,b", ("a,b",), ["--stop", "x", "--stop", "y"], ("x", "y")),
     (SamplingSettings, "seed", "7", 7, ["--seed", "-3"], -3),
     (SamplingSettings, "max_tokens", "none", None, ["--max-tokens", "12"], 12),
     (SamplingSettings, "temperature", "0", 0.0, ["--temperature", "1.5"], 1.5),
@@ -64,12 +71,13 @@ def test_bool_flag_before_the_model_argument():
     assert ns.model == "./model" and from_args(ServerSettings, ns).allow_no_auth is True
 
 
-def test_help_shows_defaults_and_variables():
+def test_help_shows_defaults_from_the_one_source():
     def help_of(command):
         return " ".join(build_parser()._subparsers._group_actions[0].choices[command].format_help().split())
 
     text = help_of("generate")
     assert "(default: 0.7) [env GALERNE_TEMPERATURE]" in text
+    assert f"(default: {CLI_MAX_TOKENS}) [env GALERNE_MAX_TOKENS]" in text
     assert "(default: 1.0) [env GALERNE_TOP_P]" in text
     assert "(default: true; --no-prefix-caching: false) [env GALERNE_ENABLE_PREFIX_CACHING]" in text
     assert "--lora-rank" in help_of("finetune") and "GALERNE_" not in help_of("finetune")
@@ -88,6 +96,8 @@ def test_help_shows_defaults_and_variables():
      "environment variable GALERNE_ENFORCE_EAGER: enforce_eager: must be true or false, got 'maybe'"),
     ({"GALERNE_LAYOUT": "gguf"}, ["generate", "/nonexistent", "--prompt", "x"],
      "environment variable GALERNE_LAYOUT: layout: must be one of mistral, hf, got 'gguf'"),
+    ({"GALERNE_TOP_P": "2"}, ["generate", "/nonexistent", "--prompt", "x"],
+     "environment variable GALERNE_TOP_P: top_p: must be <= 1.0"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--max-tokens", "ten"],
      "command line: max_tokens: must be an integer, got 'ten'"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--ignore-eos", "maybe"],
@@ -151,3 +161,68 @@ def test_finetune_yaml_and_flags_fail_alike_naming_their_source(tmp_path, yaml, 
 def test_finetune_reads_no_environment(monkeypatch):
     monkeypatch.setenv("GALERNE_MAX_STEPS", "5")
     assert _from_flags().max_steps == 100 and _from_flags("--max-steps", "7").max_steps == 7
+
+
+# ------------------------------------------------------------------ one source of sampling defaults
+
+
+@pytest.fixture
+def engine_params(monkeypatch):
+    """The SamplingParams of every request that reaches an engine."""
+    seen: list[SamplingParams] = []
+    add = Engine.add_request
+
+    def recording(self, prompt, params, *args, **kwargs):
+        seen.append(params)
+        return add(self, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", recording)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_factory):
+    return tiny_factory("mistral")[0]
+
+
+@pytest.fixture(scope="module")
+def live(folder):
+    llm = LLM(folder, device="cpu", kv_cache_gb=0.02)
+    with LiveServer(create_app(llm, ServerSettings(served_model_name=["m"]))) as server:
+        yield server
+
+
+def test_llm_uses_the_neutral_defaults(folder, engine_params):
+    LLM(folder, device="cpu", max_model_len=16).generate("Once upon a time")
+    assert engine_params == [SamplingParams()]
+    assert SamplingParams().temperature == 1.0 and SamplingParams().max_tokens is None
+
+
+def test_the_dialects_defaults_reach_the_engine(live, engine_params):
+    mistral = {"X-Galerne-Dialect": "mistral"}
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        chat = {"model": "m", "messages": USER, "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "Hi"}).status_code == 200
+        assert client.post("/v1/chat/completions", json=chat, headers=mistral).status_code == 200
+        assert client.post("/v1/fim/completions", json={"model": "m", "prompt": "def f(", "max_tokens": 2}).status_code == 200
+        # top_p 0 means greedy; other fields a request gives pass as given
+        given = {**chat, "top_p": 0, "stop": "x", "n": 2, "random_seed": 3}
+        assert client.post("/v1/chat/completions", json=given, headers=mistral).status_code == 200
+        card = client.get("/v1/models/m").json()
+    assert engine_params == [
+        SamplingParams(max_tokens=2),  # OpenAI: SamplingParams' defaults (temperature 1.0)
+        SamplingParams(max_tokens=16),  # OpenAI's legacy completions: its own documented 16 tokens
+        SamplingParams(max_tokens=2, temperature=0.7),  # Mistral: the temperature La Plateforme applies
+        SamplingParams(max_tokens=2, temperature=0.7),
+        SamplingParams(max_tokens=2, temperature=0.0, stop=("x",), n=2, seed=3),
+    ]
+    assert card["default_model_temperature"] == 0.7
+
+
+def test_cli_defaults_reach_the_engine(folder, engine_params, monkeypatch, capsys):
+    assert main(["generate", str(folder), "--prompt", "Once upon a time", "--device", "cpu"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", str(folder), "--device", "cpu", "--top-k", "5"]) == 0
+    assert engine_params == [SamplingParams(temperature=0.7, max_tokens=CLI_MAX_TOKENS),
+                             SamplingParams(temperature=0.7, max_tokens=CLI_MAX_TOKENS, top_k=5)]
