@@ -21,13 +21,14 @@ from .log import setup_logging
 def _load(ns: argparse.Namespace):
     from .llm import LLM
 
+    model, engine = from_args(ModelSettings, ns), from_args(EngineSettings, ns)  # a bad value: no notice below
     if ns.model is None:
         from .builtin import BUILTIN_NAME, builtin_model_path
 
         ns.model = str(builtin_model_path())
         print(f"galerne: no model given: using the built-in {BUILTIN_NAME}, a 12M-parameter demo model trained by "
               f"galerne (short English answers; give a model folder for real work)", file=sys.stderr, flush=True)
-    return LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(from_args(EngineSettings, ns)))
+    return LLM(ns.model, **model.llm_kwargs(), **vars(engine))
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:

@@ -104,6 +104,9 @@ def test_help_shows_defaults_from_the_one_source():
      "command line: ignore_eos: must be true or false, got 'maybe'"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--kv-cache-gb", "nan"],
      "command line: kv_cache_gb: must be a number, got 'nan'"),
+    # A bare boolean flag takes what follows as its value: a MODEL there is an error, said
+    # before anything else (not after the notice of the built-in model).
+    ({}, ["serve", "--enforce-eager", "./model"], "command line: enforce_eager: must be true or false, got './model'"),
 ])
 def test_bad_values_are_one_line_naming_key_and_source(monkeypatch, capsys, env, argv, message):
     for name, value in env.items():
