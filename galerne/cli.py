@@ -18,30 +18,21 @@ from .errors import GalerneError
 from .log import setup_logging
 
 
-def _sampling(ns: argparse.Namespace):
-    from .sampling.params import SamplingParams
-
-    s = from_args(SamplingSettings, ns)
-    return SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        seed=s.seed, stop=tuple(s.stop or ()), ignore_eos=s.ignore_eos,
-    )
-
-
 def _load(ns: argparse.Namespace):
     from .llm import LLM
 
+    model, engine = from_args(ModelSettings, ns), from_args(EngineSettings, ns)  # a bad value: no notice below
     if ns.model is None:
         from .builtin import BUILTIN_NAME, builtin_model_path
 
         ns.model = str(builtin_model_path())
         print(f"galerne: no model given: using the built-in {BUILTIN_NAME}, a 12M-parameter demo model trained by "
               f"galerne (short English answers; give a model folder for real work)", file=sys.stderr, flush=True)
-    return LLM(ns.model, **from_args(ModelSettings, ns).llm_kwargs(), **vars(from_args(EngineSettings, ns)))
+    return LLM(ns.model, **model.llm_kwargs(), **vars(engine))
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    params = _sampling(ns)
+    params = from_args(SamplingSettings, ns).params()
     prompt = ns.prompt if ns.prompt is not None else sys.stdin.read()
     llm = _load(ns)
     finish = None
@@ -56,7 +47,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    params = _sampling(ns)
+    params = from_args(SamplingSettings, ns).params()
     llm = _load(ns)
     history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
     interactive = sys.stdin.isatty()

@@ -1,25 +1,49 @@
 """Settings: every knob has one home here, one default and one description.
 
-CLI flags are generated from these dataclasses (``add_arguments``), and each
-field can also be set by an environment variable named ``GALERNE_<FIELD>``
-(flags win over the environment, the environment over the default).
+One mechanism turns a settings dataclass (nested ones too, as the fine-tuning config)
+into command-line flags and back, and reads every source the same way:
+
+* ``add_arguments`` makes one flag per field (``--max-num-seqs``; nested keys
+  ``--lora.rank`` and ``--lora-rank``). A list field's flag is repeatable; a boolean
+  flag takes an optional value (``--prefix-caching``, ``--prefix-caching false``) and
+  has a ``--no-`` form.
+* ``from_args`` resolves the values: flags win over the environment variable
+  ``GALERNE_<FIELD>``, which wins over the field's default.
+* ``parse_values`` reads a mapping (the fine-tuning YAML file) into the same typed
+  values, and ``build`` makes the dataclass of them.
+
+Every value goes through ``coerce``, which knows the field's real type (from
+``typing.get_type_hints``): text from a flag or a variable is parsed ("8" is an int,
+"1e-4" a float, "false" a bool, "none" an absent Optional value). A wrong value is a
+:class:`~galerne.errors.ConfigError` naming the key and where it came from (the file,
+"command line", or the environment variable); so is a range check of the dataclass
+(its ``InvalidParameter``) on a value from one of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError, InvalidParameter
+from .sampling.params import MISTRAL_DEFAULT_TEMPERATURE, SamplingParams
+
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None, sep: str | None = None) -> Any:
-    """A settings field. ``sep``: for list fields, the separator of items in the env var
-    (without one, the env var is a single item)."""
+    """A settings field. ``flag``: its flag, when not ``--<name>``; ``choices``: the values
+    allowed; ``sep``: for a list field, the separator of items in one text value (a flag's
+    or a variable's; without one, a text value is one item)."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "sep": sep}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "flag": flag, "choices": choices, "sep": sep})
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "sep": sep})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -51,17 +75,41 @@ class EngineSettings:
     enforce_eager: bool = setting(False, "every step through torch ops: no CUDA graphs (GPU), no native decode kernel (CPU)")
 
 
+def _neutral(name: str) -> Any:
+    """SamplingParams' default for ``name``: the one source of the neutral sampling defaults."""
+    return SamplingParams.__dataclass_fields__[name].default
+
+
+# The command line's length limit. SamplingParams (and the API) have none: a request runs
+# until EOS, a stop string or the end of the context. But a base model may never write
+# EOS, and a bare `galerne generate` on one would then run to the end of a 32k-token
+# context (minutes to hours on a CPU): the CLI stops at this many unless --max-tokens
+# says otherwise (`--max-tokens none`: no limit).
+CLI_MAX_TOKENS = 256
+
+
 @dataclass
 class SamplingSettings:
-    """Sampling flags of the CLI (the API takes the same fields per request)."""
+    """Sampling flags of ``galerne generate`` and ``galerne chat`` (the API takes the same
+    fields per request). The defaults are SamplingParams' but two: the temperature Mistral
+    recommends (as ``galerne chat`` talks to instruct models) and ``CLI_MAX_TOKENS``."""
 
-    max_tokens: int | None = setting(256, "maximum tokens to generate")
-    temperature: float = setting(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass")
-    top_k: int = setting(0, "keep only the k most likely tokens (0 = off)")
-    seed: int | None = setting(None, "random seed for reproducible sampling")
-    stop: list[str] = setting(None, "stop string (repeatable)")
-    ignore_eos: bool = setting(False, "keep generating after the end-of-sequence token")
+    temperature: float = setting(MISTRAL_DEFAULT_TEMPERATURE, "sampling temperature, 0 = greedy; the default is the one "
+                                 "Mistral recommends and its API applies (SamplingParams and the OpenAI API default to "
+                                 f"{_neutral('temperature')})")
+    top_p: float = setting(_neutral("top_p"), "nucleus sampling: keep the smallest set of tokens with this probability mass")
+    top_k: int = setting(_neutral("top_k"), "keep only the k most likely tokens (0 = off)")
+    seed: int | None = setting(_neutral("seed"), "random seed for reproducible sampling (default: none, a random draw)")
+    stop: tuple[str, ...] = setting(_neutral("stop"), "stop string, not included in the output (repeatable)")
+    max_tokens: int | None = setting(CLI_MAX_TOKENS, "most tokens to generate (none: until the end-of-sequence token or "
+                                     "the end of the context; a limit by default, as a base model may never stop)")
+    ignore_eos: bool = setting(_neutral("ignore_eos"), "keep generating after the end-of-sequence token")
+
+    def __post_init__(self) -> None:
+        self.params()  # values out of range are an error of the flag (or variable) that gave them
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -70,17 +118,15 @@ class ServerSettings:
 
     host: str = setting("127.0.0.1", "address to listen on; a non-loopback one needs an API key (or --allow-no-auth)")
     port: int = setting(8000, "TCP port to listen on")
-    api_key: list[str] = setting([], "API key clients must send as 'Authorization: Bearer KEY' (repeatable; "
-                                     "the env var takes a comma-separated list); none: no authentication", sep=",")
+    api_key: list[str] = setting([], "API key clients must send as 'Authorization: Bearer KEY' (repeatable, "
+                                     "or comma-separated); none: no authentication", sep=",")
     allow_no_auth: bool = setting(False, "allow listening on a non-loopback address without an API key")
-    served_model_name: list[str] = setting([], "model id the API shows and accepts (repeatable: the first is the id, "
-                                               "the others aliases; default: the model folder's name or Hub id)", sep=",")
+    served_model_name: list[str] = setting([], "model id the API shows and accepts (repeatable, or comma-separated: the "
+                                               "first is the id, the others aliases; default: the model folder's name or Hub id)", sep=",")
     max_queued_requests: int = setting(256, "most requests waiting for a slot in the engine; past it, 429 with Retry-After")
     drain_timeout: float = setting(60.0, "seconds a shutdown (SIGTERM) waits for in-flight requests to finish")
 
     def __post_init__(self) -> None:
-        from .errors import InvalidParameter
-
         if not 0 <= self.port <= 65535:
             raise InvalidParameter("port", f"must be in 0..65535, got {self.port}")
         if self.max_queued_requests < 1:
@@ -92,50 +138,241 @@ class ServerSettings:
                 raise InvalidParameter(f"api_key[{i}]", "must be non-empty, without surrounding spaces")
 
 
-def _type_of(f: dataclasses.Field) -> type:
-    t = str(f.type)
-    if "int" in t and "float" not in t:
-        return int
-    if "float" in t:
-        return float
-    return str
+# --------------------------------------------------------------------------- the mechanism
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+# A value and where it came from (a file, "command line", an environment variable; None: code).
+Sourced = tuple[Any, str | None]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        env = f"GALERNE_{f.name.upper()}"
-        default = os.environ.get(env, f.default)
-        help_text = f"{f.metadata['help']} [env {env}]"
-        if str(f.type) == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=_truthy(default), help=help_text)
-        elif str(f.type).startswith("list"):
-            # No default here: appended flags would add to it. from_args fills in the env var.
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+def coerce(value: Any, hint: Any, key: str, source: str | None = None, *, text: bool = False,
+           choices: tuple | None = None, sep: str | None = None) -> Any:
+    """``value`` as type ``hint`` (bool, int, float, str, X | None, list[str], tuple[str, ...]).
+
+    ``text``: the value may be text to parse, as a flag's or a variable's (so "8" is an
+    int, "false" a bool, "none" or "" an absent Optional value, and a list's text is split
+    on ``sep``). Without it (a YAML value) only a float may be written as text ("1e-4",
+    which YAML reads as a string) and a list as one ``sep``-separated string. A value of
+    another type, or not in ``choices``, is a ConfigError naming ``key`` and ``source``."""
+    def fail(message: str) -> typing.NoReturn:
+        raise ConfigError(f"{key}: {message}", path=source)
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"unsupported settings type {hint!r}")
+        if value is None or (text and isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return coerce(value, inner[0], key, source, text=text, choices=choices, sep=sep)
+    if origin in (list, tuple):
+        items = _items(value, text, sep)
+        if items is None:
+            fail(f"must be a list of strings, got {value!r}")
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        fail(f"must be true or false, got {value!r}")
+    if hint is int:
+        out = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if out is None and text and isinstance(value, str):
+            try:
+                out = int(value.strip())
+            except ValueError:
+                pass
+        if out is None:
+            fail(f"must be an integer, got {value!r}")
+    elif hint is float:
+        out = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if out is None and isinstance(value, str):  # YAML, too, reads 1e-4 (no dot) as a string
+            try:
+                out = float(value.strip())
+            except ValueError:
+                pass
+        if out is None or not math.isfinite(out):
+            fail(f"must be a number, got {value!r}")
+    elif hint is str:
+        if isinstance(value, str):
+            out = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML: `run_dir: 2024`
+            out = str(value)
         else:
-            parser.add_argument(flag, dest=f.name, type=_type_of(f), default=default if default is None else _type_of(f)(default),
-                                choices=f.metadata.get("choices"), help=help_text)
+            fail(f"must be a string, got {value!r}")
+    else:
+        raise TypeError(f"unsupported settings type {hint!r}")
+    if choices is not None and out not in choices:
+        fail(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return out
 
 
-def from_args(cls: type, ns: argparse.Namespace):
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(ns, f.name)
-        if value is None and str(f.type).startswith("list"):
-            value = _env_list(f)
-        values[f.name] = value
-    return cls(**values)
+def _items(value: Any, text: bool, sep: str | None) -> list[str] | None:
+    """A list value's strings (None: not a list of strings). One string, or (text) each
+    string of a repeated flag, is split on ``sep``: items stripped, empty ones dropped."""
+    if isinstance(value, str):
+        value = [value]
+        text = True
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        return None
+    if not (text and sep):
+        return list(value)
+    return [item.strip() for v in value for item in v.split(sep) if item.strip()]
 
 
-def _env_list(f: dataclasses.Field) -> list[str] | None:
-    """A list field's env var (flags win: only used when no flag was given)."""
-    raw = os.environ.get(f"GALERNE_{f.name.upper()}")
-    if raw is None:
+@dataclass(frozen=True)
+class _Leaf:
+    """A field that holds a value (not a nested dataclass), by its dotted key."""
+
+    key: str
+    hint: Any
+    field: dataclasses.Field
+
+    @property
+    def default(self) -> Any:
+        f = self.field
         return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    sep = f.metadata.get("sep")
-    items = raw.split(sep) if sep else [raw]
-    return [item.strip() for item in items if item.strip()] if sep else items
+
+    @property
+    def env(self) -> str:
+        return "GALERNE_" + self.key.replace(".", "_").upper()
+
+    @property
+    def flags(self) -> list[str]:
+        dotted = self.field.metadata.get("flag") or "--" + self.key.replace("_", "-")
+        return [dotted] if "." not in dotted else [dotted, dotted.replace(".", "-")]
+
+    def coerce(self, value: Any, source: str | None, *, text: bool) -> Any:
+        return coerce(value, self.hint, self.key, source, text=text,
+                      choices=self.field.metadata.get("choices"), sep=self.field.metadata.get("sep"))
 
 
-def _truthy(v: Any) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+def _is_settings(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _leaves(cls: type, prefix: str = "") -> list[_Leaf]:
+    hints = typing.get_type_hints(cls)
+    out: list[_Leaf] = []
+    for f in dataclasses.fields(cls):
+        if _is_settings(hints[f.name]):
+            out += _leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(_Leaf(prefix + f.name, hints[f.name], f))
+    return out
+
+
+def parse_values(cls: type, values: Mapping[str, Any], source: str | None, *, text: bool = False,
+                 prefix: str = "") -> dict[str, Sourced]:
+    """A (nested) mapping of ``cls``'s keys, e.g. a YAML file's, as typed values by dotted
+    key. ``text``: values may be text to parse (see ``coerce``). An unknown key, at any
+    level, is an error naming it and ``source``."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping of keys, got {values!r}", path=source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Sourced] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key (known here: {', '.join(sorted(fields))})", path=source)
+        if _is_settings(hints[name]):
+            out.update(parse_values(hints[name], {} if value is None else value, source, text=text, prefix=key + "."))
+        else:
+            out[key] = (_Leaf(key, hints[name], fields[name]).coerce(value, source, text=text), source)
+    return out
+
+
+def env_values(cls: type) -> dict[str, Sourced]:
+    """The ``GALERNE_<KEY>`` environment variables set for ``cls``'s fields, typed."""
+    out: dict[str, Sourced] = {}
+    for leaf in _leaves(cls):
+        raw = os.environ.get(leaf.env)
+        if raw is not None:
+            source = f"environment variable {leaf.env}"
+            out[leaf.key] = (leaf.coerce(raw, source, text=True), source)
+    return out
+
+
+def build(cls: type, values: Mapping[str, Sourced], prefix: str = ""):
+    """``cls`` (nested dataclasses too) from typed values by dotted key; defaults for the
+    others. A range check of the dataclass that fails (``InvalidParameter``) on a given
+    value becomes a ConfigError naming where that value came from."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if _is_settings(hints[f.name]):
+            kwargs[f.name] = build(hints[f.name], values, key + ".")
+        elif key in values:
+            kwargs[f.name] = values[key][0]
+    try:
+        return cls(**kwargs)
+    except InvalidParameter as e:
+        _, source = values.get(prefix + e.field.partition("[")[0], (None, None))
+        if source is None:
+            raise
+        raise ConfigError(str(e), path=source) from None
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(value)
+    return repr(value) if value == "" else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env: bool = True) -> None:
+    """One flag per field of ``cls`` (``--lora.rank`` and ``--lora-rank`` for nested keys),
+    with the field's description and default. Flags keep their text (None when not given):
+    ``from_args`` parses it, so that a bad value is an error naming the key, not a usage
+    error. ``env``: the fields are also read from ``GALERNE_<KEY>`` (said in the help)."""
+    for leaf in _leaves(cls):
+        meta, default, flags = leaf.field.metadata, leaf.default, leaf.flags
+        notes = [] if default is None or default == [] or default == () else [f"default: {_show(default)}"]
+        kwargs: dict[str, Any] = dict(dest=leaf.key, default=None, metavar=leaf.key.rpartition(".")[2].upper())
+        if leaf.hint is bool:
+            # --flag, --flag VALUE (parsed by coerce), and --no-flag, which takes no value
+            # (so that `--no-flag MODEL` leaves MODEL to the positional argument).
+            negative = "--no-" + flags[-1][2:]
+            if default:
+                notes.append(f"{negative}: false")
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+            parser.add_argument(negative, dest=leaf.key, action="store_const", const=False, default=None,
+                                help=argparse.SUPPRESS)
+        elif typing.get_origin(leaf.hint) in (list, tuple):
+            kwargs.update(action="append")
+        elif meta.get("choices"):
+            kwargs.update(metavar="{" + ",".join(meta["choices"]) + "}")
+        help_text = meta["help"] + (f" ({'; '.join(notes)})" if notes else "") + (f" [env {leaf.env}]" if env else "")
+        parser.add_argument(*flags, help=help_text.replace("%", "%%"), **kwargs)
+
+
+def args_given(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    """The flags of ``cls`` given on the command line, as a nested mapping of their text."""
+    out: dict[str, Any] = {}
+    for leaf in _leaves(cls):
+        value = getattr(ns, leaf.key, None)
+        if value is None:
+            continue
+        *path, name = leaf.key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return out
+
+
+def from_args(cls: type, ns: argparse.Namespace, *, env: bool = True):
+    """``cls`` from the parsed flags; fields without a flag from their ``GALERNE_<KEY>``
+    variable (``env``), else their default."""
+    values = env_values(cls) if env else {}
+    values.update(parse_values(cls, args_given(cls, ns), "command line", text=True))
+    return build(cls, values)

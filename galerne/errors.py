@@ -31,7 +31,9 @@ class ModelLoadError(GalerneError):
 
 
 class ConfigError(ModelLoadError):
-    """``config.json`` / ``params.json`` is missing, unreadable or unsupported."""
+    """``config.json`` / ``params.json`` is missing, unreadable or unsupported; or a setting
+    has a wrong value (``path``: where it came from: a file, "command line", or an
+    environment variable)."""
 
 
 class TokenizerError(GalerneError):

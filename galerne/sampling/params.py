@@ -42,6 +42,11 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
 # torch.Generator.manual_seed accepts this inclusive range.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# The temperature Mistral recommends for its models, which La Plateforme (the Mistral
+# API) applies to a request that gives none. galerne's Mistral dialect, its model card's
+# default_model_temperature and `galerne generate`/`chat` use it; SamplingParams' own
+# default (as vLLM's, and the OpenAI API's) is the neutral 1.0.
+MISTRAL_DEFAULT_TEMPERATURE = 0.7
 
 
 @dataclass(frozen=True)

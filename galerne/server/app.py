@@ -26,6 +26,7 @@ from ..config import ServerSettings
 from ..engine.async_engine import AsyncEngine
 from ..errors import GalerneError
 from ..llm import LLM
+from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import chat, errors
 from . import dialect as dialects
 from .auth import require_api_key
@@ -110,7 +111,7 @@ def model_card(server: ServerState) -> dict:
         "capabilities": {"completion_chat": True, "completion_fim": fim,
                          "function_calling": tok.special_token_id("[TOOL_CALLS]") is not None,
                          "fine_tuning": False, "vision": False, "classification": False},
-        "default_model_temperature": 0.7, "deprecation": None,
+        "default_model_temperature": MISTRAL_DEFAULT_TEMPERATURE, "deprecation": None,
     }
     return server.card
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling.params import MAX_LOGPROBS, MAX_N
+from ..sampling.params import MAX_LOGPROBS, MAX_N, MISTRAL_DEFAULT_TEMPERATURE, SamplingParams
 
 
 class Wire(BaseModel):
@@ -94,7 +94,8 @@ class ResponseFormat(Wire):
 
 # ---------------------------------------------------------------- sampling
 
-Temperature = Annotated[float | None, Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1 (OpenAI) / 0.7 (Mistral)")]
+Temperature = Annotated[float | None, Field(None, ge=0.0, le=2.0, description=(
+    f"0 is greedy; default {SamplingParams.temperature} (OpenAI) / {MISTRAL_DEFAULT_TEMPERATURE} (Mistral)"))]
 TopP = Annotated[float | None, Field(None, ge=0.0, le=1.0, description="nucleus sampling mass; 0 is greedy")]
 MaxTokens = Annotated[int | None, Field(None, ge=1, description="tokens to generate at most; default: until the context is full")]
 Stop = Annotated[str | list[str] | None, Field(None, description="stop strings (not included in the text)")]
@@ -119,24 +120,23 @@ class SamplingFields(Wire):
     ignore_eos: bool | None = Field(None, description="extension: keep generating past the end-of-sequence token")
 
 
-def sampling_kwargs(req: SamplingFields, default_temperature: float, *, n: int | None, max_tokens: int | None,
-                    seed: int | None, logit_bias: dict | None = None) -> dict:
-    """SamplingParams keyword arguments from a request's fields (None: the default)."""
-    out: dict[str, Any] = {
-        "temperature": default_temperature if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or ()),
-        "n": n or 1,
-        "logit_bias": logit_bias,
-    }
-    if out["top_p"] == 0.0:  # OpenAI reads top_p 0 as "only the most likely token"
-        out.update(temperature=0.0, top_p=1.0)
-    for name in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos"):
+def sampling_kwargs(req: SamplingFields, *, default_temperature: float | None = None, n: int | None = None,
+                    max_tokens: int | None = None, seed: int | None = None, logit_bias: dict | None = None) -> dict:
+    """SamplingParams keyword arguments of what a request gave: its sampling fields, and
+    the others a dialect names in its own way. A value left out (None) is left to
+    SamplingParams' default, but the temperature: the dialect's ``default_temperature``
+    when it has one (Mistral's)."""
+    given = {"n": n, "max_tokens": max_tokens, "seed": seed, "logit_bias": logit_bias}
+    out = {name: value for name, value in given.items() if value is not None}
+    for name in SamplingFields.model_fields:
         value = getattr(req, name)
         if value is not None:
             out[name] = value
+    if "temperature" not in out and default_temperature is not None:
+        out["temperature"] = default_temperature
+    if out.get("top_p") == 0.0:  # OpenAI reads top_p 0 as "only the most likely token"
+        del out["top_p"]
+        out["temperature"] = 0.0
     return out
 
 

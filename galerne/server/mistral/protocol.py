@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ...sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from ..protocol import (
     ChatMessage,
     ChatRequest,
@@ -23,8 +24,6 @@ from ..protocol import (
     sampling_kwargs,
     tool_choice_value,
 )
-
-DEFAULT_TEMPERATURE = 0.7
 
 # Mistral's documented guardrail prompt for safe_prompt=true.
 SAFE_PROMPT = (
@@ -62,7 +61,8 @@ class MistralChatCompletionRequest(SamplingFields):
             tool_choice=tool_choice_value(self.tool_choice),
             parallel_tool_calls=self.parallel_tool_calls is not False,
             response_format=dump(self.response_format),
-            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, max_tokens=self.max_tokens, seed=self.random_seed),
+            sampling=sampling_kwargs(self, default_temperature=MISTRAL_DEFAULT_TEMPERATURE, n=self.n,
+                                     max_tokens=self.max_tokens, seed=self.random_seed),
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             stream=self.stream,
@@ -88,7 +88,8 @@ class MistralFIMCompletionRequest(SamplingFields):
             prompts=[self.prompt],
             suffix=self.suffix,
             fim=True,
-            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, max_tokens=self.max_tokens, seed=self.random_seed),
+            sampling=sampling_kwargs(self, default_temperature=MISTRAL_DEFAULT_TEMPERATURE, n=self.n,
+                                     max_tokens=self.max_tokens, seed=self.random_seed),
             logprobs=None,
             stream=self.stream,
             include_usage=True,

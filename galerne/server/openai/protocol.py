@@ -27,9 +27,6 @@ from ..protocol import (
     tool_choice_value,
 )
 
-DEFAULT_TEMPERATURE = 1.0
-
-
 class StreamOptions(Wire):
     include_usage: bool = Field(False, description="send a last chunk with the usage (and usage: null before it)")
 
@@ -61,7 +58,7 @@ class OpenAIChatCompletionRequest(SamplingFields):
             tool_choice=tool_choice_value(self.tool_choice),
             parallel_tool_calls=self.parallel_tool_calls is not False,
             response_format=dump(self.response_format),
-            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, seed=self.seed, logit_bias=self.logit_bias,
+            sampling=sampling_kwargs(self, n=self.n, seed=self.seed, logit_bias=self.logit_bias,
                                      max_tokens=self.max_completion_tokens or self.max_tokens),
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
@@ -97,7 +94,7 @@ class OpenAICompletionRequest(SamplingFields):
             suffix=self.suffix,
             fim=self.suffix is not None,
             echo=self.echo,
-            sampling=sampling_kwargs(self, DEFAULT_TEMPERATURE, n=self.n, max_tokens=self.max_tokens, seed=self.seed,
+            sampling=sampling_kwargs(self, n=self.n, max_tokens=self.max_tokens, seed=self.seed,
                                      logit_bias=self.logit_bias),
             logprobs=self.logprobs,
             stream=self.stream,
