@@ -7,6 +7,7 @@ import sys
 
 from . import __version__
 from .config import (
+    ArgumentParser,
     EngineSettings,
     ModelSettings,
     SamplingSettings,
@@ -200,7 +201,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="galerne", description="Run, serve and fine-tune Mistral-family models.")
+    p = ArgumentParser(prog="galerne", description="Run, serve and fine-tune Mistral-family models.")
     p.add_argument("--version", action="version", version=f"galerne {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-v info, -vv debug)")

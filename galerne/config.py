@@ -5,8 +5,9 @@ into command-line flags and back, and reads every source the same way:
 
 * ``add_arguments`` makes one flag per field (``--max-num-seqs``; nested keys
   ``--lora.rank`` and ``--lora-rank``). A list field's flag is repeatable; a boolean
-  flag takes an optional value (``--prefix-caching``, ``--prefix-caching false``) and
-  has a ``--no-`` form.
+  flag takes an optional value (``--prefix-caching``, ``--prefix-caching false``, the
+  value only when it is a boolean word: use ``config.ArgumentParser``) and has a
+  ``--no-`` form.
 * ``from_args`` resolves the values: flags win over the environment variable
   ``GALERNE_<FIELD>``, which wins over the field's default.
 * ``parse_values`` reads a mapping (the fine-tuning YAML file) into the same typed
@@ -329,6 +330,46 @@ def _show(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
+class _BoolFlag(argparse.Action):
+    """A boolean flag: ``--flag`` (true), ``--flag VALUE`` / ``--flag=VALUE`` (parsed by
+    ``coerce``). ``ArgumentParser`` joins a value to its flag only when the next word is
+    a boolean, so that ``--enforce-eager ./model`` leaves ./model to MODEL."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const="true", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, for ``add_arguments``' boolean flags (its subcommands' parsers are
+    of this class too): ``--flag`` takes the next word as its value only when that word is
+    a boolean (true/false, yes/no, on/off, 1/0)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        flags = {o for a in self._actions if isinstance(a, _BoolFlag) for o in a.option_strings}
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            word = args[i]
+            if word == "--":
+                out += args[i:]
+                break
+            if word in flags:
+                following = args[i + 1] if i + 1 < len(args) else None
+                if following is not None and following.strip().lower() in _TRUE + _FALSE:
+                    word, i = f"{word}={following}", i + 1
+                else:
+                    word = f"{word}=true"
+            out.append(word)
+            i += 1
+        return super().parse_known_args(out, namespace)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env: bool = True) -> None:
     """One flag per field of ``cls`` (``--lora.rank`` and ``--lora-rank`` for nested keys),
     with the field's description and default. Flags keep their text (None when not given):
@@ -344,7 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env: bool = Tru
             negative = "--no-" + flags[-1][2:]
             if default:
                 notes.append(f"{negative}: false")
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
+            kwargs.update(action=_BoolFlag, metavar="BOOL")
             parser.add_argument(negative, dest=leaf.key, action="store_const", const=False, default=None,
                                 help=argparse.SUPPRESS)
         elif typing.get_origin(leaf.hint) in (list, tuple):

@@ -13,7 +13,14 @@ from test_server import USER, LiveServer
 
 from galerne import LLM, SamplingParams
 from galerne.cli import build_parser, main
-from galerne.config import CLI_MAX_TOKENS, EngineSettings, ModelSettings, SamplingSettings, ServerSettings, from_args
+from galerne.config import (
+    CLI_MAX_TOKENS,
+    EngineSettings,
+    ModelSettings,
+    SamplingSettings,
+    ServerSettings,
+    from_args,
+)
 from galerne.engine.engine import Engine
 from galerne.errors import ConfigError
 from galerne.finetune.config import load_config, overrides_from_args
@@ -64,11 +71,17 @@ def test_flag_beats_env_beats_default(monkeypatch, cls, name, env, from_env, fla
 
 
 def test_bool_flag_before_the_model_argument():
-    # --no-X takes no value, so MODEL stays the positional argument.
+    # A boolean flag takes the next word only when it is a boolean: MODEL stays the positional.
     ns = build_parser().parse_args(["serve", "--no-prefix-caching", "./model"])
     assert ns.model == "./model" and from_args(EngineSettings, ns).enable_prefix_caching is False
     ns = build_parser().parse_args(["serve", "./model", "--allow-no-auth"])
     assert ns.model == "./model" and from_args(ServerSettings, ns).allow_no_auth is True
+    ns = build_parser().parse_args(["serve", "--enforce-eager", "./model", "--allow-no-auth", "no"])
+    assert ns.model == "./model" and from_args(EngineSettings, ns).enforce_eager is True
+    assert from_args(ServerSettings, ns).allow_no_auth is False
+    ns = build_parser().parse_args(["finetune", "--skip-bad-lines", "c.yaml", "--lora.enable", "off"])
+    assert ns.config == "c.yaml" and load_config(None, overrides_from_args(ns)).skip_bad_lines is True
+    assert load_config(None, overrides_from_args(ns)).lora.enable is False
 
 
 def test_help_shows_defaults_from_the_one_source():
@@ -100,13 +113,13 @@ def test_help_shows_defaults_from_the_one_source():
      "environment variable GALERNE_TOP_P: top_p: must be <= 1.0"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--max-tokens", "ten"],
      "command line: max_tokens: must be an integer, got 'ten'"),
-    ({}, ["generate", "/nonexistent", "--prompt", "x", "--ignore-eos", "maybe"],
+    ({}, ["generate", "/nonexistent", "--prompt", "x", "--ignore-eos=maybe"],
      "command line: ignore_eos: must be true or false, got 'maybe'"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--kv-cache-gb", "nan"],
      "command line: kv_cache_gb: must be a number, got 'nan'"),
-    # A bare boolean flag takes what follows as its value: a MODEL there is an error, said
-    # before anything else (not after the notice of the built-in model).
-    ({}, ["serve", "--enforce-eager", "./model"], "command line: enforce_eager: must be true or false, got './model'"),
+    # Said before anything else (not after the notice of the built-in model).
+    ({"GALERNE_ENFORCE_EAGER": "sometimes"}, ["serve"],
+     "environment variable GALERNE_ENFORCE_EAGER: enforce_eager: must be true or false, got 'sometimes'"),
 ])
 def test_bad_values_are_one_line_naming_key_and_source(monkeypatch, capsys, env, argv, message):
     for name, value in env.items():
@@ -149,7 +162,7 @@ def test_finetune_yaml_and_flags_give_the_same_value(tmp_path, yaml, flags, get,
 @pytest.mark.parametrize("yaml, flags, message", [
     ("lora:\n  rank: four\n", ["--lora.rank", "four"], "lora.rank: must be an integer, got 'four'"),
     ("optim:\n  lr: fast\n", ["--optim.lr", "fast"], "optim.lr: must be a number, got 'fast'"),
-    ("lora:\n  enable: maybe\n", ["--lora.enable", "maybe"], "lora.enable: must be true or false, got 'maybe'"),
+    ("lora:\n  enable: maybe\n", ["--lora.enable=maybe"], "lora.enable: must be true or false, got 'maybe'"),
     ("seq_len: 0\n", ["--seq-len", "0"], "seq_len: must be at least 1, got 0"),
 ])
 def test_finetune_yaml_and_flags_fail_alike_naming_their_source(tmp_path, yaml, flags, message):
