@@ -52,6 +52,7 @@ def test_the_package_ships_galerne_mini_small_and_sharded():
         assert source.lower() in card.lower()
 
 
+@pytest.mark.slow  # a forward pass over the whole held-out set
 def test_model_card_perplexity_within_5_percent():
     from galerne.finetune.data import encode_sample, pack_first_fit
     from galerne.finetune.evaluate import evaluate

@@ -111,6 +111,7 @@ def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
         assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
 
 
+@pytest.mark.slow  # a second build of the kernel, for another ISA (about 30 s the first time)
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX2 baseline is an x86-64 level")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_portable_loops_on_an_avx2_build(odd_folder, dtype):
