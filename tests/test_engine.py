@@ -85,7 +85,8 @@ def test_sliding_window_past_its_window_equals_transformers(tiny_factory):
         expected = ref.generate(prompt[None], max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)[0, 40:].tolist()
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     assert llm.generate([prompt.tolist()], params)[0].token_ids == expected
-    # A window model holds a bounded number of blocks whatever the length.
+    # Every block comes back, the ones released behind the window included (that the
+    # blocks held stay bounded is test_block_manager's and test_scheduler's).
     bm = llm.engine.block_manager
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
 
