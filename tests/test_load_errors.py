@@ -143,8 +143,12 @@ def test_offline_hub_id_says_so(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     importlib.reload(huggingface_hub.constants)
-    with pytest.raises(ModelLoadError, match=r"not a local folder and the Hugging Face Hub cannot be reached"):
-        LLM("mistralai/Mistral-7B-Instruct-v0.3")
+    try:
+        with pytest.raises(ModelLoadError, match=r"not a local folder and the Hugging Face Hub cannot be reached"):
+            LLM("mistralai/Mistral-7B-Instruct-v0.3")
+    finally:  # the constants were read from this test's environment: read them again from the real one
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
 
 
 def test_cli_error_is_one_line_and_non_zero(folder, capsys):
