@@ -3,7 +3,10 @@ real checkpoint folders with a real Mistral tokenizer from mistral-common."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import mistral_common
@@ -66,3 +69,47 @@ def tiny_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_mistral(tiny_factory):
     return tiny_factory("mistral")
+
+
+# ------------------------------------------------------------------ the CPU kernel, once
+
+KERNEL = pytest.StashKey[str]()
+
+
+def has_compiler() -> bool:
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def pytest_collection_finish(session):
+    """Build (or load from the disk cache) galerne's native CPU decode kernel once,
+    before the first test: every LLM on the CPU in this process then finds it in
+    ``galerne.kernels.cpu._built``, and the subprocesses the tests start (``galerne
+    serve``, torchrun) find it in the same disk cache (they inherit this environment,
+    hence the same ``$XDG_CACHE_HOME``). A first build on this machine (about 30 s)
+    is reported in the summary instead of hiding in a random test's time. Without a
+    compiler nothing is tried: the kernel tests skip, the others decode with torch ops."""
+    if session.config.option.collectonly or not session.items or not has_compiler():
+        return
+    if os.environ.get("GALERNE_CPU_KERNELS", "1") == "0":
+        return
+    from galerne.kernels import cpu as cpu_kernels
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger(cpu_kernels.__name__)
+    logger.addHandler(handler)
+    start = time.perf_counter()
+    try:
+        ext = cpu_kernels.load()
+    finally:
+        logger.removeHandler(handler)
+    seconds = time.perf_counter() - start
+    session.config.stash[KERNEL] = (
+        f"ready in {seconds:.1f} s, in {cpu_kernels.cache_dir()}" if ext is not None
+        else f"unavailable, the tests decode with torch ops: {'; '.join(warnings)}")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if KERNEL in config.stash:
+        terminalreporter.write_line(f"galerne CPU kernel, built or loaded once before the tests: {config.stash[KERNEL]}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from galerne.engine.block_manager import NULL_BLOCK, BlockManager
+from galerne.engine.paged import BatchMetadata
 from galerne.engine.sequence import Sequence
 from galerne.sampling.params import SamplingParams
 
@@ -34,9 +36,11 @@ def test_allocation_arithmetic():
     assert bm.allocate(seq, 10)
     assert len(seq.block_table) == 3  # positions 0..9 -> blocks 0, 1, 2
     assert (bm.num_free_blocks, bm.num_used_blocks, bm.usage) == (7, 3, 0.3)
-    # Position 9 lives at slot table[2] * 4 + 1.
-    b = seq.block_table[9 // 4]
-    assert b * 4 + 9 % 4 == seq.block_table[2] * 4 + 1
+    # The cache slots the model writes these 10 positions to: position 9 at offset 1
+    # of the sequence's third block, 10 distinct slots in its 3 blocks.
+    slots = BatchMetadata.build([(seq.block_table, 0, 10)], 4, torch.device("cpu")).slot_mapping.tolist()
+    assert slots[9] == seq.block_table[2] * 4 + 1 and slots[4] == seq.block_table[1] * 4
+    assert len(set(slots)) == 10 and {s // 4 for s in slots} == set(seq.block_table)
     seq.num_computed_tokens = 10
     for n_tokens, n_blocks in ((11, 3), (12, 3), (13, 4)):
         seq.token_ids.append(0)  # the sampled token; its slot is allocated next step

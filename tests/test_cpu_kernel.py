@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 
 import pytest
 import torch
@@ -21,10 +20,9 @@ from galerne import LLM, SamplingParams
 from galerne.engine.paged import BatchMetadata, PagedKVCache, TorchPagedAttention
 from galerne.kernels import cpu as cpu_kernels
 
-from conftest import build_hf
+from conftest import build_hf, has_compiler
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler to build the kernel with")
+pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler to build the kernel with")
 
 BLOCK = 4
 # hidden 72 and intermediate 100 leave tails after the 16- and 32-wide vector loops
@@ -113,6 +111,7 @@ def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
         assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
 
 
+@pytest.mark.slow  # a second build of the kernel, for another ISA (about 30 s the first time)
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the AVX2 baseline is an x86-64 level")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_portable_loops_on_an_avx2_build(odd_folder, dtype):

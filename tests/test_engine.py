@@ -85,7 +85,8 @@ def test_sliding_window_past_its_window_equals_transformers(tiny_factory):
         expected = ref.generate(prompt[None], max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)[0, 40:].tolist()
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     assert llm.generate([prompt.tolist()], params)[0].token_ids == expected
-    # A window model holds a bounded number of blocks whatever the length.
+    # Every block comes back, the ones released behind the window included (that the
+    # blocks held stay bounded is test_block_manager's and test_scheduler's).
     bm = llm.engine.block_manager
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
 
@@ -117,9 +118,18 @@ def test_n_completions_and_logprobs(llm):
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, logprobs=2)
     out = llm.generate(["Hello"], params)[0]
     assert len(out.outputs) == 3 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+    n = len(out.prompt_token_ids)
     for c in out.outputs:
         assert len(c.token_ids) == 8 and len(c.logprobs) == 8 and all(len(t) == 2 for t in c.top_logprobs)
-        assert all(lp <= 0 for lp in c.logprobs)
+        # Each completion's logprobs are its own tokens' under the model: rescoring the
+        # whole text without a cache gives them (and the two most likely alternatives).
+        ref = torch.log_softmax(llm.score(out.prompt_token_ids + c.token_ids), dim=-1)[n - 1 : -1]
+        expected = ref[torch.arange(8), torch.tensor(c.token_ids)]
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=0, atol=1e-4)
+        top = ref.topk(2, dim=-1)
+        assert [[t for t, _ in alts] for alts in c.top_logprobs] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in alts] for alts in c.top_logprobs]), top.values,
+                                   rtol=0, atol=1e-4)
 
 
 def test_cancelling_frees_every_block(llm):

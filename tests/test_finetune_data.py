@@ -143,8 +143,11 @@ def test_validate_files_reports_each_reason_with_its_line(tmp_path, v3):
     for i, (problem, (_, reason)) in enumerate(zip(report.problems, BAD_LINES)):
         assert problem.path == str(path) and problem.line == 2 * i + 2
         assert reason in problem.reason, (problem, reason)
-    assert report.tokens > report.trained_tokens > 0
-    assert report.eta_seconds(100.0) == report.tokens / 100.0
+    # The counts are the valid lines' samples' (the odd lines), encoded one by one.
+    valid = [encode_sample(v3, json.loads(lines[i])) for i in range(0, len(lines), 2)]
+    tokens = sum(len(s.tokens) for s in valid)
+    assert (report.tokens, report.trained_tokens) == (tokens, sum(s.trained_tokens for s in valid))
+    assert report.eta_seconds(100.0) == pytest.approx(tokens / 100.0)  # an epoch at 100 tokens/s
     # --clean keeps exactly the valid lines, bytes unchanged.
     assert clean.read_bytes() == "".join(lines[i] + "\n" for i in range(0, len(lines), 2)).encode()
 

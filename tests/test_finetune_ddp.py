@@ -13,6 +13,8 @@ import pytest
 from galerne.finetune.config import load_config
 from galerne.finetune.trainer import train
 
+pytestmark = pytest.mark.slow  # torchrun starts 2 processes that each import torch and load the model
+
 CAPITALS = [("Bretagne", "Rennes"), ("Normandie", "Rouen"), ("Alsace", "Strasbourg"), ("Provence", "Marseille"),
             ("Corse", "Ajaccio"), ("Savoie", "Chambéry"), ("Bourgogne", "Dijon"), ("Lorraine", "Metz")]
 

@@ -123,7 +123,10 @@ def test_chunked_equals_unchunked(tiny, tokenizer):
 def test_lr_schedule():
     assert lr_factor(0, 4, 20) == 0.25 and lr_factor(3, 4, 20) == 1.0
     assert lr_factor(4, 4, 20) == 1.0 and lr_factor(20, 4, 20) == pytest.approx(0.0)
-    assert 0 < lr_factor(12, 4, 20) < 1
+    # Cosine decay over steps 4..20: a quarter of the way, (1 + cos(pi / 4)) / 2 (a linear
+    # decay would give 0.75); halfway, 0.5.
+    assert lr_factor(8, 4, 20) == pytest.approx(0.853553, abs=1e-6)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
 
 
 def test_loss_falls_and_model_learns_the_answer(tiny, tokenizer):

@@ -134,12 +134,19 @@ def test_cli_generate_streams_the_completion(folder, llm, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_cli_chat_reads_turns_from_stdin(folder, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/reset\nSecond question\n/exit\n"))
+def test_cli_chat_reads_turns_from_stdin(folder, llm, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/reset\nSecond question\n/exit\nNot read\n"))
     code = main(["chat", str(folder), "--max-tokens", "6", "--temperature", "0", "--ignore-eos"])
     assert code == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2  # one answer per question; /reset and /exit print nothing
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    hello, second = ({"role": "user", "content": text} for text in ("Hello there", "Second question"))
+    first = llm.chat([hello], params)[0].text
+    fresh = llm.chat([second], params)[0].text
+    continued = llm.chat([hello, {"role": "assistant", "content": first}, second], params)[0].text
+    assert fresh != continued  # else a /reset that kept the history would pass unseen
+    # One answer per question; after /reset the second question starts a new conversation;
+    # /reset and /exit print nothing, and nothing after /exit is read.
+    assert capsys.readouterr().out == first + "\n" + fresh + "\n"
 
 
 def test_cli_rejects_bad_sampling_values(folder, capsys):

@@ -100,12 +100,14 @@ def test_unreadable_tokenizer(folder):
         LLM(folder)
 
 
-def test_pickle_loads_only_with_weights_only(folder):
+def test_pickle_loads_only_with_weights_only(folder, tiny_factory):
     sd = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     torch.save(sd, folder / "pytorch_model.bin")  # plain tensors: weights_only=True loads it
-    llm = LLM(folder)
-    assert llm.score([1, 2, 3]).shape == (3, 32768)
+    ids = [1, 2, 3, 500, 7000, 31000]
+    with torch.no_grad():  # the same weights as transformers' model saved them
+        expected = tiny_factory("mistral")[1](torch.tensor([ids])).logits[0].float()
+    assert (LLM(folder).score(ids) - expected).abs().max().item() < 1e-4
 
 
 class Evil:  # an object whose unpickling would need arbitrary code
@@ -141,8 +143,12 @@ def test_offline_hub_id_says_so(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     importlib.reload(huggingface_hub.constants)
-    with pytest.raises(ModelLoadError, match=r"not a local folder and the Hugging Face Hub cannot be reached"):
-        LLM("mistralai/Mistral-7B-Instruct-v0.3")
+    try:
+        with pytest.raises(ModelLoadError, match=r"not a local folder and the Hugging Face Hub cannot be reached"):
+            LLM("mistralai/Mistral-7B-Instruct-v0.3")
+    finally:  # the constants were read from this test's environment: read them again from the real one
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
 
 
 def test_cli_error_is_one_line_and_non_zero(folder, capsys):

@@ -19,7 +19,7 @@ import uvicorn
 from mistralai.client import Mistral
 from mistralai.client import errors as mistral_errors
 
-from galerne import LLM
+from galerne import LLM, SamplingParams
 from galerne.config import ServerSettings
 from galerne.server import create_app
 
@@ -226,13 +226,24 @@ def test_mistral_chat_plain_and_streamed(mis, live):
     assert all(e.data.usage is None for e in events[:-1])
 
 
-def test_mistral_prefix_and_safe_prompt(mis, live):
-    r = mis.chat.complete(model=MODEL, max_tokens=4, temperature=0, messages=[
-        *USER, {"role": "assistant", "content": "Sure:", "prefix": True}])
-    assert r.choices[0].message.content is not None
-    plain = mis.chat.complete(model=MODEL, messages=USER, max_tokens=1)
+# Mistral's documented guardrail prompt (docs.mistral.ai, "Guardrailing"), which safe_prompt prepends.
+GUARDRAIL = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+             "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+
+
+def test_mistral_prefix_and_safe_prompt(mis, live, tiny_factory):
+    messages = [*USER, {"role": "assistant", "content": "Sure:", "prefix": True}]
+    r = mis.chat.complete(model=MODEL, max_tokens=4, temperature=0, messages=messages)
+    # The answer continues the prefix: it is what the model generates after the prompt
+    # that ends with it (here from a second LLM on the same weights: the server's engine
+    # belongs to its loop).
+    ids = live.state.tokenizer.encode_chat(messages)
+    assert r.usage.prompt_tokens == len(ids)
+    twin = LLM(tiny_factory("mistral")[0], device="cpu")
+    assert r.choices[0].message.content == twin.generate([ids], SamplingParams(temperature=0, max_tokens=4))[0].text
     safe = mis.chat.complete(model=MODEL, messages=USER, max_tokens=1, safe_prompt=True)
-    assert safe.usage.prompt_tokens > plain.usage.prompt_tokens
+    guarded = [{"role": "system", "content": GUARDRAIL}, *USER]
+    assert safe.usage.prompt_tokens == len(live.state.tokenizer.encode_chat(guarded))
 
 
 def test_mistral_n_and_model_length(mis):

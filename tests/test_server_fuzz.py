@@ -41,6 +41,7 @@ def test_every_operation_is_fuzzed(api_schema):
     assert found == set(OPERATIONS)
 
 
+@pytest.mark.slow  # hundreds of generated requests
 @pytest.mark.parametrize("method, path", OPERATIONS)
 def test_no_input_gets_a_server_error(api_schema, method, path):
     operation = api_schema[path][method]

@@ -93,16 +93,26 @@ def _build(march: str = "native"):
     except ImportError:
         pass
 
+    text = SOURCE.read_bytes()
     key = hashlib.sha256(
-        SOURCE.read_bytes() + _cpu_signature().encode() + march.encode() + torch.__version__.encode()
+        text + _cpu_signature().encode() + march.encode() + torch.__version__.encode()
         + platform.python_version().encode()
     ).hexdigest()[:16]
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
+    # Compile a copy of the source kept in the folder: the build command names the
+    # source's path, and ninja rebuilds when the command changes, so building from
+    # where this checkout happens to be would recompile for every other checkout
+    # (another venv, a git worktree) of the same source.
+    source = folder / SOURCE.name
+    if not source.is_file() or source.read_bytes() != text:
+        tmp = folder / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(text)
+        os.replace(tmp, source)
     name = f"galerne_cpu_{key}"
     if not any(folder.glob(f"{name}*.so")):
         log.warning("compiling galerne's CPU decode kernel for this CPU (once, about 30 s) into %s", folder)
-    return build(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+    return build(name=name, sources=[str(source)], build_directory=str(folder),
                  extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
