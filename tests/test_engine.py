@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 import torch
+from dense_reference import DenseGenerator
 
 from galerne import LLM, SamplingParams
-from galerne.engine.dense import DenseGenerator
 from galerne.errors import InvalidParameter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -124,7 +124,8 @@ def test_n_completions_and_logprobs(llm):
 
 def test_cancelling_frees_every_block(llm):
     engine = llm.engine
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)) for p in prompts(5, seed=9)]
+    ids = [engine.add_request(llm.validate(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
+           for p in prompts(5, seed=9)]
     for _ in range(6):
         engine.step()
     assert engine.block_manager.num_used_blocks > 0
@@ -155,10 +156,10 @@ def test_async_engine_streams_and_cancels(llm):
     async def main():
         engine = AsyncEngine(llm.engine)
         try:
-            got = [t async for out in engine.generate(p, params) for t in out.token_ids]
+            got = [t async for out in engine.generate(llm.validate(p, params)) for t in out.token_ids]
             assert got == expected
             # A consumer that leaves early aborts its request: blocks come back.
-            stream = engine.generate(p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            stream = engine.generate(llm.validate(p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)))
             async for _ in stream:
                 break
             await stream.aclose()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from ..sampling.params import SamplingParams
 from .engine import Engine, StepOutput
+from .request import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +35,21 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------- public
 
-    async def generate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None, adapter: str | None = None,
-    ) -> AsyncIterator[StepOutput]:
-        """Stream the outputs of one request (all its n completions interleaved)."""
-        rid = request_id or uuid.uuid4().hex
+    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        """Stream the outputs of one validated request (all its n completions interleaved)."""
+        rid = request.request_id
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        # Validation errors (too long, bad values) raise here, before any output. The
-        # add runs in a thread (it waits for the step in progress); a caller cancelled
-        # meanwhile (client gone) must not leave the request running once it lands.
-        added = self._adders.submit(self._add, rid, list(prompt_token_ids), params, adapter, loop, queue)
+        # The engine's refusal (a request the KV cache can never hold) raises here, before
+        # any output. The add runs in a thread (it waits for the step in progress); a caller
+        # cancelled meanwhile (client gone) must not leave the request running once it lands.
+        added = self._adders.submit(self._add, request, loop, queue)
         try:
             await asyncio.wrap_future(added)
         except asyncio.CancelledError:
             added.add_done_callback(lambda f: f.cancelled() or f.exception() or self.abort(rid))
             raise
-        remaining = params.n
+        remaining = request.params.n
         try:
             while remaining:
                 item = await queue.get()
@@ -86,12 +83,12 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- private
 
-    def _add(self, rid, prompt, params, adapter, loop, queue) -> None:
+    def _add(self, request, loop, queue) -> None:
         if self._error is not None:
             raise RuntimeError(f"the engine loop stopped: {self._error!r}")
         with self._lock:
-            self.engine.add_request(prompt, params, request_id=rid, adapter=adapter)
-            self._queues[rid] = (loop, queue)
+            self.engine.add_request(request)
+            self._queues[request.request_id] = (loop, queue)
         self._wake.set()
 
     def _loop(self) -> None:

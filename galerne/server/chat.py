@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..engine.engine import StepOutput
+from ..engine.request import validate_request
 from ..errors import InvalidParameter
 from ..sampling.params import SamplingParams
 from . import dialect as dialects
@@ -57,10 +58,14 @@ async def chat_completions(request: Request) -> Response:
     req = validate(wire, body).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
-    # Tokenizing and compiling a grammar take CPU time: not on the event loop.
-    prompt = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages, req.tools)
-    params, tools_on = await asyncio.to_thread(chat_params, server, req)
-    gen = Generation(server, [prompt], params, request_id=new_id(dialect))
+
+    def prepare():  # tokenizing, compiling a grammar, checking the request: CPU time, not on the event loop
+        prompt = server.tokenizer.encode_chat(req.messages, req.tools)
+        params, tools_on = chat_params(server, req)
+        return validate_request(prompt, params, server.limits), tools_on
+
+    engine_request, tools_on = await asyncio.to_thread(prepare)
+    gen = Generation(server, [engine_request], request_id=new_id(dialect))
     responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=tools_on,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
                               include_usage=req.include_usage)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..config import ServerSettings
 from ..engine.async_engine import AsyncEngine
+from ..engine.request import Limits
 from ..llm import LLM
 from .errors import ModelNotFound
 from .metrics import Metrics
@@ -39,6 +40,11 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.llm.max_model_len
+
+    @property
+    def limits(self) -> Limits:
+        """What the routes validate requests against (``validate_request``)."""
+        return self.llm.limits
 
     def check_model(self, model: str) -> str:
         if model not in self.model_ids:
