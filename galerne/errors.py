@@ -57,3 +57,8 @@ class PromptTooLong(InvalidParameter):
             f"{prompt_len} tokens is longer than the model's context of {limit} tokens" if prompt_len > limit
             else f"{prompt_len} tokens fill the model's context of {limit} tokens: no room is left to generate",
         )
+
+
+class EngineDeadError(GalerneError):
+    """The engine loop stopped (a failed step: a bug or a device failure; or a shutdown):
+    it takes no more requests, and those it was running end with this error."""

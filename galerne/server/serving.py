@@ -10,7 +10,8 @@ is a proper HTTP error in the dialect's envelope, never a broken stream.
 A client that goes away cancels its engine requests: while the response is being
 prepared (watching the ASGI ``http.disconnect``), and mid-stream (Starlette
 cancels the body iterator, whose ``finally`` closes the generation). The
-AsyncEngine aborts a cancelled request before its next step, freeing its blocks.
+AsyncEngine queues the abort without waiting for the engine; the engine thread
+applies it before its next step, freeing the request's blocks.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import StepOutput
 from ..engine.request import EngineRequest
+from ..errors import EngineDeadError
 from .errors import (
     ClientGone,
-    EngineFailure,
     FieldError,
     Overloaded,
     RequestInvalid,
@@ -136,7 +137,7 @@ class Generation:
         if s.draining:
             raise ShuttingDown("the server is shutting down; it takes no new requests")
         if s.engine is None:
-            raise EngineFailure("the engine is not running")
+            raise EngineDeadError("the engine is not running")
         if s.queued + len(self.prompts) > s.settings.max_queued_requests:
             raise Overloaded(f"too many requests waiting ({s.queued}, at most {s.settings.max_queued_requests}); "
                              "retry later", retry_after=1)
@@ -169,9 +170,8 @@ class Generation:
                 put((k, out))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the engine's refusal (KV capacity), or its failure
-            # AsyncEngine reports a dead engine loop as a RuntimeError.
-            put((k, EngineFailure(str(e)) if type(e) is RuntimeError else e))
+        except Exception as e:  # the engine's refusal (KV capacity), or EngineDeadError
+            put((k, e))
         finally:
             self._first(k)
             put((k, None))
@@ -222,7 +222,7 @@ class Generation:
             m.finished(out.finish_reason)
 
     async def aclose(self) -> None:
-        """Cancel what still runs (the AsyncEngine aborts those requests); idempotent."""
+        """Cancel what still runs (the AsyncEngine queues their aborts); idempotent."""
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()

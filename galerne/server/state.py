@@ -52,4 +52,5 @@ class ServerState:
         return self.model_id
 
     def engine_stats(self) -> dict | None:
+        """The AsyncEngine's last published snapshot (None when it is not started)."""
         return None if self.engine is None else self.engine.stats()
