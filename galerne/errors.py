@@ -1,8 +1,8 @@
 """Typed exceptions. Every error a user can cause is one of these.
 
-The CLI prints ``str(error)`` and exits non-zero; the server (later) maps each
-class to an HTTP status and body in one place. Never match on message text:
-match on the class.
+The CLI prints ``str(error)`` and exits non-zero; the server maps each class to
+an HTTP status and body in one place (``server/errors.py``). Never match on
+message text: match on the class.
 """
 
 from __future__ import annotations
@@ -49,12 +49,18 @@ class InvalidParameter(GalerneError, ValueError):
 
 
 class PromptTooLong(InvalidParameter):
-    """The prompt (plus requested tokens) does not fit the model's context."""
+    """The prompt does not fit the model's context (or, to generate, fills it)."""
 
     def __init__(self, prompt_len: int, limit: int, what: str = "prompt"):
         self.prompt_len = prompt_len
         self.limit = limit
         super().__init__(
             what,
-            f"{prompt_len} tokens is longer than the model's context of {limit} tokens",
+            f"{prompt_len} tokens is longer than the model's context of {limit} tokens" if prompt_len > limit
+            else f"{prompt_len} tokens fill the model's context of {limit} tokens: no room is left to generate",
         )
+
+
+class EngineDeadError(GalerneError):
+    """The engine loop stopped (a failed step: a bug or a device failure; or a shutdown):
+    it takes no more requests, and those it was running end with this error."""

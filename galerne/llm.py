@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from .config import EngineSettings
-from .engine.dense import check_token_ids
 from .engine.engine import Engine, StepOutput
+from .engine.request import EngineRequest, Limits, validate_request
 from .errors import InvalidParameter, ModelLoadError
 from .models.attention import NoCacheAttention
 from .models.transformer import Transformer
@@ -115,31 +115,42 @@ class LLM:
             )
         if max_model_len is not None and not 0 < max_model_len <= args.max_seq_len:
             raise InvalidParameter("max_model_len", f"must be in 1..{args.max_seq_len} (the model's context), got {max_model_len}")
-        self.max_model_len = max_model_len or args.max_seq_len
+        # What every request is checked against (validate_request), here and in the server.
+        self.limits = Limits(vocab_size=tokenizer.vocab_size, max_model_len=max_model_len or args.max_seq_len)
         self.device = next(model.parameters()).device
         self._engine: Engine | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
 
     @property
     def engine(self) -> Engine:
         """The paged engine, made on first use (it sizes and allocates the KV cache)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.engine_settings, max_model_len=self.max_model_len)
+            self._engine = Engine(self.model, self.tokenizer, self.engine_settings, limits=self.limits)
         return self._engine
 
     # ------------------------------------------------------------- generation
 
     def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (with BOS); a list of ids as it is (checked by ``validate``)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True)
-        return [int(t) for t in prompt]
+        return list(prompt)
+
+    def validate(self, prompt: Prompt, params: SamplingParams) -> EngineRequest:
+        """The request ``Engine.add_request`` takes, checked against this model's limits."""
+        return validate_request(self.encode(prompt), params, self.limits)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """Stream one completion: text deltas as they become final."""
         params = params or SamplingParams()
         if params.n != 1:
             raise InvalidParameter("n", "stream() yields one completion; use generate() for n > 1")
+        request = self.validate(prompt, params)
         engine = self.engine
-        rid = engine.add_request(self.encode(prompt), params)
+        rid = engine.add_request(request)
         try:
             while True:
                 for out in engine.step():
@@ -165,7 +176,7 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidParameter("params", f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        return self._run([(p, self.encode(p), sp) for p, sp in zip(prompts, params)], use_tqdm)
+        return self._run([(p, self.validate(p, sp)) for p, sp in zip(prompts, params)], use_tqdm)
 
     def chat(
         self,
@@ -177,19 +188,21 @@ class LLM:
         tokenizers). One conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         sp = params or SamplingParams()
-        return self._run([(None, self.tokenizer.encode_chat(list(c), tools), sp) for c in conversations], None)
+        return self._run([(None, self.validate(self.tokenizer.encode_chat(list(c), tools), sp))
+                          for c in conversations], None)
 
-    def _run(self, items: list[tuple[Prompt | None, list[int], SamplingParams]], use_tqdm: bool | None) -> list[RequestOutput]:
+    def _run(self, items: list[tuple[Prompt | None, EngineRequest]], use_tqdm: bool | None) -> list[RequestOutput]:
+        # Every request was validated (the callers' list comprehensions) before any runs.
         engine = self.engine
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
         try:
-            for prompt, ids, sp in items:  # every request is validated before any runs
-                rid = engine.add_request(ids, sp)
+            for prompt, request in items:
+                rid = engine.add_request(request)  # the KV-capacity check, which only the engine knows
                 order.append(rid)
                 results[rid] = RequestOutput(
-                    prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=ids,
-                    outputs=[CompletionOutput(i, "", [], None) for i in range(sp.n)],
+                    prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=list(request.prompt),
+                    outputs=[CompletionOutput(i, "", [], None) for i in range(request.params.n)],
                 )
             bar = tqdm(total=len(order), desc="generating", unit="req", disable=(not use_tqdm) if use_tqdm is not None else None, leave=False)
             pending = {rid: len(results[rid].outputs) for rid in order}  # completions still running
@@ -216,13 +229,9 @@ class LLM:
     # ---------------------------------------------------------------- scoring
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """float32 logits (len(token_ids), vocab) for one sequence, without a cache."""
-        ids = self.encode(token_ids)
-        if not ids:
-            raise InvalidParameter("token_ids", "is empty")
-        if len(ids) > self.max_model_len:
-            raise InvalidParameter("token_ids", f"{len(ids)} tokens is longer than the model's context of {self.max_model_len}")
-        check_token_ids(ids, self.model.args.vocab_size, "token_ids")
+        """float32 logits (len(token_ids), vocab) for one sequence, without a cache. The
+        sequence may fill the context (nothing is generated)."""
+        ids = validate_request(self.encode(token_ids), None, self.limits, field="token_ids").prompt
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device))

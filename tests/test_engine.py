@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
+from dense_reference import DenseGenerator
 
 from galerne import LLM, SamplingParams
-from galerne.engine.dense import DenseGenerator
-from galerne.errors import InvalidParameter
+from galerne.engine.async_engine import AsyncEngine
+from galerne.errors import EngineDeadError, InvalidParameter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -134,7 +137,8 @@ def test_n_completions_and_logprobs(llm):
 
 def test_cancelling_frees_every_block(llm):
     engine = llm.engine
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)) for p in prompts(5, seed=9)]
+    ids = [engine.add_request(llm.validate(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
+           for p in prompts(5, seed=9)]
     for _ in range(6):
         engine.step()
     assert engine.block_manager.num_used_blocks > 0
@@ -155,30 +159,189 @@ def test_a_request_that_can_never_fit_is_rejected(folder):
     assert not small.engine.has_unfinished()
 
 
-def test_async_engine_streams_and_cancels(llm):
-    from galerne.engine.async_engine import AsyncEngine
+# ------------------------------------------------------------------ the async front
 
+
+class Spy:
+    """Wraps the engine's methods: records the threads that call them and the requests
+    that get outputs; ``hold`` makes each step sleep that long (a long prefill: sleep
+    releases the GIL as a forward does), ``fail`` makes the next step raise."""
+
+    def __init__(self, engine, monkeypatch):
+        self.threads: set[str] = set()
+        self.ran: set[str] = set()  # request ids that got an output
+        self.hold = 0.0
+        self.holding = threading.Event()  # set when a held step starts
+        self.fail: BaseException | None = None
+        for name in ("add_request", "abort", "step", "stats", "has_unfinished"):
+            monkeypatch.setattr(engine, name, self._wrap(name, getattr(engine, name)))
+
+    def _wrap(self, name, real):
+        def call(*args, **kwargs):
+            self.threads.add(threading.current_thread().name)
+            if name != "step":
+                return real(*args, **kwargs)
+            if self.fail is not None:
+                raise self.fail
+            if self.hold:
+                self.holding.set()
+                time.sleep(self.hold)
+            outputs = real(*args, **kwargs)
+            self.ran.update(o.request_id for o in outputs)
+            return outputs
+
+        return call
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+def test_async_engine_streams_and_cancels(llm, monkeypatch):
     p = prompts(1, seed=10)[0]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = llm.generate([p], params)[0].token_ids  # before the async loop owns the engine
 
     async def main():
-        engine = AsyncEngine(llm.engine)
+        front = AsyncEngine(llm.engine)
+        spy = Spy(llm.engine, monkeypatch)
         try:
-            got = [t async for out in engine.generate(p, params) for t in out.token_ids]
+            got = [t async for out in front.generate(llm.validate(p, params)) for t in out.token_ids]
             assert got == expected
             # A consumer that leaves early aborts its request: blocks come back.
-            stream = engine.generate(p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            stream = front.generate(llm.validate(p, LONG))
             async for _ in stream:
                 break
             await stream.aclose()
-            for _ in range(50):
-                if not llm.engine.has_unfinished():
-                    break
-                await asyncio.sleep(0.02)
-            assert llm.engine.block_manager.num_used_blocks == 0
-            assert engine.stats()["running"] == 0
+            await until(lambda: front.stats()["running"] == 0)
+            assert front.stats()["kv_usage"] == 0.0
+            # Only the engine thread ever called the engine (stats included: a snapshot).
+            assert spy.threads == {"galerne-engine"}
         finally:
-            engine.shutdown()
+            front.shutdown()
+        assert llm.engine.block_manager.num_used_blocks == 0
 
     asyncio.run(main())
+
+
+def test_async_engine_abort_does_not_wait_for_the_step(llm, monkeypatch):
+    async def main():
+        front = AsyncEngine(llm.engine)
+        spy = Spy(llm.engine, monkeypatch)
+        try:
+            stream = front.generate(llm.validate(prompts(1, seed=11)[0], LONG))
+            await stream.__anext__()
+            spy.hold = 1.0
+            await asyncio.to_thread(spy.holding.wait, 5)
+            t0 = time.monotonic()
+            await stream.aclose()  # the client went away in the middle of a long step
+            assert time.monotonic() - t0 < 0.2
+            assert front.stats()["running"] == 1  # the step still runs; the abort waits for its end
+            spy.hold = 0.0
+            await until(lambda: front.stats()["running"] == 0)
+        finally:
+            front.shutdown()
+        assert llm.engine.block_manager.num_used_blocks == 0
+
+    asyncio.run(main())
+
+
+def test_a_request_cancelled_before_its_add_never_runs(llm, monkeypatch):
+    async def main():
+        front = AsyncEngine(llm.engine)
+        spy = Spy(llm.engine, monkeypatch)
+        try:
+            busy = front.generate(llm.validate(prompts(1, seed=12)[0], LONG))
+            await busy.__anext__()
+            spy.hold = 0.5
+            await asyncio.to_thread(spy.holding.wait, 5)
+            late = llm.validate(prompts(1, seed=13)[0], LONG)  # its add waits for the step to end
+
+            async def consume():
+                async for _ in front.generate(late):
+                    pass
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await busy.aclose()
+            spy.hold = 0.0
+            await until(lambda: front.stats()["running"] == front.stats()["waiting"] == 0)
+            assert late.request_id not in spy.ran
+        finally:
+            front.shutdown()
+        assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used_blocks == 0
+
+    asyncio.run(main())
+
+
+def test_async_engine_returns_a_refusal_to_its_request(folder):
+    per_block = 2 * 2 * 4 * 2 * 16 * 4
+    small = make(folder, kv_cache_gb=per_block * 10 / 1e9)  # 40 tokens of KV in all
+
+    async def main():
+        front = AsyncEngine(small.engine)
+        try:
+            with pytest.raises(InvalidParameter) as e:
+                async for _ in front.generate(small.validate([5] * 30, SamplingParams(max_tokens=30))):
+                    pass
+            assert e.value.field == "max_tokens" and "blocks" in str(e.value)
+            # The refusal was that request's alone: the engine goes on.
+            params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            got = [t async for out in front.generate(small.validate([5] * 5, params)) for t in out.token_ids]
+            assert len(got) == 3 and not front.errored
+        finally:
+            front.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_engine_reports_a_failed_step(folder, monkeypatch):
+    llm = make(folder)
+
+    async def main():
+        front = AsyncEngine(llm.engine)
+        spy = Spy(llm.engine, monkeypatch)
+        try:
+            assert not front.errored and front.error is None
+            streams = [front.generate(llm.validate(p, LONG)) for p in prompts(2, seed=14)]
+            for stream in streams:
+                await stream.__anext__()
+            spy.fail = RuntimeError("device lost")
+            for stream in streams:  # every request waiting gets the typed error
+                with pytest.raises(EngineDeadError, match="RuntimeError"):
+                    async for _ in stream:
+                        pass
+            assert front.errored and front.error is spy.fail
+            with pytest.raises(EngineDeadError):  # and so does every later one, at once
+                await front.generate(llm.validate([5, 6], LONG)).__anext__()
+        finally:
+            front.shutdown()
+        assert not llm.engine.has_unfinished()  # what it ran was aborted
+
+    asyncio.run(main())
+
+
+def test_async_engine_shutdown_ends_requests_and_leaves_the_engine_clean(llm):
+    async def main():
+        front = AsyncEngine(llm.engine)
+        stream = front.generate(llm.validate(prompts(1, seed=15)[0], LONG))
+        await stream.__anext__()
+        await asyncio.to_thread(front.shutdown)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+        assert not front.errored
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await front.generate(llm.validate([5, 6], LONG)).__anext__()
+
+    asyncio.run(main())
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used_blocks == 0

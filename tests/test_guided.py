@@ -252,7 +252,7 @@ def test_bad_guidance_is_rejected_before_queueing(llms):
     assert e.value.field == "guided"
     engine = llm.engine
     with pytest.raises(InvalidParameter) as e:
-        engine.add_request([1, 2, 3], SamplingParams(guided=Guidance("lark", "start: foo(", field="grammar")))
+        engine.add_request(llm.validate([1, 2, 3], SamplingParams(guided=Guidance("lark", "start: foo(", field="grammar"))))
     assert e.value.field == "grammar"
     assert not engine.has_unfinished()
 

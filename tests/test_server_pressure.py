@@ -1,5 +1,5 @@
-"""The server under pressure: a full queue, SIGTERM mid-stream, an open address
-without a key."""
+"""The server under pressure: a full queue, a client gone during a long prefill, a
+failed engine, SIGTERM mid-stream, an open address without a key."""
 
 from __future__ import annotations
 
@@ -62,6 +62,106 @@ def test_full_queue_gets_429_with_retry_after(tiny_factory):
         wait_idle(state)
         assert 'galerne_requests_total{endpoint="/v1/chat/completions",model="m",status="429"} 2.0' in \
             client.get("/metrics").text
+
+
+LONG_STEP = 2.0  # seconds: a long CPU prefill
+
+
+def test_a_disconnect_during_a_long_prefill_freezes_nothing(tiny_factory):
+    folder, _ = tiny_factory("mistral")
+    llm = LLM(folder, device="cpu", kv_cache_gb=0.02, block_size=16)
+    run = llm.engine.runner.run
+    long_steps: list[list[float | None]] = []  # [start, end] of each long step
+
+    def slow_run(scheduled):  # sleep releases the GIL, as a real forward does
+        if max(s.num_new_tokens for s in scheduled) > 100:  # a step holding a long prefill chunk
+            long_steps.append([time.monotonic(), None])
+            time.sleep(LONG_STEP)
+            long_steps[-1][1] = time.monotonic()
+        else:
+            time.sleep(0.005)  # decode steps: the streams last a few seconds
+        return run(scheduled)
+
+    llm.engine.runner.run = slow_run
+    app = create_app(llm, ServerSettings(served_model_name=["m"]))
+    with LiveServer(app) as live:
+        arrivals: list[float] = []  # the other stream's chunks
+
+        def other_stream():
+            body = {**LONG, "max_tokens": 250}
+            with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        arrivals.append(time.monotonic())
+
+        other = threading.Thread(target=other_stream)
+        other.start()
+        prefill = threading.Thread(target=lambda: httpx.post(
+            live.url + "/v1/completions", json={"model": "m", "prompt": [5] * 300, "max_tokens": 2}, timeout=60))
+        with httpx.Client(base_url=live.url, timeout=60) as client, \
+                client.stream("POST", "/v1/chat/completions", json=LONG) as leaving:
+            lines = leaving.iter_lines()  # held: a closed iterator would close the connection now
+            next(line for line in lines if line.startswith("data: "))
+            prefill.start()
+            deadline = time.monotonic() + 30
+            while not long_steps:
+                assert time.monotonic() < deadline, "the long prefill did not start"
+                time.sleep(0.005)
+            time.sleep(0.1)
+            assert arrivals, "the other stream did not start"
+        disconnected = time.monotonic()  # mid-stream, during the long step
+        time.sleep(0.1)  # the server sees the disconnect and cancels the request
+        t0 = time.monotonic()
+        health = httpx.get(live.url + "/health", timeout=60)
+        health_latency = time.monotonic() - t0
+        t0 = time.monotonic()
+        metrics = httpx.get(live.url + "/metrics", timeout=60)
+        metrics_latency, answered = time.monotonic() - t0, time.monotonic()
+        other.join(timeout=60)
+        prefill.join(timeout=60)
+        wait_idle(live.state)  # the client that left holds no block
+
+    (start, end), = long_steps
+    assert start < disconnected < end
+    assert health.status_code == 200 and health_latency < 0.5, health_latency
+    assert metrics.status_code == 200 and metrics_latency < 0.5, metrics_latency
+    assert answered < end  # both answered while the long step ran
+    # The other stream ran across the long step: its one long gap is that step, which it
+    # shares; no more than that.
+    assert arrivals[0] < start and arrivals[-1] > end and len(arrivals) > 200
+    gaps = sorted((b - a for a, b in zip(arrivals, arrivals[1:])), reverse=True)
+    assert gaps[0] < LONG_STEP + 0.5 and gaps[1] < 0.5, gaps[:3]
+
+
+def test_a_failed_engine_step_fails_the_requests_and_health(tiny_factory):
+    folder, _ = tiny_factory("mistral")
+    llm = LLM(folder, device="cpu", kv_cache_gb=0.02)
+    step, broken = llm.engine.step, threading.Event()
+
+    def failing_step():
+        if broken.is_set():
+            raise RuntimeError("device lost")
+        return step()
+
+    llm.engine.step = failing_step
+    app = create_app(llm, ServerSettings(served_model_name=["m"]))
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.get("/health").status_code == 200
+        with client.stream("POST", "/v1/chat/completions", json=LONG) as r:
+            assert r.status_code == 200
+            lines = (ln[6:] for ln in r.iter_lines() if ln.startswith("data: "))
+            next(lines)
+            broken.set()
+            events = list(lines)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_failure"
+        assert live.state.engine.errored and str(live.state.engine.error) == "device lost"
+        r = client.post("/v1/chat/completions", json={**LONG, "stream": False})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failure"
+        assert "RuntimeError" in r.json()["error"]["message"]
+        r = client.post("/v1/fim/completions", json={"model": "m", "prompt": "def", "suffix": "x"})
+        assert r.status_code == 503 and r.json()["object"] == "error" and r.json()["code"] == "engine_failure"
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "engine failed"}
 
 
 def test_sigterm_drains_streams_in_flight(tiny_factory):

@@ -188,9 +188,9 @@ def engine_params(monkeypatch):
     seen: list[SamplingParams] = []
     add = Engine.add_request
 
-    def recording(self, prompt, params, *args, **kwargs):
-        seen.append(params)
-        return add(self, prompt, params, *args, **kwargs)
+    def recording(self, request):
+        seen.append(request.params)
+        return add(self, request)
 
     monkeypatch.setattr(Engine, "add_request", recording)
     return seen

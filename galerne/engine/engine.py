@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +17,6 @@ from ..config import EngineSettings
 from ..errors import InvalidParameter
 from ..models.transformer import Transformer
 from ..sampling.guided import GuidedMatcher, allowed_masks, compiler_for
-from ..sampling.params import SamplingParams
 from ..sampling.sampler import (
     SamplingRow,
     make_generator,
@@ -28,8 +25,8 @@ from ..sampling.sampler import (
 )
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
-from .dense import check_budget, check_token_ids
 from .paged import PagedKVCache
+from .request import EngineRequest, Limits
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -83,14 +80,17 @@ class Engine:
         tokenizer: Tokenizer,
         settings: EngineSettings | None = None,
         *,
-        max_model_len: int | None = None,
+        limits: Limits | None = None,
     ):
+        """``limits``: what requests were validated against (``validate_request``); by
+        default the tokenizer's vocabulary and the model's context."""
         self.model, self.tokenizer = model, tokenizer
         self.settings = s = settings or EngineSettings()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         args = model.args
-        self.max_model_len = max_model_len or args.max_seq_len
+        self.limits = limits or Limits(tokenizer.vocab_size, args.max_seq_len)
+        self.max_model_len = self.limits.max_model_len
         num_blocks = self._num_blocks()
         # One block more than the manager owns: a scratch block that CUDA-graph
         # padding rows write into.
@@ -100,7 +100,7 @@ class Engine:
         window = max(windows) if all(w is not None for w in windows) else None
         self.block_manager = BlockManager(num_blocks, s.block_size, enable_prefix_caching=s.enable_prefix_caching, window=window)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=s.max_num_seqs,
-                                   max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=self.max_model_len)
+                                   max_num_batched_tokens=s.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
                                    max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager)
         self._requests: dict[str, _Request] = {}
@@ -154,21 +154,13 @@ class Engine:
 
     # --------------------------------------------------------------- requests
 
-    def add_request(
-        self,
-        prompt_token_ids: Seq[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        adapter: str | None = None,
-    ) -> str:
-        """Queue a request (n sequences). Errors here, never later: bad ids, a prompt
-        or budget beyond the context, a request the KV cache can never hold."""
-        prompt = [int(t) for t in prompt_token_ids]
-        check_token_ids(prompt, self.model.args.vocab_size)
-        budget = check_budget(len(prompt), params, self.max_model_len)
-        if params.logit_bias:
-            check_token_ids([t for t, _ in _bias_items(params.logit_bias)], self.model.args.vocab_size, "logit_bias")
-        request_id = request_id or uuid.uuid4().hex
+    def add_request(self, request: EngineRequest) -> str:
+        """Queue a request (n sequences) that ``validate_request`` passed. Errors here,
+        never later, for what only the engine knows: a request the KV cache can never
+        hold, a grammar that does not compile, a request id already running."""
+        prompt, params, request_id = list(request.prompt), request.params, request.request_id
+        if params is None:
+            raise InvalidParameter("params", "a prompt validated for scoring has no SamplingParams to generate with")
         if request_id in self._requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         guides: list[GuidedMatcher | None] = [None] * params.n
@@ -176,8 +168,8 @@ class Engine:
             # Compiled now: a bad grammar is an error of this call, never of a later step.
             first = compiler_for(self.tokenizer).matcher(params.guided)
             guides = [first] + [first.copy() for _ in range(params.n - 1)]
-        seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter, max_tokens=budget)
-                for i in range(params.n)]
+        seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=request.adapter,
+                         max_tokens=request.max_tokens) for i in range(params.n)]
         for seq in seqs:
             # All n sequences are the same size: the first check decides for all.
             self.scheduler.add(seq)
@@ -280,7 +272,3 @@ class Engine:
             if req is not None and all(s.status is Status.FINISHED for s in req.seqs):
                 del self._requests[seq.request_id]
         return out
-
-
-def _bias_items(logit_bias):
-    return logit_bias.items() if isinstance(logit_bias, dict) else logit_bias

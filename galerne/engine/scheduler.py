@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import InvalidParameter, PromptTooLong
+from ..errors import InvalidParameter
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
@@ -46,16 +46,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int):
-        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("max_model_len", max_model_len)):
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048):
+        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.max_chunk = self._max_chunk()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -82,28 +79,13 @@ class Scheduler:
     # -------------------------------------------------------------- requests
 
     def add(self, seq: Sequence) -> None:
-        """Queue ``seq`` after checking it could ever run to its max_tokens alone."""
+        """Queue ``seq`` after checking that the KV cache could ever run it to its
+        max_tokens alone. (Its prompt and budget against the context were checked
+        before, by ``request.validate_request``.)"""
         p, m = seq.num_prompt_tokens, seq.max_tokens
-        if p < 1:
-            raise InvalidParameter("prompt", "must contain at least one token")
-        if m is None:
-            raise InvalidParameter("max_tokens", "must be set before the sequence is scheduled")
-        if p > self.max_model_len:
-            raise PromptTooLong(p, self.max_model_len)
-        if p == self.max_model_len:
-            raise InvalidParameter(
-                "prompt", f"{p} tokens leave no room to generate within the maximum model length "
-                          f"of {self.max_model_len} tokens",
-            )
-        if p + m > self.max_model_len:
-            raise InvalidParameter(
-                "max_tokens",
-                f"the prompt's {p} tokens + max_tokens {m} = {p + m} exceeds the maximum model length "
-                f"of {self.max_model_len} tokens; ask for at most {self.max_model_len - p}",
-            )
         n = self.bm.num_blocks
-        if self.bm.max_blocks_held(p + 1, self.max_chunk) > n:
-            need = self.bm.max_blocks_held(p + 1, self.max_chunk)
+        need = self.bm.max_blocks_held(p + 1, self.max_chunk)
+        if need > n:
             raise InvalidParameter(
                 "prompt", f"{p} tokens need {need} KV blocks but the cache has {n} blocks of "
                           f"{self.bm.block_size} tokens; shorten the prompt or enlarge the cache",

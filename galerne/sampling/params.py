@@ -13,7 +13,8 @@ Semantics (the sampler applies them in this order, see ``sampler.sample_batch``)
   tokens only, ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``.
   0.0 is off.
 * ``logit_bias``: ``logit[t] += bias`` for each (token id, bias) pair. Ids are
-  checked against the vocabulary by the engine (and the sampler), not here.
+  checked against the vocabulary by ``engine.request.validate_request`` (and the
+  sampler), not here.
 * ``min_tokens``: EOS and ``stop_token_ids`` cannot be drawn until this many
   tokens were generated (stop *strings* are not affected).
 * ``temperature`` (0 = greedy), then ``top_k``, ``top_p``, ``min_p`` (keep the

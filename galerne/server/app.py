@@ -1,11 +1,14 @@
 """The HTTP API server: ``create_app(llm, settings)`` builds the FastAPI app.
 
 Routes are thin: they validate the body with the dialect's wire types, encode
-with the tokenizer, and hand a ``Generation`` to the AsyncEngine (serving.py).
+with the tokenizer and check the request (``engine.request.validate_request``)
+in a worker thread, and hand a ``Generation`` to the AsyncEngine (serving.py).
 All state lives on ``app.state.server`` (state.py); the lifespan starts the
 AsyncEngine over ``llm.engine`` and, at shutdown, waits for the requests in
 flight (uvicorn's graceful shutdown already waits for open connections; this
-covers other hosts too) before it stops the engine.
+covers other hosts too) before it stops the engine. ``/health`` and
+``/metrics`` read what the AsyncEngine publishes (``errored``, a stats
+snapshot), never the engine itself: they answer while a step runs.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def _ops_router() -> APIRouter:
     async def health(request: Request) -> Response:
         server: ServerState = request.app.state.server
         engine = server.engine
-        if engine is None or getattr(engine, "_error", None) is not None:
+        if engine is None or engine.errored:
             return JSONResponse({"status": "engine failed" if engine is not None else "not started"}, status_code=503)
         if server.draining:
             return JSONResponse({"status": "draining"}, status_code=503)

@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from ..conversation import Conversation
 from ..engine.engine import StepOutput
+from ..engine.request import EngineRequest, validate_request
 from ..errors import InvalidParameter
 from ..sampling.guided import guidance_for_chat
 from ..sampling.params import SamplingParams
@@ -67,8 +68,8 @@ async def chat_completions(request: Request) -> Response:
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
     # Checking, tokenizing and compiling a grammar take CPU time: not on the event loop.
-    prompt, params, chat = await asyncio.to_thread(prepare, server, req)
-    gen = Generation(server, [prompt], params, request_id=new_id(dialect))
+    engine_request, chat = await asyncio.to_thread(prepare, server, req)
+    gen = Generation(server, [engine_request], request_id=new_id(dialect))
     responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=chat.calls_allowed,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
                               include_usage=req.include_usage)
@@ -80,12 +81,13 @@ def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:
     return (prefix if dialect is Dialect.OPENAI else "") + uuid.uuid4().hex
 
 
-def prepare(server: ServerState, req: ChatRequest) -> tuple[list[int], SamplingParams, Conversation]:
-    """A chat request's prompt ids, SamplingParams and checked conversation."""
+def prepare(server: ServerState, req: ChatRequest) -> tuple[EngineRequest, Conversation]:
+    """A chat request checked once, top-down: its conversation, its prompt ids, its
+    SamplingParams, then the request as the engine takes it."""
     chat = Conversation.parse(req.messages, tools=req.tools, tool_choice=req.tool_choice,
                               response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
     prompt = server.tokenizer.encode_chat(chat)
-    return prompt, chat_params(server, req, chat), chat
+    return validate_request(prompt, chat_params(server, req, chat), server.limits), chat
 
 
 def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> SamplingParams:

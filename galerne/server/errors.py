@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from ..errors import GalerneError, InvalidParameter, ModelLoadError, PromptTooLong, TokenizerError
+from ..errors import EngineDeadError, GalerneError, InvalidParameter, ModelLoadError, PromptTooLong, TokenizerError
 from . import dialect as dialects
 from .dialect import Dialect
 
@@ -54,10 +54,6 @@ class Overloaded(GalerneError):
 
 class ShuttingDown(GalerneError):
     """The server drains its in-flight requests before exiting; it takes no new ones."""
-
-
-class EngineFailure(GalerneError):
-    """The engine loop stopped (a bug or a device failure): the server cannot generate."""
 
 
 class ClientGone(GalerneError):
@@ -104,7 +100,7 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
-    (EngineFailure, 503, "server_error", "engine_failure"),
+    (EngineDeadError, 503, "server_error", "engine_failure"),
     (RequestInvalid, 400, "invalid_request_error", "invalid_request"),  # 422 for Mistral
     (PromptTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (InvalidParameter, 400, "invalid_request_error", "invalid_value"),

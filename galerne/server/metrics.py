@@ -2,7 +2,9 @@
 apps can live in one process, as tests do).
 
 Request-level figures are recorded by the routes; engine gauges (queue, KV
-usage, preemptions, prefix cache) are read from ``engine.stats()`` at scrape time.
+usage, preemptions, prefix cache) are read at scrape time from the stats
+snapshot the AsyncEngine's thread publishes after each step (a scrape never
+touches the engine, so it answers while a step runs).
 """
 
 from __future__ import annotations

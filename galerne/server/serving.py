@@ -1,16 +1,17 @@
 """From an API request to engine outputs, and back to HTTP.
 
-``Generation`` runs the engine requests of one API request (one per prompt) and
-merges their outputs. It is *opened* before any byte of the response goes out:
-admission (queue bound, draining), validation by the engine (prompt too long,
-max_tokens past the context, a request the KV cache can never hold) and the wait
-for the first token all happen then, so every refusal is a proper HTTP error in
-the dialect's envelope, never a broken stream.
+``Generation`` runs the engine requests of one API request (one per prompt,
+each already checked by ``validate_request`` in the route) and merges their
+outputs. It is *opened* before any byte of the response goes out: admission
+(queue bound, draining), the engine's own refusal (a request the KV cache can
+never hold) and the wait for the first token all happen then, so every refusal
+is a proper HTTP error in the dialect's envelope, never a broken stream.
 
 A client that goes away cancels its engine requests: while the response is being
 prepared (watching the ASGI ``http.disconnect``), and mid-stream (Starlette
 cancels the body iterator, whose ``finally`` closes the generation). The
-AsyncEngine aborts a cancelled request before its next step, freeing its blocks.
+AsyncEngine queues the abort without waiting for the engine; the engine thread
+applies it before its next step, freeing the request's blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -30,10 +32,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import StepOutput
-from ..sampling.params import SamplingParams
+from ..engine.request import EngineRequest
+from ..errors import EngineDeadError
 from .errors import (
     ClientGone,
-    EngineFailure,
     FieldError,
     Overloaded,
     RequestInvalid,
@@ -107,13 +109,15 @@ async def _disconnected(request: Request) -> None:
 
 
 class Generation:
-    """The engine requests of one API request: prompt k's completion i is choice k * n + i."""
+    """The engine requests of one API request: prompt k's completion i is choice k * n + i.
+    They share one SamplingParams; engine request k is named ``<id>-k``."""
 
-    def __init__(self, server: ServerState, prompts: Sequence[list[int]], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, server: ServerState, requests: Sequence[EngineRequest], request_id: str | None = None):
         self.server = server
-        self.prompts = list(prompts)
-        self.params = params
         self.id = request_id or uuid.uuid4().hex
+        self.requests = [replace(r, request_id=f"{self.id}-{k}") for k, r in enumerate(requests)]
+        self.prompts = [r.prompt for r in self.requests]
+        self.params = self.requests[0].params
         self.start = time.monotonic()
         self.num_prompt_tokens = sum(len(p) for p in self.prompts)
         self.num_cached_tokens = 0
@@ -133,7 +137,7 @@ class Generation:
         if s.draining:
             raise ShuttingDown("the server is shutting down; it takes no new requests")
         if s.engine is None:
-            raise EngineFailure("the engine is not running")
+            raise EngineDeadError("the engine is not running")
         if s.queued + len(self.prompts) > s.settings.max_queued_requests:
             raise Overloaded(f"too many requests waiting ({s.queued}, at most {s.settings.max_queued_requests}); "
                              "retry later", retry_after=1)
@@ -141,8 +145,8 @@ class Generation:
         s.metrics.queued.inc(len(self.prompts))
         self._waiting_first = set(range(len(self.prompts)))
         self._live = len(self.prompts)
-        for k, prompt in enumerate(self.prompts):
-            self._tasks.append(asyncio.create_task(self._produce(k, prompt)))
+        for k, req in enumerate(self.requests):
+            self._tasks.append(asyncio.create_task(self._produce(k, req)))
         try:
             await until_disconnect(request, self._prime())
         except BaseException:
@@ -158,17 +162,16 @@ class Generation:
             self._buffer.append((k, item))
             seen.add(k)
 
-    async def _produce(self, k: int, prompt: list[int]) -> None:
+    async def _produce(self, k: int, request: EngineRequest) -> None:
         put = self._queue.put_nowait
         try:
-            async for out in self.server.engine.generate(prompt, self.params, request_id=f"{self.id}-{k}"):
+            async for out in self.server.engine.generate(request):
                 self._first(k)
                 put((k, out))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a refusal (InvalidParameter, PromptTooLong, ...) or the engine's failure
-            # AsyncEngine reports a dead engine loop as a RuntimeError.
-            put((k, EngineFailure(str(e)) if type(e) is RuntimeError else e))
+        except Exception as e:  # the engine's refusal (KV capacity), or EngineDeadError
+            put((k, e))
         finally:
             self._first(k)
             put((k, None))
@@ -219,7 +222,7 @@ class Generation:
             m.finished(out.finish_reason)
 
     async def aclose(self) -> None:
-        """Cancel what still runs (the AsyncEngine aborts those requests); idempotent."""
+        """Cancel what still runs (the AsyncEngine queues their aborts); idempotent."""
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..config import ServerSettings
 from ..engine.async_engine import AsyncEngine
+from ..engine.request import Limits
 from ..llm import LLM
 from .errors import ModelNotFound
 from .metrics import Metrics
@@ -40,10 +41,16 @@ class ServerState:
     def max_model_len(self) -> int:
         return self.llm.max_model_len
 
+    @property
+    def limits(self) -> Limits:
+        """What the routes validate requests against (``validate_request``)."""
+        return self.llm.limits
+
     def check_model(self, model: str) -> str:
         if model not in self.model_ids:
             raise ModelNotFound(model, self.model_ids)
         return self.model_id
 
     def engine_stats(self) -> dict | None:
+        """The AsyncEngine's last published snapshot (None when it is not started)."""
         return None if self.engine is None else self.engine.stats()

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ...engine.request import validate_request
 from ...errors import InvalidParameter
 from ...sampling.params import SamplingParams
 from ..auth import require_api_key
@@ -33,11 +34,14 @@ async def fim_completions(request: Request) -> Response:
     req = validate(MistralFIMCompletionRequest, await read_json(request)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
-    prompt = await asyncio.to_thread(server.tokenizer.encode_fim, req.prompts[0], req.suffix)
     try:
         params = SamplingParams(**req.sampling)
     except TypeError as e:
         raise InvalidParameter("body", str(e)) from None
-    gen = Generation(server, [prompt], params, request_id=new_id(Dialect.MISTRAL))
+
+    def prepare():  # encoding and checking take CPU time: not on the event loop
+        return validate_request(server.tokenizer.encode_fim(req.prompts[0], req.suffix), params, server.limits)
+
+    gen = Generation(server, [await asyncio.to_thread(prepare)], request_id=new_id(Dialect.MISTRAL))
     responder = ChatResponder(server, Dialect.MISTRAL, gen, model=model, stream=req.stream, include_usage=True)
     return await respond(request, gen, responder, Dialect.MISTRAL)

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ...engine.dense import check_token_ids
 from ...engine.engine import StepOutput
+from ...engine.request import EngineRequest, validate_request
 from ...errors import InvalidParameter
 from ...sampling.params import SamplingParams
 from ..auth import require_api_key
@@ -33,23 +33,6 @@ async def completions(request: Request) -> Response:
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
     tok = server.tokenizer
-
-    def encode() -> list[list[int]]:
-        out = []
-        for i, p in enumerate(req.prompts):
-            where = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-            if isinstance(p, str):
-                out.append(tok.encode_fim(p, req.suffix) if req.fim else tok.encode(p, bos=True))
-            elif req.fim:
-                raise InvalidParameter(where, "suffix needs a text prompt")
-            elif not p:
-                raise InvalidParameter(where, "is empty")
-            else:
-                check_token_ids(p, tok.vocab_size, where)
-                out.append([int(t) for t in p])
-        return out
-
-    prompts = await asyncio.to_thread(encode)
     kwargs = dict(req.sampling)
     if req.logprobs is not None:
         kwargs["logprobs"] = req.logprobs
@@ -57,7 +40,19 @@ async def completions(request: Request) -> Response:
         params = SamplingParams(**kwargs)
     except TypeError as e:
         raise InvalidParameter("body", str(e)) from None
-    gen = Generation(server, prompts, params, request_id=new_id(Dialect.OPENAI, "cmpl-"))
+
+    def prepare() -> list[EngineRequest]:  # encoding and checking take CPU time: not on the event loop
+        out = []
+        for i, p in enumerate(req.prompts):
+            where = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                p = tok.encode_fim(p, req.suffix) if req.fim else tok.encode(p, bos=True)
+            elif req.fim:
+                raise InvalidParameter(where, "suffix needs a text prompt")
+            out.append(validate_request(p, params, server.limits, field=where))
+        return out
+
+    gen = Generation(server, await asyncio.to_thread(prepare), request_id=new_id(Dialect.OPENAI, "cmpl-"))
     echo = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts] if req.echo else None
     responder = TextResponder(server, gen, model=model, stream=req.stream, logprobs=req.logprobs,
                               include_usage=req.include_usage, echo=echo)

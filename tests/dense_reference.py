@@ -1,8 +1,8 @@
-"""The first generation path: one sequence at a time over a dense KV cache.
+"""The reference generation path: one sequence at a time over a dense KV cache.
 
-It is the reference the paged, batched engine is tested against, and it only
-talks to the model through the ``AttentionBackend`` protocol, so replacing it
-touches no model code.
+The paged, batched engine is tested against it (tests/test_engine.py); no
+production module uses it. It only talks to the model through the
+``AttentionBackend`` protocol, as the engine does.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidParameter, PromptTooLong
-from ..models.attention import allowed_mask, sdpa
-from ..models.transformer import Transformer
-from ..sampling.params import SamplingParams
-from ..sampling.sampler import make_generator, sample
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from .stop import StopChecker, drain
+from galerne.engine.request import Limits, validate_request
+from galerne.engine.stop import StopChecker, drain
+from galerne.models.attention import allowed_mask, sdpa
+from galerne.models.transformer import Transformer
+from galerne.sampling.params import SamplingParams
+from galerne.sampling.sampler import make_generator, sample
+from galerne.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class DenseKVCache:
@@ -85,30 +85,6 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" on the last delta
 
 
-def check_budget(prompt_len: int, params: SamplingParams, context: int) -> int:
-    """The number of tokens a request may generate; errors instead of truncating."""
-    if prompt_len == 0:
-        raise InvalidParameter("prompt", "is empty")
-    if prompt_len >= context:
-        raise PromptTooLong(prompt_len, context)
-    room = context - prompt_len
-    if params.max_tokens is None:
-        return room
-    if params.max_tokens > room:
-        raise InvalidParameter(
-            "max_tokens",
-            f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) is more than the "
-            f"model's context of {context} tokens",
-        )
-    return params.max_tokens
-
-
-def check_token_ids(ids: Sequence[int], vocab_size: int, field: str = "prompt") -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidParameter(field, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
-
-
 class DenseGenerator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int):
         self.model = model
@@ -119,8 +95,7 @@ class DenseGenerator:
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
         """Generate for one prompt, yielding text as it becomes final."""
-        budget = check_budget(len(prompt_ids), params, self.max_model_len)
-        check_token_ids(prompt_ids, self.model.args.vocab_size)
+        budget = validate_request(prompt_ids, params, Limits(self.tokenizer.vocab_size, self.max_model_len)).max_tokens
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.tokenizer.stop_token_ids()

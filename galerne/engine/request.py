@@ -1,0 +1,87 @@
+"""A request, checked once before it reaches the engine.
+
+``validate_request`` is the one place where a prompt and its SamplingParams are
+checked against the model's ``Limits``: ``LLM`` (generate, stream, chat, score)
+and every server route call it, the server in the worker thread that encodes, so
+a refusal is an HTTP 400 and nothing reaches the engine. The sampling values
+themselves were checked when the SamplingParams was made; the engine keeps only
+what it alone knows (a request its KV cache can never hold, a grammar that does
+not compile).
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import InvalidParameter, PromptTooLong
+from ..sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against: the tokenizer's vocabulary, the context length."""
+
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request that passed ``validate_request``: what ``Engine.add_request`` takes."""
+
+    prompt: tuple[int, ...]
+    params: SamplingParams | None  # None: a prompt to score (LLM.score), not to run
+    max_tokens: int  # the generation budget: params.max_tokens, or the room the prompt leaves
+    request_id: str
+    adapter: str | None = None
+
+
+def validate_request(
+    prompt_ids: Sequence[int],
+    params: SamplingParams | None,
+    limits: Limits,
+    *,
+    field: str = "prompt",
+    request_id: str | None = None,
+    adapter: str | None = None,
+) -> EngineRequest:
+    """Check a prompt (token ids) and its params; errors name the field (``field`` for
+    the prompt). ``params`` None: the prompt is only scored (``LLM.score``), so it may
+    fill the context and its budget is 0."""
+    try:
+        prompt = tuple(operator.index(t) for t in prompt_ids)
+    except TypeError:
+        raise InvalidParameter(field, "must be a list of token ids (integers)") from None
+    n, context = len(prompt), limits.max_model_len
+    if n == 0:
+        raise InvalidParameter(field, "is empty")
+    if n > context or (n == context and params is not None):
+        raise PromptTooLong(n, context, field)
+    _check_ids(prompt, limits.vocab_size, field)
+    if params is None:
+        return EngineRequest(prompt, None, 0, request_id or uuid.uuid4().hex, adapter)
+    room = context - n
+    budget = room if params.max_tokens is None else params.max_tokens
+    if budget > room:
+        raise InvalidParameter(
+            "max_tokens",
+            f"prompt ({n} tokens) + max_tokens ({budget}) is more than the model's context of {context} tokens; "
+            f"ask for at most {room}",
+        )
+    if params.min_tokens > budget:
+        raise InvalidParameter(
+            "min_tokens", f"({params.min_tokens}) is more than the {budget} tokens the prompt ({n} tokens) leaves "
+                          f"in the model's context of {context} tokens",
+        )
+    if params.logit_bias:
+        _check_ids([t for t, _ in params.logit_bias], limits.vocab_size, "logit_bias")
+    return EngineRequest(prompt, params, budget, request_id or uuid.uuid4().hex, adapter)
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameter(field, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
