@@ -322,14 +322,19 @@ def response_schema(response_format: Any) -> dict | None:
     where = "response_format.json_schema.schema"
     if schema is None:
         raise InvalidParameter(where, "missing")
-    if isinstance(schema, str):  # some clients send the schema as JSON text
+    return parse_json_schema(schema, where)  # some clients send the schema as JSON text
+
+
+def parse_json_schema(schema: dict | str, field: str) -> dict:
+    """A JSON schema given as an object or as JSON text, checked (``check_json_schema``)."""
+    if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise InvalidParameter(where, f"the JSON schema is not valid JSON: {e}") from None
+            raise InvalidParameter(field, f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, dict):
-        raise InvalidParameter(where, f"must be an object, got {type(schema).__name__}")
-    check_json_schema(schema, where)
+        raise InvalidParameter(field, f"the JSON schema must be an object, got {type(schema).__name__}")
+    check_json_schema(schema, field)
     return schema
 
 

@@ -43,7 +43,7 @@ import llguidance as llg
 import numpy as np
 import torch
 
-from ..conversation import JSON_OBJECT_SCHEMA, Conversation, check_json_schema
+from ..conversation import JSON_OBJECT_SCHEMA, Conversation, parse_json_schema
 from ..errors import InvalidParameter, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Guidance:
         if not isinstance(self.spec, str):
             raise InvalidParameter(self.field, f"the {self.kind} must be given as a string, got {type(self.spec).__name__}")
         if self.kind == "json_schema":
-            check_json_schema(_parse_schema(self.spec, self.field), self.field)
+            parse_json_schema(self.spec, self.field)
         elif self.kind in ("lark", "regex") and not self.spec:
             raise InvalidParameter(self.field, f"the {self.kind} is empty")
 
@@ -105,16 +105,6 @@ class Guidance:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
-
-
-def _parse_schema(spec: str, field: str) -> dict:
-    try:
-        schema = json.loads(spec)
-    except json.JSONDecodeError as e:
-        raise InvalidParameter(field, f"the JSON schema is not valid JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise InvalidParameter(field, f"the JSON schema must be an object, got {type(schema).__name__}")
-    return schema
 
 
 # --------------------------------------------------------------------------- matcher
