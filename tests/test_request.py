@@ -216,3 +216,11 @@ def test_both_apis_reject_a_bad_sampling_value_as_sampling_params_does(live, spy
         status, error = post(live, path, {**body, "min_tokens": 10, "max_tokens": 5}, dialect)
         assert status == 400 and (error["param"], error["message"]) == (expected.field, str(expected)), path
     assert spy == []
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], [[5], []]])
+def test_an_empty_prompt_list_or_prompt_is_a_400(live, prompt):
+    """No prompt at all (found by the fuzzer: it was a 500), or an empty one among others."""
+    status, error = post(live, "/v1/completions", {"prompt": prompt}, "openai")
+    assert status == 400 and error["param"] == ("prompt[1]" if len(prompt) == 2 else "prompt")
+    assert error["message"].endswith("is empty")

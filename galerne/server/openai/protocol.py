@@ -105,6 +105,8 @@ class OpenAICompletionRequest(SamplingFields):
 def _prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
+    if not prompt:  # no prompt, or no token: either way nothing to complete
+        raise InvalidParameter("prompt", "is empty")
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
