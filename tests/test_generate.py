@@ -46,16 +46,27 @@ def test_stop_string_cuts_the_text(llm):
     stop = full.text[12:16]
     cut = full.text[: full.text.find(stop)]
     out = _gen(llm, temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
-    assert out.finish_reason == "stop" and out.text == cut
+    assert out.finish_reason == "stop" and out.text == cut and out.stop_reason == stop
     kept = _gen(llm, temperature=0, max_tokens=40, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
     assert kept.text == cut + stop
 
 
 def test_stop_token_id_and_length(llm):
     first = _gen(llm, temperature=0, max_tokens=5, ignore_eos=True)
-    assert first.finish_reason == "length" and len(first.token_ids) == 5
+    assert first.finish_reason == "length" and len(first.token_ids) == 5 and first.stop_reason is None
     out = _gen(llm, temperature=0, max_tokens=5, stop_token_ids=[first.token_ids[2]])
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:3]
+    assert out.stop_reason == first.token_ids[2]  # the engine says which token stopped it
+
+
+def test_eos_stops_unless_ignored_and_says_so(llm):
+    """EOS is the stop_reason where it stopped the answer; with ignore_eos it is a token
+    like any other, and a bias that makes it certain shows both."""
+    eos = llm.tokenizer.eos_id
+    out = _gen(llm, temperature=0, max_tokens=4, logit_bias={eos: 100})
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", eos, [eos])
+    out = _gen(llm, temperature=0, max_tokens=4, logit_bias={eos: 100}, ignore_eos=True)
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("length", None, [eos] * 4)
 
 
 def test_stream_concatenates_to_the_full_text(llm):
