@@ -151,6 +151,27 @@ def parse_tool_calls(llm, token_ids: list[int]) -> list:
     return _decode_tool_calls(calls, inner)
 
 
+def raw_json(llm, token_ids: list[int]) -> list[str]:
+    """The JSON texts of a forced call as the model wrote them: the list after [TOOL_CALLS]
+    (v2-v7), or each call's arguments after [ARGS] (v11+)."""
+    tok = llm.tokenizer
+    ids = [t for t in token_ids if t != tok.eos_id]
+    marker, args = tok.special_token_id("[TOOL_CALLS]"), tok.special_token_id("[ARGS]")
+    if tok.tool_call_format == "list":
+        return [tok.decode(ids[1:]).strip()]
+    texts, cur = [], None
+    for t in ids:
+        if t == args:
+            cur = []
+        elif t == marker:
+            if cur is not None:
+                texts.append(tok.decode(cur).strip())
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    return texts + ([tok.decode(cur).strip()] if cur is not None else [])
+
+
 @pytest.mark.parametrize("name", ["v3", "v7", "tekken-v3", "tekken-v11"])
 @pytest.mark.parametrize("choice", ["required", "any", {"type": "function", "function": {"name": "add"}}])
 def test_forced_tool_calls_parse_and_match(llms, name, choice):
@@ -169,6 +190,9 @@ def test_forced_tool_calls_parse_and_match(llms, name, choice):
             assert name_ in PARAMETERS and (isinstance(choice, str) or name_ == "add")
             args = call.function.arguments
             jsonschema.validate(json.loads(args) if isinstance(args, str) else args, PARAMETERS[name_])
+        # Compact, as Mistral's models write JSON: json.dumps's layout, no free whitespace.
+        for text in raw_json(llm, o.token_ids):
+            assert text == json.dumps(json.loads(text), ensure_ascii=False), text
 
 
 def test_tool_calls_or_json_with_tool_choice_auto(llms):
