@@ -55,6 +55,12 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
 
+    @property
+    def answer_token_ids(self) -> list[int]:
+        """``token_ids`` but the token that stopped the sequence (``stop_reason``): what
+        is content and has a logprob in an API answer."""
+        return self.token_ids[:-1] if isinstance(self.stop_reason, int) else self.token_ids
+
 
 @dataclass
 class _SeqState:

@@ -31,7 +31,6 @@ from starlette.responses import Response
 from ..conversation import Conversation
 from ..engine.engine import StepOutput
 from ..engine.request import EngineRequest, validate_request
-from ..errors import InvalidParameter
 from ..sampling.guided import guidance_for_chat
 from ..sampling.params import SamplingParams
 from ..tokenizer.toolcalls import ToolCallParser, ToolEvent
@@ -40,7 +39,7 @@ from .auth import require_api_key
 from .dialect import Dialect
 from .mistral.protocol import MistralChatCompletionRequest
 from .openai.protocol import OpenAIChatCompletionRequest
-from .protocol import ChatRequest
+from .protocol import ChatRequest, sampling_params
 from .serving import Generation, Responder, read_json, respond, validate
 from .state import ServerState
 
@@ -106,10 +105,7 @@ def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> Sa
     guided = guidance_for_chat(server.tokenizer, chat)
     if guided is not None:
         kwargs["guided"] = guided
-    try:
-        return SamplingParams(**kwargs)
-    except TypeError as e:  # a keyword this SamplingParams does not know
-        raise InvalidParameter("body", str(e)) from None
+    return sampling_params(kwargs)
 
 
 # ------------------------------------------------------------------ the response
@@ -200,8 +196,7 @@ class ChatResponder(Responder):
     def add(self, i: int, out: StepOutput) -> list[dict]:
         c = self.choices[i]
         c.token_ids += out.token_ids
-        # The engine says which token stopped the choice: it is neither content nor logprob.
-        ids = out.token_ids[:-1] if isinstance(out.stop_reason, int) else out.token_ids
+        ids = out.answer_token_ids
         logprobs = self._logprobs(out, ids)
         c.logprobs += logprobs
         content, tool_deltas = self._split(c, out, ids)
@@ -225,7 +220,10 @@ class ChatResponder(Responder):
 
     def _split(self, c: _Choice, out: StepOutput, ids: list[int]) -> tuple[str, list[dict]]:
         """This output's content text and tool-call deltas."""
-        if self.marker is None or (c.calls is None and self.marker not in ids):
+        if self.marker is None:
+            c.text += out.text
+            return out.text, []
+        if c.calls is None and self.marker not in ids:
             c.content_ids += ids
             c.text += out.text
             return out.text, []

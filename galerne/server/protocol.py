@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling.params import MAX_LOGPROBS, MAX_N, MISTRAL_DEFAULT_TEMPERATURE, SamplingParams
+from ..errors import InvalidParameter
+from ..sampling.params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MISTRAL_DEFAULT_TEMPERATURE,
+    SamplingParams,
+)
 
 
 class Wire(BaseModel):
@@ -138,6 +144,15 @@ def sampling_kwargs(req: SamplingFields, *, default_temperature: float | None = 
         del out["top_p"]
         out["temperature"] = 0.0
     return out
+
+
+def sampling_params(kwargs: dict) -> SamplingParams:
+    """The SamplingParams of a request's keyword arguments (``sampling_kwargs`` plus what
+    the route adds); a keyword it does not know is an InvalidParameter, not a 500."""
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        raise InvalidParameter("body", str(e)) from None
 
 
 def tool_choice_value(choice: str | NamedToolChoice | None) -> str | dict | None:

@@ -9,11 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...engine.request import validate_request
-from ...errors import InvalidParameter
-from ...sampling.params import SamplingParams
 from ..auth import require_api_key
 from ..chat import ChatResponder, new_id
 from ..dialect import Dialect
+from ..protocol import sampling_params
 from ..serving import Generation, read_json, respond, validate
 from ..state import ServerState
 from .protocol import MistralFIMCompletionRequest
@@ -34,10 +33,7 @@ async def fim_completions(request: Request) -> Response:
     req = validate(MistralFIMCompletionRequest, await read_json(request)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
-    try:
-        params = SamplingParams(**req.sampling)
-    except TypeError as e:
-        raise InvalidParameter("body", str(e)) from None
+    params = sampling_params(req.sampling)
 
     def prepare():  # encoding and checking take CPU time: not on the event loop
         return validate_request(server.tokenizer.encode_fim(req.prompts[0], req.suffix), params, server.limits)

@@ -27,6 +27,7 @@ from ..protocol import (
     tool_choice_value,
 )
 
+
 class StreamOptions(Wire):
     include_usage: bool = Field(False, description="send a last chunk with the usage (and usage: null before it)")
 

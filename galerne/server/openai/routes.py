@@ -12,11 +12,11 @@ from starlette.responses import Response
 from ...engine.engine import StepOutput
 from ...engine.request import EngineRequest, validate_request
 from ...errors import InvalidParameter
-from ...sampling.params import SamplingParams
 from ..auth import require_api_key
 from ..chat import new_id
 from ..dialect import Dialect
 from ..mistral.routes import body_schema
+from ..protocol import sampling_params
 from ..serving import Generation, Responder, read_json, respond, validate
 from ..state import ServerState
 from .protocol import OpenAICompletionRequest
@@ -36,10 +36,7 @@ async def completions(request: Request) -> Response:
     kwargs = dict(req.sampling)
     if req.logprobs is not None:
         kwargs["logprobs"] = req.logprobs
-    try:
-        params = SamplingParams(**kwargs)
-    except TypeError as e:
-        raise InvalidParameter("body", str(e)) from None
+    params = sampling_params(kwargs)
 
     def prepare() -> list[EngineRequest]:  # encoding and checking take CPU time: not on the event loop
         out = []
@@ -77,9 +74,7 @@ class TextResponder(Responder):
             return None
         tok, piece = self.tokenizer, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offset = len(self.text[i]) - len(out.text)
-        # The engine says which token stopped the choice: it has no logprob entry.
-        ids = out.token_ids[:-1] if isinstance(out.stop_reason, int) else out.token_ids
-        for j, t in enumerate(ids):
+        for j, t in enumerate(out.answer_token_ids):
             s = tok.token_str(t)
             piece["tokens"].append(s)
             piece["token_logprobs"].append(out.logprobs[j])
