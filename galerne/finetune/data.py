@@ -119,7 +119,6 @@ def _to_request(messages: list[dict], tools: list[dict] | None):
         ToolCall,
     )
 
-    names = {}
     out = []
     for m in messages:
         role = m["role"]
@@ -133,12 +132,11 @@ def _to_request(messages: list[dict], tools: list[dict] | None):
                 calls = []
                 for c in m["tool_calls"]:
                     fn = c["function"]
-                    names[c["id"]] = fn["name"]
                     args = fn.get("arguments")
                     calls.append(ToolCall(id=c["id"], function=FunctionCall(name=fn["name"], arguments=args if args is not None else {})))
-            out.append(FinetuningAssistantMessage(content=m.get("content") or None, tool_calls=calls, weight=m.get("weight", 1)))
-        else:
-            out.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m.get("name") or names.get(m["tool_call_id"])))
+            out.append(FinetuningAssistantMessage(content=m.get("content") or None, tool_calls=calls, weight=m["weight"]))
+        else:  # a tool result: check_messages named it after the call it answers
+            out.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m["name"]))
     tool_objs = None
     if tools:
         tool_objs = []
