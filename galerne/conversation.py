@@ -65,6 +65,10 @@ ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")  # content parts the engine can feed (thinking: reasoning models)
 # What a bare "json_object" response format asks for: any JSON object (OpenAI's JSON mode).
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# The most nested objects and lists a JSON schema may have (32 levels of "properties"):
+# real schemas stay far below, and the checkers (jsonschema, the prompt encoder) recurse
+# on each level, so a deeper one is refused before it reaches them.
+MAX_SCHEMA_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -339,7 +343,10 @@ def parse_json_schema(schema: dict | str, field: str) -> dict:
 
 
 def check_json_schema(schema: dict, field: str) -> None:
-    """Reject what is not a JSON Schema (e.g. ``{"type": "objectx"}``), naming ``field``."""
+    """Reject what is not a JSON Schema (e.g. ``{"type": "objectx"}``), or one nested
+    deeper than MAX_SCHEMA_DEPTH, naming ``field``."""
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidParameter(field, f"the JSON schema nests objects and lists more than {MAX_SCHEMA_DEPTH} deep")
     problem = _schema_problem(json.dumps(schema, ensure_ascii=False, sort_keys=True))
     if problem is not None:
         raise InvalidParameter(field, problem)
@@ -357,3 +364,15 @@ def _schema_problem(text: str) -> str | None:
         where = "/".join(str(p) for p in e.absolute_path)
         return f"invalid JSON schema{f' at {where}' if where else ''}: {e.message}"
     return None
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and lists nest in ``value`` (without recursion, whatever it is)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_SCHEMA_DEPTH:  # past it, the answer is known
+                todo += [(v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return deepest

@@ -12,6 +12,7 @@ from conftest import V3_TOKENIZER
 
 from galerne.conversation import (
     JSON_OBJECT_SCHEMA,
+    MAX_SCHEMA_DEPTH,
     Conversation,
     ToolChoice,
     is_tool_call_id,
@@ -123,3 +124,20 @@ def test_the_grammar_reads_the_checked_options(v3):
     lark = guidance_for_chat(v3, chat).spec
     assert '"g"' in lark and '"f"' not in lark
     assert guidance_for_chat(v3, Conversation.parse([USER], tools=[TOOL])) is None
+
+
+def nested(levels: int) -> dict:
+    """A valid schema whose objects nest ``levels`` deep."""
+    schema: dict = {"type": "object"}
+    for _ in range(levels - 1):
+        schema = {"not": schema}
+    return schema
+
+
+def test_a_schema_nested_too_deeply_is_refused_before_the_checkers_recurse():
+    assert Conversation.parse([USER], response_format={"type": "json_schema", "json_schema": {
+        "schema": nested(MAX_SCHEMA_DEPTH)}}).response_schema == nested(MAX_SCHEMA_DEPTH)
+    for options in (dict(response_format={"type": "json_schema", "json_schema": {"schema": nested(1001)}}),
+                    dict(tools=[{"type": "function", "function": {"name": "f", "parameters": nested(MAX_SCHEMA_DEPTH + 1)}}])):
+        with pytest.raises(InvalidParameter, match=f"more than {MAX_SCHEMA_DEPTH} deep"):
+            Conversation.parse([USER], **options)

@@ -506,6 +506,16 @@ def test_bad_values_name_the_field(oai, mis, live):
     assert m.value.data.detail[0].loc[-1] == "top_p"
     r = httpx.post(live.url + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000  # deeper than the JSON decoder recurses
+    r = httpx.post(live.url + "/v1/chat/completions", content=f'{{"model": "{MODEL}", "metadata": {deep}}}'.encode(),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    schema: dict = {"type": "object"}
+    for _ in range(200):  # deep enough for jsonschema's own recursion to fail: refused before it
+        schema = {"type": "object", "properties": {"a": schema}}
+    r = httpx.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": MODEL, "messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
     r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, "random_seed": "x"},
                    headers={"Authorization": f"Bearer {KEY}"})  # Mistral by its field: 422 with detail
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "random_seed"

@@ -57,6 +57,9 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
+    except RecursionError:  # the decoder recurses on each nested object or list
+        raise RequestInvalid([FieldError(("body",), "malformed JSON: objects and lists nested too deeply",
+                                         "json_invalid")]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestInvalid([FieldError(("body",), f"malformed JSON{where}: {e.msg if hasattr(e, 'msg') else e}",
