@@ -306,3 +306,31 @@ def test_forced_tool_calls_need_a_known_format(llms, tmp_path):
     assert e.value.field == "tool_choice"
     # JSON needs no tool format.
     assert chat_guidance(v1, response_format={"type": "json_object"}).kind == "json_schema"
+
+
+# pydantic's models put sub-models in "$defs" and point at them from the root; a tree
+# points at itself ("#"). Inside the calls' grammar each tool's schema lies deeper.
+LOCAL_REFS = [
+    {"type": "function", "function": {"name": "paint", "parameters": {
+        "$defs": {"Colour": {"enum": ["red", "green"]}},
+        "type": "object", "properties": {"colour": {"$ref": "#/$defs/Colour"}},
+        "required": ["colour"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"leaf": {"type": "boolean"},
+                                         "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+        "required": ["leaf"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken-v11"])
+def test_forced_calls_with_local_refs(llms, name):
+    llm = llms[name]
+    guided = chat_guidance(llm.tokenizer, tools=LOCAL_REFS, tool_choice="required", parallel_tool_calls=False)
+    outs = llm.generate([chat_prompt(llm, LOCAL_REFS)] * 2, sampled(2, guided, 300))
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in LOCAL_REFS}
+    for out in outs:
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", llm.tokenizer.decode(o.token_ids)
+        (call,) = parse_tool_calls(llm, o.token_ids)
+        args = call.function.arguments
+        jsonschema.validate(json.loads(args) if isinstance(args, str) else args, schemas[call.function.name.strip()])

@@ -138,9 +138,13 @@ def test_openai_chat_streams_the_same_text(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_openai_stream_without_usage_option_has_none(oai):
+def test_openai_stream_without_usage_option_ends_with_it(live, oai):
+    # The last chunk (the finish) carries the usage, as Mistral's API sends it: a Mistral
+    # client detected as OpenAI (a plain user agent) still gets it. No other chunk has it.
     chunks = list(oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, stream=True))
-    assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason is not None
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices[0].finish_reason is not None
+    assert chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens == len(live.state.tokenizer.encode_chat(USER))
 
 
 def test_n_completions(oai):

@@ -442,16 +442,19 @@ def _tool_calls_lark(compiler: GuidedCompiler, all_tools: list[dict], tools: lis
         return _factory_lark(factory, tools, args, parallel, json_schema, field)
     tc = f"<[{compiler.special_ids['[TOOL_CALLS]']}]>"
     if fmt == "list":
+        one = len(tools) == 1
         items = [
             {
                 "type": "object",
-                "properties": {"name": {"const": t["function"]["name"]}, "arguments": a, "id": _CALL_ID_SCHEMA},
+                "properties": {"name": {"const": t["function"]["name"]},
+                               "arguments": embedded(a, "/items" + ("" if one else f"/anyOf/{j}") + "/properties/arguments"),
+                               "id": _CALL_ID_SCHEMA},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for t, a in zip(tools, args)
+            for j, (t, a) in enumerate(zip(tools, args))
         ]
-        calls = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items}, "minItems": 1}
+        calls = {"type": "array", "items": items[0] if one else {"anyOf": items}, "minItems": 1}
         if not parallel:
             calls["maxItems"] = 1
         fcalls = f"{tc} {_LEAD} %json {_json(calls)}"
@@ -466,6 +469,21 @@ def _tool_calls_lark(compiler: GuidedCompiler, all_tools: list[dict], tools: lis
         fcalls = f"({one})+" if parallel else f"({one})"
     start = "fcalls" if json_schema is None else f"fcalls | {_LEAD} %json {_json(json_schema)}"
     return f"start: {start}\nfcalls: {fcalls}\n"
+
+
+def embedded(schema: Any, where: str) -> Any:
+    """``schema`` to be placed at JSON pointer ``where`` inside another schema: its local
+    references ("#", "#/$defs/X": pydantic's models, recursive schemas) now point
+    where it lies, so that they resolve from the outer schema's root."""
+    if isinstance(schema, dict):
+        out = {k: embedded(v, where) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            out["$ref"] = "#" + where + ref[1:]
+        return out
+    if isinstance(schema, list):
+        return [embedded(v, where) for v in schema]
+    return schema
 
 
 def _factory_lark(factory, tools, args, parallel, json_schema, field) -> str:

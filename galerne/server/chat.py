@@ -2,12 +2,16 @@
 Mistral's FIM answers, which are chat-shaped).
 
 The dialects differ only in a few places, all here: which request type validates
-the body, the error envelope (errors.py), where the usage goes in a stream
-(Mistral: in the last chunk, always; OpenAI: in an extra chunk with no choices,
-when ``stream_options.include_usage``), how tool calls stream (OpenAI: a first
-delta with id and name, then pieces of the arguments; Mistral: each call whole,
-as its client requires a name in every delta), and ``finish_reason``
-(Mistral says ``model_length`` when the context, not max_tokens, ran out).
+the body, the error envelope (errors.py), ids, and ``finish_reason`` (Mistral
+says ``model_length`` when the context, not max_tokens, ran out). Streams are
+the same in both, so that a client detected as the wrong dialect (a Mistral
+client with a plain user agent) still reads them: each tool call goes out whole,
+in one entry (id, name, arguments), as Mistral's client requires and OpenAI's
+accepts (the openai SDK's stream helper and instructor merge entries by index,
+and would see two calls for a name and its arguments sent in one chunk); and the
+stream's last chunk carries the usage: with OpenAI's
+``stream_options.include_usage``, an extra chunk with no choices (as OpenAI
+sends it), otherwise the last choice's finish chunk (as Mistral sends it).
 
 Tool calls: the ids after the first ``[TOOL_CALLS]`` go to one ``ToolCallParser``
 per choice, streamed or not. An answer cut by ``max_tokens`` ends with
@@ -129,7 +133,7 @@ class ChatResponder(Responder):
                  object_name: str = "chat.completion"):
         self.server, self.dialect, self.gen, self.model = server, dialect, gen, model
         self.stream, self.tools, self.top_logprobs = stream, tools, top_logprobs
-        self.include_usage = include_usage or dialect is Dialect.MISTRAL
+        self.include_usage = include_usage  # OpenAI's stream_options.include_usage
         self.object = object_name
         self.created = int(time.time())
         tok = server.tokenizer
@@ -173,23 +177,15 @@ class ChatResponder(Responder):
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         out = {"id": self.gen.id, "object": f"{self.object}.chunk", "created": self.created, "model": self.model,
                "choices": choices}
-        if usage is not None or (self.dialect is Dialect.OPENAI and self.include_usage):
-            out["usage"] = usage  # OpenAI: null on every chunk but the last, when asked
+        if usage is not None or self.include_usage:
+            out["usage"] = usage  # with include_usage: null on every chunk but the last, as OpenAI's
         return out
 
-    def _tool_delta(self, events: list[ToolEvent]) -> list[dict]:
-        deltas = []
-        for e in events:
-            if self.dialect is Dialect.MISTRAL:
-                if e.kind == "end":
-                    deltas.append({"index": e.index, "id": e.id, "type": "function",
-                                   "function": {"name": e.name, "arguments": e.arguments}})
-            elif e.kind == "begin":
-                deltas.append({"index": e.index, "id": e.id, "type": "function",
-                               "function": {"name": e.name, "arguments": ""}})
-            elif e.kind == "args" and e.arguments:
-                deltas.append({"index": e.index, "function": {"arguments": e.arguments}})
-        return deltas
+    @staticmethod
+    def _tool_delta(events: list[ToolEvent]) -> list[dict]:
+        """Each finished call, whole: one entry per call (see the module's docstring)."""
+        return [{"index": e.index, "id": e.id, "type": "function", "function": {"name": e.name, "arguments": e.arguments}}
+                for e in events if e.kind == "end"]
 
     # --- Responder
 
@@ -257,12 +253,12 @@ class ChatResponder(Responder):
         self._unfinished -= 1
         if not self.stream:
             return []
-        last = self._unfinished == 0
-        usage = self.usage() if last and self.dialect is Dialect.MISTRAL else None
+        # Without include_usage (OpenAI's extra chunk, in end()), the last chunk carries it.
+        usage = self.usage() if self._unfinished == 0 and not self.include_usage else None
         return [self._chunk([{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}], usage)]
 
     def end(self) -> list[dict]:
-        if self.dialect is Dialect.OPENAI and self.include_usage:
+        if self.include_usage:
             return [self._chunk([], self.usage())]
         return []
 

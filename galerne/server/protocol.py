@@ -188,7 +188,7 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     stream: bool = False
-    include_usage: bool = False  # in a stream (Mistral: always)
+    include_usage: bool = False  # OpenAI's stream_options.include_usage (the usage comes last either way)
 
 
 @dataclass

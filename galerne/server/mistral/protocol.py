@@ -66,7 +66,6 @@ class MistralChatCompletionRequest(SamplingFields):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             stream=self.stream,
-            include_usage=True,  # Mistral always puts the usage in the last chunk
         )
 
 
@@ -92,7 +91,6 @@ class MistralFIMCompletionRequest(SamplingFields):
                                      max_tokens=self.max_tokens, seed=self.random_seed),
             logprobs=None,
             stream=self.stream,
-            include_usage=True,
         )
 
 

@@ -67,6 +67,7 @@ class TextResponder(Responder):
         self.text = [""] * n
         self.started = [False] * n
         self.finish: list[str | None] = [None] * n
+        self._unfinished = n
         self.lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
 
     def _logprobs(self, i: int, out: StepOutput) -> dict | None:
@@ -89,7 +90,7 @@ class TextResponder(Responder):
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         out = {"id": self.gen.id, "object": "text_completion", "created": self.created, "model": self.model,
                "choices": choices}
-        if self.include_usage:
+        if usage is not None or self.include_usage:
             out["usage"] = usage
         return out
 
@@ -102,9 +103,13 @@ class TextResponder(Responder):
         logprobs = self._logprobs(i, out)
         if out.finish_reason is not None:
             self.finish[i] = "stop" if out.finish_reason == "abort" else out.finish_reason
+        if out.finish_reason is not None:
+            self._unfinished -= 1
         if not self.stream or not (text or logprobs or out.finish_reason):
             return []
-        return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i]}])]
+        # Without include_usage (an extra chunk, in end()), the last chunk carries the usage.
+        usage = self.usage() if self._unfinished == 0 and not self.include_usage else None
+        return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i]}], usage)]
 
     def usage(self) -> dict:
         g = self.gen
