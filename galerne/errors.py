@@ -49,15 +49,27 @@ class InvalidParameter(GalerneError, ValueError):
 
 
 class PromptTooLong(InvalidParameter):
-    """The prompt does not fit the model's context (or, to generate, fills it)."""
+    """The prompt and the tokens asked for do not fit the model's context.
 
-    def __init__(self, prompt_len: int, limit: int, what: str = "prompt"):
-        self.prompt_len = prompt_len
-        self.limit = limit
-        super().__init__(
-            what,
-            f"{prompt_len} tokens is longer than the model's context of {limit} tokens" if prompt_len > limit
-            else f"{prompt_len} tokens fill the model's context of {limit} tokens: no room is left to generate",
+    The message is OpenAI's wording ("This model's maximum context length is N
+    tokens. However, you requested M tokens ..."), which clients (LiteLLM,
+    LangChain, agents that trim their history) match on; ``field`` names the
+    parameter (``what``, the prompt's, unless ``field`` says max_tokens), the message
+    does not start with it.
+    ``completion_tokens``: the tokens asked for (1 when the prompt alone fills the
+    context: generating needs at least one).
+    """
+
+    def __init__(self, prompt_len: int, limit: int, what: str = "prompt", completion_tokens: int = 0, *,
+                 field: str | None = None):
+        self.prompt_len, self.limit, self.completion_tokens = prompt_len, limit, completion_tokens
+        self.field = field or what
+        where = "messages" if what == "messages" else "prompt"
+        GalerneError.__init__(
+            self,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + completion_tokens} tokens ({prompt_len} in the {where}, {completion_tokens} in the "
+            f"completion). Please reduce the length of the {where} or completion.",
         )
 
 

@@ -83,10 +83,11 @@ def test_stream_concatenates_to_the_full_text(llm):
 
 
 def test_limits_are_errors_not_truncation(llm):
-    with pytest.raises(PromptTooLong, match=r"600 tokens is longer than the model's context of 512"):
+    with pytest.raises(PromptTooLong, match=r"maximum context length is 512 tokens. However, you requested 600 tokens"):
         llm.generate([[5] * 600], SamplingParams(max_tokens=1))
-    with pytest.raises(InvalidParameter, match=r"max_tokens: prompt \(500 tokens\) \+ max_tokens \(100\)"):
+    with pytest.raises(PromptTooLong, match=r"requested 600 tokens \(500 in the prompt, 100 in the completion\)") as e:
         llm.generate([[5] * 500], SamplingParams(max_tokens=100))
+    assert e.value.field == "max_tokens"
     with pytest.raises(InvalidParameter, match=r"prompt: token id 40000 is outside the vocabulary"):
         llm.generate([[5, 40000]], SamplingParams(max_tokens=1))
 

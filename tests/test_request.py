@@ -34,11 +34,14 @@ def error_of(fn, *args, **kwargs) -> InvalidParameter:
 @pytest.mark.parametrize("prompt, params, cls, field, message", [
     ([], SamplingParams(), InvalidParameter, "prompt", "prompt: is empty"),
     ([5] * 65, SamplingParams(max_tokens=1), PromptTooLong, "prompt",
-     "prompt: 65 tokens is longer than the model's context of 64 tokens"),
+     "This model's maximum context length is 64 tokens. However, you requested 65 tokens (65 in the prompt, "
+     "0 in the completion). Please reduce the length of the prompt or completion."),
     ([5] * 64, SamplingParams(), PromptTooLong, "prompt",
-     "prompt: 64 tokens fill the model's context of 64 tokens: no room is left to generate"),
-    ([5] * 60, SamplingParams(max_tokens=5), InvalidParameter, "max_tokens",
-     "max_tokens: prompt (60 tokens) + max_tokens (5) is more than the model's context of 64 tokens; ask for at most 4"),
+     "This model's maximum context length is 64 tokens. However, you requested 65 tokens (64 in the prompt, "
+     "1 in the completion). Please reduce the length of the prompt or completion."),
+    ([5] * 60, SamplingParams(max_tokens=5), PromptTooLong, "max_tokens",
+     "This model's maximum context length is 64 tokens. However, you requested 65 tokens (60 in the prompt, "
+     "5 in the completion). Please reduce the length of the prompt or completion."),
     ([5, 1000], SamplingParams(), InvalidParameter, "prompt",
      "prompt: token id 1000 is outside the vocabulary (0..999)"),
     ([5, -1], SamplingParams(), InvalidParameter, "prompt", "prompt: token id -1 is outside the vocabulary (0..999)"),
@@ -161,18 +164,18 @@ def http_cases(tok):
     bias = {"logit_bias": {str(VOCAB + 3): 1.0}}
     return [
         ("prompt too long", "openai", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_TEXT}]},
-         long_chat, SamplingParams(), "prompt"),
+         long_chat, SamplingParams(), "messages"),
         ("prompt too long", "mistral", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_TEXT}]},
-         long_chat, SamplingParams(), "prompt"),
+         long_chat, SamplingParams(), "messages"),
         ("prompt too long", "openai", "/v1/completions", {"prompt": [5] * 70}, [5] * 70, SamplingParams(), "prompt"),
         ("prompt too long", "openai", "/v1/completions", {"prompt": [[5, 6], [5] * 70]}, [5] * 70, SamplingParams(),
          "prompt[1]"),
         ("prompt too long", "mistral", "/v1/fim/completions", {"prompt": LONG_TEXT, "suffix": "):"}, long_fim,
          SamplingParams(), "prompt"),
         ("max_tokens past the context", "openai", "/v1/chat/completions", {"messages": USER, "max_tokens": 100},
-         chat, SamplingParams(max_tokens=100), "prompt"),
+         chat, SamplingParams(max_tokens=100), "messages"),
         ("max_tokens past the context", "mistral", "/v1/chat/completions", {"messages": USER, "max_tokens": 100},
-         chat, SamplingParams(max_tokens=100), "prompt"),
+         chat, SamplingParams(max_tokens=100), "messages"),
         ("max_tokens past the context", "openai", "/v1/completions", {"prompt": "Once", "max_tokens": 100},
          text, SamplingParams(max_tokens=100), "prompt"),
         ("max_tokens past the context", "mistral", "/v1/fim/completions",
@@ -183,7 +186,7 @@ def http_cases(tok):
         ("token id outside the vocabulary", "openai", "/v1/completions", {"prompt": [[5], [5, VOCAB]]}, [5, VOCAB],
          SamplingParams(), "prompt[1]"),
         ("logit_bias id outside the vocabulary", "openai", "/v1/chat/completions", {"messages": USER, **bias},
-         chat, SamplingParams(**bias), "prompt"),
+         chat, SamplingParams(**bias), "messages"),
         ("logit_bias id outside the vocabulary", "openai", "/v1/completions", {"prompt": "Once", **bias},
          text, SamplingParams(**bias), "prompt"),
     ]

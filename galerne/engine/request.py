@@ -58,19 +58,17 @@ def validate_request(
     n, context = len(prompt), limits.max_model_len
     if n == 0:
         raise InvalidParameter(field, "is empty")
-    if n > context or (n == context and params is not None):
+    if n > context:
         raise PromptTooLong(n, context, field)
+    if n == context and params is not None and params.max_tokens != 0:
+        raise PromptTooLong(n, context, field, 1)  # generating needs one token more
     _check_ids(prompt, limits.vocab_size, field)
     if params is None:
         return EngineRequest(prompt, None, 0, request_id or uuid.uuid4().hex, adapter)
     room = context - n
     budget = room if params.max_tokens is None else params.max_tokens
     if budget > room:
-        raise InvalidParameter(
-            "max_tokens",
-            f"prompt ({n} tokens) + max_tokens ({budget}) is more than the model's context of {context} tokens; "
-            f"ask for at most {room}",
-        )
+        raise PromptTooLong(n, context, field, budget, field="max_tokens")
     if params.min_tokens > budget:
         raise InvalidParameter(
             "min_tokens", f"({params.min_tokens}) is more than the {budget} tokens the prompt ({n} tokens) leaves "

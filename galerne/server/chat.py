@@ -90,7 +90,7 @@ def prepare(server: ServerState, req: ChatRequest) -> tuple[EngineRequest, Conve
     chat = Conversation.parse(req.messages, tools=req.tools, tool_choice=req.tool_choice,
                               response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
     prompt = server.tokenizer.encode_chat(chat)
-    return validate_request(prompt, chat_params(server, req, chat), server.limits), chat
+    return validate_request(prompt, chat_params(server, req, chat), server.limits, field="messages"), chat
 
 
 def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> SamplingParams:
