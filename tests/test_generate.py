@@ -83,7 +83,7 @@ def test_stream_concatenates_to_the_full_text(llm):
 
 
 def test_limits_are_errors_not_truncation(llm):
-    with pytest.raises(PromptTooLong, match=r"maximum context length is 512 tokens. However, you requested 600 tokens"):
+    with pytest.raises(PromptTooLong, match=r"maximum context length is 512 tokens. However, you requested 601 tokens"):
         llm.generate([[5] * 600], SamplingParams(max_tokens=1))
     with pytest.raises(PromptTooLong, match=r"requested 600 tokens \(500 in the prompt, 100 in the completion\)") as e:
         llm.generate([[5] * 500], SamplingParams(max_tokens=100))

@@ -34,8 +34,8 @@ def error_of(fn, *args, **kwargs) -> InvalidParameter:
 @pytest.mark.parametrize("prompt, params, cls, field, message", [
     ([], SamplingParams(), InvalidParameter, "prompt", "prompt: is empty"),
     ([5] * 65, SamplingParams(max_tokens=1), PromptTooLong, "prompt",
-     "This model's maximum context length is 64 tokens. However, you requested 65 tokens (65 in the prompt, "
-     "0 in the completion). Please reduce the length of the prompt or completion."),
+     "This model's maximum context length is 64 tokens. However, you requested 66 tokens (65 in the prompt, "
+     "1 in the completion). Please reduce the length of the prompt or completion."),
     ([5] * 64, SamplingParams(), PromptTooLong, "prompt",
      "This model's maximum context length is 64 tokens. However, you requested 65 tokens (64 in the prompt, "
      "1 in the completion). Please reduce the length of the prompt or completion."),

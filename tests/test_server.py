@@ -489,6 +489,10 @@ def test_prompt_longer_than_the_context(oai, mis, live):
         oai.chat.completions.create(model=MODEL, messages=long, max_tokens=4)
     msg = e.value.body["message"]
     assert str(n) in msg and str(live.state.max_model_len) in msg and e.value.body["code"] == "context_length_exceeded"
+    # OpenAI's wording, which LiteLLM, LangChain and agents that trim their history match on
+    assert msg.startswith(f"This model's maximum context length is {live.state.max_model_len} tokens. "
+                          f"However, you requested {n + 4} tokens ({n} in the messages, 4 in the completion).")
+    assert e.value.body["param"] == "messages"
     with pytest.raises(mistral_errors.SDKError) as m:
         mis.chat.stream(model=MODEL, messages=long, max_tokens=4)  # refused before the stream starts
     assert m.value.status_code == 400 and str(n) in m.value.body

@@ -59,7 +59,7 @@ def validate_request(
     if n == 0:
         raise InvalidParameter(field, "is empty")
     if n > context:
-        raise PromptTooLong(n, context, field)
+        raise PromptTooLong(n, context, field, (params.max_tokens or 0) if params is not None else 0)
     if n == context and params is not None and params.max_tokens != 0:
         raise PromptTooLong(n, context, field, 1)  # generating needs one token more
     _check_ids(prompt, limits.vocab_size, field)
