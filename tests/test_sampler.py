@@ -411,3 +411,57 @@ def test_processing_never_modifies_the_callers_logits():
                                 row(SamplingParams(temperature=0, logprobs=2))])
     assert torch.equal(logits, before)
     assert out.token_ids == logits.argmax(-1).tolist()
+
+
+# ------------------------------------------------------------------ extremes of every number
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1e-45), dict(temperature=5e-324), dict(temperature=1e-38),
+    dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_p=5e-324),
+    dict(temperature=1e-45, top_p=1e-300, top_k=1, min_p=1e-300),
+])
+def test_values_that_underflow_act_as_their_limit(kw):
+    """A temperature or top_p that is 0 in float32 is greedy or top-1, never NaN (which made
+    token 0 win), with or without a grammar's mask."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 10
+    logits[:, 0] = -5.0  # token 0 is never the best: NaN would pick it
+    greedy = logits.argmax(dim=-1).tolist()
+    rows = [SamplingRow(SamplingParams(**kw), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    assert sample_batch(logits, rows).token_ids == greedy
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[[3, 7, 11]] = True
+    best = max((3, 7, 11), key=lambda t: logits[0, t].item())
+    row = SamplingRow(SamplingParams(**kw), allowed=allowed)
+    assert sample_batch(logits[:1], [row]).token_ids == [best]
+
+
+def test_huge_temperature_stays_in_the_grammar():
+    # 1e308 is inf in float32: -inf / inf would be NaN.
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[[3, 7]] = True
+    rows = [SamplingRow(SamplingParams(temperature=1e308), allowed=allowed) for _ in range(64)]
+    tokens = sample_batch(torch.randn(64, 50), rows).token_ids
+    assert set(tokens) == {3, 7}  # uniform over the allowed two
+
+
+def test_tiny_repetition_penalty_favours_seen_tokens_without_nan():
+    logits = torch.full((1, 50), -1.0)
+    logits[0, 9] = 5.0
+    logits[0, [20, 30]] = torch.tensor([1.0, 2.0])
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=1)):
+        row = SamplingRow(SamplingParams(repetition_penalty=1e-300, logprobs=2, **kw), prompt_token_ids=[20, 30, 40])
+        out = sample_batch(logits, [row])
+        assert out.token_ids[0] in (20, 30)  # positive and seen: pushed to the top
+        assert all(math.isfinite(lp) for _, lp in out.top_logprobs[0]) and math.isfinite(out.logprobs[0])
+
+
+def test_masked_tokens_are_not_alternatives():
+    """top_logprobs with a grammar: forbidden tokens are left out, never -inf (not JSON)."""
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[[3, 7]] = True
+    row = SamplingRow(SamplingParams(temperature=0.0, logprobs=5), allowed=allowed)
+    out = sample_batch(torch.randn(1, 50), [row])
+    assert sorted(t for t, _ in out.top_logprobs[0]) == [3, 7]
+    assert all(math.isfinite(lp) for _, lp in out.top_logprobs[0])

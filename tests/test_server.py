@@ -402,6 +402,31 @@ def test_json_schema_output_validates(oai, mis):
     jsonschema.validate(json.loads(m.choices[0].message.content), SCHEMA)
 
 
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-45), dict(temperature=1.0, top_p=1e-300),
+                                     dict(extra_body={"repetition_penalty": 1e-300})])
+def test_extreme_sampling_values_keep_the_grammar(live, oai, extreme):
+    """Values that underflow or overflow in float32 act as their limits: the JSON still
+    parses and ends with "stop" (it used to be token 0, " ⁇ ", and a broken grammar), and
+    top_logprobs leave out what the grammar forbids (it used to be -inf: a 500, and
+    -Infinity in a stream, which is not JSON)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    kw = dict(model=MODEL, messages=USER, response_format=fmt, max_tokens=300, seed=0, logprobs=True, top_logprobs=5,
+              **extreme)
+    r = oai.chat.completions.create(**kw)
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    assert r.choices[0].finish_reason == "stop"
+    for entry in r.choices[0].logprobs.content:
+        assert all(-1e4 < alt.logprob <= 0 for alt in entry.top_logprobs) and entry.top_logprobs
+    body = {k: v for k, v in kw.items() if k != "extra_body"} | kw.get("extra_body", {}) | {"stream": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    # Strict JSON: Python's parser would take -Infinity and NaN.
+    chunks = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in a stream")) for line in lines]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
 def test_json_object_mode(mis, live):
     """A random model writes one endless JSON string, so the answer is cut: what it wrote
     is still, token by token, the start of a JSON object (test_guided sees objects close)."""

@@ -24,7 +24,8 @@ Semantics (the sampler applies them in this order, see ``sampler.sample_batch``)
   complete the completion ends with finish reason "stop". Compiled when the
   request is added (an invalid grammar is an InvalidParameter there).
 * ``logprobs``: None returns none; k in 0..20 returns the chosen token's
-  logprob and the k most likely alternatives. They are the log-softmax of the
+  logprob and up to k most likely alternatives (tokens the row cannot draw, such
+  as those a grammar forbids, are left out). They are the log-softmax of the
   logits after penalties, bias and masking (grammar included), before
   temperature and the top-k/top-p/min-p cuts.
 """

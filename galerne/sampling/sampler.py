@@ -30,6 +30,7 @@ generator.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ import torch
 
 from ..errors import InvalidParameter
 from .params import SamplingParams
+
+
+_TINY = torch.finfo(torch.float32).tiny
+_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -130,11 +135,13 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         # with the same value (computed from the logits before this step).
         lists = [_ids(getattr(rows[i], f)) for i in rep for f in ("prompt_token_ids", "output_token_ids")]
         r_idx, t_idx = _flatten(lists, [i for i in rep for _ in range(2)], V)
-        penalty = np.array([float(r.params.repetition_penalty) for r in rows], dtype=np.float32)[r_idx]
+        # A penalty that is 0 in float32 (1e-300) acts as the smallest one: never x / 0.
+        penalty = np.array([max(float(r.params.repetition_penalty), _TINY) for r in rows], dtype=np.float32)[r_idx]
         where = (_dev(r_idx, device), _dev(t_idx, device))
         x = out[where]
         penalty = _dev(penalty, device)
-        out[where] = torch.where(x > 0, x / penalty, x * penalty)
+        # An overflow is the largest float, not inf (inf - inf is NaN in the softmax).
+        out[where] = torch.where(x > 0, x / penalty, x * penalty).clamp(max=_MAX)
 
     pen = [i for i, r in enumerate(rows)
            if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and len(r.output_token_ids)]
@@ -217,8 +224,12 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
         [[p.temperature, p.top_p, p.top_k if 0 < p.top_k < V else 0, p.min_p] for p in params],
         dtype=torch.float64,
     )
-    temp = cols[:, 0].to(device=device, dtype=torch.float32)
-    x = logits / temp[:, None]
+    # Values that are 0 or inf in float32 (temperature 1e-45 or 1e308) act as their
+    # limits, greedy or uniform: clamped, and the row's maximum subtracted first, so
+    # that the division gives 0 for the best token and -inf (never NaN) for a forbidden one.
+    temp = cols[:, 0].clamp(_TINY, _MAX).to(device=device, dtype=torch.float32)
+    best = logits.max(dim=-1, keepdim=True).values
+    x = (logits - best.nan_to_num(0.0, 0.0, 0.0)) / temp[:, None]
 
     top_k = cols[:, 2].long()
     if bool((top_k > 0).any()):
@@ -239,6 +250,7 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         p_dev = top_p.to(device=device, dtype=torch.float32)[:, None]
         drop_sorted = (before >= p_dev) & (top_p < 1.0).to(device)[:, None]
+        drop_sorted[:, 0] = False  # the most likely token stays, even for a top_p that is 0 in float32
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
 
@@ -315,7 +327,8 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOu
         vals, ids = vals.tolist(), ids.tolist()
         for j, i in enumerate(asked):
             k = want_lp[i]
-            top[i] = list(zip(ids[j][:k], vals[j][:k]))
+            # Tokens the row could not draw (a grammar's mask, min_tokens) are no alternatives.
+            top[i] = [(t, lp) for t, lp in zip(ids[j][:k], vals[j][:k]) if lp != -math.inf]
     else:
         for i in asked:
             top[i] = []
