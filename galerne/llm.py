@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .config import EngineSettings
-from .engine.engine import Engine, StepOutput
+from .engine.engine import Engine, PromptLogprob, StepOutput
 from .engine.request import EngineRequest, Limits, validate_request
 from .errors import InvalidParameter, ModelLoadError
 from .models.attention import NoCacheAttention
@@ -49,6 +49,8 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs: one per prompt token (None for the first).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     # The first (usually only) completion, for the common case.
     @property
@@ -212,7 +214,10 @@ class LLM:
             pending = {rid: len(results[rid].outputs) for rid in order}  # completions still running
             while pending:
                 for out in engine.step():
-                    c = results[out.request_id].outputs[out.index]
+                    r = results[out.request_id]
+                    if out.prompt_logprobs is not None and r.prompt_logprobs is None:
+                        r.prompt_logprobs = out.prompt_logprobs
+                    c = r.outputs[out.index]
                     c.text += out.text
                     c.token_ids.extend(out.token_ids)
                     if out.logprobs is not None:

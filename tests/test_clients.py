@@ -156,3 +156,84 @@ def test_langchain_openai_counts_usage_once(live):
         # Usage comes in one chunk only, whichever way it was asked: never added twice.
         assert total.usage_metadata["output_tokens"] == 5
         assert total.usage_metadata["input_tokens"] == whole.usage_metadata["input_tokens"]
+
+
+# ------------------------------------------------------------------ scoring: lm-evaluation-harness
+
+
+def _model_logprobs(llm, ids: list[int]):
+    import torch
+
+    table = torch.log_softmax(llm.score(ids), dim=-1)
+    return table, table[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_lm_eval_loglikelihood(live, oai):
+    """What lm-evaluation-harness's local-completions model sends to score a continuation:
+    token ids, echo, logprobs 1, max_tokens 1 (it drops the last, generated, entry) or 0;
+    the echoed prompt's logprobs are the model's, within 1e-4 of ``LLM.score``."""
+    llm, tok = live.state.llm, live.state.tokenizer
+    context = tok.encode("The capital of France is", bos=True)
+    requests = [context + tok.encode(" Paris", bos=False), context + tok.encode(" a small dog", bos=False)]
+    for max_tokens in (1, 0):
+        r = oai.completions.create(model=MODEL, prompt=requests, echo=True, logprobs=1, max_tokens=max_tokens,
+                                   temperature=0, seed=1234)
+        choices = sorted(r.choices, key=lambda c: c.index)
+        assert len(choices) == 2
+        for ids, choice in zip(requests, choices):
+            lp = choice.logprobs
+            assert len(lp.token_logprobs) == len(ids) + max_tokens
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            table, expected = _model_logprobs(llm, ids)
+            assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+            # lm-eval's is_greedy: the token's logprob against the best alternative's
+            for p in range(1, len(ids)):
+                assert max(lp.top_logprobs[p].values()) == pytest.approx(table[p - 1].max().item(), abs=1e-4)
+            assert lp.tokens[: len(ids)] == [tok.token_str(t) for t in ids]
+            assert choice.text.startswith(tok.decode(ids))
+            assert choice.finish_reason == "length"
+        assert r.usage.completion_tokens == 2 * max_tokens
+
+
+def test_echo_logprobs_stream_as_they_answer(live):
+    body = {"model": MODEL, "prompt": "Once upon a time", "echo": True, "logprobs": 2, "max_tokens": 3,
+            "temperature": 0, "stream": True}
+    whole = httpx.post(live.url + "/v1/completions", json={**body, "stream": False}, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}"}).json()["choices"][0]
+    pieces = {"tokens": [], "token_logprobs": []}
+    text = ""
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                c = json.loads(line[6:])["choices"][0]
+                text += c["text"]
+                for key in pieces:
+                    pieces[key] += (c["logprobs"] or {}).get(key, [])
+    assert text == whole["text"] and pieces["tokens"] == whole["logprobs"]["tokens"]
+    assert pieces["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"])
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_prompt_logprobs_extension(live, oai, route):
+    """vLLM's prompt_logprobs: per prompt token, its logprob and rank and the top k."""
+    llm, tok = live.state.llm, live.state.tokenizer
+    if route == "chat":
+        r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0,
+                                        extra_body={"prompt_logprobs": 2})
+        entries, ids = r.model_extra["prompt_logprobs"], tok.encode_chat(USER)
+    else:
+        ids = tok.encode("Once upon a time", bos=True)
+        r = oai.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                   extra_body={"prompt_logprobs": 2})
+        entries = r.choices[0].model_extra["prompt_logprobs"]
+    table, expected = _model_logprobs(llm, ids)
+    assert len(entries) == len(ids) and entries[0] is None
+    for p, (entry, lp) in enumerate(zip(entries[1:], expected)):
+        own = entry[str(ids[p + 1])]
+        assert own["logprob"] == pytest.approx(lp, abs=1e-4) and own["decoded_token"] == tok.token_str(ids[p + 1])
+        assert own["rank"] == int((table[p] > table[p, ids[p + 1]]).sum()) + 1
+        best = table[p].topk(2)
+        for rank, (t, v) in enumerate(zip(best.indices.tolist(), best.values.tolist()), 1):
+            assert entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4)
+            assert entry[str(t)]["rank"] == rank

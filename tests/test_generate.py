@@ -105,7 +105,8 @@ def test_max_tokens_none_runs_to_the_context(llm):
         (dict(top_p=0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-2), "top_k"),
-        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
         (dict(seed=1.5), "seed"),
         (dict(stop=["ok", ""]), "stop[1]"),
         (dict(stop_token_ids=[-1]), "stop_token_ids[0]"),
@@ -164,3 +165,67 @@ def test_cli_chat_reads_turns_from_stdin(folder, llm, monkeypatch, capsys):
 def test_cli_rejects_bad_sampling_values(folder, capsys):
     assert main(["generate", str(folder), "--prompt", "x", "--top-p", "2"]) == 1
     assert "top_p: must be <= 1.0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ prompt logprobs (scoring)
+
+
+def _expected_prompt_logprobs(llm, ids):
+    import torch
+
+    logprobs = torch.log_softmax(llm.score(ids), dim=-1)
+    actual = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ranks = (logprobs[:-1] > actual[:, None]).sum(dim=1) + 1
+    return actual.tolist(), ranks.tolist(), logprobs
+
+
+@pytest.mark.parametrize("engine", [
+    dict(),  # the prompt in one chunk
+    dict(max_num_batched_tokens=16, block_size=16),  # in chunks of 16 tokens, in several steps
+    dict(max_num_batched_tokens=7, block_size=16),  # chunks that straddle the 512-row slices never: still exact
+])
+def test_prompt_logprobs_are_the_models_scores(tiny_factory, engine):
+    folder, _ = tiny_factory("mistral")
+    llm = LLM(folder, device="cpu", **engine)
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog " * 6, bos=True)
+    lps, ranks, table = _expected_prompt_logprobs(llm, ids)
+    # A cached prefix is there (the same prompt ran before), and must not be used.
+    llm.generate([ids], SamplingParams(max_tokens=2, temperature=0))
+    for max_tokens in (0, 3):
+        out = llm.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=3, n=2))[0]
+        got = out.prompt_logprobs
+        assert len(got) == len(ids) and got[0] is None
+        assert [g.logprob for g in got[1:]] == pytest.approx(lps, abs=1e-4)
+        assert [g.rank for g in got[1:]] == ranks
+        for p, g in enumerate(got[1:]):
+            top = table[p].topk(3)
+            assert [t for t, _ in g.top] == top.indices.tolist()
+            assert [v for _, v in g.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [len(c.token_ids) for c in out.outputs] == [max_tokens, max_tokens]
+        assert all(c.finish_reason == "length" for c in out.outputs)
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_max_tokens_0_scores_a_prompt_that_fills_the_context(llm):
+    ids = [1] + [5] * (llm.max_model_len - 1)
+    out = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].text == "" and out.finish_reason == "length"
+    lps, _, _ = _expected_prompt_logprobs(llm, ids)
+    assert [g.logprob for g in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-4)
+    assert all(g.top == [] for g in out.prompt_logprobs[1:])
+    with pytest.raises(PromptTooLong):  # one token more does not fit, even to score it
+        llm.generate([ids + [5]], SamplingParams(max_tokens=0))
+
+
+def test_prompt_logprobs_survive_preemption(tiny_factory):
+    """Sequences preempted mid-prompt recompute it: their scores are not added twice."""
+    folder, _ = tiny_factory("mistral")
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head_dim, fp32
+    llm = LLM(folder, device="cpu", block_size=16, max_num_batched_tokens=32, kv_cache_gb=per_block * 12 / 1e9)
+    ids = [llm.tokenizer.encode(f"{i} little pigs went to the market and came back " * 4, bos=True) for i in range(4)]
+    outs = llm.generate(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=0))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for p, out in zip(ids, outs):
+        lps, _, _ = _expected_prompt_logprobs(llm, p)
+        assert len(out.prompt_logprobs) == len(p)
+        assert [g.logprob for g in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-4)

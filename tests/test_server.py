@@ -462,7 +462,11 @@ def test_legacy_completions(oai):
                                echo=True, temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.choices[0].text.startswith("Once upon") and r.choices[2].text.startswith("a time")
-    assert all(len(c.logprobs.top_logprobs[0]) == 2 for c in r.choices)
+    # echo: the prompt's tokens come first, the first of them with no logprob
+    assert all(c.logprobs.top_logprobs[0] is None and c.logprobs.token_logprobs[0] is None for c in r.choices)
+    assert all(len(t) == 2 for c in r.choices for t in c.logprobs.top_logprobs[1:])
+    assert [len(c.logprobs.tokens) for c in r.choices] == [len(r.choices[0].logprobs.tokens)] * 2 + \
+        [len(r.choices[2].logprobs.tokens)] * 2
     chunks = list(oai.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, stream=True))
     assert "Once upon" + "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
 

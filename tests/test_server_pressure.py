@@ -73,14 +73,14 @@ def test_a_disconnect_during_a_long_prefill_freezes_nothing(tiny_factory):
     run = llm.engine.runner.run
     long_steps: list[list[float | None]] = []  # [start, end] of each long step
 
-    def slow_run(scheduled):  # sleep releases the GIL, as a real forward does
+    def slow_run(scheduled, *args):  # sleep releases the GIL, as a real forward does
         if max(s.num_new_tokens for s in scheduled) > 100:  # a step holding a long prefill chunk
             long_steps.append([time.monotonic(), None])
             time.sleep(LONG_STEP)
             long_steps[-1][1] = time.monotonic()
         else:
             time.sleep(0.005)  # decode steps: the streams last a few seconds
-        return run(scheduled)
+        return run(scheduled, *args)
 
     llm.engine.runner.run = slow_run
     app = create_app(llm, ServerSettings(served_model_name=["m"]))

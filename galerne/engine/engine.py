@@ -37,6 +37,21 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_GB = 2.0
 
 
+@dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token's log-probability under the model's raw logits, given the tokens
+    before it."""
+
+    logprob: float
+    rank: int  # 1 + how many tokens the model found more likely
+    top: list[tuple[int, float]]  # the SamplingParams.prompt_logprobs most likely (id, logprob)
+
+
+# Prompt positions turned into logits at once when computing prompt logprobs: bounds the
+# (rows, vocab) float32 buffer (512 x 131k = 268 MB).
+PROMPT_LOGPROBS_ROWS = 512
+
+
 @dataclass
 class StepOutput:
     """What one step added to one completion of one request."""
@@ -54,6 +69,9 @@ class StepOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # On a completion's first output, with SamplingParams.prompt_logprobs: one entry per
+    # prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def answer_token_ids(self) -> list[int]:
@@ -71,6 +89,9 @@ class _SeqState:
     # Guided decoding: where the sequence is in its grammar (advanced in _append only,
     # on newly sampled tokens: a recompute after preemption samples nothing old).
     guide: GuidedMatcher | None = None
+    # With SamplingParams.prompt_logprobs: those of the prompt positions computed so far
+    # (a recompute after preemption adds none twice); handed out with the first output.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass
@@ -176,6 +197,9 @@ class Engine:
             guides = [first] + [first.copy() for _ in range(params.n - 1)]
         seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=request.adapter,
                          max_tokens=request.max_tokens) for i in range(params.n)]
+        if params.prompt_logprobs is not None:
+            for seq in seqs:  # every position is computed: none may come from the prefix cache
+                seq.use_prefix_cache = False
         for seq in seqs:
             # All n sequences are the same size: the first check decides for all.
             self.scheduler.add(seq)
@@ -188,6 +212,7 @@ class Engine:
                 generator=make_generator(params, self.device, seq.index),
                 stop_ids=stop_ids,
                 guide=guide,
+                prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             )
         return request_id
 
@@ -210,18 +235,61 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        logits, rows = self.runner.run(plan.scheduled)
+        scoring = [i for i, s in enumerate(plan.scheduled) if self._needs_prompt_logprobs(s.seq)]
+        logits, rows, hidden = self.runner.run(plan.scheduled, scoring)
+        for i in scoring:  # before advance(): the chunk starts at num_computed_tokens
+            self._add_prompt_logprobs(plan.scheduled[i].seq, hidden[i])
         self.scheduler.advance(plan)
+        outputs = []
+        # A sequence with no budget (max_tokens 0) ends when its prompt is computed.
+        done = [j for j, i in enumerate(rows) if plan.scheduled[i].seq.max_tokens == 0]
+        for j in done:
+            seq = plan.scheduled[rows[j]].seq
+            outputs.append(self._finish(seq, StepOutput(seq.request_id, seq.index, "", [], num_prompt_tokens=seq.num_prompt_tokens,
+                                                        num_cached_tokens=seq.num_cached_tokens), "length"))
+        if done:
+            keep = [j for j in range(len(rows)) if j not in set(done)]
+            logits, rows = logits[keep], [rows[j] for j in keep]
         seqs = [plan.scheduled[i].seq for i in rows]
         if not seqs:
-            return []
+            return outputs
         sampled = sample_batch(logits, self._sampling_rows(seqs, logits.shape[1]))
-        outputs = []
         for i, seq in enumerate(seqs):
             lp = None if sampled.logprobs is None else sampled.logprobs[i]
             top = None if sampled.top_logprobs is None else sampled.top_logprobs[i]
             outputs.append(self._append(seq, sampled.token_ids[i], lp, top))
         return outputs
+
+    # ------------------------------------------------------- prompt logprobs
+
+    def _needs_prompt_logprobs(self, seq: Sequence) -> bool:
+        """Whether this step's chunk of ``seq`` holds prompt positions still to score
+        (position p predicts prompt token p + 1)."""
+        st = self._state.get(seq.seq_id)
+        return (st is not None and st.prompt_logprobs is not None
+                and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+                and len(st.prompt_logprobs) < seq.num_prompt_tokens)
+
+    def _add_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens that ``hidden`` (this step's new tokens of
+        ``seq``, from position num_computed_tokens) predicts, in bounded slices."""
+        st = self._state[seq.seq_id]
+        collected, k = st.prompt_logprobs, seq.params.prompt_logprobs
+        start = seq.num_computed_tokens
+        first = len(collected) - 1  # the position that predicts the first token still missing
+        last = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)  # positions first..last-1
+        for a in range(max(first, start), last, PROMPT_LOGPROBS_ROWS):
+            b = min(a + PROMPT_LOGPROBS_ROWS, last)
+            logprobs = torch.log_softmax(self.model.logits(hidden[a - start : b - start]).float(), dim=-1)
+            targets = torch.tensor(seq.token_ids[a + 1 : b + 1], device=logprobs.device)
+            actual = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs > actual).sum(dim=1) + 1
+            if k:
+                vals, ids = torch.topk(logprobs, min(k, logprobs.shape[1]), dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+            else:
+                tops = [[] for _ in range(b - a)]
+            collected += [PromptLogprob(lp, r, t) for lp, r, t in zip(actual[:, 0].tolist(), ranks.tolist(), tops)]
 
     def _sampling_rows(self, seqs: list[Sequence], vocab_size: int) -> list[SamplingRow]:
         # Grammar masks cost CPU time: only guided rows pay, all computed together.
@@ -251,6 +319,8 @@ class Engine:
                          logprobs=None if logprob is None else [logprob],
                          top_logprobs=None if top is None else [top],
                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+        if seq.num_output_tokens == 1:
+            out.prompt_logprobs = st.prompt_logprobs
         grammar_done = False
         if st.guide is not None:
             st.guide.advance(token)
@@ -270,11 +340,16 @@ class Engine:
                 out.text += tail
                 finish = "stop" if stopped or grammar_done else "length"
                 out.stop_reason = st.stopper.matched
-        if finish is not None:
-            out.finish_reason = finish
-            self.scheduler.finish(seq, finish)
-            del self._state[seq.seq_id]
-            req = self._requests.get(seq.request_id)
-            if req is not None and all(s.status is Status.FINISHED for s in req.seqs):
-                del self._requests[seq.request_id]
+        return self._finish(seq, out, finish) if finish is not None else out
+
+    def _finish(self, seq: Sequence, out: StepOutput, reason: str) -> StepOutput:
+        """``out`` as ``seq``'s last output: its state and blocks are freed."""
+        st = self._state.pop(seq.seq_id)
+        if seq.num_output_tokens == 0:  # max_tokens 0: this is its first output too
+            out.prompt_logprobs = st.prompt_logprobs
+        out.finish_reason = reason
+        self.scheduler.finish(seq, reason)
+        req = self._requests.get(seq.request_id)
+        if req is not None and all(s.status is Status.FINISHED for s in req.seqs):
+            del self._requests[seq.request_id]
         return out

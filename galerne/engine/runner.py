@@ -9,6 +9,7 @@ galerne's native decode kernel (``galerne/kernels``), one call for the whole ste
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 
@@ -44,32 +45,36 @@ class ModelRunner:
             self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+    def run(self, scheduled: list[ScheduledSeq], hidden_of: Collection[int] = ()
+            ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor]]:
         """Forward the step; returns the float32 logits of the sequences that
-        reached the end of their known tokens (they sample next), and their indices
-        in ``scheduled``. The logits are valid until the next step (the CPU kernel
-        reuses its buffer)."""
-        entries, tokens, sample_rows, rows = [], [], [], []
+        reached the end of their known tokens (they sample next), their indices
+        in ``scheduled``, and the hidden states of every new token of the
+        sequences whose indices are in ``hidden_of`` (for prompt logprobs). The
+        logits are valid until the next step (the CPU kernel reuses its buffer)."""
+        entries, tokens, sample_rows, rows, spans = [], [], [], [], {}
         end = 0
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             entries.append((seq.block_table, start, n))
             tokens.extend(seq.token_ids[start : start + n])
+            spans[i] = (end, end + n)
             end += n
             if start + n == seq.num_tokens:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
                 rows.append(i)
-        decode_only = len(tokens) == len(scheduled) == len(rows)
+        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of
         if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
-            return self.cpu_decoder(tokens, entries), rows
-        if self.graphs is not None and len(tokens) == len(scheduled) and self.graphs.fits(len(tokens), entries):
+            return self.cpu_decoder(tokens, entries), rows, {}
+        if self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and self.graphs.fits(len(tokens), entries):
             hidden = self.graphs.run(tokens, entries)
         else:
             meta = BatchMetadata.build(entries, self.block_size, self.device)
             ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = self.model(ids, meta.positions, self.attention(self.cache, meta))
+        kept = {i: hidden[spans[i][0] : spans[i][1]] for i in hidden_of}
         if not rows:
-            return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows
+            return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows, kept
         index = torch.tensor(sample_rows, device=self.device)
-        return self.model.logits(hidden.index_select(0, index)).float(), rows
+        return self.model.logits(hidden.index_select(0, index)).float(), rows, kept

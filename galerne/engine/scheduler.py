@@ -161,7 +161,7 @@ class Scheduler:
         # short, and the preempted would come straight back in.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached, num_cached = self.bm.get_cached_prefix(seq)
+            cached, num_cached = self.bm.get_cached_prefix(seq) if seq.use_prefix_cache else ([], 0)
             n = min(seq.num_tokens - num_cached, budget, self.max_chunk)
             if not self.bm.allocate(seq, n, cached):
                 break  # never skip the head: later requests must not starve it

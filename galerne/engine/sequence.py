@@ -36,6 +36,8 @@ class Sequence:
         self.index = index  # which of the request's n completions
         self.params = params
         self.adapter = adapter  # part of the prefix-cache key: KV depends on the weights
+        # False: every position is computed (prompt logprobs need each one's logits).
+        self.use_prefix_cache = True
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         # Tokens whose keys/values are in the cache (computed, or found in the prefix

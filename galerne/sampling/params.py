@@ -58,7 +58,8 @@ class SamplingParams:
     top_p: float = 1.0
     # 0 or -1: no top-k cut.
     top_k: int = 0
-    # None: until EOS, a stop string, or the model's context is full.
+    # None: until EOS, a stop string, or the model's context is full. 0: nothing is
+    # generated, the prompt is only computed (for prompt_logprobs: scoring a text).
     max_tokens: int | None = None
     # A request with a seed draws from its own generator, so its tokens do not
     # depend on anything else running. With n > 1, completion i uses seed + i.
@@ -87,6 +88,9 @@ class SamplingParams:
     logprobs: int | None = None
     # Grammar-constrained decoding (JSON schema, JSON object, Lark, regex); None is off.
     guided: Guidance | None = None
+    # None: none. 0..20: each prompt token's logprob (the first has none), its rank, and
+    # that many top alternatives, of the model's raw logits (nothing above applies).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept a single string / lists from callers, store tuples (hashable, immutable).
@@ -105,8 +109,8 @@ class SamplingParams:
         _number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise InvalidParameter("top_k", f"must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise InvalidParameter("max_tokens", f"must be a positive integer or None, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
+            raise InvalidParameter("max_tokens", f"must be an integer >= 0 or None, got {self.max_tokens!r}")
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise InvalidParameter("seed", f"must be an integer, got {self.seed!r}")
@@ -132,6 +136,10 @@ class SamplingParams:
             )
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidParameter("logprobs", f"must be None or an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+                not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise InvalidParameter("prompt_logprobs",
+                                   f"must be None or an integer in 0..{MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
         if self.guided is not None and not isinstance(self.guided, Guidance):
             raise InvalidParameter("guided", f"must be a Guidance or None, got {type(self.guided).__name__}")
 

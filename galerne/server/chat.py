@@ -41,6 +41,7 @@ from ..tokenizer.toolcalls import ToolCallParser, ToolEvent
 from . import dialect as dialects
 from .auth import require_api_key
 from .dialect import Dialect
+from .logprobs import api_logprob, prompt_logprobs
 from .mistral.protocol import MistralChatCompletionRequest
 from .openai.protocol import OpenAIChatCompletionRequest
 from .protocol import ChatRequest, sampling_params
@@ -142,6 +143,7 @@ class ChatResponder(Responder):
         n = gen.params.n * len(gen.prompts)
         self.choices = [_Choice(i) for i in range(n)]
         self._unfinished = n
+        self.prompt_logprobs: list | None = None  # vLLM's field, at the top level (one prompt)
 
     # --- pieces
 
@@ -152,9 +154,10 @@ class ChatResponder(Responder):
         for j, t in enumerate(ids):
             top = (out.top_logprobs or [[]] * len(out.token_ids))[j][: self.top_logprobs]
             entries.append({
-                "token": tok.token_str(t), "logprob": out.logprobs[j], "bytes": list(tok.token_bytes(t)), "token_id": t,
-                "top_logprobs": [{"token": tok.token_str(a), "logprob": lp, "bytes": list(tok.token_bytes(a)), "token_id": a}
-                                 for a, lp in top],
+                "token": tok.token_str(t), "logprob": api_logprob(out.logprobs[j]), "bytes": list(tok.token_bytes(t)),
+                "token_id": t,
+                "top_logprobs": [{"token": tok.token_str(a), "logprob": api_logprob(lp), "bytes": list(tok.token_bytes(a)),
+                                  "token_id": a} for a, lp in top],
             })
         return entries
 
@@ -197,11 +200,17 @@ class ChatResponder(Responder):
         c.logprobs += logprobs
         content, tool_deltas = self._split(c, out, ids)
         chunks = []
+        first = None
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = prompt_logprobs(self.tokenizer, self.gen.prompts[0], out.prompt_logprobs)
+            first = self.prompt_logprobs
         if self.stream:
             if not c.started:
                 c.started = True
                 chunks.append(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "finish_reason": None, "logprobs": None}]))
+                if first is not None:
+                    chunks[-1]["prompt_logprobs"] = first
             delta: dict = {}
             if content:
                 delta["content"] = content
@@ -276,5 +285,8 @@ class ChatResponder(Responder):
                 message["tool_calls"] = calls
             choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                             "logprobs": {"content": c.logprobs} if self.top_logprobs is not None else None})
-        return {"id": self.gen.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+        out = {"id": self.gen.id, "object": self.object, "created": self.created, "model": self.model,
+               "choices": choices, "usage": self.usage()}
+        if self.gen.params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        return out

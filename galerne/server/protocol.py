@@ -124,6 +124,8 @@ class SamplingFields(Wire):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension: HF-style repetition penalty (1: off)")
     min_tokens: int | None = Field(None, ge=0, description="extension: tokens generated before EOS may end the answer")
     ignore_eos: bool | None = Field(None, description="extension: keep generating past the end-of-sequence token")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "extension (vLLM's): each prompt token's log-probability, rank and that many top alternatives"))
 
 
 def sampling_kwargs(req: SamplingFields, *, default_temperature: float | None = None, n: int | None = None,

@@ -75,7 +75,8 @@ class OpenAICompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="text, texts, token ids, or lists of token ids (one completion set each)")
     suffix: str | None = Field(None, description="text after the gap: the prompt becomes fill-in-the-middle")
-    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
+    max_tokens: int | None = Field(16, ge=0, description=(
+        "tokens to generate at most (OpenAI's default: 16); 0 with echo scores the prompt alone"))
     n: N
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
     seed: Seed

@@ -15,6 +15,7 @@ from ...errors import InvalidParameter
 from ..auth import require_api_key
 from ..chat import new_id
 from ..dialect import Dialect
+from ..logprobs import legacy, prompt_logprobs
 from ..mistral.routes import body_schema
 from ..protocol import sampling_params
 from ..serving import Generation, Responder, read_json, respond, validate
@@ -34,8 +35,11 @@ async def completions(request: Request) -> Response:
     model = server.check_model(req.model)
     tok = server.tokenizer
     kwargs = dict(req.sampling)
+    asked_prompt_logprobs = kwargs.get("prompt_logprobs") is not None
     if req.logprobs is not None:
         kwargs["logprobs"] = req.logprobs
+        if req.echo:  # the echoed prompt comes with its tokens' logprobs
+            kwargs["prompt_logprobs"] = max(req.logprobs, kwargs.get("prompt_logprobs") or 0)
     params = sampling_params(kwargs)
 
     def prepare() -> list[EngineRequest]:  # encoding and checking take CPU time: not on the event loop
@@ -52,15 +56,16 @@ async def completions(request: Request) -> Response:
     gen = Generation(server, await asyncio.to_thread(prepare), request_id=new_id(Dialect.OPENAI, "cmpl-"))
     echo = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts] if req.echo else None
     responder = TextResponder(server, gen, model=model, stream=req.stream, logprobs=req.logprobs,
-                              include_usage=req.include_usage, echo=echo)
+                              include_usage=req.include_usage, echo=echo, prompt_logprobs=asked_prompt_logprobs)
     return await respond(request, gen, responder, Dialect.OPENAI)
 
 
 class TextResponder(Responder):
     def __init__(self, server: ServerState, gen: Generation, *, model: str, stream: bool, logprobs: int | None,
-                 include_usage: bool, echo: list[str] | None):
+                 include_usage: bool, echo: list[str] | None, prompt_logprobs: bool = False):
         self.server, self.gen, self.model, self.stream = server, gen, model, stream
         self.logprobs, self.include_usage, self.echo = logprobs, include_usage, echo
+        self.want_prompt_logprobs = prompt_logprobs  # vLLM's field, per choice
         self.created = int(time.time())
         self.tokenizer = server.tokenizer
         n = gen.params.n * len(gen.prompts)
@@ -69,20 +74,27 @@ class TextResponder(Responder):
         self.finish: list[str | None] = [None] * n
         self._unfinished = n
         self.lp = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in range(n)]
+        self.prompt_lp: list[list | None] = [None] * n
 
-    def _logprobs(self, i: int, out: StepOutput) -> dict | None:
-        if self.logprobs is None or out.logprobs is None:
+    def _logprobs(self, i: int, out: StepOutput, first: bool) -> dict | None:
+        """This output's piece of the legacy logprobs object; the first one of an echo
+        starts with the prompt's tokens (the first with a null logprob)."""
+        if self.logprobs is None or out.logprobs is None and not (first and self.echo is not None):
             return None
-        tok, piece = self.tokenizer, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = len(self.text[i]) - len(out.text)
-        for j, t in enumerate(out.answer_token_ids):
-            s = tok.token_str(t)
-            piece["tokens"].append(s)
-            piece["token_logprobs"].append(out.logprobs[j])
-            top = (out.top_logprobs or [[]] * len(out.token_ids))[j][: self.logprobs]
-            piece["top_logprobs"].append({tok.token_str(a): lp for a, lp in top})
-            piece["text_offset"].append(offset)
-            offset += len(s)
+        tok = self.tokenizer
+        pieces = []
+        if first and self.echo is not None:
+            prompt = self.gen.prompts[i // self.gen.params.n]
+            entries = out.prompt_logprobs or [None] * len(prompt)
+            pieces.append(legacy(tok, prompt, [None if e is None else e.logprob for e in entries],
+                                 [None if e is None else e.top for e in entries], self.logprobs, 0))
+        if out.logprobs is not None:
+            ids = out.answer_token_ids
+            offset = len(self.text[i]) - len(out.text)
+            pieces.append(legacy(tok, ids, out.logprobs[: len(ids)], (out.top_logprobs or [[]] * len(ids))[: len(ids)],
+                                 self.logprobs, offset))
+        piece = {key: [v for p in pieces for v in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                       "text_offset")}
         for key, values in piece.items():
             self.lp[i][key] += values
         return piece
@@ -95,12 +107,17 @@ class TextResponder(Responder):
         return out
 
     def add(self, i: int, out: StepOutput) -> list[dict]:
-        text = out.text
-        if self.echo is not None and not self.started[i]:
+        text, first = out.text, not self.started[i]
+        if self.echo is not None and first:
             text = self.echo[i // self.gen.params.n] + text
         self.started[i] = True
         self.text[i] += text
-        logprobs = self._logprobs(i, out)
+        logprobs = self._logprobs(i, out, first)
+        extra = {}
+        if first and self.want_prompt_logprobs and out.prompt_logprobs is not None:
+            self.prompt_lp[i] = prompt_logprobs(self.tokenizer, self.gen.prompts[i // self.gen.params.n],
+                                                out.prompt_logprobs)
+            extra["prompt_logprobs"] = self.prompt_lp[i]
         if out.finish_reason is not None:
             self.finish[i] = "stop" if out.finish_reason == "abort" else out.finish_reason
         if out.finish_reason is not None:
@@ -109,7 +126,8 @@ class TextResponder(Responder):
             return []
         # Without include_usage (an extra chunk, in end()), the last chunk carries the usage.
         usage = self.usage() if self._unfinished == 0 and not self.include_usage else None
-        return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i]}], usage)]
+        return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i],
+                              **extra}], usage)]
 
     def usage(self) -> dict:
         g = self.gen
@@ -123,5 +141,8 @@ class TextResponder(Responder):
     def body(self) -> dict:
         choices = [{"index": i, "text": t, "finish_reason": self.finish[i],
                     "logprobs": self.lp[i] if self.logprobs is not None else None} for i, t in enumerate(self.text)]
+        if self.want_prompt_logprobs:
+            for c in choices:
+                c["prompt_logprobs"] = self.prompt_lp[c["index"]]
         return {"id": self.gen.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
