@@ -149,10 +149,14 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(ns: argparse.Namespace) -> int:
-    from .finetune.validate import validate_files
+    from .finetune.validate import check_limits, check_speed, validate_files
     from .tokenizer import Tokenizer
 
-    report = validate_files(ns.files, Tokenizer.from_path(ns.tokenizer), ns.seq_len, clean=ns.clean)
+    check_limits(ns.seq_len, ns.max_line_bytes)  # bad flags: said before the tokenizer loads
+    if ns.tokens_per_s is not None:
+        check_speed(ns.tokens_per_s)
+    report = validate_files(ns.files, Tokenizer.from_path(ns.tokenizer), ns.seq_len, clean=ns.clean,
+                            max_line_bytes=ns.max_line_bytes)
     for problem in report.problems:
         print(problem)
     print(report.summary(ns.tokens_per_s))
@@ -251,13 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(f)
     f.set_defaults(func=cmd_finetune)
 
+    from .finetune.validate import MAX_LINE_BYTES
+
     d = sub.add_parser("data", help="fine-tuning data tools").add_subparsers(dest="data_command", required=True)
     dv = d.add_parser("validate", parents=[common], help="check JSONL training files (mistral-finetune formats)")
     dv.add_argument("files", nargs="+", help="JSONL files")
     dv.add_argument("--tokenizer", required=True, help="tokenizer file or model folder")
     dv.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
-    dv.add_argument("--clean", default=None, help="write the valid lines, unchanged, to this file")
+    dv.add_argument("--clean", default=None, help="write the valid lines, unchanged, to this file (not one of "
+                                                  "the inputs; replaced only once every input is read)")
     dv.add_argument("--tokens-per-s", type=float, default=None, help="training speed, for an ETA")
+    dv.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                    help=f"longest line read; a longer one is reported, not read (default {MAX_LINE_BYTES})")
     dv.set_defaults(func=cmd_data_validate)
     return p
 
