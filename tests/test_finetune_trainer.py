@@ -270,3 +270,78 @@ def test_ctrl_c_on_the_command(tiny, data, tmp_path):
     ckpt = run_dir / "checkpoints" / f"checkpoint_{steps[-1]:06d}"
     assert ckpt.is_dir() and f"interrupted after step {steps[-1]}" in err and "Traceback" not in err
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps[-1]
+
+
+def test_cuda_where_there_is_none_is_a_one_line_error(tiny, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yaml = tmp_path / "c.yaml"
+    run_dir = tmp_path / "run"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\ndevice: cuda\nseq_len: 64\n"
+                    f"data:\n  instruct_data: {data / 'train.jsonl'}\n")
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("galerne: error: device: cuda: CUDA is not available (") and err.count("\n") == 1
+    assert err.endswith("; use device: cpu, or auto\n")
+    assert not run_dir.exists()
+
+
+class _RunsCode:
+    """Unpickled by a full torch.load, this would remove ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.remove, (self.path,))
+
+
+def test_the_reason_of_a_weights_only_refusal():
+    from galerne.finetune.trainer import _unpickler_reason
+
+    # the two shapes of torch's message (a global not allowlisted; a blocked module)
+    assert _unpickler_reason(
+        "Weights only load failed. This file can still be loaded, to do so you have two options. \n\t(1) In PyTorch "
+        "2.6, we changed the default.\n\t(2) Alternatively, to load with `weights_only=True` please check.\n\t"
+        "WeightsUnpickler error: Unsupported global: GLOBAL x.Foo was not an allowed global by default. Please use "
+        "`torch.serialization.add_safe_globals([x.Foo])`.\n\nCheck the documentation of torch.load to learn more."
+    ) == "Unsupported global: GLOBAL x.Foo was not an allowed global by default"
+    assert _unpickler_reason(
+        "Weights only load failed. In PyTorch 2.6, we changed the default.\n\n\nTrying to load unsupported GLOBAL "
+        "posix.remove whose module posix is blocked.\n\nCheck the documentation of torch.load to learn more."
+    ) == "Trying to load unsupported GLOBAL posix.remove whose module posix is blocked"
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_weights_only(tiny, data, tmp_path, capsys):
+    over = dict(max_steps=3, data={"eval_instruct_data": ""})
+
+    def stop_at_1(row):
+        if row["step"] == 1:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    first = train(make_config(tiny, data, run_dir, **over), on_log=stop_at_1)
+    state = torch.load(first.checkpoint / "optimizer.pt", weights_only=True)
+    marker = tmp_path / "marker"
+    marker.write_text("still here")
+    torch.save({**state, "extra": _RunsCode(marker)}, first.checkpoint / "optimizer.pt")
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, **over), resume=True)
+    message = str(e.value)
+    assert message.startswith(f"{first.checkpoint / 'optimizer.pt'}: --resume: refused: not a weights-only file (")
+    assert message.endswith("); galerne loads checkpoints with torch.load(weights_only=True), which runs no code from a file")
+    assert "GLOBAL posix.remove" in message and "\n" not in message  # torch's reason, without its advice
+    assert marker.read_text() == "still here"  # nothing in the file ran
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\nseq_len: 64\nmax_steps: 3\nlora:\n  rank: 4\n"
+                    f"optim:\n  lr: 1.e-2\n  pct_start: 0.2\ndata:\n  instruct_data: {data / 'train.jsonl'}\n")
+    torch.save(state, first.checkpoint / "optimizer.pt")
+    (first.checkpoint / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"galerne: error: {first.checkpoint / 'trainer_state.pt'}: --resume: cannot read: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    (first.checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="trainer_state.json: --resume: cannot read: no number 'step'"):
+        train(make_config(tiny, data, run_dir, **over), resume=True)

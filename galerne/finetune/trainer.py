@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -56,7 +57,7 @@ from galerne.finetune.train import (
     make_optimizer,
     optimizer_step,
 )
-from galerne.finetune.validate import Problem, check_file
+from galerne.finetune.validate import MAX_LINE_BYTES, Problem, check_file
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,20 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def check_device(device: str) -> None:
+    """A CUDA device asked for where there is none is a one-line ConfigError (not torch's
+    assertion from deep inside the first transfer)."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"device: {device}: CUDA is not available ({why}); use device: cpu, or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device}: there are {torch.cuda.device_count()} GPU(s) visible (cuda:0 "
+                          f"to cuda:{torch.cuda.device_count() - 1})")
+
+
 def _device(cfg: FinetuneConfig, d: Dist) -> torch.device:
     from galerne.weights.loader import resolve_device
 
@@ -149,21 +164,22 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype, 
 # --------------------------------------------------------------------------- data
 
 
-def read_source(path: str, tokenizer, seq_len: int) -> tuple[list[Sample], list[Problem]]:
+def read_source(path: str, tokenizer, seq_len: int, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[Sample], list[Problem]]:
     """The samples of one JSONL file, checked as ``galerne data validate`` checks them."""
     samples: list[Sample] = []
     problems: list[Problem] = []
-    for _, sample in check_file(path, tokenizer, seq_len):
+    for _, sample in check_file(path, tokenizer, seq_len, max_line_bytes=max_line_bytes):
         (problems if isinstance(sample, Problem) else samples).append(sample)
     return samples, problems
 
 
-def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines: bool) -> tuple[list[tuple[float, list[Sample]]], int]:
+def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines: bool,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[tuple[float, list[Sample]]], int]:
     """[(weight, samples)] of each source of ``spec``, and the count of skipped lines.
     Bad lines are an error listing them (``file:line: reason``) unless ``skip_bad_lines``."""
     out, problems = [], []
     for src in parse_sources(spec, key):
-        samples, bad = read_source(src.path, tokenizer, seq_len)
+        samples, bad = read_source(src.path, tokenizer, seq_len, max_line_bytes)
         problems += bad
         out.append((src, samples))
     if problems and not skip_bad_lines:
@@ -303,6 +319,51 @@ def find_checkpoint(run_dir: Path, resume: str | Path | bool | None) -> Path | N
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_pt(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, no code
+    run from the file. A file it refuses is refused here, with torch's reason."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        raise ConfigError(f"--resume: refused: not a weights-only file ({reason}); galerne loads checkpoints "
+                          "with torch.load(weights_only=True), which runs no code from a file", path=str(path)) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise ConfigError(f"--resume: cannot read: {_first_line(e)}", path=str(path)) from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its message
+    wraps it in paragraphs of advice, which vary between torch versions)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", message)
+    if found:
+        return found.group(1).strip().rstrip(".")
+    advice = ("Weights only load failed", "Check the documentation", "Please file", "(1)", "(2)")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(advice)]
+    return (useful or lines or ["refused"])[0].rstrip(".")
+
+
+def _read_state_json(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        for key in ("step", "sequences", "tokens", "elapsed"):
+            if not isinstance(info.get(key), (int, float)):
+                raise ValueError(f"no number {key!r}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read: {_first_line(e)}", path=str(path)) from None
+    return info
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -404,18 +465,23 @@ class Run:
 
     # -- loading
     def load_checkpoint(self, folder: Path) -> None:
-        info = json.loads((folder / "trainer_state.json").read_text())
+        """Restore the run from ``folder``. A file that is not what galerne writes there (a
+        pickle that ``torch.load(weights_only=True)`` refuses, a truncated file, other keys) is
+        a ConfigError naming it, before any training."""
+        info = _read_state_json(folder / "trainer_state.json")
         self._check_resume_config(folder)
         self._load_weights(folder)
+        opt_state = _load_pt(folder / "optimizer.pt")
+        state = _load_pt(folder / "trainer_state.pt")
         try:
-            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--resume: cannot read the checkpoint's optimizer/trainer state: {e}", path=str(folder)) from None
-        self.sched.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
-        self.progress = Progress(info["step"], info["sequences"], info["tokens"], info["elapsed"])
+            self.opt.load_state_dict(opt_state)
+            self.sched.load_state_dict(state["scheduler"])
+            rngs = state["rng"]
+            _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--resume: the optimizer or trainer state does not fit this run: {_first_line(e)}",
+                              path=str(folder)) from None
+        self.progress = Progress(*(info[k] for k in ("step", "sequences", "tokens", "elapsed")))
         self.last_checkpoint = folder
 
     def _check_resume_config(self, folder: Path) -> None:
@@ -548,6 +614,7 @@ def train(
     from galerne.weights.loader import resolve_model_path
 
     cfg.require_paths()
+    check_device(cfg.device)
     d = init_distributed(cfg.device)
     device = _device(cfg, d)
     run_dir = Path(cfg.run_dir)
@@ -644,13 +711,14 @@ def load_data(cfg: FinetuneConfig, tokenizer, pad_id: int) -> tuple[list[tuple[f
     sources, skipped = [], 0
     for key, spec in (("data.instruct_data", cfg.data.instruct_data), ("data.data", cfg.data.data)):
         if spec:
-            found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines)
+            found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines,
+                                      max_line_bytes=cfg.data.max_line_bytes)
             sources += found
             skipped += bad
     eval_batches: list[PackedBatch] = []
     if cfg.data.eval_instruct_data:
         found, bad = load_sources(cfg.data.eval_instruct_data, "data.eval_instruct_data", tokenizer, cfg.seq_len,
-                                  skip_bad_lines=cfg.skip_bad_lines)
+                                  skip_bad_lines=cfg.skip_bad_lines, max_line_bytes=cfg.data.max_line_bytes)
         eval_batches = pack([s for _, group in found for s in group], cfg.seq_len, pad_id=pad_id)
         skipped += bad
     if skipped:
