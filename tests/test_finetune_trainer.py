@@ -345,3 +345,86 @@ def test_resume_refuses_a_checkpoint_that_is_not_weights_only(tiny, data, tmp_pa
     (first.checkpoint / "trainer_state.json").write_text("{}")
     with pytest.raises(ConfigError, match="trainer_state.json: --resume: cannot read: no number 'step'"):
         train(make_config(tiny, data, run_dir, **over), resume=True)
+
+
+# --------------------------------------------------------------------------- run_dir: only what the run wrote
+
+
+def _tree(root):
+    """Every path under ``root``, relative, folders with a trailing /."""
+    return sorted(p.relative_to(root).as_posix() + ("/" if p.is_dir() and not p.is_symlink() else "")
+                  for p in root.rglob("*"))
+
+
+def test_a_run_starts_only_in_a_new_or_empty_folder(tiny, data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("# my own config, with comments\n")
+    (run_dir / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, max_steps=1))
+    assert str(e.value) == (f"run_dir: {run_dir} is not empty (config.yaml, notes.txt) and holds no galerne run "
+                            "(galerne_run.json): choose a new or empty folder (a run never writes over files it did not create)")
+    assert _tree(run_dir) == ["config.yaml", "notes.txt"] and (run_dir / "config.yaml").read_text().startswith("# my own")
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\nseq_len: 64\ndata:\n  instruct_data: {data / 'train.jsonl'}\n")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"galerne: error: run_dir: {run_dir} is not empty") and err.count("\n") == 1
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = train(make_config(tiny, data, empty, max_steps=1, data={"eval_instruct_data": ""}))
+    assert result.step == 1 and (empty / "adapter" / "lora.safetensors").is_file()
+    # The manifest lists every file and folder of the run, and nothing else.
+    manifest = json.loads((empty / "galerne_run.json").read_text())["entries"]
+    assert sorted(k + ("/" if v == "dir" else "") for k, v in manifest.items()) == [
+        p for p in _tree(empty) if p != "galerne_run.json"]
+
+    # A run that produced something is not started over.
+    with pytest.raises(ConfigError, match="already holds a run .*it has no checkpoint to resume from: delete the folder"):
+        train(make_config(tiny, data, empty, max_steps=1, data={"eval_instruct_data": ""}))
+
+
+def test_a_symlinked_adapter_is_not_written_through(tiny, data, tmp_path):
+    run_dir = tmp_path / "run"
+    over = dict(max_steps=1, ckpt_freq=1, data={"eval_instruct_data": ""})
+    train(make_config(tiny, data, run_dir, **over))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "adapter_model.safetensors").write_bytes(b"the user's precious adapter")
+    for f in (run_dir / "adapter").iterdir():
+        f.unlink()
+    (run_dir / "adapter").rmdir()
+    (run_dir / "adapter").symlink_to(elsewhere)
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, **{**over, "max_steps": 2}), resume=True)
+    assert str(e.value) == (f"run_dir: {run_dir} holds adapter, which no galerne run wrote (or a link now stands in "
+                            "place of what it wrote): move it out of the run folder")
+    assert _tree(elsewhere) == ["adapter_model.safetensors"]
+    assert (elsewhere / "adapter_model.safetensors").read_bytes() == b"the user's precious adapter"
+    (run_dir / "adapter").unlink()  # with the link gone, the run resumes and writes its own adapter
+    assert train(make_config(tiny, data, run_dir, **{**over, "max_steps": 2}), resume=True).step == 2
+    assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lora.safetensors"]
+    assert _tree(elsewhere) == ["adapter_model.safetensors"]
+
+
+def test_checkpoint_rotation_removes_only_what_the_run_wrote(tiny, data, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+
+    def add_notes(row):
+        if row["step"] == 2:  # checkpoint_000001 exists; the next save rotates it out
+            (run_dir / "checkpoints" / "checkpoint_000001" / "notes.txt").write_text("why step 1 looked odd\n")
+
+    cfg = make_config(tiny, data, run_dir, max_steps=3, ckpt_freq=1, num_ckpt_keep=1, data={"eval_instruct_data": ""})
+    with caplog.at_level("WARNING", logger="galerne"):
+        train(cfg, on_log=add_notes)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_000001", "checkpoint_000003"]
+    assert os.listdir(run_dir / "checkpoints" / "checkpoint_000001") == ["notes.txt"]  # the run's files went
+    assert f"kept {run_dir / 'checkpoints' / 'checkpoint_000001'}: it holds files no galerne run wrote" in caplog.text
+    # Resuming, the stranger is named before anything runs.
+    with pytest.raises(ConfigError, match="holds checkpoints/checkpoint_000001/, which no galerne run wrote"):
+        train(cfg, resume=True)

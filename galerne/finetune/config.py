@@ -163,10 +163,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def dump_config(cfg: FinetuneConfig, path: str | Path) -> None:
+def config_yaml(cfg: FinetuneConfig) -> str:
+    """``cfg`` as a YAML config file that ``load_config`` reads back."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- data sources

@@ -24,7 +24,10 @@ Run folder (``run_dir``), written by process 0 only:
 * ``adapter/``: the final LoRA adapter in PEFT's layout (``adapter_config.json`` +
   ``adapter_model.safetensors``) and Mistral's (``lora.safetensors``); or ``model/``, the
   full fine-tuned model in the base's layout, when ``lora.enable`` is false;
-* ``tb/``: TensorBoard events, only when ``tensorboard`` is installed.
+* ``tb/``: TensorBoard events, only when ``tensorboard`` is installed;
+* ``galerne_run.json``: the manifest of every file and folder the run created
+  (:class:`~galerne.finetune.files.RunDir`): a run starts only in a new or empty folder, or
+  resumes its own, and removes or replaces nothing but what it listed there.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import threading
 import time
@@ -47,9 +49,10 @@ import torch
 from torch import nn
 
 from galerne.errors import ConfigError
-from galerne.finetune.config import FinetuneConfig, dump_config, parse_sources
+from galerne.finetune.config import FinetuneConfig, config_yaml, parse_sources
 from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
 from galerne.finetune.evaluate import loss_sums
+from galerne.finetune.files import RunDir
 from galerne.finetune.evaluate import result as eval_result
 from galerne.finetune.train import (
     batch_loss,
@@ -65,6 +68,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+CONFIG = "config.yaml"
+TENSORBOARD = "tb"
+# What a run writes in run_dir; the first four mean it produced something.
+_RESULTS = (METRICS, CHECKPOINTS, ADAPTER_DIR, MODEL_DIR)
+_OUTPUTS = (*_RESULTS, CONFIG, TENSORBOARD)
 _CKPT_PREFIX = "checkpoint_"
 _SHOWN_PROBLEMS = 20
 # Keys a resumed run must share with the checkpoint's run (else its data position,
@@ -395,9 +403,9 @@ class Progress:
 class Run:
     """One training run's state and outputs."""
 
-    def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: Path, base: Path, model: nn.Module, ckpt_info,
+    def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: RunDir, base: Path, model: nn.Module, ckpt_info,
                  opt: torch.optim.Optimizer, sched):
-        self.cfg, self.d, self.run_dir, self.base = cfg, d, run_dir, base
+        self.cfg, self.d, self.dir, self.run_dir, self.base = cfg, d, run_dir, run_dir.path, base
         self.model, self.ckpt_info, self.opt, self.sched = model, ckpt_info, opt, sched
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
@@ -413,26 +421,27 @@ class Run:
         if not self.d.main:
             return None
         p = self.progress
-        root = self.run_dir / CHECKPOINTS
-        final = root / f"{_CKPT_PREFIX}{p.step:06d}"
-        tmp = root / f".tmp_{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._save_weights(tmp)
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
-        info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
-                "world_size": self.d.world, "lora": self.cfg.lora.enable}
-        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
-        dump_config(self.cfg, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.run_dir)[:-self.cfg.num_ckpt_keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.last_checkpoint = final
-        log.info("saved checkpoint %s", final)
-        return final
+        rel = f"{CHECKPOINTS}/{_CKPT_PREFIX}{p.step:06d}"
+        with self.dir.staged(rel) as tmp:  # written aside, then renamed
+            self._save_weights(tmp)
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
+            info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
+                    "world_size": self.d.world, "lora": self.cfg.lora.enable}
+            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / CONFIG).write_text(config_yaml(self.cfg))
+        for old in self._own_checkpoints()[:-self.cfg.num_ckpt_keep]:
+            self.dir.remove(old)
+        self.last_checkpoint = self.run_dir / rel
+        log.info("saved checkpoint %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    def _own_checkpoints(self) -> list[str]:
+        """The checkpoints this run (or the run it resumes) wrote, oldest first."""
+        prefix = f"{CHECKPOINTS}/{_CKPT_PREFIX}"
+        found = [k for k, kind in self.dir.entries.items()
+                 if kind == "dir" and k.startswith(prefix) and k[len(prefix):].isdigit() and self.dir.exists(k)]
+        return sorted(found, key=lambda k: int(k[len(prefix):]))
 
     def _save_weights(self, folder: Path) -> None:
         from galerne.weights.adapters import save_mistral_adapter
@@ -449,19 +458,17 @@ class Run:
         if self.cfg.lora.enable:
             from galerne.weights.adapters import save_mistral_adapter, save_peft_adapter
 
-            out = self.run_dir / ADAPTER_DIR
-            shutil.rmtree(out, ignore_errors=True)
-            save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
-            save_mistral_adapter(self.model, out)
-            return out
+            with self.dir.staged(ADAPTER_DIR) as out:
+                save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
+                save_mistral_adapter(self.model, out)
+            return self.run_dir / ADAPTER_DIR
         from galerne.weights.export import save_model
 
-        out = self.run_dir / MODEL_DIR
-        shutil.rmtree(out, ignore_errors=True)
         stored = next(t for _, _, t in self.ckpt_info.tensors(meta=True)).dtype  # the base's dtype
-        save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
-                   dtype=str(stored).removeprefix("torch."))
-        return out
+        with self.dir.staged(MODEL_DIR) as out:
+            save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
+                       dtype=str(stored).removeprefix("torch."))
+        return self.run_dir / MODEL_DIR
 
     # -- loading
     def load_checkpoint(self, folder: Path) -> None:
@@ -517,22 +524,24 @@ class Run:
 class Metrics:
     """metrics.jsonl (+ TensorBoard when installed), process 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, run_dir: RunDir, enabled: bool, resume_step: int | None):
         self.enabled = enabled
-        self.path = run_dir / METRICS
+        self.dir = run_dir
+        self.path = run_dir.path / METRICS
         self.tb = None
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
             keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            run_dir.write_text(METRICS, "".join(line + "\n" for line in keep))
+        run_dir.claim(METRICS, "file")
         try:
             import tensorboard  # noqa: F401
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:
-            pass
+            return
+        self.tb = SummaryWriter(str(run_dir.mkdir(TENSORBOARD)))
+        run_dir.claim_new_files(TENSORBOARD)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -547,6 +556,7 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.dir.claim_new_files(TENSORBOARD)
 
 
 class StopRequest:
@@ -575,14 +585,6 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _check_run_dir(run_dir: Path, resuming: bool) -> None:
-    if resuming:
-        return
-    if (run_dir / METRICS).exists() or checkpoint_dirs(run_dir):
-        raise ConfigError(f"run_dir: {run_dir} already holds a run (metrics.jsonl or checkpoints): "
-                          "pass --resume to continue it, or choose another run_dir")
 
 
 def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None) -> dict[str, float]:
@@ -617,9 +619,11 @@ def train(
     check_device(cfg.device)
     d = init_distributed(cfg.device)
     device = _device(cfg, d)
-    run_dir = Path(cfg.run_dir)
-    resume_from = find_checkpoint(run_dir, resume)
-    _check_run_dir(run_dir, resume_from is not None)
+    run_dir = RunDir(cfg.run_dir)
+    resume_from = find_checkpoint(run_dir.path, resume)
+    if d.main:  # the only process that writes there
+        run_dir.check(resuming=resume_from is not None, results=_RESULTS, strict=_OUTPUTS,
+                      has_checkpoint=bool(checkpoint_dirs(run_dir.path)))
     base = resolve_model_path(cfg.model_id_or_path)
     tokenizer = Tokenizer.from_path(base)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # padding has weight 0 anyway
@@ -635,12 +639,12 @@ def train(
     if resume_from is not None:
         run.load_checkpoint(resume_from)
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        run_dir.open()
+        run_dir.write_text(CONFIG, config_yaml(cfg))
 
     loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None)
     p = run.progress
-    result = TrainResult(run_dir, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
+    result = TrainResult(run_dir.path, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
     metrics = Metrics(run_dir, d.main, p.step if resume_from is not None else None)
     stream = sequence_stream(sources, cfg, pad_id)
     for _ in range(p.sequences):  # data position: continue with exactly the next batch
