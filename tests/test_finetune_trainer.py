@@ -406,7 +406,10 @@ def test_a_symlinked_adapter_is_not_written_through(tiny, data, tmp_path):
     assert _tree(elsewhere) == ["adapter_model.safetensors"]
     assert (elsewhere / "adapter_model.safetensors").read_bytes() == b"the user's precious adapter"
     (run_dir / "adapter").unlink()  # with the link gone, the run resumes and writes its own adapter
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a line cut short by a kill
     assert train(make_config(tiny, data, run_dir, **{**over, "max_steps": 2}), resume=True).step == 2
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "lora.safetensors"]
     assert _tree(elsewhere) == ["adapter_model.safetensors"]

@@ -532,8 +532,7 @@ class Metrics:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            run_dir.write_text(METRICS, "".join(line + "\n" for line in keep))
+            run_dir.write_text(METRICS, "".join(line + "\n" for line in _rows_until(self.path, resume_step)))
         run_dir.claim(METRICS, "file")
         try:
             import tensorboard  # noqa: F401
@@ -557,6 +556,23 @@ class Metrics:
         if self.tb is not None:
             self.tb.close()
             self.dir.claim_new_files(TENSORBOARD)
+
+
+def _rows_until(path: Path, step: int) -> list[str]:
+    """The lines of a metrics file up to ``step``; a line cut short (the run was killed
+    while writing it) is dropped, with a warning."""
+    keep, cut = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            cut += bool(line.strip())
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    if cut:
+        log.warning("%s: dropped %d unreadable line(s) (a run killed while writing them)", path, cut)
+    return keep
 
 
 class StopRequest:
