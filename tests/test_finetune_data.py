@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import TOKENIZERS, V3_TOKENIZER
@@ -329,3 +330,27 @@ def test_sizes_and_speeds_must_be_positive(tmp_path, capsys, flag, value):
     kind = "number" if flag == "--tokens-per-s" else "integer"
     assert err == f"galerne: error: {flag}: must be a positive {kind}, got {float(value) if kind == 'number' else value}\n"
     assert not (tmp_path / "clean.jsonl").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to fill")
+    src = tmp_path / "train.jsonl"
+    src.write_text(GOOD + "\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    real = tempfile.mkstemp
+
+    def on_a_full_disk(*a, **kw):  # every write fails with ENOSPC, as on a full disk
+        fd, name = real(*a, **kw)
+        device = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(device, fd)
+        os.close(device)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", on_a_full_disk)
+    code, out, err = _validate(capsys, src, "--clean", full / "clean.jsonl")
+    assert code == 1 and err == f"galerne: error: --clean {full / 'clean.jsonl'}: cannot write: No space left on device\n"
+    assert list(full.iterdir()) == []

@@ -89,18 +89,21 @@ def validate_files(
     if clean is not None:
         _check_output(Path(clean), paths)
     report = Report()
-    with atomic_write(clean) if clean is not None else contextlib.nullcontext() as out:
-        for path in paths:
-            for raw, sample in check_file(path, tokenizer, seq_len, max_line_bytes=max_line_bytes):
-                report.lines += 1
-                if isinstance(sample, Problem):
-                    report.problems.append(sample)
-                    continue
-                report.samples += 1
-                report.tokens += len(sample.tokens)
-                report.trained_tokens += sample.trained_tokens
-                if out is not None:
-                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+    try:
+        with atomic_write(clean) if clean is not None else contextlib.nullcontext() as out:
+            for path in paths:
+                for raw, sample in check_file(path, tokenizer, seq_len, max_line_bytes=max_line_bytes):
+                    report.lines += 1
+                    if isinstance(sample, Problem):
+                        report.problems.append(sample)
+                        continue
+                    report.samples += 1
+                    report.tokens += len(sample.tokens)
+                    report.trained_tokens += sample.trained_tokens
+                    if out is not None:
+                        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+    except OSError as e:  # reading errors are DataErrors of their file: this is the output's
+        raise DataError(f"--clean {clean}: cannot write: {e.strerror or e}") from None
     return report
 
 
@@ -137,7 +140,7 @@ def check_file(path: str | Path, tokenizer, seq_len: int, *,
     except OSError as e:
         raise DataError(f"cannot read: {e.strerror}", path=str(path)) from None
     with f:
-        for n, (raw, size) in enumerate(_lines(f, max_line_bytes), start=1):
+        for n, (raw, size) in enumerate(_read(f, path, max_line_bytes), start=1):
             if raw is None:
                 yield b"", Problem(str(path), n, f"line of {size} bytes, over the limit of {max_line_bytes} "
                                                  "(max_line_bytes): not read")
@@ -146,6 +149,13 @@ def check_file(path: str | Path, tokenizer, seq_len: int, *,
                 yield raw, _check_line(raw, tokenizer, seq_len)
             except DataError as e:
                 yield raw, Problem(str(path), n, e.reason)
+
+
+def _read(f, path, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    try:
+        yield from _lines(f, limit)
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", path=str(path)) from None
 
 
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
