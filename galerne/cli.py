@@ -190,7 +190,10 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     from .finetune.trainer import train
 
     cfg = load_config(ns.config, overrides_from_args(ns))
-    result = train(cfg, resume=ns.resume)
+    try:
+        result = train(cfg, resume=ns.resume)
+    except OSError as e:  # a file that cannot be written or read (a full disk, a file where a folder goes)
+        raise GalerneError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
     if result.skipped_lines:

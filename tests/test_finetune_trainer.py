@@ -431,3 +431,14 @@ def test_checkpoint_rotation_removes_only_what_the_run_wrote(tiny, data, tmp_pat
     # Resuming, the stranger is named before anything runs.
     with pytest.raises(ConfigError, match="holds checkpoints/checkpoint_000001/, which no galerne run wrote"):
         train(cfg, resume=True)
+
+
+def test_a_run_dir_that_cannot_be_made_is_a_one_line_error(tiny, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {tmp_path / 'afile' / 'run'}\nseq_len: 64\nmax_steps: 1\n"
+                    f"data:\n  instruct_data: {data / 'train.jsonl'}\n")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"galerne: error: {tmp_path / 'afile' / 'run'}: Not a directory\n"
