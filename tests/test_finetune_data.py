@@ -351,6 +351,6 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypa
         return fd, name
 
     monkeypatch.setattr(tempfile, "mkstemp", on_a_full_disk)
-    code, out, err = _validate(capsys, src, "--clean", full / "clean.jsonl")
+    code, _, err = _validate(capsys, src, "--clean", full / "clean.jsonl")
     assert code == 1 and err == f"galerne: error: --clean {full / 'clean.jsonl'}: cannot write: No space left on device\n"
     assert list(full.iterdir()) == []

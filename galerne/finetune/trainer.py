@@ -52,8 +52,8 @@ from galerne.errors import ConfigError
 from galerne.finetune.config import FinetuneConfig, config_yaml, parse_sources
 from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
 from galerne.finetune.evaluate import loss_sums
-from galerne.finetune.files import RunDir
 from galerne.finetune.evaluate import result as eval_result
+from galerne.finetune.files import RunDir
 from galerne.finetune.train import (
     batch_loss,
     checkpoint_blocks,

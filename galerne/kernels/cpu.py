@@ -92,7 +92,7 @@ def load():
         return ext
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler() -> tuple[str, str]:
     """(path, version line) of the C++ compiler torch's build uses ($CXX, or c++)."""
     name = os.environ.get("CXX", "c++")
@@ -100,7 +100,7 @@ def _compiler() -> tuple[str, str]:
     if path is None:
         raise RuntimeError(f"no C++ compiler: {name} is not on PATH")
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C++ compiler {path} does not run: {e}") from None
     return os.path.realpath(path), (out.strip().splitlines() or ["?"])[0]
