@@ -149,10 +149,14 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(ns: argparse.Namespace) -> int:
-    from .finetune.validate import validate_files
+    from .finetune.validate import check_limits, check_speed, validate_files
     from .tokenizer import Tokenizer
 
-    report = validate_files(ns.files, Tokenizer.from_path(ns.tokenizer), ns.seq_len, clean=ns.clean)
+    check_limits(ns.seq_len, ns.max_line_bytes)  # bad flags: said before the tokenizer loads
+    if ns.tokens_per_s is not None:
+        check_speed(ns.tokens_per_s)
+    report = validate_files(ns.files, Tokenizer.from_path(ns.tokenizer), ns.seq_len, clean=ns.clean,
+                            max_line_bytes=ns.max_line_bytes)
     for problem in report.problems:
         print(problem)
     print(report.summary(ns.tokens_per_s))
@@ -186,7 +190,10 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     from .finetune.trainer import train
 
     cfg = load_config(ns.config, overrides_from_args(ns))
-    result = train(cfg, resume=ns.resume)
+    try:
+        result = train(cfg, resume=ns.resume)
+    except OSError as e:  # a file that cannot be written or read (a full disk, a file where a folder goes)
+        raise GalerneError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
     if result.skipped_lines:
@@ -251,13 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(f)
     f.set_defaults(func=cmd_finetune)
 
+    from .finetune.validate import MAX_LINE_BYTES
+
     d = sub.add_parser("data", help="fine-tuning data tools").add_subparsers(dest="data_command", required=True)
     dv = d.add_parser("validate", parents=[common], help="check JSONL training files (mistral-finetune formats)")
     dv.add_argument("files", nargs="+", help="JSONL files")
     dv.add_argument("--tokenizer", required=True, help="tokenizer file or model folder")
     dv.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
-    dv.add_argument("--clean", default=None, help="write the valid lines, unchanged, to this file")
+    dv.add_argument("--clean", default=None, help="write the valid lines, unchanged, to this file (not one of "
+                                                  "the inputs; replaced only once every input is read)")
     dv.add_argument("--tokens-per-s", type=float, default=None, help="training speed, for an ETA")
+    dv.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                    help=f"longest line read; a longer one is reported, not read (default {MAX_LINE_BYTES})")
     dv.set_defaults(func=cmd_data_validate)
     return p
 

@@ -10,8 +10,16 @@ different lengths over shuffled blocks.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
 
 import pytest
 import torch
@@ -166,3 +174,121 @@ def test_models_it_cannot_run_use_the_torch_path(tiny_factory):
     llm = LLM(folder, device="cpu")
     assert cpu_kernels.unsupported(llm.model, torch.float32) == "mixture-of-experts layers"
     assert llm.engine.runner.cpu_decoder is None
+
+
+# ------------------------------------------------------------------ building: cache key, lock
+
+
+def test_the_cache_key_covers_what_the_binary_depends_on(monkeypatch):
+    sig = cpu_kernels.signature()
+    assert torch.__version__ in sig["torch"] and torch.version.git_version in sig["torch"]
+    assert sig["torch_path"] == os.path.realpath(os.path.dirname(torch.__file__))
+    assert sig["python"].endswith(sysconfig.get_config_var("EXT_SUFFIX"))
+    assert sig["compiler"].startswith(os.path.realpath(shutil.which(os.environ.get("CXX", "c++"))) + " (")
+    assert "-march=native" in sig["flags"] and sig["cpu"].startswith(platform.machine())
+    here = cpu_kernels.kernel_folder()
+    assert cpu_kernels.load() is not None and cpu_kernels.kernel_folder() == here  # a build changes nothing of it
+    assert json.loads((here / "signature.json").read_text()) == sig  # what the folder's binary was built from
+    assert cpu_kernels.kernel_folder("x86-64-v3") != here
+    with monkeypatch.context() as m:  # another environment's torch (a second venv): its own folder
+        m.setattr(torch, "__file__", "/elsewhere/venv/lib/python3.11/site-packages/torch/__init__.py")
+        assert cpu_kernels.kernel_folder() != here
+    with monkeypatch.context() as m:
+        m.setattr(torch.version, "git_version", "0" * 40)  # another build of the same torch version
+        assert cpu_kernels.kernel_folder() != here
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "_compiler", lambda: ("/usr/bin/clang++", "clang version 17"))
+        assert cpu_kernels.kernel_folder() != here
+    assert cpu_kernels.kernel_folder() == here
+
+
+def _python(code: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _hold_build_lock(folder):
+    """Another process that holds the build lock of ``folder`` (as a build in progress does)."""
+    holder = _python("import time\nfrom filelock import FileLock\n"
+                     f"lock = FileLock({str(folder / 'build.lock')!r})\nlock.acquire()\nprint('held', flush=True)\n"
+                     "time.sleep(600)")
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_lock_left_by_a_build_killed_halfway_does_not_stop_the_next():
+    folder = cpu_kernels.kernel_folder()
+    baton = folder / "lock"  # torch's own lock file, which a killed build leaves and later ones waited on forever
+    baton.touch()
+    try:
+        proc = _python("import logging; logging.basicConfig()\nfrom galerne.kernels import cpu\n"
+                       "assert cpu.load() is not None")
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        assert not baton.exists()
+    finally:
+        baton.unlink(missing_ok=True)
+
+
+def test_waiting_for_another_build_is_said_and_time_limited(monkeypatch, caplog):
+    folder = cpu_kernels.kernel_folder()
+    holder = _hold_build_lock(folder)
+    try:
+        monkeypatch.setattr(cpu_kernels, "_built", {})
+        monkeypatch.setattr(cpu_kernels, "BUILD_WAIT_S", 1.0)
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="galerne"):
+            assert cpu_kernels.load() is None  # the wait ran out: decode with torch ops
+        assert time.monotonic() - start < 10
+        assert f"waiting for another build of galerne's CPU decode kernel in {folder} (up to 1 s; Ctrl-C stops)" in caplog.text
+        assert (f"CPU decode kernel unavailable (another process has been building it for more than 1 s (it holds "
+                f"{folder / 'build.lock'})); decoding with torch ops") in caplog.text
+    finally:
+        holder.kill()  # a build killed: its lock goes with it
+        holder.wait()
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="galerne"):
+        assert cpu_kernels.load() is not None
+    assert caplog.text == ""  # neither waiting nor compiling: found in the cache
+
+
+def test_ctrl_c_stops_the_wait():
+    holder = _hold_build_lock(cpu_kernels.kernel_folder())
+    proc = _python("from galerne.cli import main\nraise SystemExit(main(['generate', '--prompt', 'Hi', '--max-tokens', '1']))")
+    try:
+        said = []
+        deadline = time.monotonic() + 120
+        while not any("waiting for another build" in line for line in said):
+            assert proc.poll() is None and time.monotonic() < deadline, said
+            said.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.slow  # two builds of the kernel, one of them killed (about 40 s)
+def test_a_build_killed_while_compiling_leaves_nothing_in_the_way(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    code = "import logging; logging.basicConfig()\nfrom galerne.kernels import cpu\nassert cpu.load() is not None"
+    first = _python(code, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("galerne/kernels/*/build.ninja")):  # torch's build has started
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        time.sleep(2)  # the compiler is running
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # Python, ninja and the compiler, as a kill -9 of the group would
+        first.wait()
+    assert list(tmp_path.glob("galerne/kernels/*/lock"))  # what torch's build leaves behind
+    second = _python(code, env=env)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert "compiling galerne's CPU decode kernel for this CPU (once, about 30 s)" in err

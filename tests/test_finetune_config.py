@@ -75,12 +75,36 @@ def test_unknown_key_is_an_error_naming_it_and_the_file(tmp_path, text, key):
     ("optim:\n  lr: fast\n", "optim.lr"),
     ("lora: 8\n", "lora"),
     ("seq_len: 0\n", "seq_len"),
+    ("data:\n  max_line_bytes: 0\n", "data.max_line_bytes"),
+    ("device: gpu\n", "device"),
+    ("optim:\n  weight_decay: -0.1\n", "optim.weight_decay"),
+    ("lora:\n  scaling: 0\n", "lora.scaling"),
 ])
 def test_wrong_type_or_range_names_the_field(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(path) in str(e.value) and f"{key}: " in str(e.value)
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("optim:\n  lr: .nan\n", "optim.lr", "nan"),  # YAML's NaN: no comparison fails on it
+    ("optim:\n  lr: .inf\n", "optim.lr", "inf"),
+    ("optim:\n  weight_decay: .nan\n", "optim.weight_decay", "nan"),
+    ("optim:\n  pct_start: .NaN\n", "optim.pct_start", "nan"),
+    ("grad_clip: .nan\n", "grad_clip", "nan"),
+    ("lora:\n  scaling: -.inf\n", "lora.scaling", "-inf"),
+    ("lora:\n  dropout: .nan\n", "lora.dropout", "nan"),
+])
+def test_nan_and_infinity_are_refused_in_one_line(tmp_path, capsys, text, key, value):
+    # (galerne.config's coercion of a float setting refuses them, for every command)
+    path = write(tmp_path, "model_id_or_path: x\nrun_dir: y\n" + text)
+    assert main(["finetune", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"galerne: error: {path}: {key}: must be a number, got {value}\n"
+    ns = build_parser().parse_args(["finetune", str(write(tmp_path, "")), f"--{key.replace('_', '-')}={value}"])
+    with pytest.raises(ConfigError, match=f"command line: {key}: must be a number, got '{value}'"):
+        load_config(ns.config, overrides_from_args(ns))
 
 
 def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
@@ -123,8 +147,9 @@ def test_every_key_has_a_flag():
 def test_sources_with_weights():
     assert [(s.path, s.weight) for s in parse_sources("a.jsonl:2, b.jsonl ,c:d.jsonl:0.5")] == [
         ("a.jsonl", 2.0), ("b.jsonl", 1.0), ("c:d.jsonl", 0.5)]
-    with pytest.raises(ConfigError, match="weight of a.jsonl must be positive"):
-        parse_sources("a.jsonl:0")
+    for weight in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="weight of a.jsonl must be positive"):
+            parse_sources(f"a.jsonl:{weight}")
 
 
 def test_cli_prints_one_line_for_a_bad_config(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import TOKENIZERS, V3_TOKENIZER
@@ -209,3 +210,147 @@ def test_first_fit_packing_keeps_every_sample_and_pads_less():
     assert pack_first_fit([], 512) == []
     with pytest.raises(DataError):
         pack_first_fit([Sample([1] * 600, [1.0] * 600)], 512)
+
+
+# --------------------------------------------------------------------------- data validate: files and odd lines
+
+GOOD = json.dumps(CONV)
+
+
+def _validate(capsys, *args):
+    code = main(["data", "validate", *map(str, args), "--tokenizer", str(V3_TOKENIZER)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_clean_output_that_is_an_input_or_a_folder_is_refused(tmp_path, capsys):
+    src = tmp_path / "train.jsonl"
+    src.write_text(GOOD + "\n{oops\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(src)
+    for out in (src, link):  # the input itself, or a link to it: refused, nothing read nor written
+        code, stdout, err = _validate(capsys, src, "--clean", out)
+        assert code == 1 and stdout == ""
+        assert err == f"galerne: error: --clean {out}: is the input file {src}; write the clean lines to another file\n"
+        assert src.read_text() == GOOD + "\n{oops\n"
+    code, stdout, err = _validate(capsys, src, "--clean", tmp_path)
+    assert code == 1 and err == f"galerne: error: --clean {tmp_path}: is a folder; give the path of the file to write\n"
+    code, _, err = _validate(capsys, src, "--clean", tmp_path / "missing" / "clean.jsonl")
+    assert code == 1 and "does not exist" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "train.jsonl"]
+
+
+def test_clean_output_is_replaced_only_once_every_input_is_read(tmp_path, v3):
+    src = tmp_path / "train.jsonl"
+    src.write_text(GOOD + "\n")
+    out = tmp_path / "clean.jsonl"
+    out.write_text("the user's file\n")
+    out.chmod(0o640)
+    with pytest.raises(DataError, match="cannot read"):  # the second input is missing: the run fails midway
+        validate_files([src, tmp_path / "missing.jsonl"], v3, 128, clean=out)
+    assert out.read_text() == "the user's file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "train.jsonl"]  # no temporary file left
+    report = validate_files([src, src], v3, 128, clean=out)
+    assert report.samples == 2 and out.read_text() == 2 * (GOOD + "\n")
+    assert out.stat().st_mode & 0o777 == 0o640  # replaced, with its permissions
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "train.jsonl"]
+
+
+def test_deep_nesting_and_lone_surrogates_are_problems_of_their_line(tmp_path, capsys):
+    lines = [
+        GOOD,
+        "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError
+        json.dumps({"text": "fine"}),
+        '{"text": "a\\ud800b"}',  # valid JSON, but half of a UTF-16 pair
+        '{"messages": [{"role": "user", "content": "x\\udfffy"}, {"role": "assistant", "content": "ok"}]}',
+        '{"text": "\\ud83d\\ude00 a real pair is fine"}',
+        '{"a": ' * 5000 + "1" + "}" * 5000,
+    ]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    code, out, err = _validate(capsys, path, "--seq-len", "256", "--clean", tmp_path / "clean.jsonl")
+    assert code == 1 and err == "" and "Traceback" not in out
+    problems = [line for line in out.splitlines() if line.startswith(f"{path}:")]
+    assert problems == [
+        f"{path}:2: JSON nested too deeply to read (past Python's recursion limit)",
+        f"{path}:4: text: lone surrogate \\ud800 in a string (half of a UTF-16 pair: not valid Unicode)",
+        f"{path}:5: messages[0].content: lone surrogate \\udfff in a string (half of a UTF-16 pair: not valid Unicode)",
+        f"{path}:7: JSON nested too deeply to read (past Python's recursion limit)",
+    ]
+    assert "lines: 7" in out and "valid samples: 3" in out  # validation went on after each
+    assert (tmp_path / "clean.jsonl").read_text(encoding="utf-8") == "".join(lines[i] + "\n" for i in (0, 2, 5))
+
+
+class _Reads:
+    """A binary file that records the size of each read asked of it."""
+
+    def __init__(self, data: bytes):
+        import io
+
+        self.f, self.sizes = io.BytesIO(data), []
+
+    def readline(self, size=-1):
+        self.sizes.append(size)
+        return self.f.readline(size)
+
+
+def test_a_line_over_the_limit_is_reported_without_being_read_whole(tmp_path, v3, capsys):
+    from galerne.finetune import validate
+
+    long = json.dumps({"text": "x" * 5000})
+    exact = json.dumps({"text": "y" * (1000 - 12)})
+    assert len(exact) == 1000
+    data = (GOOD + "\n" + long + "\n" + exact + "\n" + long).encode()  # the last line without a newline
+    f = _Reads(data)
+    got = list(validate._lines(f, 1000))
+    assert [(raw is None, size) for raw, size in got] == [(False, len(GOOD)), (True, len(long)), (False, 1000),
+                                                          (True, len(long))]
+    assert all(0 < s <= 1001 for s in f.sizes), f.sizes  # never an unbounded read, never more than the limit
+
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(data)
+    report = validate_files([path], v3, 2048, max_line_bytes=1000)
+    assert [(p.line, p.reason) for p in report.problems] == [
+        (2, f"line of {len(long)} bytes, over the limit of 1000 (max_line_bytes): not read"),
+        (4, f"line of {len(long)} bytes, over the limit of 1000 (max_line_bytes): not read")]
+    assert report.lines == 4 and report.samples == 2
+    code, out, _ = _validate(capsys, path, "--max-line-bytes", "100000", "--seq-len", "100000")
+    assert code == 0 and "valid samples: 4" in out
+    assert validate.MAX_LINE_BYTES == 8 * 1024 * 1024  # the default
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-len", "0"), ("--seq-len", "-3"), ("--tokens-per-s", "0"),
+                                         ("--tokens-per-s", "-1"), ("--tokens-per-s", "nan"),
+                                         ("--tokens-per-s", "inf"), ("--max-line-bytes", "0")])
+def test_sizes_and_speeds_must_be_positive(tmp_path, capsys, flag, value):
+    src = tmp_path / "train.jsonl"
+    src.write_text(GOOD + "\n")
+    code, out, err = _validate(capsys, src, flag, value, "--clean", tmp_path / "clean.jsonl")
+    assert code == 1 and out == ""
+    kind = "number" if flag == "--tokens-per-s" else "integer"
+    assert err == f"galerne: error: {flag}: must be a positive {kind}, got {float(value) if kind == 'number' else value}\n"
+    assert not (tmp_path / "clean.jsonl").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to fill")
+    src = tmp_path / "train.jsonl"
+    src.write_text(GOOD + "\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    real = tempfile.mkstemp
+
+    def on_a_full_disk(*a, **kw):  # every write fails with ENOSPC, as on a full disk
+        fd, name = real(*a, **kw)
+        device = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(device, fd)
+        os.close(device)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", on_a_full_disk)
+    code, _, err = _validate(capsys, src, "--clean", full / "clean.jsonl")
+    assert code == 1 and err == f"galerne: error: --clean {full / 'clean.jsonl'}: cannot write: No space left on device\n"
+    assert list(full.iterdir()) == []

@@ -270,3 +270,175 @@ def test_ctrl_c_on_the_command(tiny, data, tmp_path):
     ckpt = run_dir / "checkpoints" / f"checkpoint_{steps[-1]:06d}"
     assert ckpt.is_dir() and f"interrupted after step {steps[-1]}" in err and "Traceback" not in err
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps[-1]
+
+
+def test_cuda_where_there_is_none_is_a_one_line_error(tiny, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yaml = tmp_path / "c.yaml"
+    run_dir = tmp_path / "run"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\ndevice: cuda\nseq_len: 64\n"
+                    f"data:\n  instruct_data: {data / 'train.jsonl'}\n")
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("galerne: error: device: cuda: CUDA is not available (") and err.count("\n") == 1
+    assert err.endswith("; use device: cpu, or auto\n")
+    assert not run_dir.exists()
+
+
+class _RunsCode:
+    """Unpickled by a full torch.load, this would remove ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.remove, (self.path,))
+
+
+def test_the_reason_of_a_weights_only_refusal():
+    from galerne.finetune.trainer import _unpickler_reason
+
+    # the two shapes of torch's message (a global not allowlisted; a blocked module)
+    assert _unpickler_reason(
+        "Weights only load failed. This file can still be loaded, to do so you have two options. \n\t(1) In PyTorch "
+        "2.6, we changed the default.\n\t(2) Alternatively, to load with `weights_only=True` please check.\n\t"
+        "WeightsUnpickler error: Unsupported global: GLOBAL x.Foo was not an allowed global by default. Please use "
+        "`torch.serialization.add_safe_globals([x.Foo])`.\n\nCheck the documentation of torch.load to learn more."
+    ) == "Unsupported global: GLOBAL x.Foo was not an allowed global by default"
+    assert _unpickler_reason(
+        "Weights only load failed. In PyTorch 2.6, we changed the default.\n\n\nTrying to load unsupported GLOBAL "
+        "posix.remove whose module posix is blocked.\n\nCheck the documentation of torch.load to learn more."
+    ) == "Trying to load unsupported GLOBAL posix.remove whose module posix is blocked"
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_weights_only(tiny, data, tmp_path, capsys):
+    over = dict(max_steps=3, data={"eval_instruct_data": ""})
+
+    def stop_at_1(row):
+        if row["step"] == 1:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    first = train(make_config(tiny, data, run_dir, **over), on_log=stop_at_1)
+    state = torch.load(first.checkpoint / "optimizer.pt", weights_only=True)
+    marker = tmp_path / "marker"
+    marker.write_text("still here")
+    torch.save({**state, "extra": _RunsCode(marker)}, first.checkpoint / "optimizer.pt")
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, **over), resume=True)
+    message = str(e.value)
+    assert message.startswith(f"{first.checkpoint / 'optimizer.pt'}: --resume: refused: not a weights-only file (")
+    assert message.endswith("); galerne loads checkpoints with torch.load(weights_only=True), which runs no code from a file")
+    assert "GLOBAL posix.remove" in message and "\n" not in message  # torch's reason, without its advice
+    assert marker.read_text() == "still here"  # nothing in the file ran
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\nseq_len: 64\nmax_steps: 3\nlora:\n  rank: 4\n"
+                    f"optim:\n  lr: 1.e-2\n  pct_start: 0.2\ndata:\n  instruct_data: {data / 'train.jsonl'}\n")
+    torch.save(state, first.checkpoint / "optimizer.pt")
+    (first.checkpoint / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"galerne: error: {first.checkpoint / 'trainer_state.pt'}: --resume: cannot read: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    (first.checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="trainer_state.json: --resume: cannot read: no number 'step'"):
+        train(make_config(tiny, data, run_dir, **over), resume=True)
+
+
+# --------------------------------------------------------------------------- run_dir: only what the run wrote
+
+
+def _tree(root):
+    """Every path under ``root``, relative, folders with a trailing /."""
+    return sorted(p.relative_to(root).as_posix() + ("/" if p.is_dir() and not p.is_symlink() else "")
+                  for p in root.rglob("*"))
+
+
+def test_a_run_starts_only_in_a_new_or_empty_folder(tiny, data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("# my own config, with comments\n")
+    (run_dir / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, max_steps=1))
+    assert str(e.value) == (f"run_dir: {run_dir} is not empty (config.yaml, notes.txt) and holds no galerne run "
+                            "(galerne_run.json): choose a new or empty folder (a run never writes over files it did not create)")
+    assert _tree(run_dir) == ["config.yaml", "notes.txt"] and (run_dir / "config.yaml").read_text().startswith("# my own")
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {run_dir}\nseq_len: 64\ndata:\n  instruct_data: {data / 'train.jsonl'}\n")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"galerne: error: run_dir: {run_dir} is not empty") and err.count("\n") == 1
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = train(make_config(tiny, data, empty, max_steps=1, data={"eval_instruct_data": ""}))
+    assert result.step == 1 and (empty / "adapter" / "lora.safetensors").is_file()
+    # The manifest lists every file and folder of the run, and nothing else.
+    manifest = json.loads((empty / "galerne_run.json").read_text())["entries"]
+    assert sorted(k + ("/" if v == "dir" else "") for k, v in manifest.items()) == [
+        p for p in _tree(empty) if p != "galerne_run.json"]
+
+    # A run that produced something is not started over.
+    with pytest.raises(ConfigError, match="already holds a run .*it has no checkpoint to resume from: delete the folder"):
+        train(make_config(tiny, data, empty, max_steps=1, data={"eval_instruct_data": ""}))
+
+
+def test_a_symlinked_adapter_is_not_written_through(tiny, data, tmp_path):
+    run_dir = tmp_path / "run"
+    over = dict(max_steps=1, ckpt_freq=1, data={"eval_instruct_data": ""})
+    train(make_config(tiny, data, run_dir, **over))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "adapter_model.safetensors").write_bytes(b"the user's precious adapter")
+    for f in (run_dir / "adapter").iterdir():
+        f.unlink()
+    (run_dir / "adapter").rmdir()
+    (run_dir / "adapter").symlink_to(elsewhere)
+    with pytest.raises(ConfigError) as e:
+        train(make_config(tiny, data, run_dir, **{**over, "max_steps": 2}), resume=True)
+    assert str(e.value) == (f"run_dir: {run_dir} holds adapter, which no galerne run wrote (or a link now stands in "
+                            "place of what it wrote): move it out of the run folder")
+    assert _tree(elsewhere) == ["adapter_model.safetensors"]
+    assert (elsewhere / "adapter_model.safetensors").read_bytes() == b"the user's precious adapter"
+    (run_dir / "adapter").unlink()  # with the link gone, the run resumes and writes its own adapter
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a line cut short by a kill
+    assert train(make_config(tiny, data, run_dir, **{**over, "max_steps": 2}), resume=True).step == 2
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lora.safetensors"]
+    assert _tree(elsewhere) == ["adapter_model.safetensors"]
+
+
+def test_checkpoint_rotation_removes_only_what_the_run_wrote(tiny, data, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+
+    def add_notes(row):
+        if row["step"] == 2:  # checkpoint_000001 exists; the next save rotates it out
+            (run_dir / "checkpoints" / "checkpoint_000001" / "notes.txt").write_text("why step 1 looked odd\n")
+
+    cfg = make_config(tiny, data, run_dir, max_steps=3, ckpt_freq=1, num_ckpt_keep=1, data={"eval_instruct_data": ""})
+    with caplog.at_level("WARNING", logger="galerne"):
+        train(cfg, on_log=add_notes)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint_000001", "checkpoint_000003"]
+    assert os.listdir(run_dir / "checkpoints" / "checkpoint_000001") == ["notes.txt"]  # the run's files went
+    assert f"kept {run_dir / 'checkpoints' / 'checkpoint_000001'}: it holds files no galerne run wrote" in caplog.text
+    # Resuming, the stranger is named before anything runs.
+    with pytest.raises(ConfigError, match="holds checkpoints/checkpoint_000001/, which no galerne run wrote"):
+        train(cfg, resume=True)
+
+
+def test_a_run_dir_that_cannot_be_made_is_a_one_line_error(tiny, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {tmp_path / 'afile' / 'run'}\nseq_len: 64\nmax_steps: 1\n"
+                    f"data:\n  instruct_data: {data / 'train.jsonl'}\n")
+    capsys.readouterr()
+    assert main(["finetune", str(yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"galerne: error: {tmp_path / 'afile' / 'run'}: Not a directory\n"

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from galerne.config import add_arguments, args_given, build, parse_values, setting
 from galerne.errors import ConfigError, InvalidParameter
+from galerne.finetune.validate import MAX_LINE_BYTES
 from galerne.models.lora import DEFAULT_TARGETS
 
 
@@ -28,6 +31,8 @@ class DataConfig:
     data: str = setting("", "pretraining JSONL files ({'text': ...}), same syntax; mixed with instruct_data by weight")
     eval_instruct_data: str = setting("", "evaluation JSONL files, comma-separated (weights ignored)")
     shuffle: bool = setting(True, "shuffle each source at every epoch (seeded)")
+    max_line_bytes: int = setting(MAX_LINE_BYTES, "longest data line read; a longer one is an invalid line, "
+                                                  "skipped in chunks without being read whole")
 
 
 @dataclass
@@ -74,10 +79,12 @@ class FinetuneConfig:
         """Range checks (types are checked when parsing). A value out of range is an
         InvalidParameter naming the key (and, from ``load_config``, a ConfigError that
         names the file or the command line it came from)."""
-        positive = ("seq_len", "batch_size", "num_microbatches", "max_steps", "log_freq", "num_ckpt_keep")
+        positive = ("seq_len", "batch_size", "num_microbatches", "max_steps", "log_freq", "num_ckpt_keep",
+                    "data.max_line_bytes")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise InvalidParameter(name, f"must be at least 1, got {getattr(self, name)}")
+            value = _get(self, name)
+            if value < 1:
+                raise InvalidParameter(name, f"must be at least 1, got {value}")
         for name in ("eval_freq", "ckpt_freq"):
             if getattr(self, name) < 0:
                 raise InvalidParameter(name, f"must be >= 0, got {getattr(self, name)}")
@@ -91,10 +98,16 @@ class FinetuneConfig:
             raise InvalidParameter("optim.pct_start", f"must be in [0, 1], got {self.optim.pct_start}")
         if self.optim.lr <= 0:
             raise InvalidParameter("optim.lr", f"must be positive, got {self.optim.lr}")
+        if self.optim.weight_decay < 0:
+            raise InvalidParameter("optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
+        if self.lora.scaling <= 0:
+            raise InvalidParameter("lora.scaling", f"must be positive, got {self.lora.scaling}")
         if self.grad_clip < 0:
             raise InvalidParameter("grad_clip", f"must be >= 0, got {self.grad_clip}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise InvalidParameter("dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InvalidParameter("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def require_paths(self) -> None:
         """What a run needs but a partial config (tests, flags-only) may lack."""
@@ -111,6 +124,12 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 # --------------------------------------------------------------------------- parsing
@@ -144,10 +163,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def dump_config(cfg: FinetuneConfig, path: str | Path) -> None:
+def config_yaml(cfg: FinetuneConfig) -> str:
+    """``cfg`` as a YAML config file that ``load_config`` reads back."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- data sources
@@ -173,7 +193,7 @@ def parse_sources(spec: str, key: str = "data.instruct_data") -> list[Source]:
                 path = head
             except ValueError:
                 pass  # a ':' that is part of the path
-        if weight <= 0:
+        if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"{key}: weight of {path} must be positive, got {weight:g}")
         out.append(Source(path, weight))
     return out

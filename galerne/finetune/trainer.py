@@ -24,7 +24,10 @@ Run folder (``run_dir``), written by process 0 only:
 * ``adapter/``: the final LoRA adapter in PEFT's layout (``adapter_config.json`` +
   ``adapter_model.safetensors``) and Mistral's (``lora.safetensors``); or ``model/``, the
   full fine-tuned model in the base's layout, when ``lora.enable`` is false;
-* ``tb/``: TensorBoard events, only when ``tensorboard`` is installed.
+* ``tb/``: TensorBoard events, only when ``tensorboard`` is installed;
+* ``galerne_run.json``: the manifest of every file and folder the run created
+  (:class:`~galerne.finetune.files.RunDir`): a run starts only in a new or empty folder, or
+  resumes its own, and removes or replaces nothing but what it listed there.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import json
 import logging
 import os
 import random
-import shutil
+import re
 import signal
 import threading
 import time
@@ -46,17 +49,18 @@ import torch
 from torch import nn
 
 from galerne.errors import ConfigError
-from galerne.finetune.config import FinetuneConfig, dump_config, parse_sources
+from galerne.finetune.config import FinetuneConfig, config_yaml, parse_sources
 from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
 from galerne.finetune.evaluate import loss_sums
 from galerne.finetune.evaluate import result as eval_result
+from galerne.finetune.files import RunDir
 from galerne.finetune.train import (
     batch_loss,
     checkpoint_blocks,
     make_optimizer,
     optimizer_step,
 )
-from galerne.finetune.validate import Problem, check_file
+from galerne.finetune.validate import MAX_LINE_BYTES, Problem, check_file
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+CONFIG = "config.yaml"
+TENSORBOARD = "tb"
+# What a run writes in run_dir; the first four mean it produced something.
+_RESULTS = (METRICS, CHECKPOINTS, ADAPTER_DIR, MODEL_DIR)
+_OUTPUTS = (*_RESULTS, CONFIG, TENSORBOARD)
 _CKPT_PREFIX = "checkpoint_"
 _SHOWN_PROBLEMS = 20
 # Keys a resumed run must share with the checkpoint's run (else its data position,
@@ -126,6 +135,20 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def check_device(device: str) -> None:
+    """A CUDA device asked for where there is none is a one-line ConfigError (not torch's
+    assertion from deep inside the first transfer)."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"device: {device}: CUDA is not available ({why}); use device: cpu, or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device}: there are {torch.cuda.device_count()} GPU(s) visible (cuda:0 "
+                          f"to cuda:{torch.cuda.device_count() - 1})")
+
+
 def _device(cfg: FinetuneConfig, d: Dist) -> torch.device:
     from galerne.weights.loader import resolve_device
 
@@ -149,21 +172,22 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype, 
 # --------------------------------------------------------------------------- data
 
 
-def read_source(path: str, tokenizer, seq_len: int) -> tuple[list[Sample], list[Problem]]:
+def read_source(path: str, tokenizer, seq_len: int, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[Sample], list[Problem]]:
     """The samples of one JSONL file, checked as ``galerne data validate`` checks them."""
     samples: list[Sample] = []
     problems: list[Problem] = []
-    for _, sample in check_file(path, tokenizer, seq_len):
+    for _, sample in check_file(path, tokenizer, seq_len, max_line_bytes=max_line_bytes):
         (problems if isinstance(sample, Problem) else samples).append(sample)
     return samples, problems
 
 
-def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines: bool) -> tuple[list[tuple[float, list[Sample]]], int]:
+def load_sources(spec: str, key: str, tokenizer, seq_len: int, *, skip_bad_lines: bool,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[tuple[float, list[Sample]]], int]:
     """[(weight, samples)] of each source of ``spec``, and the count of skipped lines.
     Bad lines are an error listing them (``file:line: reason``) unless ``skip_bad_lines``."""
     out, problems = [], []
     for src in parse_sources(spec, key):
-        samples, bad = read_source(src.path, tokenizer, seq_len)
+        samples, bad = read_source(src.path, tokenizer, seq_len, max_line_bytes)
         problems += bad
         out.append((src, samples))
     if problems and not skip_bad_lines:
@@ -303,6 +327,51 @@ def find_checkpoint(run_dir: Path, resume: str | Path | bool | None) -> Path | N
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_pt(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, no code
+    run from the file. A file it refuses is refused here, with torch's reason."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        raise ConfigError(f"--resume: refused: not a weights-only file ({reason}); galerne loads checkpoints "
+                          "with torch.load(weights_only=True), which runs no code from a file", path=str(path)) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise ConfigError(f"--resume: cannot read: {_first_line(e)}", path=str(path)) from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its message
+    wraps it in paragraphs of advice, which vary between torch versions)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", message)
+    if found:
+        return found.group(1).strip().rstrip(".")
+    advice = ("Weights only load failed", "Check the documentation", "Please file", "(1)", "(2)")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(advice)]
+    return (useful or lines or ["refused"])[0].rstrip(".")
+
+
+def _read_state_json(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        for key in ("step", "sequences", "tokens", "elapsed"):
+            if not isinstance(info.get(key), (int, float)):
+                raise ValueError(f"no number {key!r}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read: {_first_line(e)}", path=str(path)) from None
+    return info
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -334,9 +403,9 @@ class Progress:
 class Run:
     """One training run's state and outputs."""
 
-    def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: Path, base: Path, model: nn.Module, ckpt_info,
+    def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: RunDir, base: Path, model: nn.Module, ckpt_info,
                  opt: torch.optim.Optimizer, sched):
-        self.cfg, self.d, self.run_dir, self.base = cfg, d, run_dir, base
+        self.cfg, self.d, self.dir, self.run_dir, self.base = cfg, d, run_dir, run_dir.path, base
         self.model, self.ckpt_info, self.opt, self.sched = model, ckpt_info, opt, sched
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
@@ -352,26 +421,27 @@ class Run:
         if not self.d.main:
             return None
         p = self.progress
-        root = self.run_dir / CHECKPOINTS
-        final = root / f"{_CKPT_PREFIX}{p.step:06d}"
-        tmp = root / f".tmp_{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._save_weights(tmp)
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
-        info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
-                "world_size": self.d.world, "lora": self.cfg.lora.enable}
-        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
-        dump_config(self.cfg, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.run_dir)[:-self.cfg.num_ckpt_keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.last_checkpoint = final
-        log.info("saved checkpoint %s", final)
-        return final
+        rel = f"{CHECKPOINTS}/{_CKPT_PREFIX}{p.step:06d}"
+        with self.dir.staged(rel) as tmp:  # written aside, then renamed
+            self._save_weights(tmp)
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
+            info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
+                    "world_size": self.d.world, "lora": self.cfg.lora.enable}
+            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / CONFIG).write_text(config_yaml(self.cfg))
+        for old in self._own_checkpoints()[:-self.cfg.num_ckpt_keep]:
+            self.dir.remove(old)
+        self.last_checkpoint = self.run_dir / rel
+        log.info("saved checkpoint %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    def _own_checkpoints(self) -> list[str]:
+        """The checkpoints this run (or the run it resumes) wrote, oldest first."""
+        prefix = f"{CHECKPOINTS}/{_CKPT_PREFIX}"
+        found = [k for k, kind in self.dir.entries.items()
+                 if kind == "dir" and k.startswith(prefix) and k[len(prefix):].isdigit() and self.dir.exists(k)]
+        return sorted(found, key=lambda k: int(k[len(prefix):]))
 
     def _save_weights(self, folder: Path) -> None:
         from galerne.weights.adapters import save_mistral_adapter
@@ -388,34 +458,37 @@ class Run:
         if self.cfg.lora.enable:
             from galerne.weights.adapters import save_mistral_adapter, save_peft_adapter
 
-            out = self.run_dir / ADAPTER_DIR
-            shutil.rmtree(out, ignore_errors=True)
-            save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
-            save_mistral_adapter(self.model, out)
-            return out
+            with self.dir.staged(ADAPTER_DIR) as out:
+                save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
+                save_mistral_adapter(self.model, out)
+            return self.run_dir / ADAPTER_DIR
         from galerne.weights.export import save_model
 
-        out = self.run_dir / MODEL_DIR
-        shutil.rmtree(out, ignore_errors=True)
         stored = next(t for _, _, t in self.ckpt_info.tensors(meta=True)).dtype  # the base's dtype
-        save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
-                   dtype=str(stored).removeprefix("torch."))
-        return out
+        with self.dir.staged(MODEL_DIR) as out:
+            save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
+                       dtype=str(stored).removeprefix("torch."))
+        return self.run_dir / MODEL_DIR
 
     # -- loading
     def load_checkpoint(self, folder: Path) -> None:
-        info = json.loads((folder / "trainer_state.json").read_text())
+        """Restore the run from ``folder``. A file that is not what galerne writes there (a
+        pickle that ``torch.load(weights_only=True)`` refuses, a truncated file, other keys) is
+        a ConfigError naming it, before any training."""
+        info = _read_state_json(folder / "trainer_state.json")
         self._check_resume_config(folder)
         self._load_weights(folder)
+        opt_state = _load_pt(folder / "optimizer.pt")
+        state = _load_pt(folder / "trainer_state.pt")
         try:
-            self.opt.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-            state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--resume: cannot read the checkpoint's optimizer/trainer state: {e}", path=str(folder)) from None
-        self.sched.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
-        self.progress = Progress(info["step"], info["sequences"], info["tokens"], info["elapsed"])
+            self.opt.load_state_dict(opt_state)
+            self.sched.load_state_dict(state["scheduler"])
+            rngs = state["rng"]
+            _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--resume: the optimizer or trainer state does not fit this run: {_first_line(e)}",
+                              path=str(folder)) from None
+        self.progress = Progress(*(info[k] for k in ("step", "sequences", "tokens", "elapsed")))
         self.last_checkpoint = folder
 
     def _check_resume_config(self, folder: Path) -> None:
@@ -451,22 +524,23 @@ class Run:
 class Metrics:
     """metrics.jsonl (+ TensorBoard when installed), process 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, run_dir: RunDir, enabled: bool, resume_step: int | None):
         self.enabled = enabled
-        self.path = run_dir / METRICS
+        self.dir = run_dir
+        self.path = run_dir.path / METRICS
         self.tb = None
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            run_dir.write_text(METRICS, "".join(line + "\n" for line in _rows_until(self.path, resume_step)))
+        run_dir.claim(METRICS, "file")
         try:
             import tensorboard  # noqa: F401
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:
-            pass
+            return
+        self.tb = SummaryWriter(str(run_dir.mkdir(TENSORBOARD)))
+        run_dir.claim_new_files(TENSORBOARD)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -481,6 +555,24 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.dir.claim_new_files(TENSORBOARD)
+
+
+def _rows_until(path: Path, step: int) -> list[str]:
+    """The lines of a metrics file up to ``step``; a line cut short (the run was killed
+    while writing it) is dropped, with a warning."""
+    keep, cut = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            cut += bool(line.strip())
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    if cut:
+        log.warning("%s: dropped %d unreadable line(s) (a run killed while writing them)", path, cut)
+    return keep
 
 
 class StopRequest:
@@ -509,14 +601,6 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _check_run_dir(run_dir: Path, resuming: bool) -> None:
-    if resuming:
-        return
-    if (run_dir / METRICS).exists() or checkpoint_dirs(run_dir):
-        raise ConfigError(f"run_dir: {run_dir} already holds a run (metrics.jsonl or checkpoints): "
-                          "pass --resume to continue it, or choose another run_dir")
 
 
 def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None) -> dict[str, float]:
@@ -548,11 +632,14 @@ def train(
     from galerne.weights.loader import resolve_model_path
 
     cfg.require_paths()
+    check_device(cfg.device)
     d = init_distributed(cfg.device)
     device = _device(cfg, d)
-    run_dir = Path(cfg.run_dir)
-    resume_from = find_checkpoint(run_dir, resume)
-    _check_run_dir(run_dir, resume_from is not None)
+    run_dir = RunDir(cfg.run_dir)
+    resume_from = find_checkpoint(run_dir.path, resume)
+    if d.main:  # the only process that writes there
+        run_dir.check(resuming=resume_from is not None, results=_RESULTS, strict=_OUTPUTS,
+                      has_checkpoint=bool(checkpoint_dirs(run_dir.path)))
     base = resolve_model_path(cfg.model_id_or_path)
     tokenizer = Tokenizer.from_path(base)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # padding has weight 0 anyway
@@ -568,12 +655,12 @@ def train(
     if resume_from is not None:
         run.load_checkpoint(resume_from)
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        run_dir.open()
+        run_dir.write_text(CONFIG, config_yaml(cfg))
 
     loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None)
     p = run.progress
-    result = TrainResult(run_dir, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
+    result = TrainResult(run_dir.path, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
     metrics = Metrics(run_dir, d.main, p.step if resume_from is not None else None)
     stream = sequence_stream(sources, cfg, pad_id)
     for _ in range(p.sequences):  # data position: continue with exactly the next batch
@@ -644,13 +731,14 @@ def load_data(cfg: FinetuneConfig, tokenizer, pad_id: int) -> tuple[list[tuple[f
     sources, skipped = [], 0
     for key, spec in (("data.instruct_data", cfg.data.instruct_data), ("data.data", cfg.data.data)):
         if spec:
-            found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines)
+            found, bad = load_sources(spec, key, tokenizer, cfg.seq_len, skip_bad_lines=cfg.skip_bad_lines,
+                                      max_line_bytes=cfg.data.max_line_bytes)
             sources += found
             skipped += bad
     eval_batches: list[PackedBatch] = []
     if cfg.data.eval_instruct_data:
         found, bad = load_sources(cfg.data.eval_instruct_data, "data.eval_instruct_data", tokenizer, cfg.seq_len,
-                                  skip_bad_lines=cfg.skip_bad_lines)
+                                  skip_bad_lines=cfg.skip_bad_lines, max_line_bytes=cfg.data.max_line_bytes)
         eval_batches = pack([s for _, group in found for s in group], cfg.seq_len, pad_id=pad_id)
         skipped += bad
     if skipped:

@@ -8,19 +8,31 @@ step, every layer and the logits, in one call and one OpenMP region. Its GEMVs
 read the weights where they are: ``nn.Linear``'s (out, in) layout, with no packing
 and no copy.
 
-The extension is compiled once per machine and source (``torch.utils.cpp_extension``
-with ninja and the system's C++ compiler, ``-march=native``; about 30 s) and cached
-under ``$XDG_CACHE_HOME/galerne/kernels``. Where it cannot be built (no compiler,
-no OpenMP) galerne says why once and decodes with torch ops, which give the same
-tokens more slowly. ``GALERNE_CPU_KERNELS=0`` turns it off.
+The extension is compiled once (``torch.utils.cpp_extension`` with ninja and the
+system's C++ compiler, ``-march=native``; about 30 s) and cached under
+``$XDG_CACHE_HOME/galerne/kernels/KEY``, where KEY hashes everything the binary depends
+on (:func:`signature`: the source, the CPU's features, the compiler, the torch build
+and install, the Python ABI, the flags): two environments have two folders and never
+rebuild each other's. A build holds a lock on its folder (``build.lock``, an OS lock
+that dies with its process): another process waits for it (saying so, up to
+``BUILD_WAIT_S``, Ctrl-C stops it), and a build killed halfway leaves nothing that
+stops the next one. Where it cannot be built (no compiler, no OpenMP, a wait that ran
+out) galerne says why once and decodes with torch ops, which give the same tokens more
+slowly. ``GALERNE_CPU_KERNELS=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -38,6 +50,9 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # still saves the rest of the step at 64 (measured on cpu-125m, 2 cores, at
 # batch 1..64).
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 8}
+CFLAGS = ("-O3", "-fopenmp")  # and -march=<march>
+LDFLAGS = ("-fopenmp",)
+BUILD_WAIT_S = 600.0  # the longest wait for another process's build of the same kernel
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}
@@ -77,6 +92,65 @@ def load():
         return ext
 
 
+@functools.cache
+def _compiler() -> tuple[str, str]:
+    """(path, version line) of the C++ compiler torch's build uses ($CXX, or c++)."""
+    name = os.environ.get("CXX", "c++")
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"no C++ compiler: {name} is not on PATH")
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"the C++ compiler {path} does not run: {e}") from None
+    return os.path.realpath(path), (out.strip().splitlines() or ["?"])[0]
+
+
+def signature(march: str = "native") -> dict[str, str]:
+    """Everything the compiled kernel depends on; its hash names the cache folder."""
+    compiler, version = _compiler()
+    return {
+        "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "flags": " ".join([*CFLAGS, f"-march={march}", "|", *LDFLAGS]),
+        "cpu": f"{platform.machine()} {_cpu_signature()}",
+        "compiler": f"{compiler} ({version})",
+        "torch": f"{torch.__version__} {getattr(torch.version, 'git_version', '')}",
+        "torch_path": os.path.realpath(os.path.dirname(torch.__file__)),
+        "python": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('EXT_SUFFIX')}",
+    }
+
+
+def kernel_folder(march: str = "native") -> Path:
+    """The cache folder of the kernel for ``march`` in this environment."""
+    return _folder(signature(march))
+
+
+def _folder(sig: dict[str, str]) -> Path:
+    return cache_dir() / hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hold_build_lock(folder: Path):
+    """The build lock of ``folder``, held: at once when free; else after saying that another
+    build runs, waiting up to BUILD_WAIT_S (interruptible). The lock is the OS's (flock),
+    released when its holder exits, killed or not: a dead build never blocks."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / "build.lock"))
+    try:
+        lock.acquire(timeout=0)
+        return lock
+    except Timeout:
+        pass
+    log.warning("waiting for another build of galerne's CPU decode kernel in %s (up to %.0f s; Ctrl-C stops)",
+                folder, BUILD_WAIT_S)
+    try:
+        lock.acquire(timeout=BUILD_WAIT_S, poll_interval=0.2)
+    except Timeout:
+        raise RuntimeError(f"another process has been building it for more than {BUILD_WAIT_S:.0f} s "
+                           f"(it holds {folder / 'build.lock'})") from None
+    return lock
+
+
 def _build(march: str = "native"):
     """Compile (or find in the cache) the extension for ``-march=<march>``: native
     for use; tests also build a baseline x86-64-v3 (AVX2) variant, so that the
@@ -93,27 +167,36 @@ def _build(march: str = "native"):
     except ImportError:
         pass
 
-    text = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        text + _cpu_signature().encode() + march.encode() + torch.__version__.encode()
-        + platform.python_version().encode()
-    ).hexdigest()[:16]
-    folder = cache_dir() / key
+    sig = signature(march)
+    folder = _folder(sig)
     folder.mkdir(parents=True, exist_ok=True)
-    # Compile a copy of the source kept in the folder: the build command names the
-    # source's path, and ninja rebuilds when the command changes, so building from
-    # where this checkout happens to be would recompile for every other checkout
-    # (another venv, a git worktree) of the same source.
-    source = folder / SOURCE.name
-    if not source.is_file() or source.read_bytes() != text:
-        tmp = folder / f".{SOURCE.name}.{os.getpid()}"
-        tmp.write_bytes(text)
-        os.replace(tmp, source)
-    name = f"galerne_cpu_{key}"
-    if not any(folder.glob(f"{name}*.so")):
-        log.warning("compiling galerne's CPU decode kernel for this CPU (once, about 30 s) into %s", folder)
-    return build(name=name, sources=[str(source)], build_directory=str(folder),
-                 extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    lock = _hold_build_lock(folder)
+    try:
+        # torch's own lock file, which its build leaves behind when killed and then waits on
+        # forever: holding build.lock, no build of ours is running here, so it is stale.
+        (folder / "lock").unlink(missing_ok=True)
+        # Compile a copy of the source kept in the folder: the build command names the
+        # source's path, and ninja rebuilds when the command changes, so building from
+        # where this checkout happens to be would recompile for every other checkout
+        # (another venv, a git worktree) of the same source.
+        text = SOURCE.read_bytes()
+        source = folder / SOURCE.name
+        if not source.is_file() or source.read_bytes() != text:
+            tmp = folder / f".{SOURCE.name}.{os.getpid()}"
+            tmp.write_bytes(text)
+            os.replace(tmp, source)
+        done = folder / "signature.json"  # written once a build succeeded
+        if not done.is_file():
+            log.warning("compiling galerne's CPU decode kernel for this CPU (once, about 30 s) into %s", folder)
+        ext = build(name=f"galerne_cpu_{folder.name}", sources=[str(source)], build_directory=str(folder),
+                    extra_cflags=[*CFLAGS, f"-march={march}"], extra_ldflags=list(LDFLAGS), verbose=False)
+        if not done.is_file():
+            tmp = folder / f".signature.json.{os.getpid()}"
+            tmp.write_text(json.dumps(sig, indent=1) + "\n")
+            os.replace(tmp, done)
+        return ext
+    finally:
+        lock.release()
 
 
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
