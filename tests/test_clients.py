@@ -191,8 +191,29 @@ def test_lm_eval_loglikelihood(live, oai):
                 assert max(lp.top_logprobs[p].values()) == pytest.approx(table[p - 1].max().item(), abs=1e-4)
             assert lp.tokens[: len(ids)] == [tok.token_str(t) for t in ids]
             assert choice.text.startswith(tok.decode(ids))
+            # offsets into the choice's text: where each token's text starts
+            assert [choice.text[: lp.text_offset[p]] for p in range(len(ids))] == \
+                [tok.decode(ids[:p]) for p in range(len(ids))]
             assert choice.finish_reason == "length"
         assert r.usage.completion_tokens == 2 * max_tokens
+
+
+def test_lm_eval_when_the_model_would_stop(live, oai):
+    """The generated token is EOS: it still has its entry (lm-eval drops the last entry;
+    without it, the continuation's last token was dropped, and a one-token continuation
+    scored 0.0)."""
+    llm, tok = live.state.llm, live.state.tokenizer
+    ids = tok.encode("The capital of Italy is Rome", bos=True)
+    eos = tok.eos_id
+    r = oai.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0,
+                               logit_bias={str(eos): 100})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.tokens[-1] == tok.token_str(eos)
+    assert r.choices[0].text == tok.decode(ids)  # EOS has a logprob, not text
+    assert lp.text_offset[-1] == len(r.choices[0].text)
+    _, expected = _model_logprobs(llm, ids)
+    assert sum(lp.token_logprobs[len(ids) - 1:-1]) == pytest.approx(expected[-1], abs=1e-4)
 
 
 def test_echo_logprobs_stream_as_they_answer(live):

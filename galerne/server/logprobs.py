@@ -10,8 +10,10 @@
   and the top alternatives asked for.
 * ``legacy``: OpenAI's legacy completions ``logprobs`` object (``tokens``,
   ``token_logprobs``, ``top_logprobs``, ``text_offset``) for some tokens and their
-  logprobs; ``echo`` puts the prompt's first, with a null first logprob, which is what
-  lm-evaluation-harness reads to score a text.
+  logprobs; ``echo`` puts the prompt's first, with a null first logprob, and every
+  generated token has an entry, the one that stopped it (EOS) included, as OpenAI's
+  and vLLM's: lm-evaluation-harness drops the last entry (``token_logprobs[ctxlen:-1]``)
+  to score a text, and without the EOS entry it dropped the text's last token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..engine.engine import PromptLogprob
-from ..tokenizer import Tokenizer
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
 
 FLOOR = -9999.0
 
@@ -42,16 +44,23 @@ def prompt_logprobs(tok: Tokenizer, prompt: Sequence[int], entries: Sequence[Pro
 
 
 def legacy(tok: Tokenizer, tokens: Sequence[int], logprobs: Sequence[float | None],
-           tops: Sequence[Sequence[tuple[int, float]] | None], k: int, offset: int) -> dict:
-    """The legacy ``logprobs`` object of ``tokens``; text offsets count from ``offset``.
+           tops: Sequence[Sequence[tuple[int, float]] | None], k: int, offsets: Sequence[int]) -> dict:
+    """The legacy ``logprobs`` object of ``tokens``, at ``offsets`` in the choice's text.
     A None logprob (the prompt's first token) has a None top_logprobs entry."""
-    piece: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t, lp, top in zip(tokens, logprobs, tops):
-        s = tok.token_str(t)
-        piece["tokens"].append(s)
-        piece["token_logprobs"].append(None if lp is None else api_logprob(lp))
-        piece["top_logprobs"].append(None if lp is None else
-                                     {tok.token_str(a): api_logprob(v) for a, v in list(top or ())[:k]})
-        piece["text_offset"].append(offset)
-        offset += len(s)
-    return piece
+    return {
+        "tokens": [tok.token_str(t) for t in tokens],
+        "token_logprobs": [None if lp is None else api_logprob(lp) for lp in logprobs],
+        "top_logprobs": [None if lp is None else {tok.token_str(a): api_logprob(v) for a, v in list(top or ())[:k]}
+                         for lp, top in zip(logprobs, tops)],
+        "text_offset": list(offsets),
+    }
+
+
+def text_offsets(tok: Tokenizer, tokens: Sequence[int]) -> list[int]:
+    """Where each token's text starts in ``tok.decode(tokens)`` (a special token, which
+    decodes to nothing, where the next text starts), in one linear pass."""
+    detok, offsets, length = IncrementalDetokenizer(tok), [], 0
+    for t in tokens:
+        offsets.append(length)
+        length += len(detok.push(t))
+    return offsets

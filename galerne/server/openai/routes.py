@@ -15,7 +15,7 @@ from ...errors import InvalidParameter
 from ..auth import require_api_key
 from ..chat import new_id
 from ..dialect import Dialect
-from ..logprobs import legacy, prompt_logprobs
+from ..logprobs import legacy, prompt_logprobs, text_offsets
 from ..mistral.routes import body_schema
 from ..protocol import sampling_params
 from ..serving import Generation, Responder, read_json, respond, validate
@@ -87,12 +87,14 @@ class TextResponder(Responder):
             prompt = self.gen.prompts[i // self.gen.params.n]
             entries = out.prompt_logprobs or [None] * len(prompt)
             pieces.append(legacy(tok, prompt, [None if e is None else e.logprob for e in entries],
-                                 [None if e is None else e.top for e in entries], self.logprobs, 0))
+                                 [None if e is None else e.top for e in entries], self.logprobs,
+                                 text_offsets(tok, prompt)))
         if out.logprobs is not None:
-            ids = out.answer_token_ids
-            offset = len(self.text[i]) - len(out.text)
-            pieces.append(legacy(tok, ids, out.logprobs[: len(ids)], (out.top_logprobs or [[]] * len(ids))[: len(ids)],
-                                 self.logprobs, offset))
+            # Every generated token, the stop token (EOS) too: completion_tokens entries.
+            ids = out.token_ids
+            start = len(self.text[i]) - len(out.text)  # where this output's text starts
+            pieces.append(legacy(tok, ids, out.logprobs, out.top_logprobs or [[]] * len(ids), self.logprobs,
+                                 [start] * len(ids)))
         piece = {key: [v for p in pieces for v in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
                                                                        "text_offset")}
         for key, values in piece.items():
