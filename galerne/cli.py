@@ -100,16 +100,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             return 2
         print(f"galerne: WARNING: listening on {settings.host} with NO authentication (--allow-no-auth)", file=sys.stderr)
 
-    import uvicorn
-
     from .server import create_app
+    from .server.transport import Server, uvicorn_config
 
     llm = _load(ns)
     name = Path(ns.model).expanduser().resolve().name if Path(ns.model).expanduser().exists() else ns.model
     app = create_app(llm, settings, model_name=name)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(uvicorn_config(app, settings))
 
     async def run() -> None:
         # The startup line comes once the socket is bound, so a port of 0 shows the real one.

@@ -126,6 +126,12 @@ class ServerSettings:
                                                "first is the id, the others aliases; default: the model folder's name or Hub id)", sep=",")
     max_queued_requests: int = setting(256, "most requests waiting for a slot in the engine; past it, 429 with Retry-After")
     drain_timeout: float = setting(60.0, "seconds a shutdown (SIGTERM) waits for in-flight requests to finish")
+    max_body_mb: float = setting(2.0, "largest request body, in MiB; past it, 413")
+    header_timeout: float = setting(10.0, "seconds a connection has to send a request's headers (from its first byte, "
+                                          "or from connecting); past it, the connection is closed")
+    body_timeout: float = setting(30.0, "seconds a client has to send a request's body once its headers are in; past it, 408")
+    max_connections: int = setting(1024, "most open connections (lowered to what the open-file limit allows); past it, "
+                                          "the connection idle the longest is closed, or the new one refused if none is idle")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -137,6 +143,15 @@ class ServerSettings:
         for i, key in enumerate(self.api_key):
             if not key or key != key.strip():
                 raise InvalidParameter(f"api_key[{i}]", "must be non-empty, without surrounding spaces")
+        for name in ("max_body_mb", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise InvalidParameter("max_connections", f"must be at least 1, got {self.max_connections}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 # --------------------------------------------------------------------------- the mechanism

@@ -33,6 +33,7 @@ from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import chat, errors
 from . import dialect as dialects
 from .auth import require_api_key
+from .guards import BodyGuard
 from .metrics import Metrics
 from .mistral import routes as mistral_routes
 from .mistral.protocol import MistralChatCompletionRequest, MistralFIMCompletionRequest
@@ -79,6 +80,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.state.server = server
     app.state.api_keys = tuple(k.encode() for k in settings.api_key)
     errors.install(app)
+    # Outermost last: _Tracking, BodyGuard, then FastAPI's exception handling and the routes.
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(_Tracking, server=server)
     app.include_router(chat.router)
     app.include_router(openai_routes.router)
