@@ -99,6 +99,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                   "proxy in front authenticates.", file=sys.stderr)
             return 2
         print(f"galerne: WARNING: listening on {settings.host} with NO authentication (--allow-no-auth)", file=sys.stderr)
+        if not settings.allowed_host:
+            print("galerne: without an API key, only requests for Host localhost, 127.0.0.1, [::1] or "
+                  f"{settings.host} are answered: give the names clients use with --allowed-host NAME "
+                  "(or --allowed-host '*')", file=sys.stderr)
 
     from .server import create_app
     from .server.transport import Server, uvicorn_config

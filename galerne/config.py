@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -132,6 +133,10 @@ class ServerSettings:
     body_timeout: float = setting(30.0, "seconds a client has to send a request's body once its headers are in; past it, 408")
     max_connections: int = setting(1024, "most open connections (lowered to what the open-file limit allows); past it, "
                                           "the connection idle the longest is closed, or the new one refused if none is idle")
+    allowed_origin: list[str] = setting([], "origin (scheme://host[:port]) whose web pages may call the server "
+                                            "(CORS); repeatable or comma-separated; '*': any", sep=",")
+    allowed_host: list[str] = setting([], "without an API key, a Host name the server answers to besides localhost, "
+                                          "127.0.0.1, [::1] and --host; repeatable or comma-separated; '*': any", sep=",")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -148,6 +153,13 @@ class ServerSettings:
                 raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise InvalidParameter("max_connections", f"must be at least 1, got {self.max_connections}")
+        for i, origin in enumerate(self.allowed_origin):
+            if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise InvalidParameter(f"allowed_origin[{i}]", f"must be scheme://host[:port] (no path), '*' or 'null', "
+                                                               f"got {origin!r}")
+        for i, host in enumerate(self.allowed_host):
+            if not host or "/" in host or host != host.strip():
+                raise InvalidParameter(f"allowed_host[{i}]", f"must be a host name (no scheme, no path), got {host!r}")
 
     @property
     def max_body_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Hostile and careless clients: bodies cut short, too big, too slow, too wordy;
-sockets that say nothing; more connections than file descriptors. Each gets a
-clear 4xx (or a closed socket), none a 500 or a hang, and the other clients keep
-being served.
+sockets that say nothing; more connections than file descriptors; web pages that
+try to drive a local server. Each gets a clear 4xx (or a closed socket), none a
+500 or a hang, and the other clients keep being served.
 
 The server runs as ``galerne serve`` runs it (``transport.uvicorn_config``), in a
 thread, or in a subprocess where a limit of the process is the point.
@@ -23,6 +23,7 @@ import time
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 from test_server import USER, LiveServer, wait_idle
 
 from galerne import LLM
@@ -371,3 +372,88 @@ def test_the_bounds_are_settings_checked_once():
     for field, value in [("max_body_mb", 0), ("header_timeout", -1), ("body_timeout", 0), ("max_connections", 0)]:
         with pytest.raises(Exception, match=field):
             ServerSettings(**{field: value})
+
+
+# ------------------------------------------------------------------ browsers and local networks
+
+
+def client_for(tiny, **settings) -> TestClient:
+    """The app in-process, no lifespan (the engine is not started: /health says 503)."""
+    llm = LLM(tiny, device="cpu", kv_cache_gb=0.02)
+    return TestClient(create_app(llm, ServerSettings(served_model_name=[MODEL], **settings)),
+                      base_url="http://127.0.0.1:8000")
+
+
+def test_without_a_key_only_loopback_host_names_are_answered(tiny):
+    client = client_for(tiny, allowed_host=["gpu-box.lan"])
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST.", "gpu-box.lan:80"):
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"):
+        r = client.post(CHAT, headers={"Host": host}, json={"model": MODEL, "messages": USER})
+        error = r.json()["error"]
+        assert r.status_code == 403 and error["code"] == "host_not_allowed" and repr(host) in error["message"]
+        assert "localhost, 127.0.0.1, [::1], gpu-box.lan" in error["message"]
+    r = client.get("/health", headers={"Host": "evil.example", "User-Agent": "mistral-client-python/1.0"})
+    assert r.status_code == 403 and r.json()["object"] == "error"  # the dialect's envelope
+    anyhost = client_for(tiny, allowed_host=["*"])
+    assert anyhost.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
+    keyed = client_for(tiny, api_key=["k"])  # with a key, the key decides
+    assert keyed.get("/v1/models", headers={"Host": "evil.example"}).status_code == 401
+    assert keyed.get("/v1/models", headers={"Host": "api.example", "Authorization": "Bearer k"}).status_code == 200
+
+
+def test_without_a_key_cross_origin_requests_are_refused(tiny):
+    client = client_for(tiny)
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1}
+    r = client.post(CHAT, json=body, headers={"Origin": "http://evil.example"})
+    error = r.json()["error"]
+    assert r.status_code == 403 and error["code"] == "origin_not_allowed"
+    assert "--allowed-origin http://evil.example" in error["message"]
+    for origin in ("http://localhost:8000", "null", "http://127.0.0.1:9999"):
+        assert client.get("/v1/models", headers={"Origin": origin}).status_code == 403, origin
+    # The server's own pages (/docs) are of its own origin.
+    assert client.get("/v1/models", headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
+    assert client.get("/v1/models").status_code == 200  # no Origin: not a web page
+
+
+def test_allowed_origins_get_cors(tiny):
+    web = "http://localhost:3000"
+    preflight = {"Origin": web, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    for settings in (dict(allowed_origin=[web]), dict(allowed_origin=[web], api_key=["k"])):
+        client = client_for(tiny, **settings)
+        r = client.options(CHAT, headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == web
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = client.get("/v1/models", headers={"Origin": web, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == web
+        r = client.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
+        if "api_key" not in settings:
+            assert r.status_code == 403
+    keyed = client_for(tiny, api_key=["k"])  # a key and no allowed origin: no CORS at all
+    r = keyed.options(CHAT, headers=preflight)
+    assert "access-control-allow-origin" not in r.headers and r.status_code == 405
+
+
+def test_head_answers_where_get_does(tiny):
+    client = client_for(tiny)
+    for path in ("/health", "/metrics", "/v1/models", f"/v1/models/{MODEL}", "/docs", "/openapi.json"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    assert client.head(CHAT).status_code == 405
+    spec = client.get("/openapi.json").json()
+    assert not any("head" in ops for ops in spec["paths"].values())
+
+
+def test_allowed_origins_and_hosts_are_checked_once():
+    assert ServerSettings(allowed_origin=["http://localhost:3000", "https://app.example", "*", "null"])
+    assert ServerSettings(allowed_host=["gpu-box.lan", "10.0.0.2", "*"])
+    for origin in ("localhost:3000", "http://localhost:3000/", "ftp://x", ""):
+        with pytest.raises(Exception, match=r"allowed_origin\[0\]"):
+            ServerSettings(allowed_origin=[origin])
+    for host in ("http://gpu-box.lan", " gpu-box", ""):
+        with pytest.raises(Exception, match=r"allowed_host\[0\]"):
+            ServerSettings(allowed_host=[host])

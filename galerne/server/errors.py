@@ -60,6 +60,15 @@ class ClientGone(GalerneError):
     """The client disconnected before its response started (nobody reads the answer)."""
 
 
+class Forbidden(GalerneError):
+    """A request the server refuses to serve whoever sends it: a ``Host`` or an ``Origin``
+    it does not answer to (guards.py)."""
+
+    def __init__(self, message: str, code: str):
+        self.code = code
+        super().__init__(message)
+
+
 class BodyTooLarge(GalerneError):
     """The request body is past ``--max-body-mb``."""
 
@@ -109,6 +118,7 @@ class RequestInvalid(GalerneError):
 _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ClientGone, 499, "client_closed_request", None),  # nginx's code; nobody reads it
     (Unauthorized, 401, "authentication_error", "invalid_api_key"),
+    (Forbidden, 403, "permission_error", None),  # the code is the error's own
     (BodyTooLarge, 413, "invalid_request_error", "request_too_large"),
     (RequestTimeout, 408, "invalid_request_error", "request_timeout"),
     (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
@@ -130,7 +140,7 @@ def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | N
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, code
+            return status, kind, getattr(error, "code", None) if cls is Forbidden else code
     return 500, "server_error", "internal_error"
 
 
