@@ -99,17 +99,18 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                   "proxy in front authenticates.", file=sys.stderr)
             return 2
         print(f"galerne: WARNING: listening on {settings.host} with NO authentication (--allow-no-auth)", file=sys.stderr)
-
-    import uvicorn
+        if not settings.allowed_host:
+            print("galerne: without an API key, only requests for Host localhost, 127.0.0.1, [::1] or "
+                  f"{settings.host} are answered: give the names clients use with --allowed-host NAME "
+                  "(or --allowed-host '*')", file=sys.stderr)
 
     from .server import create_app
+    from .server.transport import Server, uvicorn_config
 
     llm = _load(ns)
     name = Path(ns.model).expanduser().resolve().name if Path(ns.model).expanduser().exists() else ns.model
     app = create_app(llm, settings, model_name=name)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(uvicorn_config(app, settings))
 
     async def run() -> None:
         # The startup line comes once the socket is bound, so a port of 0 shows the real one.

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -126,6 +127,16 @@ class ServerSettings:
                                                "first is the id, the others aliases; default: the model folder's name or Hub id)", sep=",")
     max_queued_requests: int = setting(256, "most requests waiting for a slot in the engine; past it, 429 with Retry-After")
     drain_timeout: float = setting(60.0, "seconds a shutdown (SIGTERM) waits for in-flight requests to finish")
+    max_body_mb: float = setting(2.0, "largest request body, in MiB; past it, 413")
+    header_timeout: float = setting(10.0, "seconds a connection has to send a request's headers (from its first byte, "
+                                          "or from connecting); past it, the connection is closed")
+    body_timeout: float = setting(30.0, "seconds a client has to send a request's body once its headers are in; past it, 408")
+    max_connections: int = setting(1024, "most open connections (lowered to what the open-file limit allows); past it, "
+                                          "the connection idle the longest is closed, or the new one refused if none is idle")
+    allowed_origin: list[str] = setting([], "origin (scheme://host[:port]) whose web pages may call the server "
+                                            "(CORS); repeatable or comma-separated; '*': any", sep=",")
+    allowed_host: list[str] = setting([], "without an API key, a Host name the server answers to besides localhost, "
+                                          "127.0.0.1, [::1] and --host; repeatable or comma-separated; '*': any", sep=",")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -137,6 +148,22 @@ class ServerSettings:
         for i, key in enumerate(self.api_key):
             if not key or key != key.strip():
                 raise InvalidParameter(f"api_key[{i}]", "must be non-empty, without surrounding spaces")
+        for name in ("max_body_mb", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise InvalidParameter("max_connections", f"must be at least 1, got {self.max_connections}")
+        for i, origin in enumerate(self.allowed_origin):
+            if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise InvalidParameter(f"allowed_origin[{i}]", f"must be scheme://host[:port] (no path), '*' or 'null', "
+                                                               f"got {origin!r}")
+        for i, host in enumerate(self.allowed_host):
+            if not host or "/" in host or host != host.strip():
+                raise InvalidParameter(f"allowed_host[{i}]", f"must be a host name (no scheme, no path), got {host!r}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 # --------------------------------------------------------------------------- the mechanism

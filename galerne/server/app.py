@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -33,6 +34,7 @@ from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import chat, errors
 from . import dialect as dialects
 from .auth import require_api_key
+from .guards import BodyGuard, HeadAsGet, LocalGuard
 from .metrics import Metrics
 from .mistral import routes as mistral_routes
 from .mistral.protocol import MistralChatCompletionRequest, MistralFIMCompletionRequest
@@ -79,7 +81,16 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.state.server = server
     app.state.api_keys = tuple(k.encode() for k in settings.api_key)
     errors.install(app)
+    # Outermost last: HeadAsGet, _Tracking, LocalGuard (no API key only), CORS (allowed
+    # origins only), BodyGuard, then FastAPI's exception handling and the routes.
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    if settings.allowed_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin, allow_headers=["*"],
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
+    if not settings.api_key:
+        app.add_middleware(LocalGuard, settings=settings)
     app.add_middleware(_Tracking, server=server)
+    app.add_middleware(HeadAsGet)
     app.include_router(chat.router)
     app.include_router(openai_routes.router)
     app.include_router(mistral_routes.router)

@@ -60,6 +60,27 @@ class ClientGone(GalerneError):
     """The client disconnected before its response started (nobody reads the answer)."""
 
 
+class Forbidden(GalerneError):
+    """A request the server refuses to serve whoever sends it: a ``Host`` or an ``Origin``
+    it does not answer to (guards.py)."""
+
+    def __init__(self, message: str, code: str):
+        self.code = code
+        super().__init__(message)
+
+
+class BodyTooLarge(GalerneError):
+    """The request body is past ``--max-body-mb``."""
+
+
+class RequestTimeout(GalerneError):
+    """The client did not send its request body within ``--body-timeout``."""
+
+
+class TextTooLong(GalerneError):
+    """More text than the context can hold, refused before tokenizing (serving.read_json)."""
+
+
 @dataclass
 class FieldError:
     loc: tuple  # ("body", "messages", 0, "content")
@@ -97,6 +118,10 @@ class RequestInvalid(GalerneError):
 _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ClientGone, 499, "client_closed_request", None),  # nginx's code; nobody reads it
     (Unauthorized, 401, "authentication_error", "invalid_api_key"),
+    (Forbidden, 403, "permission_error", None),  # the code is the error's own
+    (BodyTooLarge, 413, "invalid_request_error", "request_too_large"),
+    (RequestTimeout, 408, "invalid_request_error", "request_timeout"),
+    (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
@@ -115,7 +140,7 @@ def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | N
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, code
+            return status, kind, getattr(error, "code", None) if cls is Forbidden else code
     return 500, "server_error", "internal_error"
 
 
@@ -131,6 +156,8 @@ def error_body(error: BaseException, dialect: Dialect) -> tuple[int, dict, dict]
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, (BodyTooLarge, RequestTimeout)):  # the rest of the body is not read (transport.py)
+        headers["Connection"] = "close"
     if dialect is Dialect.MISTRAL:
         body = {"object": "error", "message": message, "type": kind, "param": param, "code": code}
         if isinstance(error, RequestInvalid):

@@ -39,10 +39,19 @@ class Metrics:
                              labels, buckets=_LATENCY, registry=r).labels(model)
         self.in_flight = Gauge("galerne_requests_in_flight", "HTTP requests being answered", labels, registry=r).labels(model)
         self.queued = Gauge("galerne_requests_queued", "engine requests admitted that have no token yet", labels, registry=r).labels(model)
+        # Connections (server/transport.py): open ones, and those the server closed, by why.
+        self.connections = Gauge("galerne_http_connections", "open HTTP connections", labels, registry=r).labels(model)
+        self._closed = Counter("galerne_http_connections_closed", "connections the server closed: header_timeout (no "
+                               "request headers in time), evicted (idle, at --max-connections), refused (at "
+                               "--max-connections, none idle), idle_bytes (too much data while no request ran)",
+                               ["model", "reason"], registry=r)
         r.register(_EngineCollector(model, engine_stats))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self._closed.labels(self.model, reason).inc()
 
     def finished(self, reason: str) -> None:
         self._finished.labels(self.model, reason).inc()

@@ -40,6 +40,7 @@ from .errors import (
     Overloaded,
     RequestInvalid,
     ShuttingDown,
+    TextTooLong,
     error_body,
 )
 from .state import ServerState
@@ -51,12 +52,36 @@ T = TypeVar("T")
 
 # ------------------------------------------------------------------ request bodies
 
+# Characters per token, an upper bound for real text (which averages about 4; the margin
+# covers code indentation and long words): text past ``max_model_len`` times this would
+# not fit the context, and is refused before anything tokenizes it. Only contrived text
+# (a long run of one character, which a tokenizer may pack into long tokens) could.
+CHARS_PER_TOKEN = 16
+# Bodies past this size are parsed in a worker thread, with the text count (a Python
+# walk, which then leaves the loop its turns); a thread hop costs more than parsing a
+# small body. json.loads itself holds the GIL whatever the thread: what bounds its
+# time is the body limit (guards.BodyGuard).
+THREAD_MIN_BYTES = 64 * 1024
+
 
 async def read_json(request: Request) -> Any:
-    """The JSON body; a malformed one is a RequestInvalid that says where it breaks."""
-    raw = await request.body()
+    """The JSON body. A malformed one is a RequestInvalid that says where it breaks;
+    more text than the context can hold is a TextTooLong; a client gone while sending
+    it is a ClientGone. Its size and the time it takes to come are bounded before
+    (guards.BodyGuard: 413, 408)."""
     try:
-        return json.loads(raw)
+        raw = await request.body()
+    except ClientDisconnect:  # a 499 in the metrics, not a 500 in the logs
+        raise ClientGone() from None
+    context = request.app.state.server.max_model_len
+    if len(raw) < THREAD_MIN_BYTES:
+        return _parse(raw, context)
+    return await asyncio.to_thread(_parse, raw, context)
+
+
+def _parse(raw: bytes, context: int) -> Any:
+    try:
+        body = json.loads(raw)
     except RecursionError:  # the decoder recurses on each nested object or list
         raise RequestInvalid([FieldError(("body",), "malformed JSON: objects and lists nested too deeply",
                                          "json_invalid")]) from None
@@ -64,6 +89,43 @@ async def read_json(request: Request) -> Any:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestInvalid([FieldError(("body",), f"malformed JSON{where}: {e.msg if hasattr(e, 'msg') else e}",
                                          "json_invalid")]) from None
+    limit = context * CHARS_PER_TOKEN
+    if len(raw) > limit:  # else it holds fewer characters of text than bytes: no need to count
+        check_text_length(text_chars(body), context)
+    return body
+
+
+def check_text_length(chars: int, context: int) -> None:
+    """TextTooLong when ``chars`` characters cannot fit a context of ``context`` tokens."""
+    limit = context * CHARS_PER_TOKEN
+    if chars > limit:
+        raise TextTooLong(f"the request holds {chars:,} characters of text, more than the model's context of "
+                          f"{context:,} tokens can hold (at most {limit:,} characters, {CHARS_PER_TOKEN} per token); "
+                          "shorten the prompt or messages")
+
+
+def text_chars(body: Any) -> int:
+    """The characters of the strings in a parsed JSON body (keys too). Each item of a
+    top-level ``prompt`` list is a prompt of its own (legacy completions): the list
+    counts as its longest item."""
+    if isinstance(body, dict) and isinstance(body.get("prompt"), list) and body["prompt"]:
+        rest = _chars([v for k, v in body.items() if k != "prompt"]) + sum(len(k) for k in body)
+        return rest + max(_chars(p) for p in body["prompt"])
+    return _chars(body)
+
+
+def _chars(value: Any) -> int:
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += sum(len(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return total
 
 
 def validate(model: type[M], body: Any) -> M:
