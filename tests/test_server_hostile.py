@@ -457,3 +457,35 @@ def test_allowed_origins_and_hosts_are_checked_once():
     for host in ("http://gpu-box.lan", " gpu-box", ""):
         with pytest.raises(Exception, match=r"allowed_host\[0\]"):
             ServerSettings(allowed_host=[host])
+
+
+def test_big_bodies_are_validated_off_the_event_loop(tiny, monkeypatch):
+    """pydantic walks every item of a big body (40,000 prompts of token ids, 300 KB):
+    not on the loop, which other clients share. Small bodies stay on it (a thread hop
+    costs more than they do)."""
+    from galerne.server import serving
+
+    threads: list[bool] = []
+    validate = serving.validate
+
+    def spy(model, body):
+        threads.append(_on_loop())
+        return validate(model, body)
+
+    monkeypatch.setattr(serving, "validate", spy)
+    with serve(tiny) as live:
+        for prompt in ([5, 6], [[5, 6]] * 40_000):
+            r = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, "prompt": prompt},
+                           timeout=120)
+            assert r.status_code in (200, 400, 429)
+    assert threads == [True, False]
+
+
+def _on_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

@@ -45,7 +45,7 @@ from .logprobs import api_logprob, prompt_logprobs
 from .mistral.protocol import MistralChatCompletionRequest
 from .openai.protocol import OpenAIChatCompletionRequest
 from .protocol import ChatRequest, sampling_params
-from .serving import Generation, Responder, read_json, respond, validate
+from .serving import Generation, Responder, read_json, read_request, respond
 from .state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -68,7 +68,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request)
     dialect = dialects.detect(request, body)
     wire = OpenAIChatCompletionRequest if dialect is Dialect.OPENAI else MistralChatCompletionRequest
-    req = validate(wire, body).normalize()
+    req = (await read_request(request, wire, body)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
     # Checking, tokenizing and compiling a grammar take CPU time: not on the event loop.

@@ -13,7 +13,7 @@ from ..auth import require_api_key
 from ..chat import ChatResponder, new_id
 from ..dialect import Dialect
 from ..protocol import sampling_params
-from ..serving import Generation, read_json, respond, validate
+from ..serving import Generation, read_request, respond
 from ..state import ServerState
 from .protocol import MistralFIMCompletionRequest
 
@@ -30,7 +30,7 @@ def body_schema(name: str) -> dict:
 async def fim_completions(request: Request) -> Response:
     """The code between ``prompt`` and ``suffix``, through mistral-common's FIM encoding.
     The answer has the shape of a chat completion, as La Plateforme's."""
-    req = validate(MistralFIMCompletionRequest, await read_json(request)).normalize()
+    req = (await read_request(request, MistralFIMCompletionRequest)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
     params = sampling_params(req.sampling)

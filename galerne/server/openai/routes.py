@@ -18,7 +18,7 @@ from ..dialect import Dialect
 from ..logprobs import legacy, prompt_logprobs, text_offsets
 from ..mistral.routes import body_schema
 from ..protocol import sampling_params
-from ..serving import Generation, Responder, read_json, respond, validate
+from ..serving import Generation, Responder, read_request, respond
 from ..state import ServerState
 from .protocol import OpenAICompletionRequest
 
@@ -30,7 +30,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 async def completions(request: Request) -> Response:
     """Complete each prompt (text or token ids); with ``suffix``, fill in the middle
     between the prompt and the suffix (mistral-common's FIM encoding)."""
-    req = validate(OpenAICompletionRequest, await read_json(request)).normalize()
+    req = (await read_request(request, OpenAICompletionRequest)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
     tok = server.tokenizer
