@@ -59,6 +59,77 @@ def mistral_tool_call_id(foreign_id: str) -> str:
     return hashlib.sha256(foreign_id.encode()).hexdigest()[:9]
 
 
+# ------------------------------------------------------------------ text
+
+
+def find_lone_surrogate(value: Any) -> tuple[tuple, str] | None:
+    """Where the first lone UTF-16 surrogate in a JSON value's strings (dict keys
+    included) is, and the surrogate; None if there is none.
+
+    JSON may escape half of a surrogate pair (``"\\ud800"``); Python decodes it to a
+    ``str`` that is not valid Unicode, which every encoder (the tokenizers, llguidance)
+    fails on. ``where`` is a path of keys and indexes (a key's own surrogate: the
+    path to that key, the key written with escapes as ``ascii`` writes it). Linear in
+    the value's size, without recursion."""
+    todo: list[tuple[Any, Any, Any]] = [(None, None, value)]  # (parent entry, key, node)
+    while todo:
+        entry = todo.pop()
+        node = entry[2]
+        if isinstance(node, str):
+            bad = _surrogate(node)
+            if bad is not None:
+                return _path(entry), bad
+        elif isinstance(node, dict):
+            items = list(node.items())
+            for k, _ in items:
+                bad = _surrogate(k) if isinstance(k, str) else None
+                if bad is not None:  # the key is written escaped: the path goes into error bodies
+                    return _path((entry, ascii(k)[1:-1], None)), bad
+            todo += [(entry, k, v) for k, v in reversed(items)]
+        elif isinstance(node, (list, tuple)):
+            todo += [(entry, i, v) for i, v in reversed(list(enumerate(node)))]
+    return None
+
+
+def _surrogate(text: str) -> str | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
+def _path(entry) -> tuple:
+    out = []
+    while entry is not None and entry[0] is not None:
+        out.append(entry[1])
+        entry = entry[0]
+    return tuple(reversed(out))
+
+
+def field_name(where: tuple, base: str = "") -> str:
+    """``("messages", 0, "content")`` as galerne names fields: ``messages[0].content``."""
+    out = base
+    for part in where:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def surrogate_message(char: str) -> str:
+    return f"contains a lone UTF-16 surrogate ({ascii(char)[1:-1]}), which is not valid Unicode text"
+
+
+def check_text(value: Any, field: str) -> None:
+    """Raise InvalidParameter naming ``field`` (and the place inside it) if a string in
+    ``value`` holds a lone surrogate (see ``find_lone_surrogate``)."""
+    found = find_lone_surrogate(value)
+    if found is not None:
+        where, char = found
+        raise InvalidParameter(field_name(where, field), surrogate_message(char))
+
+
 # ------------------------------------------------------------------ the normalised form
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -109,6 +180,9 @@ class Conversation:
               parallel_tool_calls: Any = True) -> Conversation:
         """Check a chat request's conversation and options (API shapes); raises
         ``InvalidParameter`` naming the field."""
+        for name, value in (("messages", messages), ("tools", tools), ("tool_choice", tool_choice),
+                            ("response_format", response_format)):
+            check_text(value, name)
         checked, prefix = check_messages(messages)
         tools = check_tools(tools)
         if not isinstance(parallel_tool_calls, bool):

@@ -5,6 +5,13 @@ Every model allows extra fields: a parameter we do not know is ignored, never an
 error, so that clients newer than this server keep working. The conversation
 (roles, content parts, tool calls, tools, tool_choice, response_format) is checked
 by ``galerne.conversation``, which names the field at fault in the same way.
+
+Types are strict (pydantic's strict mode): ``max_tokens: "10"``, ``max_tokens: true``,
+``n: 1.5`` or ``stream: "yes"`` are refused, not coerced; a number field takes an
+integer (``temperature: 1``), as JSON does not tell 1 from 1.0. And no string
+anywhere in a body (known field or not, dict keys included) may hold a lone UTF-16
+surrogate (``"\\ud800"``): the encoders cannot take it, so it is refused naming the
+place (``messages[0].content``), as any other invalid value.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..conversation import find_lone_surrogate, surrogate_message
 from ..errors import InvalidParameter
 from ..sampling.params import (
     MAX_LOGPROBS,
@@ -21,10 +29,25 @@ from ..sampling.params import (
     MISTRAL_DEFAULT_TEMPERATURE,
     SamplingParams,
 )
+from .errors import FieldError, RequestInvalid
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
+
+
+class RequestBody(Wire):
+    """A whole request body: its text is checked once, here (see the module's doc)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            where, char = found
+            # Not a ValueError: pydantic lets it through, with the place inside the body.
+            raise RequestInvalid([FieldError(("body", *where), surrogate_message(char), "string_unicode")])
+        return data
 
 
 # ---------------------------------------------------------------- messages
@@ -111,7 +134,7 @@ Seed = Annotated[int | None, Field(None, ge=-(2**63), le=2**64 - 1, description=
 TopLogprobs = Annotated[int | None, Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token, with logprobs")]
 
 
-class SamplingFields(Wire):
+class SamplingFields(RequestBody):
     """Fields every generation endpoint takes, and galerne's extensions (vLLM's names)."""
 
     temperature: Temperature

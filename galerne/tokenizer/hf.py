@@ -14,6 +14,7 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from galerne.conversation import check_text
 from galerne.errors import InvalidParameter, TokenizerError
 
 from .base import Tokenizer
@@ -70,6 +71,7 @@ class HFTokenizer(Tokenizer):
         return token_id
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        check_text(text, "prompt")
         # The post-processor would add specials by its own rules; we add them as asked instead.
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if bos and self.bos_id is not None:

@@ -22,7 +22,7 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerV
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from galerne.conversation import mistral_tool_call_id
+from galerne.conversation import check_text, mistral_tool_call_id
 from galerne.errors import InvalidParameter, TokenizerError
 
 from .base import Tokenizer
@@ -49,6 +49,7 @@ class MistralCommonTokenizer(Tokenizer):
         self.eos_id = self._tok.eos_id
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        check_text(text, "prompt")
         return self._tok.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids: Sequence[int], *, keep_special: bool = False) -> str:
@@ -132,6 +133,8 @@ class MistralCommonTokenizer(Tokenizer):
         markers = (getattr(it, "PREFIX", None), getattr(it, "SUFFIX", None))
         if None in markers or self._tok.unk_id in markers:
             raise TokenizerError(f"{self.path}: tokenizer {self.version} has no fill-in-the-middle tokens")
+        check_text(prompt, "prompt")
+        check_text(suffix, "suffix")
         try:
             return self._mt.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens
         except (MistralCommonException, ValueError) as e:

@@ -1,0 +1,184 @@
+"""Bad input is a clear 4xx naming the field, never a 5xx, a hang or a stall; and what
+a request may ask is bounded (issue #12): lone surrogates in any text field, strict
+wire types, schemas that no finite JSON matches, more prompts than the queue holds,
+stop strings, caches bounded by bytes, the detokenizer's set-up."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from test_server import LiveServer
+
+from galerne import LLM, SamplingParams
+from galerne.config import ServerSettings
+from galerne.errors import InvalidParameter
+from galerne.server import create_app
+
+KEY = "k"
+QUEUE = 8  # the test server's max_queued_requests
+USER = [{"role": "user", "content": "Hi"}]
+BAD = "\ud800"  # a lone surrogate: JSON can write it ("\ud800"), no encoder can take it
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_factory):
+    return LLM(tiny_factory("mistral")[0], device="cpu", max_model_len=128, kv_cache_gb=0.01, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    app = create_app(llm, ServerSettings(api_key=[KEY], served_model_name=["m"], max_queued_requests=QUEUE))
+    with LiveServer(app) as server:
+        yield server
+
+
+def send(live, path: str, body: dict, dialect: str = "openai") -> httpx.Response:
+    # json.dumps escapes a lone surrogate as JSON allows ("\ud800"); httpx's own encoder would fail on it.
+    return httpx.post(live.url + path, content=json.dumps({"model": "m", **body}).encode(), timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", "X-Galerne-Dialect": dialect,
+                               "Content-Type": "application/json"})
+
+
+def refused(live, path: str, body: dict, dialect: str = "openai") -> tuple[int, dict]:
+    """(status, error) of a request that must be refused in the dialect's envelope."""
+    r = send(live, path, body, dialect)
+    error = r.json()
+    if dialect == "openai":
+        error = error["error"]
+    else:
+        assert error["object"] == "error"
+    assert 400 <= r.status_code < 500, (r.status_code, error)
+    return r.status_code, error
+
+
+def assert_idle(live) -> None:
+    stats = live.state.engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+
+
+# ------------------------------------------------------------------ lone surrogates
+
+CHAT = "/v1/chat/completions"
+TOOL = {"type": "function", "function": {"name": "f", "description": "d",
+                                         "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": "x"}'}}
+
+
+def _with_tool_history(**call_fields) -> list[dict]:
+    call = {**CALL, "function": {**CALL["function"], **call_fields}}
+    return [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+
+
+# (route, dialects, body, the field the error names)
+SURROGATES = [
+    (CHAT, ("openai", "mistral"), {"messages": [{"role": "user", "content": f"a{BAD}b"}]}, "messages[0].content"),
+    (CHAT, ("openai", "mistral"), {"messages": [{"role": "user", "content": [{"type": "text", "text": BAD}]}]},
+     "messages[0].content[0].text"),
+    (CHAT, ("openai", "mistral"), {"messages": [{"role": "system", "content": "é" + BAD}, *USER]}, "messages[0].content"),
+    (CHAT, ("openai",), {"messages": [{"role": "user", "content": "hi", "name": BAD}]}, "messages[0].name"),
+    (CHAT, ("openai", "mistral"), {"messages": _with_tool_history(name=BAD)}, "messages[1].tool_calls[0].function.name"),
+    (CHAT, ("openai", "mistral"), {"messages": _with_tool_history(arguments='{"a": "' + BAD + '"}')},
+     "messages[1].tool_calls[0].function.arguments"),
+    (CHAT, ("mistral",), {"messages": _with_tool_history(arguments={"a": BAD})},
+     "messages[1].tool_calls[0].function.arguments.a"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "tools": [{**TOOL, "function": {**TOOL["function"], "name": BAD}}]},
+     "tools[0].function.name"),
+    (CHAT, ("openai", "mistral"),
+     {"messages": USER, "tools": [{**TOOL, "function": {**TOOL["function"], "description": BAD}}]},
+     "tools[0].function.description"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "tools": [{**TOOL, "function": {
+        **TOOL["function"], "parameters": {"type": "object", "properties": {BAD: {"type": "string"}}}}}]},
+     "tools[0].function.parameters.properties.\\ud800"),  # a key: written escaped
+    (CHAT, ("openai", "mistral"), {"messages": USER, "tools": [TOOL],
+                                   "tool_choice": {"type": "function", "function": {"name": BAD}}},
+     "tool_choice.function.name"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "stop": BAD}, "stop"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "stop": ["ok", BAD]}, "stop[1]"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "string", "enum": ["a", BAD]}}}}, "response_format.json_schema.schema.enum[1]"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "schema": '{"type": "string", "description": "' + BAD + '"}'}}}, "response_format.json_schema.schema"),
+    (CHAT, ("openai",), {"messages": USER, "user": BAD}, "user"),
+    (CHAT, ("mistral",), {"messages": USER, "metadata": {"k": BAD}}, "metadata.k"),
+    (CHAT, ("openai", "mistral"), {"messages": USER, "unknown_extension": [BAD]}, "unknown_extension[0]"),
+    ("/v1/completions", ("openai",), {"prompt": BAD}, "prompt"),
+    ("/v1/completions", ("openai",), {"prompt": ["ok", BAD]}, "prompt[1]"),
+    ("/v1/completions", ("openai",), {"prompt": "def f(", "suffix": BAD}, "suffix"),
+    ("/v1/completions", ("openai",), {"prompt": "ok", "stop": [BAD]}, "stop[0]"),
+    ("/v1/fim/completions", ("mistral",), {"prompt": BAD, "suffix": "x"}, "prompt"),
+    ("/v1/fim/completions", ("mistral",), {"prompt": "def f(", "suffix": BAD}, "suffix"),
+    ("/v1/fim/completions", ("mistral",), {"prompt": "def f(", "stop": BAD}, "stop"),
+]
+
+
+@pytest.mark.parametrize("path, dialects, body, field", SURROGATES,
+                         ids=[f"{case[0]}:{case[3]}" for case in SURROGATES])
+def test_a_lone_surrogate_in_any_text_field_is_a_4xx_naming_it(live, path, dialects, body, field):
+    for dialect in dialects:
+        status, error = refused(live, path, {"max_tokens": 2, **body}, dialect)
+        assert status == (400 if dialect == "openai" else 422), dialect  # as any invalid value
+        assert error["param"] == field, dialect
+        assert "lone UTF-16 surrogate (\\ud800)" in error["message"], dialect
+    assert_idle(live)
+
+
+def test_a_surrogate_pair_is_text(live):
+    """JSON's escaped pairs ("\\ud83d\\ude00") are one character, and fine."""
+    r = send(live, CHAT, {"messages": [{"role": "user", "content": "smile \U0001F600"}], "max_tokens": 1})
+    assert r.status_code == 200
+    raw = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    r = httpx.post(live.url + CHAT, content=raw, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_the_offline_api_refuses_a_lone_surrogate_naming_the_field(llm):
+    params = SamplingParams(max_tokens=1)
+    for call, field in [
+        (lambda: llm.generate("a" + BAD, params), "prompt"),
+        (lambda: llm.chat([{"role": "user", "content": [{"type": "text", "text": BAD}]}], params),
+         "messages[0].content[0].text"),
+        (lambda: llm.tokenizer.encode_fim("def f(", BAD), "suffix"),
+    ]:
+        with pytest.raises(InvalidParameter) as e:
+            call()
+        assert e.value.field == field and "lone UTF-16 surrogate" in str(e.value)
+
+
+# ------------------------------------------------------------------ strict types
+
+ROUTES = [
+    (CHAT, "openai", {"messages": USER}),
+    (CHAT, "mistral", {"messages": USER}),
+    ("/v1/completions", "openai", {"prompt": "Once"}),
+    ("/v1/fim/completions", "mistral", {"prompt": "def f(", "suffix": "):"}),
+]
+# Values that lax parsing would coerce (a bool for a number, a numeric string, "yes" for true).
+NOT_COERCED = [
+    ("max_tokens", True), ("max_tokens", "10"), ("max_tokens", 10.0), ("stream", "yes"), ("stream", 1),
+    ("n", 1.0), ("n", "2"), ("temperature", True), ("temperature", "0.5"), ("top_p", "1"), ("top_k", 5.0),
+    ("min_tokens", False), ("ignore_eos", "no"), ("presence_penalty", "0"),
+]
+PER_ROUTE = {
+    (CHAT, "openai"): [("parallel_tool_calls", "yes"), ("logprobs", "true"), ("top_logprobs", 1.0), ("seed", "1"),
+                       ("stream_options", {"include_usage": "yes"}), ("max_completion_tokens", "3")],
+    (CHAT, "mistral"): [("parallel_tool_calls", "yes"), ("logprobs", 1), ("safe_prompt", "yes"),
+                        ("random_seed", 1.0)],
+    ("/v1/completions", "openai"): [("echo", "yes"), ("logprobs", True), ("seed", "1"), ("best_of", 1.0)],
+    ("/v1/fim/completions", "mistral"): [("random_seed", "1")],
+}
+
+
+@pytest.mark.parametrize("path, dialect, body", ROUTES, ids=[f"{d}:{p}" for p, d, _ in ROUTES])
+def test_wire_types_are_strict_in_both_dialects(live, path, dialect, body):
+    for name, value in NOT_COERCED + PER_ROUTE[(path, dialect)]:
+        status, error = refused(live, path, {**body, "max_tokens": 1, name: value}, dialect)
+        assert status == (400 if dialect == "openai" else 422), (name, value)
+        assert error["param"].split(".")[0] == name, (name, value, error)
+    # A number field takes an integer: JSON does not tell 1 from 1.0.
+    r = send(live, path, {**body, "max_tokens": 1, "temperature": 1, "top_p": 1, "presence_penalty": 0,
+                          "repetition_penalty": 1, "stream": False}, dialect)
+    assert r.status_code == 200, r.text
+    assert_idle(live)
