@@ -182,3 +182,30 @@ def test_wire_types_are_strict_in_both_dialects(live, path, dialect, body):
                           "repetition_penalty": 1, "stream": False}, dialect)
     assert r.status_code == 200, r.text
     assert_idle(live)
+
+
+# ------------------------------------------------------------------ more prompts than the queue holds
+
+
+@pytest.mark.parametrize("prompt, n, field", [
+    (["a"] * (QUEUE + 1), 1, "prompt"),
+    ([[5, 6]] * (QUEUE + 1), 1, "prompt"),
+    (["a"] * 3, 3, "prompt"),  # n times the prompts: 9 completions
+    ("a", QUEUE + 1, "n"),
+])
+def test_more_completions_than_the_queue_ever_holds_is_a_400_not_a_429(live, prompt, n, field):
+    status, error = refused(live, "/v1/completions", {"prompt": prompt, "n": n, "max_tokens": 1})
+    assert status == 400 and error["param"] == field  # a 429 would be retried forever
+    assert f"queues at most {QUEUE} (max_queued_requests)" in error["message"]
+    assert_idle(live)
+
+
+def test_as_many_completions_as_the_queue_holds_run(live):
+    r = send(live, "/v1/completions", {"prompt": ["a", "b"], "n": QUEUE // 2, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == QUEUE
+
+
+@pytest.mark.parametrize("prompt", [[], [[]]])
+def test_an_empty_prompt_is_a_400(live, prompt):
+    status, error = refused(live, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert status == 400 and error["param"] == "prompt" and error["message"].endswith("is empty")

@@ -229,3 +229,13 @@ class TextRequest:
     logprobs: int | None = None
     stream: bool = False
     include_usage: bool = False
+
+    def check_size(self, max_queued: int) -> None:
+        """Refuse (400) a request for more completions (prompts times ``n``) than the server
+        ever queues (``max_queued_requests``): it could never be admitted, and a 429 would
+        have its client retry forever."""
+        k, n = len(self.prompts), self.sampling.get("n", 1)
+        if k * n > max_queued:
+            field, asked = ("n", f"n = {n} asks") if k == 1 else ("prompt", f"{k} prompts x n = {n} ask")
+            raise InvalidParameter(field, f"{asked} for {k * n} completions; this server queues at most {max_queued} "
+                                          "(max_queued_requests)")

@@ -33,6 +33,7 @@ async def completions(request: Request) -> Response:
     req = (await read_request(request, OpenAICompletionRequest)).normalize()
     server: ServerState = request.app.state.server
     model = server.check_model(req.model)
+    req.check_size(server.settings.max_queued_requests)
     tok = server.tokenizer
     kwargs = dict(req.sampling)
     asked_prompt_logprobs = kwargs.get("prompt_logprobs") is not None
