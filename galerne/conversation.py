@@ -24,9 +24,9 @@ import re
 import secrets
 import string
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
+from .cache import byte_cached
 from .errors import InvalidParameter
 
 # ------------------------------------------------------------------ tool-call ids
@@ -140,6 +140,8 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 # real schemas stay far below, and the checkers (jsonschema, the prompt encoder) recurse
 # on each level, so a deeper one is refused before it reaches them.
 MAX_SCHEMA_DEPTH = 64
+# What the checks of JSON schemas keep, keyed by the schemas' text (see galerne.cache).
+SCHEMA_CHECK_CACHE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -426,9 +428,10 @@ def check_json_schema(schema: dict, field: str) -> None:
         raise InvalidParameter(field, problem)
 
 
-@lru_cache(maxsize=256)
+@byte_cached(SCHEMA_CHECK_CACHE_BYTES)
 def _schema_problem(text: str) -> str | None:
-    # Cached by text: a server sees the same schemas (tools) request after request.
+    # Cached by text: a server sees the same schemas (tools) request after request; by
+    # bytes, as a schema may be megabytes (one over a quarter of the cache is not kept).
     import jsonschema  # comes with mistral-common
 
     schema = json.loads(text)
@@ -437,7 +440,140 @@ def _schema_problem(text: str) -> str | None:
     except jsonschema.exceptions.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         return f"invalid JSON schema{f' at {where}' if where else ''}: {e.message}"
+    if not _has_finite_value(schema):
+        return ("no finite JSON value can match the JSON schema: what it requires refers back to itself "
+                'without end (e.g. {"$ref": "#"}, or a property required at every level) or is impossible')
     return None
+
+
+def _has_finite_value(schema: Any) -> bool:
+    """Whether some finite JSON value can match ``schema``, as far as its references
+    decide: False for ``{"$ref": "#"}``, for an object that requires a property whose
+    schema is the object's own, for an array that needs at least one item of its own
+    schema... (a grammar compiled from such a schema has no end: the constrained
+    decoder would stall or fail mid-answer). Recursion with a way out (an optional
+    property, an ``anyOf`` branch, ``minItems`` 0) is fine.
+
+    Keywords that do not take part in references (string formats, numbers, ``not``,
+    ``if``) count as satisfiable: this only rules out what references make impossible.
+    The least fixpoint of "productive" over the schema's graph, in linear time."""
+    # Formula nodes: ("and" | "or", [children]); a child is a node index, True or False.
+    kinds: list[str] = []
+    children: list[list] = []
+    of_schema: dict[int, int] = {}  # id(schema dict) -> its node
+    todo: list[tuple[int, dict]] = []
+    keep: list[Any] = []  # the dicts whose id() is a key above stay alive
+
+    def node(kind: str, kids: list) -> int:
+        kinds.append(kind)
+        children.append(kids)
+        return len(kinds) - 1
+
+    def ref(sub: Any) -> int | bool:
+        if isinstance(sub, bool):
+            return sub
+        if not isinstance(sub, dict):
+            return True  # not a schema: nothing to decide here
+        i = of_schema.get(id(sub))
+        if i is None:
+            i = of_schema[id(sub)] = node("and", [])
+            keep.append(sub)
+            todo.append((i, sub))
+        return i
+
+    root = ref(schema)
+    while todo:
+        i, sub = todo.pop()
+        parts = children[i]
+        target = sub.get("$ref")
+        if isinstance(target, str):
+            parts.append(ref(_resolve(schema, target)))
+        for key in ("allOf",):
+            if isinstance(sub.get(key), list):
+                parts += [ref(s) for s in sub[key]]
+        for key in ("anyOf", "oneOf"):
+            if isinstance(sub.get(key), list):
+                parts.append(node("or", [ref(s) for s in sub[key]]))
+        types = sub.get("type")
+        if "const" in sub or "enum" in sub or types is None:
+            continue  # a given value, or a value of any type (null matches object and array keywords)
+        options = []
+        for t in types if isinstance(types, list) else [types]:
+            if t == "object":
+                props = sub.get("properties") if isinstance(sub.get("properties"), dict) else {}
+                extra = sub.get("additionalProperties", True)
+                need = []
+                for k in sub.get("required") or ():
+                    if k in props:
+                        need.append(ref(props[k]))
+                    elif not sub.get("patternProperties"):
+                        need.append(ref(extra))
+                options.append(node("and", need))
+            elif t == "array":
+                items = sub.get("items", True)
+                prefix, rest = (items, sub.get("additionalItems", True)) if isinstance(items, list) \
+                    else (sub.get("prefixItems") if isinstance(sub.get("prefixItems"), list) else [], items)
+                least = sub.get("minItems", 0) if isinstance(sub.get("minItems", 0), int) else 0
+                need = [ref(s) for s in prefix[:least]]
+                if least > len(prefix):
+                    need.append(ref(rest))
+                options.append(node("and", need))
+            else:
+                options.append(True)
+        parts.append(node("or", options))
+
+    if isinstance(root, bool):
+        return root
+    # Propagate "productive" up from the leaves: an "and" when all its children are,
+    # an "or" when one is.
+    parents: list[list[int]] = [[] for _ in kinds]
+    missing = [0] * len(kinds)  # an "and": children not yet known productive; -1: a False child
+    done = [False] * len(kinds)
+    ready = []
+    for i, (kind, kids) in enumerate(zip(kinds, children)):
+        for c in kids:
+            if c is True:
+                done[i] = done[i] or kind == "or"
+            elif c is False:
+                missing[i] = -1 if kind == "and" else missing[i]
+            else:
+                parents[c].append(i)
+                if kind == "and" and missing[i] >= 0:
+                    missing[i] += 1
+        if kind == "and" and missing[i] == 0:
+            done[i] = True
+        if done[i]:
+            ready.append(i)
+    while ready:
+        for p in parents[ready.pop()]:
+            if done[p] or missing[p] < 0:
+                continue
+            if kinds[p] == "and":
+                missing[p] -= 1
+                if missing[p] > 0:
+                    continue
+            done[p] = True
+            ready.append(p)
+    return done[root]
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The target of a local ``$ref`` ("#", "#/$defs/x"); True (anything) for a reference
+    this cannot follow (another document, an anchor): the grammar compiler judges those."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return True
+    node = root
+    for raw in ref[2:].split("/"):
+        key = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return True
+    return node
 
 
 def _depth(value: Any) -> int:

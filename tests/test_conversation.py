@@ -141,3 +141,51 @@ def test_a_schema_nested_too_deeply_is_refused_before_the_checkers_recurse():
                     dict(tools=[{"type": "function", "function": {"name": "f", "parameters": nested(MAX_SCHEMA_DEPTH + 1)}}])):
         with pytest.raises(InvalidParameter, match=f"more than {MAX_SCHEMA_DEPTH} deep"):
             Conversation.parse([USER], **options)
+
+
+@pytest.mark.parametrize("schema, finite", [
+    ({"$ref": "#"}, False),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}}, True),  # a may be left out
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, False),
+    ({"properties": {"a": {"$ref": "#"}}, "required": ["a"]}, True),  # no type: a string matches
+    ({"type": "array", "items": {"$ref": "#"}}, True),
+    ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, False),
+    ({"type": ["array", "null"], "items": {"$ref": "#"}, "minItems": 1}, True),
+    ({"type": "array", "prefixItems": [{"$ref": "#"}], "minItems": 1}, False),
+    ({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, True),
+    ({"allOf": [{"$ref": "#"}]}, False),
+    ({"$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}, False),
+    ({"$defs": {"T": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/T"}}},
+                      "required": ["kids"]}}, "$ref": "#/$defs/T"}, True),  # kids: []
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, False),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, False),
+    ({"type": "object", "required": ["a"]}, True),
+    ({"$ref": "#/$defs/elsewhere"}, True),  # not followed here: the grammar compiler judges it
+])
+def test_a_schema_must_admit_a_finite_value(schema, finite):
+    options = dict(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    if finite:
+        assert Conversation.parse([USER], **options).response_schema == schema
+        return
+    for options, field in [(options, "response_format.json_schema.schema"),
+                           (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+                            "tools[0].function.parameters")]:
+        with pytest.raises(InvalidParameter) as e:
+            Conversation.parse([USER], **options)
+        assert e.value.field == field and "no finite JSON value can match" in str(e.value)
+
+
+def test_byte_lru_is_bounded_by_bytes():
+    from galerne.cache import ByteLRU
+
+    cache = ByteLRU(100)
+    for i in range(10):
+        cache.put(i, str(i), 20)
+    assert cache.nbytes == 100 and len(cache) == 5 and 4 not in cache and 5 in cache
+    assert cache.get(5) == "5"  # now the most recent: the next put evicts 6
+    cache.put("a", "x", 20)
+    assert 6 not in cache and 5 in cache and cache.nbytes == 100
+    cache.put("big", "y", 26)  # over a quarter of the budget: not kept, nothing evicted
+    assert "big" not in cache and len(cache) == 5
+    cache.put("a", "z", 5)  # a new value for a key: its size is counted once
+    assert cache.get("a") == "z" and cache.nbytes == 85

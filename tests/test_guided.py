@@ -334,3 +334,160 @@ def test_forced_calls_with_local_refs(llms, name):
         (call,) = parse_tool_calls(llm, o.token_ids)
         args = call.function.arguments
         jsonschema.validate(json.loads(args) if isinstance(args, str) else args, schemas[call.function.name.strip()])
+
+
+# ------------------------------------------------------------------ recursive schemas (issue #12)
+
+# A linked list: recursion with a way out (next is optional).
+CHAIN = {"type": "object", "properties": {"v": {"enum": [1, 2]}, "next": {"$ref": "#"}},
+         "required": ["v"], "additionalProperties": False}
+# As pydantic writes models: definitions under $defs, referred to from the root.
+TREE = {"$defs": {"Node": {"type": "object", "properties": {
+            "leaf": {"type": "boolean"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}, "maxItems": 2}},
+            "required": ["leaf"], "additionalProperties": False}},
+        "type": "object", "properties": {"root": {"$ref": "#/$defs/Node"}}, "required": ["root"],
+        "additionalProperties": False}
+# No finite JSON matches these: the grammar would never let the answer end.
+ENDLESS = [
+    {"$ref": "#"},
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+    {"$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"allOf": [{"$ref": "#/$defs/x"}]}}, "$ref": "#/$defs/x"},
+]
+
+
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+
+
+@pytest.mark.parametrize("name", ["v3", "v7", "tekken-v3", "tekken-v11"])
+def test_recursive_schemas_that_can_end_are_allowed(llms, name):
+    llm = llms[name]
+    for schema in (CHAIN, TREE):
+        guided = chat_guidance(llm.tokenizer, response_format=_schema_format(schema))
+        outs = llm.generate([chat_prompt(llm)] * 3, sampled(3, guided, 120))
+        finished = [o for o in outs if o.outputs[0].finish_reason == "stop"]
+        assert finished, [o.outputs[0].text for o in outs]
+        for o in finished:
+            jsonschema.validate(json.loads(o.outputs[0].text), schema)
+
+
+@pytest.mark.parametrize("name", ["v3", "v7", "tekken-v3", "tekken-v11"])
+def test_a_forced_call_reads_its_tool_s_refs_in_its_own_parameters(llms, name):
+    """"#" and "#/$defs/..." in a tool's parameters point into those parameters, in every
+    tool-call format, a named choice among several tools too (v2-v7 wrap the arguments in
+    a list of calls: see ``embedded``)."""
+    llm = llms[name]
+    tools = [{"type": "function", "function": {"name": "chain", "parameters": CHAIN}},
+             {"type": "function", "function": {"name": "tree", "parameters": TREE}}]
+    for fn in ("chain", "tree"):
+        guided = chat_guidance(llm.tokenizer, tools=tools, tool_choice={"type": "function", "function": {"name": fn}},
+                               parallel_tool_calls=False)
+        outs = llm.generate([chat_prompt(llm, tools)] * 3, sampled(3, guided, 150))
+        finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+        assert finished
+        for o in finished:
+            (call,) = parse_tool_calls(llm, o.token_ids)
+            args = call.function.arguments
+            jsonschema.validate(json.loads(args) if isinstance(args, str) else args, CHAIN if fn == "chain" else TREE)
+            for text in raw_json(llm, o.token_ids):  # still laid out as json.dumps writes it
+                assert text == json.dumps(json.loads(text), ensure_ascii=False), text
+
+
+@pytest.mark.parametrize("schema", ENDLESS)
+def test_a_schema_no_finite_json_matches_is_refused_naming_the_field(llms, schema):
+    tok = llms["v3"].tokenizer
+    for options, field in [
+        (dict(response_format=_schema_format(schema)), "response_format.json_schema.schema"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}], tool_choice="required"),
+         "tools[0].function.parameters"),
+    ]:
+        with pytest.raises(InvalidParameter) as e:
+            chat_guidance(tok, **options)
+        assert e.value.field == field and "no finite JSON value can match" in str(e.value)
+    with pytest.raises(InvalidParameter) as e:  # the offline API's Guidance too
+        Guidance.json_schema(schema, "guided")
+    assert "no finite JSON value can match" in str(e.value)
+
+
+def test_a_grammar_nothing_can_match_is_refused_before_queueing(llms):
+    llm = llms["v3"]
+    for spec in ('start: a\na: a "x"', "start: a\na: b\nb: a"):
+        with pytest.raises(InvalidParameter, match="no text can match it") as e:
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, guided=Guidance("lark", spec, field="grammar")))
+        assert e.value.field == "grammar"
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_compile_error_does_not_quote_the_whole_grammar(llms):
+    with pytest.raises(InvalidParameter) as e:
+        compiler_for(llms["v3"].tokenizer).matcher(Guidance("lark", 'start: "' + "x" * 100_000 + '" foo('))
+    assert len(str(e.value)) < 700
+
+
+def test_the_engine_reuses_what_the_route_compiled(llms, monkeypatch):
+    """The route compiles in its worker thread; adding the request (on the engine's
+    thread, which every stream waits for) must not compile again, whatever the caches
+    kept: the compiled grammar travels with the request's Guidance."""
+    llm = llms["v3"]
+    compiler = compiler_for(llm.tokenizer)
+    guided = chat_guidance(llm.tokenizer, response_format=_schema_format(CHAIN))
+    compiler._grammars.clear()
+    compiler._protos.clear()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(compiler, "compile", no_compiling)
+    out = llm.generate([chat_prompt(llm)], SamplingParams(max_tokens=60, temperature=0, guided=guided))[0]
+    assert out.outputs[0].token_ids
+
+
+def test_compiled_grammars_are_cached_by_bytes(llms, monkeypatch):
+    """Each cache holds at most its byte budget, keys and values together, whatever the
+    number of schemas; one schema bigger than a quarter of it is not kept. No cache key
+    holds a request's Guidance (which carries its compiled matcher)."""
+    import gc
+    import weakref
+
+    from galerne import conversation
+    from galerne.cache import ByteLRU
+    from galerne.sampling import guided as guided_module
+
+    tok = llms["tekken-v11"].tokenizer  # mistral-common's GrammarFactory renders its grammars
+    compiler = compiler_for(tok)
+    budget = 400_000
+    monkeypatch.setattr(compiler, "_grammars", ByteLRU(budget))
+    monkeypatch.setattr(compiler, "_protos", ByteLRU(4 * budget))
+    for cached in (conversation._schema_problem, guided_module._compile_problem):
+        cached.cache.clear()
+        monkeypatch.setattr(cached.cache, "max_bytes", budget)
+        monkeypatch.setattr(cached.cache, "max_item_bytes", budget // 4)
+
+    def schema(i: int, props: int) -> dict:
+        return {"type": "object", "additionalProperties": False, "properties": {
+            f"p{i}_{k}": {"type": "string", "maxLength": 4, "description": "x" * 100} for k in range(props)}}
+
+    alive = []
+    for i in range(12):
+        for props in (200, 20):  # ~30 KB and ~3 KB of schema
+            tools = [{"type": "function", "function": {"name": "f", "parameters": schema(i, props)}}]
+            for options in (dict(response_format=_schema_format(schema(i, props))),
+                            dict(tools=tools, tool_choice="required")):
+                g = chat_guidance(tok, **options)
+                alive.append(weakref.ref(g))
+                del g
+    gc.collect()
+    assert not any(ref() is not None for ref in alive)  # nothing keeps a request's Guidance
+    for cache in (compiler._grammars, compiler._protos, conversation._schema_problem.cache,
+                  guided_module._compile_problem.cache):
+        assert 0 < cache.nbytes <= cache.max_bytes, cache
+    assert len(compiler._grammars) < 48  # evicted by bytes: 48 grammars were compiled
+    big = schema(99, 3000)  # ~400 KB: over a quarter of the budget, compiled but not kept
+    before = dict(compiler._grammars._data)
+    chat_guidance(tok, response_format=_schema_format(big))
+    assert dict(compiler._grammars._data) == before
+    # mistral-common keeps no cache of its own of the grammars it renders.
+    from mistral_common.guidance import grammar_factory
+
+    assert not hasattr(grammar_factory._cached_get_lark_from_jinja, "cache_info")

@@ -209,3 +209,37 @@ def test_as_many_completions_as_the_queue_holds_run(live):
 def test_an_empty_prompt_is_a_400(live, prompt):
     status, error = refused(live, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
     assert status == 400 and error["param"] == "prompt" and error["message"].endswith("is empty")
+
+
+# ------------------------------------------------------------------ schemas no finite JSON matches
+
+
+@pytest.mark.parametrize("dialect", ["openai", "mistral"])
+def test_a_self_referencing_schema_is_a_400_naming_the_field(live, dialect):
+    """{"$ref": "#"} was a 200 whose grammar failed mid-answer ("Too many items")."""
+    for body, field in [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#"}}}},
+         "response_format.json_schema.schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}],
+          "tool_choice": "required" if dialect == "openai" else "any"}, "tools[0].function.parameters"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+            "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}},
+         "response_format.json_schema.schema"),
+    ]:
+        status, error = refused(live, CHAT, {"messages": USER, "max_tokens": 8, **body}, dialect)
+        assert status == 400 and error["param"] == field
+        assert "no finite JSON value can match" in error["message"]
+    assert_idle(live)
+
+
+def test_a_recursive_schema_that_can_end_is_served(live):
+    chain = {"type": "object", "properties": {"v": {"type": "boolean"}, "next": {"$ref": "#"}},
+             "required": ["v"], "additionalProperties": False}
+    r = send(live, CHAT, {"messages": USER, "max_tokens": 60, "temperature": 0, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "r", "schema": chain}}})
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        import jsonschema
+
+        jsonschema.validate(json.loads(choice["message"]["content"]), chain)

@@ -33,16 +33,15 @@ import logging
 import re
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import llguidance as llg
 import numpy as np
 import torch
 
+from ..cache import ByteLRU, byte_cached, text_bytes
 from ..conversation import JSON_OBJECT_SCHEMA, Conversation, parse_json_schema
 from ..errors import InvalidParameter, TokenizerError
 
@@ -58,7 +57,16 @@ _NO_ARGS_SCHEMA = {"type": "object", "properties": {}, "additionalProperties": F
 # llguidance's JSON layout options: json.dumps's separators and no other whitespace
 # (its own default allows any whitespace anywhere, unbounded).
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_CACHE_SIZE = 64
+# Compiled grammars are cached per tokenizer by the bytes they take, not their number:
+# grammars (text) up to 32 MB, matchers up to 64 MB (llguidance's compiled form, about
+# 25 bytes per grammar character, measured), schema checks up to 16 MB; an entry over a
+# quarter of its cache is not kept (its request holds its own, see Guidance).
+GRAMMAR_CACHE_BYTES = 32 << 20
+MATCHER_CACHE_BYTES = 64 << 20
+SCHEMA_CACHE_BYTES = 16 << 20
+_MATCHER_BYTES_PER_CHAR = 32
+# An error message quotes at most this much of llguidance's (which may quote a whole grammar).
+_MAX_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -194,8 +202,10 @@ class GuidedCompiler:
         self._lock = threading.Lock()
         self._llg: llg.LLTokenizer | None = None
         self._factory = None
-        self._grammars: OrderedDict[Guidance, str] = OrderedDict()
-        self._protos: OrderedDict[Guidance, llg.LLMatcher] = OrderedDict()
+        # Keyed by (kind, spec), never by a Guidance: that object carries its compiled
+        # matcher (see matcher()), which a key would keep alive past the cache's bound.
+        self._grammars: ByteLRU[tuple[str, str], str] = ByteLRU(GRAMMAR_CACHE_BYTES)
+        self._protos: ByteLRU[tuple[str, str], llg.LLMatcher] = ByteLRU(MATCHER_CACHE_BYTES)
         self._executor: llg.LLExecutor | None = None
 
     @property
@@ -246,24 +256,19 @@ class GuidedCompiler:
         """The llguidance grammar of ``guidance``, validated for this tokenizer.
         Raises InvalidParameter naming ``field`` (default: ``guidance.field``)."""
         field = field or guidance.field
-        with self._lock:
-            grammar = self._grammars.get(guidance)
-            if grammar is not None:
-                self._grammars.move_to_end(guidance)
-                return grammar
+        grammar = self._grammars.get((guidance.kind, guidance.spec))
+        if grammar is not None:
+            return grammar
         grammar = self._grammar(guidance, field)
         try:
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer)
         except Exception as e:  # API-level failure: still the request's grammar
-            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {e}") from None
+            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {_short(e)}") from None
         if is_error:
-            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {messages[0] if messages else 'invalid'}")
+            raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {_short(messages[0] if messages else 'invalid')}")
         for m in messages:
-            log.debug("grammar warning (%s): %s", field, m)
-        with self._lock:
-            self._grammars[guidance] = grammar
-            while len(self._grammars) > _CACHE_SIZE:
-                self._grammars.popitem(last=False)
+            log.debug("grammar warning (%s): %s", field, _short(m))
+        self._grammars.put((guidance.kind, guidance.spec), grammar, text_bytes(guidance.spec, grammar))
         return grammar
 
     def _grammar(self, g: Guidance, field: str) -> str:
@@ -283,21 +288,48 @@ class GuidedCompiler:
         return llg.LLMatcher.grammar_from_lark(lark)
 
     def matcher(self, guidance: Guidance, field: str | None = None) -> GuidedMatcher:
-        """A fresh matcher at the start of ``guidance``'s grammar."""
-        with self._lock:
-            proto = self._protos.get(guidance)
-            if proto is not None:
-                self._protos.move_to_end(guidance)
+        """A fresh matcher at the start of ``guidance``'s grammar.
+
+        The first call for a Guidance compiles it (a few ms, up to seconds for a big
+        schema) and keeps the compiled form on that Guidance object, whatever the cache
+        keeps: the server compiles in its worker thread (``guidance_for_chat``), and the
+        engine, which asks again when the request is added, only copies it."""
+        compiler, proto = guidance.__dict__.get("_compiled", (None, None))
+        if compiler is not self:
+            proto = self._protos.get((guidance.kind, guidance.spec))
         if proto is None:
             grammar = self.compile(guidance, field)
             proto = llg.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
-            if proto.is_error():
-                raise InvalidParameter(field or guidance.field, f"cannot compile the {_what(guidance)}: {proto.get_error()}")
-            with self._lock:
-                self._protos[guidance] = proto
-                while len(self._protos) > _CACHE_SIZE:
-                    self._protos.popitem(last=False)
+            _check_start(proto, guidance, field or guidance.field, self.llg_tokenizer.vocab_size)
+            self._protos.put((guidance.kind, guidance.spec), proto,
+                             text_bytes(guidance.spec) + _MATCHER_BYTES_PER_CHAR * len(grammar) + (64 << 10))
+        # Not a field: a Guidance compares and hashes by its kind, spec and field alone.
+        guidance.__dict__["_compiled"] = (self, proto)
         return GuidedMatcher(proto.deep_copy(), self.llg_tokenizer.vocab_size)
+
+
+def _check_start(proto: llg.LLMatcher, guidance: Guidance, field: str, vocab_size: int) -> None:
+    """Compute the first mask now: a grammar that fails there (too complex for the
+    parser, or nothing allowed) is a 400, not a failure in the middle of an answer."""
+    error = proto.get_error() if proto.is_error() else None
+    if error is None:
+        probe = GuidedMatcher(proto.deep_copy(), vocab_size)
+        allowed = probe.allowed_mask(vocab_size)
+        if probe.error is None and (allowed.any() or probe.is_accepting):
+            return
+        error = probe.error
+        if error is None or error.startswith("NoExtension"):  # llguidance: nothing can follow
+            error = "no text can match it"
+    raise InvalidParameter(field, f"cannot compile the {_what(guidance)}: {_short(error)}")
+
+
+def _short(error: Any) -> str:
+    """llguidance's message, without the grammar it may quote after its first line."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = next((line for line in lines if line.startswith("Error:") and line != "Error: None"),
+                 lines[0] if lines else "invalid")
+    return first if len(first) <= _MAX_ERROR_CHARS else first[:_MAX_ERROR_CHARS] + "..."
 
 
 def _what(g: Guidance) -> str:
@@ -330,7 +362,20 @@ def _grammar_factory(mt):
         return None
     if not GrammarFactory.is_supported(mt):
         return None
+    _uncache_grammar_factory()
     return GrammarFactory(mt)
+
+
+def _uncache_grammar_factory() -> None:
+    """mistral-common caches each grammar it renders in an lru_cache of 128 entries keyed
+    by the JSON schema's text: megabytes each, never freed. The compiler keeps what it
+    compiles (by bytes); the factory renders without a cache of its own."""
+    from mistral_common.guidance import grammar_factory
+
+    render = getattr(grammar_factory, "_cached_get_lark_from_jinja", None)
+    if render is not None and hasattr(render, "cache_clear") and hasattr(render, "__wrapped__"):
+        render.cache_clear()
+        grammar_factory._cached_get_lark_from_jinja = render.__wrapped__
 
 
 class _SentencePieceForLLG:
@@ -421,10 +466,10 @@ def _tool_args_schema(tool: dict, i: int) -> dict:
     return params
 
 
-@lru_cache(maxsize=256)
+@byte_cached(SCHEMA_CACHE_BYTES)
 def _compile_problem(schema_text: str) -> str | None:
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(llg.LLMatcher.grammar_from_json_schema(schema_text))
-    return (messages[0] if messages else "invalid") if is_error else None
+    return _short(messages[0] if messages else "invalid") if is_error else None
 
 
 def _tool_calls_lark(compiler: GuidedCompiler, all_tools: list[dict], tools: list[dict], parallel: bool, *,
