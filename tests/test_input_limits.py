@@ -243,3 +243,86 @@ def test_a_recursive_schema_that_can_end_is_served(live):
         import jsonschema
 
         jsonschema.validate(json.loads(choice["message"]["content"]), chain)
+
+
+# ------------------------------------------------------------------ stop strings
+
+
+def test_stop_strings_are_bounded_in_number_and_length():
+    from galerne.sampling.params import MAX_STOP, MAX_STOP_CHARS
+
+    assert SamplingParams(stop=["x" * MAX_STOP_CHARS] * MAX_STOP).stop
+    with pytest.raises(InvalidParameter, match=f"at most {MAX_STOP} stop strings") as e:
+        SamplingParams(stop=["x"] * (MAX_STOP + 1))
+    assert e.value.field == "stop"
+    with pytest.raises(InvalidParameter, match=f"at most {MAX_STOP_CHARS} characters") as e:
+        SamplingParams(stop=["ok", "x" * (MAX_STOP_CHARS + 1)])
+    assert e.value.field == "stop[1]"
+
+
+@pytest.mark.parametrize("path, dialect, body", ROUTES, ids=[f"{d}:{p}" for p, d, _ in ROUTES])
+def test_too_many_or_too_long_stop_strings_are_a_400_on_every_route(live, path, dialect, body):
+    # (Megabytes of them are refused before: the body's size, the text a context can hold.)
+    for stop, field in [(["a"] * 17, "stop"), ("y" * 1100, "stop[0]"), (["ok", "z" * 1500], "stop[1]")]:
+        status, error = refused(live, path, {**body, "max_tokens": 1, "stop": stop}, dialect)
+        assert status == 400 and error["param"] == field
+        assert len(error["message"]) < 200  # the value is not quoted back
+    assert_idle(live)
+
+
+def _naive_stop_check(stops, pushes, include):
+    """StopChecker as it was (the reference): every partial match recomputed per push."""
+    pending, out = "", []
+    for text in pushes:
+        buf = pending + text
+        hits = [(i, s) for s in stops if (i := buf.find(s)) >= 0]
+        if hits:
+            i, s = min(hits)
+            return out + [buf[: i + len(s) if include else i]], True
+        hold = max((k for s in stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0)
+        pending = buf[len(buf) - hold:]
+        out.append(buf[: len(buf) - hold])
+    return out + [pending], False
+
+
+def test_stop_checker_holds_back_and_stops_as_the_naive_check():
+    import random
+
+    from galerne.engine.stop import StopChecker
+
+    rnd = random.Random(0)
+    for trial in range(3000):
+        alpha = "ab" if trial % 2 else "abc"
+        stops = tuple("".join(rnd.choice(alpha) for _ in range(rnd.randint(1, 6))) for _ in range(rnd.randint(1, 3)))
+        pushes = ["".join(rnd.choice(alpha + "x") for _ in range(rnd.randint(0, 4))) for _ in range(rnd.randint(1, 8))]
+        include = rnd.random() < 0.5
+        checker, got, stopped = StopChecker(stops, include), [], False
+        for text in pushes:
+            text, stopped = checker.push(text)
+            got.append(text)
+            if stopped:
+                break
+        if not stopped:
+            got.append(checker.flush())
+        assert (got, stopped) == _naive_stop_check(stops, pushes, include), (stops, pushes)
+
+
+def test_long_stop_strings_cost_little_per_token():
+    """The longest stop strings allowed, with text that keeps a partial match of each alive:
+    each push is linear in its text (it was quadratic in the stop strings' length)."""
+    import time
+
+    from galerne.engine.stop import StopChecker
+    from galerne.sampling.params import MAX_STOP, MAX_STOP_CHARS
+
+    stops = tuple(("ab" * MAX_STOP_CHARS)[: MAX_STOP_CHARS - 2] + f"c{i}" for i in range(MAX_STOP))
+    checker, emitted = StopChecker(stops), []
+    start = time.perf_counter()
+    for _ in range(5000):
+        text, stopped = checker.push("ab")
+        assert not stopped
+        emitted.append(text)
+    seconds = time.perf_counter() - start
+    assert len(checker.pending) == MAX_STOP_CHARS - 2  # the partial match held back
+    assert "".join(emitted) + checker.pending == "ab" * 5000
+    assert seconds < 1.0  # ~0.1 s; the naive check took ~4 s

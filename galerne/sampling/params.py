@@ -41,6 +41,11 @@ from .guided import Guidance
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+# Stop strings: at most 16, of at most 1024 characters each (OpenAI allows 4). Every
+# generated token is checked against each of them (engine/stop.py, linear in the new
+# text), and the text held back for a possible match is up to the longest one.
+MAX_STOP = 16
+MAX_STOP_CHARS = 1024
 MAX_LOGIT_BIAS = 100.0
 # torch.Generator.manual_seed accepts this inclusive range.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
@@ -116,9 +121,13 @@ class SamplingParams:
                 raise InvalidParameter("seed", f"must be an integer, got {self.seed!r}")
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
                 raise InvalidParameter("seed", f"must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if len(self.stop) > MAX_STOP:
+            raise InvalidParameter("stop", f"at most {MAX_STOP} stop strings, got {len(self.stop)}")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
-                raise InvalidParameter(f"stop[{i}]", f"must be a non-empty string, got {s!r}")
+                raise InvalidParameter(f"stop[{i}]", f"must be a non-empty string, got {_short_repr(s)}")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidParameter(f"stop[{i}]", f"a stop string has at most {MAX_STOP_CHARS} characters, got {len(s)}")
         for i, t in enumerate(self.stop_token_ids):
             if not _is_int(t) or t < 0:
                 raise InvalidParameter(f"stop_token_ids[{i}]", f"must be a token id (int >= 0), got {t!r}")
@@ -150,6 +159,11 @@ class SamplingParams:
     @property
     def logit_bias_dict(self) -> dict[int, float]:
         return dict(self.logit_bias or ())
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _is_int(value) -> bool:

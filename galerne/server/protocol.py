@@ -26,6 +26,8 @@ from ..errors import InvalidParameter
 from ..sampling.params import (
     MAX_LOGPROBS,
     MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
     MISTRAL_DEFAULT_TEMPERATURE,
     SamplingParams,
 )
@@ -127,7 +129,8 @@ Temperature = Annotated[float | None, Field(None, ge=0.0, le=2.0, description=(
     f"0 is greedy; default {SamplingParams.temperature} (OpenAI) / {MISTRAL_DEFAULT_TEMPERATURE} (Mistral)"))]
 TopP = Annotated[float | None, Field(None, ge=0.0, le=1.0, description="nucleus sampling mass; 0 is greedy")]
 MaxTokens = Annotated[int | None, Field(None, ge=1, description="tokens to generate at most; default: until the context is full")]
-Stop = Annotated[str | list[str] | None, Field(None, description="stop strings (not included in the text)")]
+Stop = Annotated[str | list[str] | None, Field(None, description=(
+    f"stop strings (not included in the text): at most {MAX_STOP}, of at most {MAX_STOP_CHARS} characters each"))]
 N = Annotated[int | None, Field(None, ge=1, le=MAX_N, description="completions to return")]
 Penalty = Annotated[float | None, Field(None, ge=-2.0, le=2.0)]
 Seed = Annotated[int | None, Field(None, ge=-(2**63), le=2**64 - 1, description="reproducible sampling")]
