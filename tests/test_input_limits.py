@@ -326,3 +326,97 @@ def test_long_stop_strings_cost_little_per_token():
     assert len(checker.pending) == MAX_STOP_CHARS - 2  # the partial match held back
     assert "".join(emitted) + checker.pending == "ab" * 5000
     assert seconds < 1.0  # ~0.1 s; the naive check took ~4 s
+
+
+# ------------------------------------------------------------------ the detokenizer's set-up and pushes
+
+
+def _byte_id(tok, b: int) -> int:
+    inner = tok.mistral_tokenizer.instruct_tokenizer.tokenizer
+    if tok.kind == "sentencepiece":
+        return inner._model.piece_to_id(f"<0x{b:02X}>")
+    return inner.num_special_tokens + b  # tekken: the 256 bytes come first
+
+
+@pytest.fixture(scope="module")
+def toks():
+    from conftest import TOKENIZERS, V3_TOKENIZER
+
+    from galerne.tokenizer import Tokenizer
+
+    return {"v3": Tokenizer.from_path(V3_TOKENIZER), "tekken": Tokenizer.from_path(TOKENIZERS / "tekken_240911.json")}
+
+
+class CountingDecode:
+    """How many ids a tokenizer decodes (the detokenizer's work), while installed."""
+
+    def __init__(self, tok, monkeypatch):
+        self.ids = 0
+        decode = tok.decode
+
+        def counting(ids, **kwargs):
+            self.ids += len(ids)
+            return decode(ids, **kwargs)
+
+        monkeypatch.setattr(tok, "decode", counting)
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken"])
+def test_detokenizer_set_up_and_pushes_are_bounded_for_runs_of_bytes(toks, name, monkeypatch):
+    """A prompt (or an answer) of bytes that make no text (each <0xE2> alone: every window
+    opens on U+FFFD) made the set-up look back over the whole prompt, decoding ever longer
+    windows, and the pushes hold their text back in an ever longer window: the square of
+    the run's length, per sequence, on the engine's thread."""
+    from galerne.tokenizer import IncrementalDetokenizer
+
+    tok = toks[name]
+    e2 = _byte_id(tok, 0xE2)
+    count = CountingDecode(tok, monkeypatch)
+    for length in (1000, 8000):
+        count.ids = 0
+        detok = IncrementalDetokenizer(tok, [tok.bos_id] + [e2] * length)
+        assert count.ids <= 200, (length, count.ids)  # the same few windows, however long the prompt
+        count.ids = 0
+        text = "".join(detok.push(e2) for _ in range(length)) + detok.flush()
+        assert count.ids <= 40 * length, (length, count.ids)  # a bounded window per push
+        assert text == "\ufffd" * length
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken"])
+def test_detokenizer_streams_runs_of_bytes_exactly(toks, name):
+    """Whatever mix of text, valid and stray bytes: the streamed text is what the ids add
+    to the prompt's text, long stray runs (held back, then let go) included."""
+    import random
+
+    from galerne.tokenizer import IncrementalDetokenizer
+
+    tok = toks[name]
+    rnd = random.Random(0)
+    words = tok.encode("Bonjour 🦩 le monde, ça va ? 日本語", bos=False)
+    for _ in range(200):
+        ids = []
+        for _ in range(rnd.randint(1, 6)):
+            kind = rnd.random()
+            if kind < 0.4:  # stray and lead bytes, in runs up to past the held-back limit
+                ids += [_byte_id(tok, rnd.choice([0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0xA6, 0x41]))] * rnd.randint(1, 40)
+            elif kind < 0.7:
+                ids += words[: rnd.randint(1, len(words))]
+            else:  # whole characters, byte by byte
+                ids += [_byte_id(tok, b) for b in "€🦩".encode()] * rnd.randint(1, 5)
+        prompt = tok.encode(rnd.choice(["Hello", "Bonjour 🦩"]), bos=True) + ids[: rnd.randint(0, 3)]
+        detok = IncrementalDetokenizer(tok, prompt)
+        streamed = "".join(detok.push(i) for i in ids) + detok.flush()
+        assert streamed == tok.decode(prompt + ids)[len(tok.decode(prompt)):], ids
+
+
+def test_adding_n_sequences_for_a_prompt_of_bytes_is_cheap(tiny_factory, monkeypatch):
+    """n = 128 on a prompt of byte tokens: the engine sets up 128 detokenizers under its lock
+    (it froze every other stream for 22 s)."""
+    llm = LLM(tiny_factory("mistral")[0], device="cpu", max_model_len=512, kv_cache_gb=0.05, block_size=16)
+    tok = llm.tokenizer
+    prompt = [tok.bos_id] + [_byte_id(tok, 0xE2)] * 500
+    count = CountingDecode(tok, monkeypatch)
+    request = llm.validate(prompt, SamplingParams(n=128, max_tokens=1))
+    llm.engine.add_request(request)
+    llm.engine.abort(request.request_id)
+    assert count.ids <= 128 * 200, count.ids  # it was 128 x 125,000
