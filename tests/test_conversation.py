@@ -163,11 +163,11 @@ def test_a_schema_nested_too_deeply_is_refused_before_the_checkers_recurse():
     ({"$ref": "#/$defs/elsewhere"}, True),  # not followed here: the grammar compiler judges it
 ])
 def test_a_schema_must_admit_a_finite_value(schema, finite):
-    options = dict(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    as_format = dict(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
     if finite:
-        assert Conversation.parse([USER], **options).response_schema == schema
+        assert Conversation.parse([USER], **as_format).response_schema == schema
         return
-    for options, field in [(options, "response_format.json_schema.schema"),
+    for options, field in [(as_format, "response_format.json_schema.schema"),
                            (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}]),
                             "tools[0].function.parameters")]:
         with pytest.raises(InvalidParameter) as e:

@@ -14,6 +14,7 @@ from test_server import LiveServer
 from galerne import LLM, SamplingParams
 from galerne.config import ServerSettings
 from galerne.errors import InvalidParameter
+from galerne.sampling.guided import Guidance
 from galerne.server import create_app
 
 KEY = "k"
@@ -141,6 +142,7 @@ def test_the_offline_api_refuses_a_lone_surrogate_naming_the_field(llm):
         (lambda: llm.chat([{"role": "user", "content": [{"type": "text", "text": BAD}]}], params),
          "messages[0].content[0].text"),
         (lambda: llm.tokenizer.encode_fim("def f(", BAD), "suffix"),
+        (lambda: llm.generate("a", SamplingParams(guided=Guidance("regex", "a" + BAD, field="regex"))), "regex"),
     ]:
         with pytest.raises(InvalidParameter) as e:
             call()
@@ -230,6 +232,24 @@ def test_a_self_referencing_schema_is_a_400_naming_the_field(live, dialect):
         assert status == 400 and error["param"] == field
         assert "no finite JSON value can match" in error["message"]
     assert_idle(live)
+
+
+@pytest.mark.parametrize("dialect", ["openai", "mistral"])
+def test_a_schema_nested_too_deeply_is_a_400_naming_the_field(live, dialect):
+    from galerne.conversation import MAX_SCHEMA_DEPTH
+
+    deep: dict = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for body, field in [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": deep}}},
+         "response_format.json_schema.schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]},
+         "tools[0].function.parameters"),
+    ]:
+        status, error = refused(live, CHAT, {"messages": USER, "max_tokens": 8, **body}, dialect)
+        assert status == 400 and error["param"] == field
+        assert f"more than {MAX_SCHEMA_DEPTH} deep" in error["message"]
 
 
 def test_a_recursive_schema_that_can_end_is_served(live):

@@ -42,7 +42,12 @@ import numpy as np
 import torch
 
 from ..cache import ByteLRU, byte_cached, text_bytes
-from ..conversation import JSON_OBJECT_SCHEMA, Conversation, parse_json_schema
+from ..conversation import (
+    JSON_OBJECT_SCHEMA,
+    Conversation,
+    check_text,
+    parse_json_schema,
+)
 from ..errors import InvalidParameter, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,7 @@ class Guidance:
             raise InvalidParameter(self.field, f"unknown guidance kind {self.kind!r} (one of {', '.join(KINDS)})")
         if not isinstance(self.spec, str):
             raise InvalidParameter(self.field, f"the {self.kind} must be given as a string, got {type(self.spec).__name__}")
+        check_text(self.spec, self.field)  # llguidance cannot take a lone surrogate
         if self.kind == "json_schema":
             parse_json_schema(self.spec, self.field)
         elif self.kind in ("lark", "regex") and not self.spec:
