@@ -477,7 +477,7 @@ def test_big_bodies_are_validated_off_the_event_loop(tiny, monkeypatch):
         for prompt in ([5, 6], [[5, 6]] * 40_000):
             r = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "max_tokens": 1, "prompt": prompt},
                            timeout=120)
-            assert r.status_code in (200, 400, 429)
+            assert r.status_code in (200, 400)
     assert threads == [True, False]
 
 
