@@ -288,6 +288,7 @@ def test_silent_and_slow_header_connections_are_closed(tiny):
             time.sleep(0.05)
 
 
+@pytest.mark.slow  # about 7 s: streams that outlast the idle ones
 def test_the_connection_cap_closes_idle_connections_not_busy_ones(tiny):
     with serve(tiny, slow=True, max_connections=8) as live:
         body = {"model": MODEL, "messages": USER, "max_tokens": 300, "ignore_eos": True, "stream": True}
