@@ -546,9 +546,14 @@ def test_bad_values_name_the_field(oai, mis, live):
     deep = '{"a":' * 100_000 + "1" + "}" * 100_000  # deeper than the JSON decoder recurses
     r = httpx.post(live.url + "/v1/chat/completions", content=f'{{"model": "{MODEL}", "metadata": {deep}}}'.encode(),
                    headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "nested too deeply (more than 128 levels)" in r.json()["error"]["message"]
+    for depth in (129, 300, 900):  # past MAX_JSON_DEPTH, within the decoder's recursion or not: the same 400
+        deep = "[" * depth + "]" * depth
+        r = httpx.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       content=f'{{"model": "{MODEL}", "messages": [], "metadata": {deep}}}'.encode())
+        assert r.status_code == 400 and "more than 128 levels" in r.json()["error"]["message"], depth
     schema: dict = {"type": "object"}
-    for _ in range(200):  # deep enough for jsonschema's own recursion to fail: refused before it
+    for _ in range(40):  # deeper than MAX_SCHEMA_DEPTH (64), within MAX_JSON_DEPTH: the schema's own check
         schema = {"type": "object", "properties": {"a": schema}}
     r = httpx.post(live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
         "model": MODEL, "messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]})

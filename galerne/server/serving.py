@@ -62,6 +62,11 @@ CHARS_PER_TOKEN = 16
 # small body. json.loads itself holds the GIL whatever the thread: what bounds its
 # time is the body limit (guards.BodyGuard).
 THREAD_MIN_BYTES = 64 * 1024
+# The deepest nesting of objects and lists a body may have, anywhere in it: a tool's
+# parameters schema (itself at most conversation.MAX_SCHEMA_DEPTH = 64) lies 4 deep.
+# A fixed figure, not the decoder's recursion limit, which depends on the stack.
+MAX_JSON_DEPTH = 128
+_TOO_DEEP = f"objects and lists nested too deeply (more than {MAX_JSON_DEPTH} levels)"
 
 
 async def read_json(request: Request) -> Any:
@@ -96,16 +101,33 @@ def _parse(raw: bytes, context: int) -> Any:
     try:
         body = json.loads(raw)
     except RecursionError:  # the decoder recurses on each nested object or list
-        raise RequestInvalid([FieldError(("body",), "malformed JSON: objects and lists nested too deeply",
-                                         "json_invalid")]) from None
+        raise RequestInvalid([FieldError(("body",), _TOO_DEEP, "json_invalid")]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestInvalid([FieldError(("body",), f"malformed JSON{where}: {e.msg if hasattr(e, 'msg') else e}",
                                          "json_invalid")]) from None
+    depth = json_depth(body, MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestInvalid([FieldError(("body",), _TOO_DEEP, "json_invalid")])
     limit = context * CHARS_PER_TOKEN
     if len(raw) > limit:  # else it holds fewer characters of text than bytes: no need to count
         check_text_length(text_chars(body), context)
     return body
+
+
+def json_depth(value: Any, stop: int) -> int:
+    """How deep objects and lists nest in ``value`` (a scalar: 0), counted without
+    recursion, up to ``stop`` + 1 (past which nobody needs the exact figure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > deepest:
+                deepest = d
+                if deepest > stop:
+                    return deepest
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def check_text_length(chars: int, context: int) -> None:
