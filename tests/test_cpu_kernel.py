@@ -203,7 +203,10 @@ def test_the_cache_key_covers_what_the_binary_depends_on(monkeypatch):
 
 
 def _python(code: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    # Ctrl-C as a terminal gives it, even where the tests run with SIGINT ignored (a
+    # background job of a non-interactive shell, nohup): a child inherits that.
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _hold_build_lock(folder):
