@@ -129,7 +129,7 @@ async def slow(host: str, port: int, args, outcomes: collections.Counter, stop: 
         else:
             trickle = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n".encode() + b"X-Pad: a\r\n" * 10000
 
-        async def drip():
+        async def drip(writer=writer, trickle=trickle):  # this connection's, bound now
             for i in range(len(trickle)):
                 writer.write(trickle[i:i + 1])
                 await writer.drain()
