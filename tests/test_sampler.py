@@ -465,3 +465,24 @@ def test_masked_tokens_are_not_alternatives():
     out = sample_batch(torch.randn(1, 50), [row])
     assert sorted(t for t, _ in out.top_logprobs[0]) == [3, 7]
     assert all(math.isfinite(lp) for _, lp in out.top_logprobs[0])
+
+
+def test_a_cut_row_draws_from_its_support_with_the_right_frequencies():
+    """On CPU a row cut to a small support draws one exponential per supported token
+    only (not V): the same distribution, the renormalised probabilities of the support."""
+    torch.manual_seed(3)
+    logits = torch.randn(1, 1000).repeat(4000, 1)
+    params = SamplingParams(temperature=1.0, top_k=4)
+    tokens = sample_batch(logits, [SamplingRow(params) for _ in range(4000)]).token_ids
+    top = torch.topk(logits[0], 4)
+    expected = torch.softmax(top.values, dim=-1)
+    counts = torch.tensor([tokens.count(t) for t in top.indices.tolist()], dtype=torch.float32)
+    assert counts.sum() == 4000  # nothing outside the support
+    assert torch.allclose(counts / 4000, expected, atol=0.03), (counts / 4000, expected)
+    # Seeded: the same tokens alone or in any batch, as before.
+    seeded = SamplingParams(temperature=1.0, top_p=0.5, seed=7)
+    alone = [sample_batch(logits[:1], [SamplingRow(seeded, generator=make_generator(seeded, "cpu"))]).token_ids[0]
+             for _ in range(3)]
+    crowd = [SamplingRow(SamplingParams()) for _ in range(5)]
+    mixed = sample_batch(logits[:6], crowd[:2] + [SamplingRow(seeded, generator=make_generator(seeded, "cpu"))] + crowd[2:])
+    assert mixed.token_ids[2] == alone[0] == alone[1] == alone[2]

@@ -20,11 +20,16 @@ The penalties, bias and masks touch only the (row, id) pairs they concern
 A row with a feature off is left exactly as it was by that feature.
 
 The draw is the exponential race ``argmax(p / q)``, ``q ~ Exp(1)`` (what
-``torch.multinomial(p, 1)`` does inside). A seeded row draws its own ``q`` of
-shape (V,) from its own generator, so its token depends only on its own logits
-and generator: the same whether it runs alone or in a batch, with whatever other
-rows (greedy rows draw nothing). Unseeded rows share one draw from the global
-generator.
+``torch.multinomial(p, 1)`` does inside). A seeded row draws its ``q`` from its
+own generator, so its token depends only on its own logits and generator: the
+same whether it runs alone or in a batch, with whatever other rows (greedy rows
+draw nothing). Unseeded rows draw from the global generator. A row with the whole
+vocabulary as support draws V numbers (torch.multinomial's token); on CPU a row
+cut to a small support draws only for its support (``_draw``).
+
+The top-p cut looks for each row's cut among its most likely tokens first
+(``TOP_P_CANDIDATES``), and sorts the whole row only when they do not hold top_p of
+the mass: a full sort of (256, 32768) costs 0.3 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -244,15 +249,7 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
 
     top_p = cols[:, 1]
     if bool((top_p < 1.0).any()):
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: a token is dropped when
-        # the mass *before* it already reaches top_p (the first token always stays).
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        p_dev = top_p.to(device=device, dtype=torch.float32)[:, None]
-        drop_sorted = (before >= p_dev) & (top_p < 1.0).to(device)[:, None]
-        drop_sorted[:, 0] = False  # the most likely token stays, even for a top_p that is 0 in float32
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = _top_p(probs, top_p)
 
     min_p = cols[:, 3]
     if bool((min_p > 0).any()):
@@ -263,29 +260,92 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     return probs
 
 
+# Candidate counts for the top-p cut, tried in turn: a row's cut is found among its k
+# most likely tokens when they hold top_p of the mass (a real model's next-token
+# distribution almost always does at 128); only the rows where they do not try the next.
+# A full sort of (256, 32768) takes 0.3 s on 2 CPU cores, a top-128 about 15 ms.
+TOP_P_CANDIDATES = (128, 1024)
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``probs`` with each row cut to the smallest prefix (most likely first) whose mass
+    reaches its top_p: a token is dropped when the mass *before* it already reaches
+    top_p; the first token always stays (even for a top_p that is 0 in float32). Rows
+    with top_p 1 are left as they are."""
+    device, V = probs.device, probs.shape[1]
+    pending = torch.nonzero(top_p < 1.0).flatten()
+    out = probs.clone()
+    for k in (*[k for k in TOP_P_CANDIDATES if k < V], V):
+        if pending.numel() == 0:
+            break
+        idx = pending.to(device)
+        rows = probs.index_select(0, idx)
+        p = top_p[pending].to(device=device, dtype=torch.float32)[:, None]
+        if k < V:
+            vals, order = torch.topk(rows, k, dim=-1)
+        else:
+            vals, order = torch.sort(rows, dim=-1, descending=True)
+        before = torch.cumsum(vals, dim=-1) - vals
+        keep_sorted = before < p
+        keep_sorted[:, 0] = True
+        # Within the k candidates when they hold top_p of the mass (every token past them
+        # has at least that much before it: dropped); else this row tries more.
+        done = (vals.sum(dim=-1, keepdim=True) >= p)[:, 0] if k < V else torch.ones_like(p[:, 0], dtype=torch.bool)
+        keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, order, keep_sorted)
+        finished = torch.nonzero(done).flatten()
+        if finished.numel():
+            out.index_copy_(0, idx[finished], rows[finished].masked_fill(~keep[finished], 0.0))
+        pending = pending[~done.cpu()]
+    return out
+
+
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row of (unnormalised) ``probs``: the exponential race
     argmax(p / q), q ~ Exp(1), which is what torch.multinomial(p, 1) does.
 
-    A row with a generator fills its own row of q from it (V numbers, whatever
-    the batch); the other rows share one fill from the global generator.
+    A row with a generator draws its q from it, the other rows from the global
+    generator: a row's token depends only on its own probabilities and generator,
+    whatever the batch. A row whose support is the whole vocabulary draws V numbers
+    (the same token as torch.multinomial). On CPU, a row that a cut (top-k, top-p,
+    min-p, a grammar) left with at most 1/8 of the vocabulary draws one number per
+    token of its support only: the same distribution, at a fraction of the cost
+    (filling (256, 32768) exponentials takes 0.18 s on 2 cores). On CUDA every row
+    draws V numbers, in one launch.
     """
-    q = torch.empty_like(probs)
+    B, V = probs.shape
+    tokens = torch.empty(B, dtype=torch.long, device=probs.device)
+    dense = list(range(B))
+    if probs.device.type == "cpu" and V >= 64:
+        support = (probs > 0).sum(dim=-1).tolist()
+        dense = [j for j in range(B) if support[j] > V // 8]
+        for j in (j for j in range(B) if support[j] <= V // 8):
+            ids = torch.nonzero(probs[j]).flatten()
+            q = torch.empty(ids.numel(), dtype=probs.dtype).exponential_(generator=generators[j])
+            q.clamp_(min=torch.finfo(q.dtype).tiny)
+            tokens[j] = ids[torch.argmax(probs[j, ids] / q)]
+    if not dense:
+        return tokens
+    rows = probs if len(dense) == B else probs[torch.tensor(dense, device=probs.device)]
+    q = torch.empty_like(rows)
     shared = []
-    for j, g in enumerate(generators):
-        if g is None:
-            shared.append(j)
+    for i, j in enumerate(dense):
+        if generators[j] is None:
+            shared.append(i)
         else:
-            q[j].exponential_(generator=g)
-    if len(shared) == len(generators):
+            q[i].exponential_(generator=generators[j])
+    if len(shared) == len(dense):
         q.exponential_()
     elif shared:
         s_idx = torch.tensor(shared, dtype=torch.long, device=probs.device)
-        q[s_idx] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_()
+        q[s_idx] = torch.empty(len(shared), V, device=probs.device).exponential_()
     # A CPU exponential can be exactly 0 (log1p(-u) with u = 0): 0/0 would be NaN and
     # win the argmax for a forbidden token.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return torch.argmax(probs / q, dim=-1)
+    drawn = torch.argmax(rows / q, dim=-1)
+    if len(dense) == B:
+        return drawn
+    tokens[torch.tensor(dense, device=probs.device)] = drawn
+    return tokens
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
