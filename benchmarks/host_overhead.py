@@ -2,13 +2,15 @@
 
 On a GPU a decode step's model call takes a few ms; what the host does around it
 (schedule, batch building, sampling, detokenizing, stop checks) adds to it unless it
-is small or overlapped. Here the model call is stubbed (``ModelRunner.run`` returns
-ready logits of the step's shape, no forward) so the step's time is the host's alone,
+is small or overlapped. Here the model is stubbed (its forward returns ready hidden
+states and its output layer ready logits, no arithmetic) so the step's time is the
+host's alone,
 measured on galerne-mini's real tokenizer and vocabulary (32,768) with ``B``
 sequences decoding at once, greedy and sampled (temperature 1, top_p 0.9, seeded).
 
-Each phase is timed by wrapping it: ``schedule`` (scheduler), ``batch`` (the runner's
-work before the model: here only what the stub does, the rows that sample),
+Each phase is timed by wrapping it: ``schedule`` (scheduler), ``batch`` (the runner:
+token list, block tables, metadata, positions, the rows that sample; the stubbed
+model),
 ``sample`` (``sample_batch``: penalties, masks, the draw, on the B x V logits),
 ``append`` (per sequence: the token, detokenizing, stop checks, outputs) and the rest
 of ``Engine.step``.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PHASES = ("schedule", "sample", "append", "advance")
+PHASES = ("schedule", "batch", "sample", "append", "advance")
 
 
 def measure(batch: int, steps: int, sampled: bool) -> dict:
@@ -42,21 +43,24 @@ def measure(batch: int, steps: int, sampled: bool) -> dict:
 
     import galerne.engine.engine as engine_mod
     from galerne import LLM, SamplingParams
-    from galerne.engine.runner import ModelRunner
 
     torch.manual_seed(0)
-    llm = LLM("galerne-mini", device="cpu", max_num_seqs=max(batch, 1), kv_cache_gb=0.5)
+    llm = LLM("galerne-mini", device="cpu", max_num_seqs=max(batch, 1), kv_cache_gb=0.5, enforce_eager=True)
     engine = llm.engine
-    vocab = llm.model.args.vocab_size
-    logits = torch.randn(batch, vocab) * 4  # a plausible spread: top_p keeps a few hundred tokens
-    three = "hidden_of" in inspect.signature(ModelRunner.run).parameters  # its return grew a third item
+    args = llm.model.args
+    logits = torch.randn(batch, args.vocab_size) * 4  # flat-ish: top_p 0.9 keeps hundreds of tokens
 
-    def stub_run(scheduled, *args):
-        rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens]
-        out = logits[: len(rows)] if len(rows) <= batch else torch.randn(len(rows), vocab)
-        return (out, rows, {}) if three else (out, rows)
+    # The model itself is stubbed (its forward returns ready hidden states, its logits
+    # ready rows): the runner's batch building, metadata and row selection still run.
+    def forward(ids, positions, attention):
+        return torch.zeros(ids.shape[0], args.dim)
 
-    engine.runner.run = stub_run
+    def head(hidden):
+        n = hidden.shape[0]
+        return logits[:n] if n <= batch else torch.randn(n, args.vocab_size)
+
+    llm.model.forward = forward
+    llm.model.logits = head
     timings = {p: 0.0 for p in PHASES}
 
     def timed(name, fn):
@@ -69,6 +73,7 @@ def measure(batch: int, steps: int, sampled: bool) -> dict:
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.run = timed("batch", engine.runner.run)
     engine.scheduler.advance = timed("advance", engine.scheduler.advance)
     engine._append = timed("append", engine._append)
     original_sample = engine_mod.sample_batch
@@ -139,7 +144,8 @@ def main() -> None:
         print(json.dumps(here))
         return
     base = run_baseline(args.baseline, args) if args.baseline else None
-    cols = ["schedule_us", "sample_us", "append_us", "advance_us", "other_us", "step_us_mean", "step_us_median"]
+    cols = ["schedule_us", "batch_us", "sample_us", "append_us", "advance_us", "other_us", "step_us_mean",
+            "step_us_median"]
     print(f"{'case':<16} {'tree':<10} " + " ".join(f"{c.removesuffix('_us'):>12}" for c in cols))
     for key, figs in here.items():
         rows = [("this", figs)] + ([(args.baseline, base[key])] if base else [])
