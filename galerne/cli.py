@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import __version__
@@ -16,6 +17,7 @@ from .config import (
     from_args,
 )
 from .errors import GalerneError
+from .sampling.params import SamplingParams
 from .log import setup_logging
 
 
@@ -71,7 +73,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         try:
             ids = llm.tokenizer.encode_chat(history)
             answer = []
-            for delta in llm.stream(ids, params):
+            for delta in llm.stream(ids, _fit(params, llm.max_model_len - len(ids))):
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
                 answer.append(delta.text)
@@ -84,6 +86,17 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
     return 0
+
+
+def _fit(params: SamplingParams, room: int) -> SamplingParams:
+    """``params`` for an answer that has ``room`` tokens left in the context: a REPL
+    near the end of its context answers shorter (and says so) rather than refusing;
+    with no room at all, the request's own error says the conversation is too long."""
+    if params.max_tokens is None or not 0 < room < params.max_tokens or params.min_tokens > room:
+        return params
+    print(f"[the context has room for {room} more tokens: the answer stops there; /reset starts over]",
+          file=sys.stderr)
+    return dataclasses.replace(params, max_tokens=room)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:

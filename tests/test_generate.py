@@ -229,3 +229,19 @@ def test_prompt_logprobs_survive_preemption(tiny_factory):
         lps, _, _ = _expected_prompt_logprobs(llm, p)
         assert len(out.prompt_logprobs) == len(p)
         assert [g.logprob for g in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-4)
+
+
+def test_cli_chat_near_the_end_of_the_context_answers_shorter(folder, llm, monkeypatch, capsys):
+    """The default --max-tokens (256) is more than a long conversation leaves: the REPL
+    answers with the room left and says so, where it used to refuse the turn."""
+    question = "word " * 480
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": question}])
+    room = llm.max_model_len - len(ids)
+    assert 0 < room < 256
+    monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n"))
+    assert main(["chat", str(folder), "--temperature", "0", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert f"room for {room} more tokens" in err and "error" not in err
+    expected = llm.chat([{"role": "user", "content": question}],
+                        SamplingParams(temperature=0, max_tokens=room, ignore_eos=True))[0].text
+    assert out == expected + "\n"
