@@ -421,7 +421,7 @@ def parse_json_schema(schema: dict | str, field: str) -> dict:
 def check_json_schema(schema: dict, field: str) -> None:
     """Reject what is not a JSON Schema (e.g. ``{"type": "objectx"}``), or one nested
     deeper than MAX_SCHEMA_DEPTH, naming ``field``."""
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
+    if json_depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise InvalidParameter(field, f"the JSON schema nests objects and lists more than {MAX_SCHEMA_DEPTH} deep")
     problem = _schema_problem(json.dumps(schema, ensure_ascii=False, sort_keys=True))
     if problem is not None:
@@ -576,13 +576,17 @@ def _resolve(root: Any, ref: str) -> Any:
     return node
 
 
-def _depth(value: Any) -> int:
-    """How deeply objects and lists nest in ``value`` (without recursion, whatever it is)."""
+def json_depth(value: Any, stop: int) -> int:
+    """How deeply objects and lists nest in ``value`` (a scalar: 0), counted without
+    recursion, whatever it is; once past ``stop`` it returns at once (a figure above
+    ``stop``: nobody needs the exact one)."""
     deepest, todo = 0, [(value, 1)]
     while todo:
         node, depth = todo.pop()
         if isinstance(node, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth <= MAX_SCHEMA_DEPTH:  # past it, the answer is known
-                todo += [(v, depth + 1) for v in (node.values() if isinstance(node, dict) else node)]
+            if depth > deepest:
+                deepest = depth
+                if deepest > stop:
+                    return deepest
+            todo.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
     return deepest

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..conversation import json_depth
 from ..engine.engine import StepOutput
 from ..engine.request import EngineRequest
 from ..errors import EngineDeadError
@@ -106,28 +107,12 @@ def _parse(raw: bytes, context: int) -> Any:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise RequestInvalid([FieldError(("body",), f"malformed JSON{where}: {e.msg if hasattr(e, 'msg') else e}",
                                          "json_invalid")]) from None
-    depth = json_depth(body, MAX_JSON_DEPTH)
-    if depth > MAX_JSON_DEPTH:
+    if json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestInvalid([FieldError(("body",), _TOO_DEEP, "json_invalid")])
     limit = context * CHARS_PER_TOKEN
     if len(raw) > limit:  # else it holds fewer characters of text than bytes: no need to count
         check_text_length(text_chars(body), context)
     return body
-
-
-def json_depth(value: Any, stop: int) -> int:
-    """How deep objects and lists nest in ``value`` (a scalar: 0), counted without
-    recursion, up to ``stop`` + 1 (past which nobody needs the exact figure)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            if d > deepest:
-                deepest = d
-                if deepest > stop:
-                    return deepest
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
 
 
 def check_text_length(chars: int, context: int) -> None:
