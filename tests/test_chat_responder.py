@@ -15,6 +15,7 @@ from galerne.engine.engine import StepOutput
 from galerne.sampling.params import SamplingParams
 from galerne.server.chat import ChatResponder
 from galerne.server.dialect import Dialect
+from galerne.server.serving import Generation
 from galerne.tokenizer import Tokenizer
 
 
@@ -27,6 +28,7 @@ def responder(tok, dialect=Dialect.OPENAI, *, stream=False, tools=True, top_logp
     server = SimpleNamespace(tokenizer=tok, max_model_len=512)
     gen = SimpleNamespace(params=params or SamplingParams(), prompts=[[1, 2, 3]], id="x",
                           num_prompt_tokens=3, num_generated=0, num_cached_tokens=0)
+    gen.usage = lambda: Generation.usage(gen)
     return ChatResponder(server, dialect, gen, model="m", stream=stream, tools=tools, top_logprobs=top_logprobs)
 
 

@@ -171,12 +171,6 @@ class ChatResponder(Responder):
             return "tool_calls"
         return "stop"  # "abort" too: nobody reads it
 
-    def usage(self) -> dict:
-        g = self.gen
-        return {"prompt_tokens": g.num_prompt_tokens, "completion_tokens": g.num_generated,
-                "total_tokens": g.num_prompt_tokens + g.num_generated,
-                "prompt_tokens_details": {"cached_tokens": g.num_cached_tokens}}
-
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         out = {"id": self.gen.id, "object": f"{self.object}.chunk", "created": self.created, "model": self.model,
                "choices": choices}
@@ -263,12 +257,12 @@ class ChatResponder(Responder):
         if not self.stream:
             return []
         # Without include_usage (OpenAI's extra chunk, in end()), the last chunk carries it.
-        usage = self.usage() if self._unfinished == 0 and not self.include_usage else None
+        usage = self.gen.usage() if self._unfinished == 0 and not self.include_usage else None
         return [self._chunk([{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}], usage)]
 
     def end(self) -> list[dict]:
         if self.include_usage:
-            return [self._chunk([], self.usage())]
+            return [self._chunk([], self.gen.usage())]
         return []
 
     def body(self) -> dict:
@@ -286,7 +280,7 @@ class ChatResponder(Responder):
             choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                             "logprobs": {"content": c.logprobs} if self.top_logprobs is not None else None})
         out = {"id": self.gen.id, "object": self.object, "created": self.created, "model": self.model,
-               "choices": choices, "usage": self.usage()}
+               "choices": choices, "usage": self.gen.usage()}
         if self.gen.params.prompt_logprobs is not None:
             out["prompt_logprobs"] = self.prompt_logprobs
         return out

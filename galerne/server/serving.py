@@ -214,6 +214,12 @@ class Generation:
         self._live = 0  # producers not finished
         self._last: dict[tuple[int, int], float] = {}
 
+    def usage(self) -> dict:
+        """The API's usage object (both dialects), as far as the generation went."""
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_generated,
+                "total_tokens": self.num_prompt_tokens + self.num_generated,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
+
     # --- opening
 
     async def open(self, request: Request) -> None:

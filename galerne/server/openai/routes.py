@@ -128,18 +128,12 @@ class TextResponder(Responder):
         if not self.stream or not (text or logprobs or out.finish_reason):
             return []
         # Without include_usage (an extra chunk, in end()), the last chunk carries the usage.
-        usage = self.usage() if self._unfinished == 0 and not self.include_usage else None
+        usage = self.gen.usage() if self._unfinished == 0 and not self.include_usage else None
         return [self._chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i],
                               **extra}], usage)]
 
-    def usage(self) -> dict:
-        g = self.gen
-        return {"prompt_tokens": g.num_prompt_tokens, "completion_tokens": g.num_generated,
-                "total_tokens": g.num_prompt_tokens + g.num_generated,
-                "prompt_tokens_details": {"cached_tokens": g.num_cached_tokens}}
-
     def end(self) -> list[dict]:
-        return [self._chunk([], self.usage())] if self.include_usage else []
+        return [self._chunk([], self.gen.usage())] if self.include_usage else []
 
     def body(self) -> dict:
         choices = [{"index": i, "text": t, "finish_reason": self.finish[i],
@@ -148,4 +142,4 @@ class TextResponder(Responder):
             for c in choices:
                 c["prompt_logprobs"] = self.prompt_lp[c["index"]]
         return {"id": self.gen.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+                "choices": choices, "usage": self.gen.usage()}
