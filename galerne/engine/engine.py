@@ -132,6 +132,9 @@ class Engine:
                                    max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager)
         self._requests: dict[str, _Request] = {}
         self._state: dict[int, _SeqState] = {}
+        # Sequences whose prompt logprobs are not all computed yet: steps look for chunks
+        # to score only while there are some (no per-sequence check on the hot path).
+        self._scoring: set[int] = set()
         self._eos = frozenset(tokenizer.stop_token_ids())
         log.info("KV cache: %d blocks of %d tokens (%.2f GB)", num_blocks, s.block_size,
                  num_blocks * PagedKVCache.bytes_per_block(args, s.block_size, self.dtype) / 1e9)
@@ -200,6 +203,8 @@ class Engine:
         if params.prompt_logprobs is not None:
             for seq in seqs:  # every position is computed: none may come from the prefix cache
                 seq.use_prefix_cache = False
+                if len(prompt) > 1:  # else its one entry (None) is all there is
+                    self._scoring.add(seq.seq_id)
         for seq in seqs:
             # All n sequences are the same size: the first check decides for all.
             self.scheduler.add(seq)
@@ -222,6 +227,7 @@ class Engine:
             return
         for seq in self.scheduler.abort(request_id):
             self._state.pop(seq.seq_id, None)
+            self._scoring.discard(seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -235,20 +241,20 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        scoring = [i for i, s in enumerate(plan.scheduled) if self._needs_prompt_logprobs(s.seq)]
+        scoring = [i for i, s in enumerate(plan.scheduled) if self._needs_prompt_logprobs(s.seq)] if self._scoring else []
         logits, rows, hidden = self.runner.run(plan.scheduled, scoring)
         for i in scoring:  # before advance(): the chunk starts at num_computed_tokens
             self._add_prompt_logprobs(plan.scheduled[i].seq, hidden[i])
         self.scheduler.advance(plan)
         outputs = []
         # A sequence with no budget (max_tokens 0) ends when its prompt is computed.
-        done = [j for j, i in enumerate(rows) if plan.scheduled[i].seq.max_tokens == 0]
-        for j in done:
+        done = {j for j, i in enumerate(rows) if plan.scheduled[i].seq.max_tokens == 0}
+        for j in sorted(done):
             seq = plan.scheduled[rows[j]].seq
             outputs.append(self._finish(seq, StepOutput(seq.request_id, seq.index, "", [], num_prompt_tokens=seq.num_prompt_tokens,
                                                         num_cached_tokens=seq.num_cached_tokens), "length"))
         if done:
-            keep = [j for j in range(len(rows)) if j not in set(done)]
+            keep = [j for j in range(len(rows)) if j not in done]
             logits, rows = logits[keep], [rows[j] for j in keep]
         seqs = [plan.scheduled[i].seq for i in rows]
         if not seqs:
@@ -265,10 +271,7 @@ class Engine:
     def _needs_prompt_logprobs(self, seq: Sequence) -> bool:
         """Whether this step's chunk of ``seq`` holds prompt positions still to score
         (position p predicts prompt token p + 1)."""
-        st = self._state.get(seq.seq_id)
-        return (st is not None and st.prompt_logprobs is not None
-                and seq.num_computed_tokens < seq.num_prompt_tokens - 1
-                and len(st.prompt_logprobs) < seq.num_prompt_tokens)
+        return seq.seq_id in self._scoring and seq.num_computed_tokens < seq.num_prompt_tokens - 1
 
     def _add_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """The logprobs of the prompt tokens that ``hidden`` (this step's new tokens of
@@ -290,6 +293,8 @@ class Engine:
             else:
                 tops = [[] for _ in range(b - a)]
             collected += [PromptLogprob(lp, r, t) for lp, r, t in zip(actual[:, 0].tolist(), ranks.tolist(), tops)]
+        if len(collected) == seq.num_prompt_tokens:
+            self._scoring.discard(seq.seq_id)
 
     def _sampling_rows(self, seqs: list[Sequence], vocab_size: int) -> list[SamplingRow]:
         # Grammar masks cost CPU time: only guided rows pay, all computed together.
@@ -345,6 +350,7 @@ class Engine:
     def _finish(self, seq: Sequence, out: StepOutput, reason: str) -> StepOutput:
         """``out`` as ``seq``'s last output: its state and blocks are freed."""
         st = self._state.pop(seq.seq_id)
+        self._scoring.discard(seq.seq_id)
         if seq.num_output_tokens == 0:  # max_tokens 0: this is its first output too
             out.prompt_logprobs = st.prompt_logprobs
         out.finish_reason = reason

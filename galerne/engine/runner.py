@@ -53,13 +53,15 @@ class ModelRunner:
         sequences whose indices are in ``hidden_of`` (for prompt logprobs). The
         logits are valid until the next step (the CPU kernel reuses its buffer)."""
         entries, tokens, sample_rows, rows, spans = [], [], [], [], {}
+        want = set(hidden_of)
         end = 0
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             entries.append((seq.block_table, start, n))
             tokens.extend(seq.token_ids[start : start + n])
-            spans[i] = (end, end + n)
+            if i in want:
+                spans[i] = (end, end + n)
             end += n
             if start + n == seq.num_tokens:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
@@ -73,7 +75,7 @@ class ModelRunner:
             meta = BatchMetadata.build(entries, self.block_size, self.device)
             ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
             hidden = self.model(ids, meta.positions, self.attention(self.cache, meta))
-        kept = {i: hidden[spans[i][0] : spans[i][1]] for i in hidden_of}
+        kept = {i: hidden[a:b] for i, (a, b) in spans.items()}
         if not rows:
             return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows, kept
         index = torch.tensor(sample_rows, device=self.device)
