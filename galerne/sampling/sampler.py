@@ -249,7 +249,7 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
 
     top_p = cols[:, 1]
     if bool((top_p < 1.0).any()):
-        probs = _top_p(probs, top_p)
+        _cut_top_p_(probs, top_p)
 
     min_p = cols[:, 3]
     if bool((min_p > 0).any()):
@@ -267,14 +267,14 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
 TOP_P_CANDIDATES = (128, 1024)
 
 
-def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """``probs`` with each row cut to the smallest prefix (most likely first) whose mass
-    reaches its top_p: a token is dropped when the mass *before* it already reaches
-    top_p; the first token always stays (even for a top_p that is 0 in float32). Rows
-    with top_p 1 are left as they are."""
+def _cut_top_p_(probs: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Cut each row of ``probs``, in place, to the smallest prefix (most likely first)
+    whose mass reaches its top_p: a token is dropped when the mass *before* it already
+    reaches top_p; the first token always stays (even for a top_p that is 0 in
+    float32). Rows with top_p 1 are left as they are. A row is written once its cut is
+    found, and only rows still pending are read again."""
     device, V = probs.device, probs.shape[1]
     pending = torch.nonzero(top_p < 1.0).flatten()
-    out = probs.clone()
     for k in (*[k for k in TOP_P_CANDIDATES if k < V], V):
         if pending.numel() == 0:
             break
@@ -294,9 +294,8 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, order, keep_sorted)
         finished = torch.nonzero(done).flatten()
         if finished.numel():
-            out.index_copy_(0, idx[finished], rows[finished].masked_fill(~keep[finished], 0.0))
+            probs.index_copy_(0, idx[finished], rows[finished].masked_fill(~keep[finished], 0.0))
         pending = pending[~done.cpu()]
-    return out
 
 
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
