@@ -76,6 +76,16 @@ def tiny_mistral(tiny_factory):
 KERNEL = pytest.StashKey[str]()
 
 
+def model_prompt_logprobs(llm, ids: list[int]) -> tuple[torch.Tensor, list[float], list[int]]:
+    """What the model says of a prompt, from ``LLM.score`` (no cache, no engine): the
+    (len, vocab) log-softmax table, and each token's logprob and rank (1: the model's
+    best guess) given the tokens before it, from the second token on."""
+    table = torch.log_softmax(llm.score(ids), dim=-1)
+    actual = table[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ranks = (table[:-1] > actual[:, None]).sum(dim=1) + 1
+    return table, actual.tolist(), ranks.tolist()
+
+
 def has_compiler() -> bool:
     return shutil.which("c++") is not None or shutil.which("g++") is not None
 

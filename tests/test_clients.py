@@ -21,6 +21,7 @@ from galerne import LLM
 from galerne.config import ServerSettings
 from galerne.server import create_app
 
+from conftest import model_prompt_logprobs
 from test_server import KEY, MODEL, USER, WEATHER, LiveServer, _check_call
 
 
@@ -161,13 +162,6 @@ def test_langchain_openai_counts_usage_once(live):
 # ------------------------------------------------------------------ scoring: lm-evaluation-harness
 
 
-def _model_logprobs(llm, ids: list[int]):
-    import torch
-
-    table = torch.log_softmax(llm.score(ids), dim=-1)
-    return table, table[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-
-
 def test_lm_eval_loglikelihood(live, oai):
     """What lm-evaluation-harness's local-completions model sends to score a continuation:
     token ids, echo, logprobs 1, max_tokens 1 (it drops the last, generated, entry) or 0;
@@ -184,7 +178,7 @@ def test_lm_eval_loglikelihood(live, oai):
             lp = choice.logprobs
             assert len(lp.token_logprobs) == len(ids) + max_tokens
             assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-            table, expected = _model_logprobs(llm, ids)
+            table, expected, _ = model_prompt_logprobs(llm, ids)
             assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
             # lm-eval's is_greedy: the token's logprob against the best alternative's
             for p in range(1, len(ids)):
@@ -212,7 +206,7 @@ def test_lm_eval_when_the_model_would_stop(live, oai):
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.tokens[-1] == tok.token_str(eos)
     assert r.choices[0].text == tok.decode(ids)  # EOS has a logprob, not text
     assert lp.text_offset[-1] == len(r.choices[0].text)
-    _, expected = _model_logprobs(llm, ids)
+    _, expected, _ = model_prompt_logprobs(llm, ids)
     assert sum(lp.token_logprobs[len(ids) - 1:-1]) == pytest.approx(expected[-1], abs=1e-4)
 
 
@@ -248,7 +242,7 @@ def test_prompt_logprobs_extension(live, oai, route):
         r = oai.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
                                    extra_body={"prompt_logprobs": 2})
         entries = r.choices[0].model_extra["prompt_logprobs"]
-    table, expected = _model_logprobs(llm, ids)
+    table, expected, _ = model_prompt_logprobs(llm, ids)
     assert len(entries) == len(ids) and entries[0] is None
     for p, (entry, lp) in enumerate(zip(entries[1:], expected)):
         own = entry[str(ids[p + 1])]

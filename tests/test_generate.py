@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from conftest import model_prompt_logprobs
 from galerne import LLM, SamplingParams
 from galerne.cli import main
 from galerne.engine.stop import StopChecker
@@ -170,15 +171,6 @@ def test_cli_rejects_bad_sampling_values(folder, capsys):
 # ------------------------------------------------------------------ prompt logprobs (scoring)
 
 
-def _expected_prompt_logprobs(llm, ids):
-    import torch
-
-    logprobs = torch.log_softmax(llm.score(ids), dim=-1)
-    actual = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    ranks = (logprobs[:-1] > actual[:, None]).sum(dim=1) + 1
-    return actual.tolist(), ranks.tolist(), logprobs
-
-
 @pytest.mark.parametrize("engine", [
     dict(),  # the prompt in one chunk
     dict(max_num_batched_tokens=16, block_size=16),  # in chunks of 16 tokens, in several steps
@@ -188,7 +180,7 @@ def test_prompt_logprobs_are_the_models_scores(tiny_factory, engine):
     folder, _ = tiny_factory("mistral")
     llm = LLM(folder, device="cpu", **engine)
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog " * 6, bos=True)
-    lps, ranks, table = _expected_prompt_logprobs(llm, ids)
+    table, lps, ranks = model_prompt_logprobs(llm, ids)
     # A cached prefix is there (the same prompt ran before), and must not be used.
     llm.generate([ids], SamplingParams(max_tokens=2, temperature=0))
     for max_tokens in (0, 3):
@@ -210,7 +202,7 @@ def test_max_tokens_0_scores_a_prompt_that_fills_the_context(llm):
     ids = [1] + [5] * (llm.max_model_len - 1)
     out = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
     assert out.outputs[0].token_ids == [] and out.outputs[0].text == "" and out.finish_reason == "length"
-    lps, _, _ = _expected_prompt_logprobs(llm, ids)
+    _, lps, _ = model_prompt_logprobs(llm, ids)
     assert [g.logprob for g in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-4)
     assert all(g.top == [] for g in out.prompt_logprobs[1:])
     with pytest.raises(PromptTooLong):  # one token more does not fit, even to score it
@@ -226,7 +218,7 @@ def test_prompt_logprobs_survive_preemption(tiny_factory):
     outs = llm.generate(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=0))
     assert llm.engine.scheduler.num_preemptions > 0
     for p, out in zip(ids, outs):
-        lps, _, _ = _expected_prompt_logprobs(llm, p)
+        _, lps, _ = model_prompt_logprobs(llm, p)
         assert len(out.prompt_logprobs) == len(p)
         assert [g.logprob for g in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-4)
 
