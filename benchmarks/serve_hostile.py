@@ -29,41 +29,28 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import signal
 import sys
 import time
 from urllib.parse import urlsplit
 
 from common import SHAPES, report
-from serve_load import make_prompts, percentile, start_server
+from serve_load import client, make_prompts, percentile, start_server
 
 CHUNK = b"x" * 65536
 
 
-async def streaming_client(api, args, prompts: list[str], results: list[dict]) -> None:
-    """Requests one after the other until none is left; each must give --max-tokens tokens."""
-    while prompts:
-        prompt = prompts.pop()
-        t0 = time.perf_counter()
-        stamps: list[float] = []
-        try:
-            stream = await api.chat.completions.create(
-                model=args.model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
-                temperature=1.0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            usage = None
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
-                    stamps.append(time.perf_counter())
-            if usage is None or usage.completion_tokens != args.max_tokens:
-                raise RuntimeError(f"expected {args.max_tokens} tokens, got usage {usage}")
-            results.append({"ok": True, "ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])]})
-        except Exception as e:  # counted, and the first few shown
-            results.append({"ok": False, "error": f"{type(e).__name__}: {e}"})
-
-
 # ------------------------------------------------------------------ hostile clients
+
+
+async def connect(host: str, port: int, outcomes: collections.Counter, what: str):
+    """(reader, writer), or None when the connection fails (counted: "WHAT: connect failed")."""
+    try:
+        return await asyncio.open_connection(host, port)
+    except OSError:
+        outcomes[f"{what}: connect failed"] += 1
+        return None
 
 
 async def status_of(reader: asyncio.StreamReader, timeout: float) -> str:
@@ -83,11 +70,10 @@ async def big(host: str, port: int, args, outcomes: collections.Counter, stop: a
     while not stop.is_set():
         kind = ("16MiB content-length", "16MiB chunked", "1.9MiB text")[n % 3]
         n += 1
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            outcomes[f"big {kind}: connect failed"] += 1
+        conn = await connect(host, port, outcomes, f"big {kind}")
+        if conn is None:
             continue
+        reader, writer = conn
         try:
             head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             if kind.endswith("content-length"):
@@ -117,11 +103,10 @@ async def slow(host: str, port: int, args, outcomes: collections.Counter, stop: 
     while not stop.is_set():
         kind = ("body", "headers")[n % 2]
         n += 1
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            outcomes[f"slow {kind}: connect failed"] += 1
+        conn = await connect(host, port, outcomes, f"slow {kind}")
+        if conn is None:
             continue
+        reader, writer = conn
         if kind == "body":
             writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                          "Content-Length: 100000\r\n\r\n{".encode())
@@ -151,12 +136,11 @@ async def slow(host: str, port: int, args, outcomes: collections.Counter, stop: 
 async def silent(host: str, port: int, args, outcomes: collections.Counter, stop: asyncio.Event) -> None:
     async def one():
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                outcomes["silent: connect failed"] += 1
+            conn = await connect(host, port, outcomes, "silent")
+            if conn is None:
                 await asyncio.sleep(0.1)
                 continue
+            reader, writer = conn
             t0 = time.monotonic()
             try:
                 data = await reader.read(65536)
@@ -189,7 +173,7 @@ async def run(args, base_url: str, hostile: int) -> tuple[dict, collections.Coun
     results: list[dict] = []
     todo = make_prompts(args.requests, args.prompt_words)[::-1]
     t0 = time.perf_counter()
-    await asyncio.gather(*[streaming_client(api, args, todo, results) for _ in range(args.clients)])
+    await asyncio.gather(*[client(api, args, todo, math.inf, results) for _ in range(args.clients)])
     wall = time.perf_counter() - t0
     stop.set()
     for t in tasks:
