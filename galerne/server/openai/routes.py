@@ -123,7 +123,6 @@ class TextResponder(Responder):
             extra["prompt_logprobs"] = self.prompt_lp[i]
         if out.finish_reason is not None:
             self.finish[i] = "stop" if out.finish_reason == "abort" else out.finish_reason
-        if out.finish_reason is not None:
             self._unfinished -= 1
         if not self.stream or not (text or logprobs or out.finish_reason):
             return []
