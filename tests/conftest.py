@@ -25,6 +25,20 @@ TINY = {
     "tied": ("MistralConfig", dict(tie_word_embeddings=True)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "llama": ("LlamaConfig", dict()),
+    # Ministral 3: YaRN and llama-4 query scaling, with a small original context so
+    # that the tests' prompts reach past it (scaling steps at positions 16, 32, ...).
+    "ministral3": ("Ministral3Config", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=32.0, original_max_position_embeddings=16,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
+    # YaRN's default magnitude (no mscale): cos and sin scaled by 0.1 ln(factor) + 1.
+    "ministral3-mscale": ("Ministral3Config", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=32.0, original_max_position_embeddings=16,
+        llama_4_scaling_beta=0.2))),
+    # The older Ministral: a sliding window on some layers only.
+    "ministral": ("MinistralConfig", dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    # Vision-language checkpoints (Mistral Small 3.x, Ministral 3): the text path.
+    "mistral3": ("Mistral3Config", dict(text="MistralConfig")),
+    "mistral3-ministral3": ("Mistral3Config", dict(text="Ministral3Config")),
 }
 
 
@@ -41,6 +55,21 @@ def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
         # that float rounding could flip.
         initializer_range=0.2,
     )
+    extra = dict(extra)
+    text = extra.pop("text", None)
+    if text is not None:  # a vision-language model around a text model of kind `text`
+        inner = next(v for v in TINY.values() if v[0] == text)[1]
+        text_config = getattr(transformers, text)(**{**kwargs, **inner, **overrides})
+        vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
+        config = getattr(transformers, cls_name)(text_config=text_config, vision_config=vision,
+                                                 tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        model = transformers.Mistral3ForConditionalGeneration(config).eval()
+        model.generation_config.eos_token_id = None
+        model.save_pretrained(folder)
+        shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
+        return model
     kwargs.update(extra)
     kwargs.update(overrides)
     config = getattr(transformers, cls_name)(**kwargs)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.layers import rotary_inv_freq
 from ..models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,9 @@ def _build(march: str = "native"):
 
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
     """Why the kernel can't run this model, or None when it can. The kernel knows
-    what ``galerne.models`` builds today (plain RoPE, RMSNorm, SwiGLU, grouped
-    heads, sliding windows); a feature added there must be added here or listed."""
+    what ``galerne.models`` builds today (RoPE plain or YaRN, llama-4 query scaling,
+    RMSNorm, SwiGLU, grouped heads, sliding windows); a feature added there must be
+    added here or listed."""
     args = model.args
     if args.moe is not None:
         return "mixture-of-experts layers"
@@ -237,11 +239,14 @@ class CpuDecoder:
             weights += [layer.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
                         layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
         windows = [args.window(i) or 0 for i in range(args.n_layers)]
+        inv_freq, rope_scale = rotary_inv_freq(args.head_dim, args.rope_theta, args.yarn)
+        qs = args.query_scaling
         # The C++ decoder holds references to these tensors (no copies).
         self._decoder = ext.Decoder([w.detach() for w in weights], model.norm.weight.detach(),
                                     model.output.weight.detach(), model.tok_embeddings.weight.detach(),
                                     k_cache, v_cache, windows, args.n_heads, args.n_kv_heads, args.head_dim,
-                                    float(args.norm_eps), float(args.rope_theta))
+                                    float(args.norm_eps), inv_freq.contiguous(), float(rope_scale),
+                                    float(qs.beta) if qs else 0.0, int(qs.original_max_position_embeddings) if qs else 0)
 
     @classmethod
     def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):

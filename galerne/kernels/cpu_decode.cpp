@@ -291,6 +291,9 @@ struct Model {
   int64_t H, K, hd;
   double eps;
   std::vector<float> inv_freq;         // rotary frequencies, (hd / 2,)
+  float rope_scale;                    // cos and sin are multiplied by it (YaRN's magnitude; 1 without)
+  double q_beta;                       // llama-4 query scaling: q *= 1 + beta * log(1 + floor(pos / q_orig))
+  int64_t q_orig;                      // (q_beta 0: none)
 };
 
 template <typename W>
@@ -329,12 +332,18 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
   const int64_t layer_stride = model.k_cache.stride(0), slot_stride = K * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // cos then sin of each position's angles, (M, hd): the same for every layer.
-  std::vector<float> rope(M * hd);
-  for (int64_t m = 0; m < M; ++m)
+  std::vector<float> rope(M * hd), q_scale(M, 1.0f);
+  for (int64_t m = 0; m < M; ++m) {
     for (int64_t i = 0; i < hd / 2; ++i) {
       float a = static_cast<float>(pos[m]) * model.inv_freq[i];
-      rope[m * hd + i] = std::cos(a), rope[m * hd + hd / 2 + i] = std::sin(a);
+      rope[m * hd + i] = std::cos(a) * model.rope_scale, rope[m * hd + hd / 2 + i] = std::sin(a) * model.rope_scale;
     }
+    if (model.q_beta != 0.0) {
+      // As galerne.models.layers.query_scale, in float32 (rounded to the weights' dtype there).
+      const float steps = std::floor(static_cast<float>(pos[m]) / static_cast<float>(model.q_orig));
+      q_scale[m] = to_f(from_f<W>(1.0f + static_cast<float>(model.q_beta) * std::log(1.0f + steps)));
+    }
+  }
 
   auto wp = [&](int64_t l, int j) { return reinterpret_cast<const W*>(weights[l * 9 + j].data_ptr()); };
   auto norm_w = [&](const torch::Tensor& t) { return reinterpret_cast<const W*>(t.data_ptr()); };
@@ -373,10 +382,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
           if (head < H + K) {
             const float* c = rope.data() + m * hd;
             const float* s = c + hd / 2;
+            const float qs = head < H ? q_scale[m] : 1.0f;
             for (int64_t i = 0; i < hd / 2; ++i) {
               float x0 = v[2 * i], x1 = v[2 * i + 1];
-              v[2 * i] = x0 * c[i] - x1 * s[i];
-              v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+              v[2 * i] = (x0 * c[i] - x1 * s[i]) * qs;
+              v[2 * i + 1] = (x0 * s[i] + x1 * c[i]) * qs;
             }
           }
           if (head >= H) {
@@ -457,12 +467,16 @@ class Decoder {
  public:
   Decoder(std::vector<torch::Tensor> weights, torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor emb,
           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
-          int64_t n_kv_heads, int64_t head_dim, double eps, double theta)
+          int64_t n_kv_heads, int64_t head_dim, double eps, torch::Tensor inv_freq, double rope_scale, double q_beta,
+          int64_t q_orig)
       : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
-           n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2)} {
-    // As galerne.models.layers.rotary_cos_sin computes them, in float32.
-    for (int64_t i = 0; i < head_dim / 2; ++i)
-      m_.inv_freq[i] = 1.0f / std::pow(static_cast<float>(theta), static_cast<float>(2 * i) / static_cast<float>(head_dim));
+           n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2), static_cast<float>(rope_scale),
+           q_beta, q_orig} {
+    // Computed by galerne.models.layers.rotary_inv_freq (plain or YaRN), float32.
+    TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.is_contiguous() && inv_freq.numel() == head_dim / 2,
+                "Decoder: inv_freq must be head_dim / 2 contiguous float32 values");
+    std::copy(inv_freq.data_ptr<float>(), inv_freq.data_ptr<float>() + head_dim / 2, m_.inv_freq.begin());
+    TORCH_CHECK(q_beta == 0.0 || q_orig > 0, "Decoder: query scaling needs a positive original context");
     TORCH_CHECK(m_.weights.size() == 9 * m_.windows.size(), "Decoder: 9 weights per layer");
     TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "Decoder: bad head shape");
     const auto dtype = out_w.scalar_type();
@@ -503,6 +517,7 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                          torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, double>())
+                          torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, torch::Tensor, double,
+                          double, int64_t>())
       .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)");
 }

@@ -9,6 +9,7 @@ transformers for ``config.json``) and the defaults are written here, once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +21,63 @@ DEFAULT_NATIVE_CONTEXT = 32768
 
 # HF architectures we load through the same code (they differ only in names we map
 # or in fields we read below).
-HF_ARCHITECTURES = {"MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM"}
+HF_ARCHITECTURES = {
+    "MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM",
+    "MinistralForCausalLM",  # per-layer sliding windows (layer_types)
+    "Ministral3ForCausalLM",  # YaRN + llama-4 query scaling
+    "Mistral3ForConditionalGeneration",  # vision-language: its language model
+}
+# Vision-language wrappers: their text_config names the language model by model_type.
+MULTIMODAL_ARCHITECTURES = {"Mistral3ForConditionalGeneration"}
+TEXT_MODEL_TYPES = {
+    "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+    "ministral3": "Ministral3ForCausalLM", "llama": "LlamaForCausalLM",
+}
 
 
 @dataclass(frozen=True)
 class MoeArgs:
     num_experts: int
     num_experts_per_tok: int
+
+
+@dataclass(frozen=True)
+class YarnArgs:
+    """YaRN rope scaling (transformers' ``rope_type: "yarn"``; Mistral's ``yarn``).
+
+    Frequencies of the dimensions that turn more than ``beta_fast`` times over the
+    original context keep their value, those that turn less than ``beta_slow``
+    times are divided by ``factor``, with a linear ramp in between; cos and sin
+    are then multiplied by ``attention_factor`` (None: derived from ``factor``,
+    ``mscale`` and ``mscale_all_dim`` as transformers does)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @property
+    def magnitude(self) -> float:
+        """The factor cos and sin are multiplied by (transformers' ``attention_factor``)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return _mscale(self.factor, self.mscale) / _mscale(self.factor, self.mscale_all_dim)
+        return _mscale(self.factor)
+
+
+@dataclass(frozen=True)
+class QueryScaling:
+    """Llama 4's position-dependent query scaling (Ministral 3, Mistral 4):
+    queries are multiplied by ``1 + beta * log(1 + floor(position / original_max_position_embeddings))``,
+    1 within the original context, growing slowly past it."""
+
+    beta: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +91,8 @@ class ModelArgs:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    yarn: YarnArgs | None = None
+    query_scaling: QueryScaling | None = None
     # None (full attention), one int for every layer, or one entry per layer
     # (None in the list = that layer attends to everything).
     sliding_window: int | tuple[int | None, ...] | None = None
@@ -49,6 +102,9 @@ class ModelArgs:
     # Token ids from the config, used only when the tokenizer does not say.
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # A vision-language checkpoint's vision encoder config (raw), None for text models.
+    # The encoder is not built yet: its weights are skipped at load.
+    vision: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,16 +141,17 @@ class ModelArgs:
 
     @classmethod
     def from_params_json(cls, p: dict[str, Any], where: str = "params.json") -> "ModelArgs":
-        """Mistral-native ``params.json`` (mistral-inference's field names)."""
+        """Mistral-native ``params.json`` (mistral-inference's field names; the
+        ``yarn``, ``llama_4_scaling`` and ``vision_encoder`` keys as Mistral ships
+        them with Ministral 3 and Mistral Small 3.x)."""
         _require(p, ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"), where)
-        if p.get("vision_encoder"):
-            raise ConfigError("vision models are not supported yet (params.json has vision_encoder)", path=where)
         moe = None
         if p.get("moe"):
             m = p["moe"]
             _require(m, ("num_experts", "num_experts_per_tok"), f"{where} (moe)")
             moe = MoeArgs(int(m["num_experts"]), int(m["num_experts_per_tok"]))
         n_heads = int(p["n_heads"])
+        vision = p.get("vision_encoder") or (p.get("multimodal") or {}).get("vision_encoder_args")
         return cls(
             dim=int(p["dim"]),
             n_layers=int(p["n_layers"]),
@@ -105,16 +162,21 @@ class ModelArgs:
             vocab_size=int(p["vocab_size"]),
             norm_eps=float(p.get("norm_eps", 1e-5)),
             rope_theta=float(p.get("rope_theta", 10000.0)),
+            yarn=_native_yarn(p.get("yarn"), where),
+            query_scaling=_native_query_scaling(p.get("llama_4_scaling"), where),
             sliding_window=_window(p.get("sliding_window"), where),
             tied_embeddings=bool(p.get("tied_embeddings", False)),
             moe=moe,
             max_seq_len=int(p.get("max_seq_len") or p.get("max_position_embeddings") or DEFAULT_NATIVE_CONTEXT),
+            vision=dict(vision) if vision else None,
             extra={k: p[k] for k in ("lora", "quantization") if k in p},
         )
 
     @classmethod
     def from_hf_config(cls, c: dict[str, Any], where: str = "config.json") -> "ModelArgs":
-        """Hugging Face ``config.json`` of a Mistral, Mixtral or Llama checkpoint."""
+        """Hugging Face ``config.json`` of a checkpoint in ``HF_ARCHITECTURES``. A
+        vision-language checkpoint (``Mistral3ForConditionalGeneration``) gives its
+        language model's arguments, with the vision part kept in ``vision``."""
         archs = c.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in HF_ARCHITECTURES:
@@ -123,6 +185,19 @@ class ModelArgs:
                 f"unknown architecture {arch!r} (model_type {c.get('model_type')!r}); galerne loads {known}",
                 path=where,
             )
+        if arch in MULTIMODAL_ARCHITECTURES:
+            text = c.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{arch} needs a text_config object", path=where)
+            kind = text.get("model_type", "mistral")
+            inner = TEXT_MODEL_TYPES.get(kind)
+            if inner is None:
+                raise ConfigError(
+                    f"text_config.model_type {kind!r} is not supported; galerne loads {', '.join(sorted(TEXT_MODEL_TYPES))}",
+                    path=where,
+                )
+            args = cls.from_hf_config({**text, "architectures": [inner]}, f"{where} (text_config)")
+            return dataclasses.replace(args, vision=dict(c.get("vision_config") or {"model_type": "unknown"}))
         _require(c, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"), where)
         act = c.get("hidden_act", "silu")
         if act != "silu":
@@ -130,25 +205,26 @@ class ModelArgs:
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
                 raise ConfigError(f"{flag}=true is not supported", path=where)
-        rope_theta, scaling = _hf_rope(c)
-        if scaling is not None:
-            raise ConfigError(f"rope scaling {scaling!r} is not supported yet", path=where)
+        rope_theta, yarn, query_scaling = _hf_rope(c, where)
+        n_layers = int(c["num_hidden_layers"])
         n_heads = int(c["num_attention_heads"])
         moe = None
         if arch == "MixtralForCausalLM":
             moe = MoeArgs(int(c.get("num_local_experts", 8)), int(c.get("num_experts_per_tok", 2)))
         window = c.get("sliding_window")
-        if arch == "MistralForCausalLM" or arch == "MixtralForCausalLM":
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Ministral3ForCausalLM"):
             # transformers ignores sliding_window when use_sliding_window is False
             # (Qwen-style configs); Mistral configs do not carry the flag.
             if c.get("use_sliding_window") is False:
                 window = None
+        elif arch == "MinistralForCausalLM":
+            window = _layer_windows(c, n_layers, where)
         else:
             window = None  # Llama attends to everything
         eos = c.get("eos_token_id")
         return cls(
             dim=int(c["hidden_size"]),
-            n_layers=int(c["num_hidden_layers"]),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
             head_dim=int(c.get("head_dim") or c["hidden_size"] // n_heads),
@@ -156,6 +232,8 @@ class ModelArgs:
             vocab_size=int(c["vocab_size"]),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
+            yarn=yarn,
+            query_scaling=query_scaling,
             sliding_window=_window(window, where),
             tied_embeddings=bool(c.get("tie_word_embeddings", False)),
             moe=moe,
@@ -186,19 +264,38 @@ class ModelArgs:
             p["tied_embeddings"] = True
         if self.moe:
             p["moe"] = dataclasses.asdict(self.moe)
+        if self.yarn:
+            y = self.yarn
+            if not y.truncate or y.magnitude not in (1.0, _mscale(y.factor)):
+                raise ConfigError("this YaRN configuration (truncate, mscale or attention_factor) has no params.json spelling")
+            p["yarn"] = {"factor": y.factor, "original_max_position_embeddings": y.original_max_position_embeddings,
+                         "beta": y.beta_fast, "alpha": y.beta_slow, "apply_scale": y.magnitude != 1.0}
+        if self.query_scaling:
+            q = self.query_scaling
+            p["llama_4_scaling"] = {"beta": q.beta, "original_max_position_embeddings": q.original_max_position_embeddings}
         return p
 
     def to_hf_config(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        if isinstance(self.sliding_window, tuple):
-            windows = {w for w in self.sliding_window}
-            if len(windows) != 1:
-                raise ConfigError("a per-layer sliding_window cannot be written as a Hugging Face Mistral config")
-            window = windows.pop()
+        """A text-only config (a vision checkpoint's language model is written alone)."""
+        sw = self.sliding_window
+        per_layer = isinstance(sw, tuple) and len(set(sw)) > 1
+        if self.moe:
+            arch, kind = "MixtralForCausalLM", "mixtral"
+        elif self.yarn or self.query_scaling:
+            arch, kind = "Ministral3ForCausalLM", "ministral3"
+        elif per_layer:
+            arch, kind = "MinistralForCausalLM", "ministral"
         else:
-            window = self.sliding_window
+            arch, kind = "MistralForCausalLM", "mistral"
+        if per_layer and arch != "MinistralForCausalLM":
+            raise ConfigError(f"a per-layer sliding_window cannot be written as a Hugging Face {arch} config")
+        windows = {w for w in sw} - {None} if isinstance(sw, tuple) else {sw} - {None}
+        if len(windows) > 1:
+            raise ConfigError("sliding windows of several sizes cannot be written as a Hugging Face config")
+        window = next(iter(windows), None)
         c: dict[str, Any] = {
-            "architectures": ["MixtralForCausalLM" if self.moe else "MistralForCausalLM"],
-            "model_type": "mixtral" if self.moe else "mistral",
+            "architectures": [arch],
+            "model_type": kind,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -217,9 +314,26 @@ class ModelArgs:
             "eos_token_id": self.eos_token_id if self.eos_token_id is not None else 2,
             "torch_dtype": dtype,
         }
+        if per_layer:
+            c["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in sw]
         if self.moe:
             c["num_local_experts"] = self.moe.num_experts
             c["num_experts_per_tok"] = self.moe.num_experts_per_tok
+        if self.yarn or self.query_scaling:
+            rp: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+            if self.yarn:
+                y = self.yarn
+                rp.update(rope_type="yarn", factor=y.factor,
+                          original_max_position_embeddings=y.original_max_position_embeddings,
+                          beta_fast=y.beta_fast, beta_slow=y.beta_slow, truncate=y.truncate)
+                for k in ("mscale", "mscale_all_dim", "attention_factor"):
+                    if getattr(y, k) is not None:
+                        rp[k] = getattr(y, k)
+            if self.query_scaling:
+                rp["llama_4_scaling_beta"] = self.query_scaling.beta
+                rp.setdefault("original_max_position_embeddings", self.query_scaling.original_max_position_embeddings)
+            del c["rope_theta"]
+            c["rope_parameters"] = rp
         return c
 
 
@@ -240,15 +354,87 @@ def _window(value: Any, where: str) -> int | tuple[int | None, ...] | None:
     return value
 
 
-def _hf_rope(c: dict[str, Any]) -> tuple[float, Any]:
-    """(rope_theta, scaling or None) from either the classic fields or transformers
-    5's ``rope_parameters`` dict."""
+def _hf_rope(c: dict[str, Any], where: str) -> tuple[float, YarnArgs | None, QueryScaling | None]:
+    """(rope_theta, YaRN, llama-4 query scaling) from transformers 5's
+    ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling`` fields."""
     rp = c.get("rope_parameters")
-    if isinstance(rp, dict):
-        theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
-        kind = rp.get("rope_type", "default")
-        return theta, None if kind == "default" else rp
-    scaling = c.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        return float(c.get("rope_theta", 10000.0)), scaling
-    return float(c.get("rope_theta", 10000.0)), None
+    if not isinstance(rp, dict):
+        rp = dict(c.get("rope_scaling") or {})
+        rp.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = rp.get("rope_type", rp.get("type")) or "default"
+    yarn = None
+    if kind == "yarn":
+        orig = rp.get("original_max_position_embeddings")
+        if orig is None:
+            raise ConfigError("rope_type 'yarn' needs original_max_position_embeddings", path=where)
+        factor = rp.get("factor")
+        if factor is None:  # transformers: the ratio of the context lengths
+            factor = float(c.get("max_position_embeddings") or DEFAULT_NATIVE_CONTEXT) / float(orig)
+        if rp.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError("partial_rotary_factor is not supported for this architecture", path=where)
+        yarn = YarnArgs(
+            factor=float(factor), original_max_position_embeddings=int(orig),
+            beta_fast=float(rp.get("beta_fast") or 32.0), beta_slow=float(rp.get("beta_slow") or 1.0),
+            mscale=_opt_float(rp.get("mscale")), mscale_all_dim=_opt_float(rp.get("mscale_all_dim")),
+            attention_factor=_opt_float(rp.get("attention_factor")), truncate=bool(rp.get("truncate", True)),
+        )
+    elif kind != "default":
+        raise ConfigError(f"rope_type {kind!r} is not supported (default and yarn are)", path=where)
+    query_scaling = None
+    beta = rp.get("llama_4_scaling_beta")
+    if beta is not None:
+        orig = rp.get("original_max_position_embeddings")
+        if orig is None:
+            raise ConfigError("llama_4_scaling_beta needs original_max_position_embeddings", path=where)
+        query_scaling = QueryScaling(float(beta), int(orig))
+    return theta, yarn, query_scaling
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction (transformers' ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _native_yarn(y: Any, where: str) -> YarnArgs | None:
+    """params.json's ``yarn`` (keys as vLLM's Mistral reader maps them: ``beta`` is
+    beta_fast, ``alpha`` beta_slow, ``apply_scale: false`` an attention factor of 1)."""
+    if not y:
+        return None
+    if not isinstance(y, dict):
+        raise ConfigError(f"yarn must be an object, got {y!r}", path=where)
+    _require(y, ("factor", "original_max_position_embeddings"), f"{where} (yarn)")
+    unknown = set(y) - {"factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale"}
+    if unknown:
+        raise ConfigError(f"unknown yarn key(s): {', '.join(sorted(unknown))}", path=where)
+    return YarnArgs(
+        factor=float(y["factor"]), original_max_position_embeddings=int(y["original_max_position_embeddings"]),
+        beta_fast=float(y.get("beta", 32.0)), beta_slow=float(y.get("alpha", 1.0)),
+        mscale_all_dim=1.0, attention_factor=None if y.get("apply_scale", True) else 1.0,
+    )
+
+
+def _native_query_scaling(q: Any, where: str) -> QueryScaling | None:
+    if not q:
+        return None
+    if not isinstance(q, dict):
+        raise ConfigError(f"llama_4_scaling must be an object, got {q!r}", path=where)
+    _require(q, ("beta", "original_max_position_embeddings"), f"{where} (llama_4_scaling)")
+    return QueryScaling(float(q["beta"]), int(q["original_max_position_embeddings"]))
+
+
+def _layer_windows(c: dict[str, Any], n_layers: int, where: str) -> list[int | None] | int | None:
+    """Ministral's ``layer_types``: the window on "sliding_attention" layers only."""
+    window, types = c.get("sliding_window"), c.get("layer_types")
+    if types is None:
+        return window
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ConfigError(f"layer_types must list the {n_layers} layers", path=where)
+    bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if bad:
+        raise ConfigError(f"unknown layer type(s) {', '.join(map(repr, bad))}", path=where)
+    return [window if t == "sliding_attention" else None for t in types]

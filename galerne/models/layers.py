@@ -10,13 +10,14 @@ H = query heads, K = key/value heads, hd = head_dim.
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import ModelArgs
+from .args import ModelArgs, QueryScaling, YarnArgs
 
 
 class RMSNorm(nn.Module):
@@ -34,17 +35,73 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (T, hd/2) for the given absolute positions.
+class Rope(NamedTuple):
+    """What every attention layer of one forward needs about positions: cos and sin
+    (T, rot/2), and the per-token query scale (T,) or None (no llama-4 scaling)."""
 
-    Computed per forward from the positions (cheap: T x hd/2) rather than from a
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None = None
+
+
+def rotary_inv_freq(dim: int, theta: float, yarn: YarnArgs | None = None,
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+    """The (dim/2,) float32 rotary frequencies and the factor cos/sin are scaled by.
+
+    Plain rotary: theta^(-2i/dim). YaRN keeps the fast-turning dimensions (more
+    than ``beta_fast`` turns over the original context), divides the slow ones
+    (fewer than ``beta_slow`` turns) by ``factor``, and ramps linearly between the
+    two, as transformers' ``_compute_yarn_parameters`` does, in float32.
+    """
+    exponent = torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim
+    pos_freqs = theta**exponent
+    inv_freq = 1.0 / pos_freqs
+    if yarn is None:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    interpolated = 1.0 / (yarn.factor * pos_freqs)
+    return interpolated * (1 - extrapolation) + inv_freq * extrapolation, yarn.magnitude
+
+
+def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
+                   yarn: YarnArgs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, dim/2) for the given absolute positions.
+
+    Computed per forward from the positions (cheap: T x dim/2) rather than from a
     table, so that nothing depends on a maximum length and nothing has to be
     re-materialised after building on the ``meta`` device.
     """
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)  # (hd/2,)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    inv_freq, magnitude = rotary_inv_freq(dim, theta, yarn, positions.device)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    if magnitude != 1.0:
+        cos, sin = cos * magnitude, sin * magnitude
+    return cos.to(dtype), sin.to(dtype)
+
+
+def query_scale(positions: torch.Tensor, scaling: QueryScaling | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Llama 4's per-token query scale (T,), or None without it."""
+    if scaling is None:
+        return None
+    steps = torch.floor(positions.float() / scaling.original_max_position_embeddings)
+    return (1 + scaling.beta * torch.log(1 + steps)).to(dtype)
+
+
+def model_rope(args: ModelArgs, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+    """The ``Rope`` of a dense model's forward (every layer rotates all head_dim)."""
+    cos, sin = rotary_cos_sin(positions, args.head_dim, args.rope_theta, dtype, args.yarn)
+    return Rope(cos, sin, query_scale(positions, args.query_scaling, dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,12 +145,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x, rope: Rope, backend: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
         q = self.wq(x).view(T, self.n_heads, self.head_dim)  # (T, H, hd)
         k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)  # (T, K, hd)
         v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)  # (T, K, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
+        if rope.q_scale is not None:
+            q = q * rope.q_scale[:, None, None]
         out = backend.attend(self.layer, q, k, v, self.window)  # (T, H, hd)
         return self.wo(out.reshape(T, self.n_heads * self.head_dim))
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .layers import Attention, AttentionBackend, FeedForward, RMSNorm, rotary_cos_sin
+from .layers import Attention, AttentionBackend, FeedForward, RMSNorm, Rope, model_rope
 from .moe import MoeLayer
 
 
@@ -28,8 +28,8 @@ class TransformerBlock(nn.Module):
             MoeLayer(args.dim, args.hidden_dim, args.moe) if args.moe else FeedForward(args.dim, args.hidden_dim)
         )
 
-    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, backend)
+    def forward(self, x, rope: Rope, backend: AttentionBackend) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, backend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -47,9 +47,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """tokens, positions: (T,) -> hidden states (T, D)."""
         h = self.tok_embeddings(tokens)  # (T, D)
-        cos, sin = rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        rope = model_rope(self.args, positions, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, backend)
+            h = layer(h, rope, backend)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

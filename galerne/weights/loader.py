@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
 from ..models.transformer import Transformer
-from .names import IGNORED_HF, hf_to_native, permute_rows
+from .names import IGNORED_HF, hf_to_native, is_vision_tensor, permute_rows
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +108,23 @@ class Checkpoint:
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
         """Yield (file, checkpoint name, tensor) for every tensor, lazily. With
-        ``meta``, the tensors are shape/dtype-only, read from the file headers."""
+        ``meta``, the tensors are shape/dtype-only, read from the file headers.
+        A vision-language checkpoint's vision tensors are not read (not built yet)."""
+        skip = self.args.vision is not None
         for path in self.weight_files:
             if path.suffix == ".safetensors":
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         for name in f.keys():
+                            if skip and is_vision_tensor(name):
+                                continue
                             yield path, name, _meta_of(f.get_slice(name)) if meta else f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
             else:
                 for name, t in _load_pickle(path).items():
-                    yield path, name, t.to("meta") if meta else t
+                    if not (skip and is_vision_tensor(name)):
+                        yield path, name, t.to("meta") if meta else t
 
     def native_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
@@ -133,7 +138,7 @@ def hf_to_native_items(
 ) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
     """Map Hugging Face (file, name, tensor) items to native names and rotary layout."""
     for path, name, t in items:
-        if IGNORED_HF.match(name):
+        if IGNORED_HF.match(name) or (args.vision is not None and is_vision_tensor(name)):
             continue
         mapped = hf_to_native(name)
         if mapped is None:
@@ -201,6 +206,9 @@ def load_model(
 ) -> tuple[Transformer, Checkpoint]:
     """Build the model on ``meta`` and fill it from the checkpoint in ``folder``."""
     ckpt = Checkpoint.open(folder, layout)
+    if ckpt.args.vision is not None:
+        log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
+                    ckpt.folder.name)
     model = build_model(ckpt.args, ckpt.native_tensors(), dtype=dtype, device=device,
                         config_name=ckpt.config_path.name, where=str(ckpt.folder),
                         desc=f"loading {ckpt.folder.name}", progress=progress)

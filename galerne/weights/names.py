@@ -46,6 +46,22 @@ _TABLE: list[tuple[str, str, str | None]] = [
 # Tensors some checkpoints carry that are not weights (older HF rotary caches).
 IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
+# Vision-language checkpoints nest the language model under a prefix: transformers 5
+# writes ``model.language_model.layers...`` + ``lm_head``, transformers 4
+# ``language_model.model.layers...`` + ``language_model.lm_head``.
+_HF_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."))
+# Their vision encoder and projector, in both layouts: not built yet, skipped at load.
+_VISION = re.compile(
+    r"^(model\.)?(vision_tower|multi_modal_projector)\."  # Hugging Face
+    r"|^(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\."  # Mistral-native
+)
+
+
+def is_vision_tensor(name: str) -> bool:
+    """A tensor of a vision encoder or its projector, in either layout."""
+    return _VISION.match(name) is not None
+
 
 def _compile(pattern: str) -> re.Pattern[str]:
     rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
@@ -69,6 +85,10 @@ def _convert(name: str, rules) -> tuple[str, str | None] | None:
 
 def hf_to_native(name: str) -> tuple[str, str | None] | None:
     """``(native_name, rotary)`` where rotary is "q", "k" or None; None if unknown."""
+    for prefix, plain in _HF_TEXT_PREFIXES:
+        if name.startswith(prefix):
+            name = plain + name[len(prefix):]
+            break
     return _convert(name, _HF_TO_NATIVE)
 
 
