@@ -3,6 +3,7 @@ real checkpoint folders with a real Mistral tokenizer from mistral-common."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -152,3 +153,84 @@ def pytest_collection_finish(session):
 def pytest_terminal_summary(terminalreporter, config):
     if KERNEL in config.stash:
         terminalreporter.write_line(f"galerne CPU kernel, built or loaded once before the tests: {config.stash[KERNEL]}")
+
+
+# ------------------------------------------------------------------ Mistral-native folders
+
+# Hugging Face -> Mistral-native names of a dense layer, written here independently
+# of galerne's own table (galerne/weights/names.py) so that the two check each other.
+_NATIVE_LAYER = {
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+}
+_NATIVE_VISION = {"model.vision_tower.": "vision_encoder.", "model.multi_modal_projector.": "vision_language_adapter."}
+
+
+def _interleave_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotate-halves rows of one q/k projection -> Mistral's interleaved pairs."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def write_native(ref, folder: Path) -> Path:
+    """Write transformers model ``ref`` (a dense Mistral-family model, or a
+    Mistral3ForConditionalGeneration around one) as a Mistral-native folder:
+    params.json with Mistral's keys (``yarn``, ``llama_4_scaling``, per-layer
+    ``sliding_window``, ``vision_encoder``) and consolidated.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = ref.config
+    text = getattr(cfg, "text_config", None) or cfg
+    out: dict[str, torch.Tensor] = {}
+    for name, t in ref.state_dict().items():
+        name = name.replace("model.language_model.", "model.")
+        if name == "lm_head.weight":
+            out["output.weight"] = t
+        elif name == "model.embed_tokens.weight":
+            out["tok_embeddings.weight"] = t
+        elif name == "model.norm.weight":
+            out["norm.weight"] = t
+        elif name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module, _, suffix = rest.rpartition(".")
+            native = _NATIVE_LAYER[module]
+            if native == "attention.wq":
+                t = _interleave_rows(t, text.num_attention_heads)
+            elif native == "attention.wk":
+                t = _interleave_rows(t, text.num_key_value_heads)
+            out[f"layers.{i}.{native}.{suffix}"] = t
+        else:
+            prefix = next(p for p in _NATIVE_VISION if name.startswith(p))
+            out[_NATIVE_VISION[prefix] + name[len(prefix):]] = t
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "consolidated.safetensors"))
+    params = {
+        "dim": text.hidden_size, "n_layers": text.num_hidden_layers, "head_dim": text.head_dim,
+        "hidden_dim": text.intermediate_size, "n_heads": text.num_attention_heads,
+        "n_kv_heads": text.num_key_value_heads, "norm_eps": text.rms_norm_eps, "vocab_size": text.vocab_size,
+        "max_seq_len": text.max_position_embeddings, "rope_theta": text.rope_parameters["rope_theta"],
+    }
+    rp = text.rope_parameters
+    if rp.get("rope_type") == "yarn":
+        magnitude_one = rp.get("mscale") and rp.get("mscale") == rp.get("mscale_all_dim")
+        params["yarn"] = {"factor": rp["factor"], "original_max_position_embeddings": rp["original_max_position_embeddings"],
+                          "beta": rp.get("beta_fast", 32.0), "alpha": rp.get("beta_slow", 1.0)}
+        if magnitude_one:
+            params["yarn"]["apply_scale"] = False
+    if rp.get("llama_4_scaling_beta") is not None:
+        params["llama_4_scaling"] = {"beta": rp["llama_4_scaling_beta"],
+                                     "original_max_position_embeddings": rp["original_max_position_embeddings"]}
+    types = getattr(text, "layer_types", None)
+    if getattr(text, "sliding_window", None):
+        params["sliding_window"] = ([text.sliding_window if t == "sliding_attention" else None for t in types]
+                                    if types else text.sliding_window)
+    if getattr(cfg, "vision_config", None) is not None:
+        v = cfg.vision_config
+        params["vision_encoder"] = {"hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers,
+                                    "num_attention_heads": v.num_attention_heads, "patch_size": v.patch_size,
+                                    "image_size": v.image_size, "image_token_id": cfg.image_token_index}
+    (folder / "params.json").write_text(json.dumps(params, indent=1))
+    shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
+    return folder

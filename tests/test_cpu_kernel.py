@@ -107,6 +107,36 @@ def test_sliding_window_step_equals_the_torch_path(window_folder):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def ministral3_folder(tmp_path_factory):
+    """Ministral 3 on the odd shapes: YaRN (magnitude not 1) and llama-4 query scaling
+    with an original context of 8, so the positions below span several scaling steps."""
+    folder = tmp_path_factory.mktemp("odd-ministral3")
+    rope = dict(rope_type="yarn", rope_theta=1e6, factor=64.0, original_max_position_embeddings=8,
+                beta_fast=32.0, beta_slow=1.0, llama_4_scaling_beta=0.3)
+    build_hf("ministral3", folder, seed=5, rope_parameters=rope, **ODD)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ministral3_rope_and_query_scaling_step_equals_the_torch_path(ministral3_folder, dtype):
+    model = LLM(ministral3_folder, device="cpu", dtype=dtype).model
+    assert model.args.yarn is not None and model.args.query_scaling is not None
+    got, expected, ours, ref = one_step(model, [0, 7, 8, 37, 100], seed=2)  # before, at and past the steps
+    tol = 1e-4 if dtype == "float32" else 0.15
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=tol, atol=tol)
+
+
+def test_per_layer_windows_step_equals_the_torch_path(tmp_path):
+    build_hf("ministral", tmp_path, seed=6, **{**ODD, "sliding_window": 5,
+                                              "layer_types": ["full_attention", "sliding_attention"]})
+    model = LLM(tmp_path, device="cpu", dtype="float32").model
+    assert [model.args.window(i) for i in range(2)] == [None, 5]
+    got, expected, _, _ = one_step(model, [2, 5, 23], seed=3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_step_is_close_to_the_torch_path(odd_folder):
     model = LLM(odd_folder, device="cpu", dtype="bfloat16").model
     got, expected, ours, ref = one_step(model, [0, 9, 30, 4, 17], seed=2)

@@ -8,7 +8,13 @@ import torch
 from galerne import LLM, SamplingParams
 from galerne.weights.export import convert
 
-KINDS = ["mistral", "mistral-window", "head-dim", "tied", "mixtral", "llama", "native"]
+from conftest import write_native
+
+# Ministral 3's prompts and generations reach past its YaRN original context (16) and
+# several llama-4 scaling steps; Ministral's past its 8-token window on layer 0.
+NEW = ["ministral3", "ministral3-mscale", "ministral", "mistral3", "mistral3-ministral3"]
+KINDS = ["mistral", "mistral-window", "head-dim", "tied", "mixtral", "llama", "native",
+         *NEW, *(f"native-{k}" for k in NEW)]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -20,6 +26,9 @@ def pair(request, tiny_factory, tmp_path_factory):
         convert(folder, native, "mistral")
         assert (native / "params.json").exists() and (native / "consolidated.safetensors").exists()
         folder = native
+    elif kind.startswith("native-"):  # params.json written by hand, Mistral's keys
+        _, ref = tiny_factory(kind.removeprefix("native-"))
+        folder = write_native(ref, tmp_path_factory.mktemp(kind) / "m")
     else:
         folder, ref = tiny_factory(kind)
     return kind, LLM(folder, dtype="float32", device="cpu"), ref

@@ -14,6 +14,7 @@ so writing it in a stream is short and the result is read back by ``safetensors`
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from tqdm import tqdm
 from ..errors import ModelLoadError
 from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
 from .names import native_to_hf, permute_rows
+
+log = logging.getLogger(__name__)
 
 _ST_DTYPES = {dt: code for code, dt in _ST_TO_TORCH.items()}
 HF_SHARD_BYTES = 5 * 1024**3  # the Hub's usual shard size
@@ -100,6 +103,9 @@ def convert(
     """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
     _check_layout(to)
     ckpt = Checkpoint.open(src)
+    if ckpt.args.vision is not None:
+        log.warning("%s: the vision encoder is not converted (image input is not supported yet); "
+                    "the output holds the language model only", ckpt.folder.name)
     dst = _prepare_destination(dst, ckpt.folder)
     # Plan every file from the headers first (names, shapes, dtypes), then stream
     # the tensors through: only one tensor is in memory at a time.

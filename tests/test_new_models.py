@@ -1,0 +1,136 @@
+"""Today's Mistral models beyond test_parity's logits and greedy runs: the paged engine
+with batching and chunked prefill, both namings of vision-language checkpoints, the
+converter's round trip, and configs refused by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from galerne import LLM, SamplingParams
+from galerne.errors import ConfigError
+from galerne.models.args import ModelArgs
+from galerne.weights.export import convert
+
+from conftest import build_hf, write_native
+
+KINDS = ["ministral3", "ministral", "mistral3-ministral3"]
+
+
+def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_chunked_prefill_equals_transformers(tiny_factory, kind):
+    """Prompts of different lengths in one batch, each prefilled over several 16-token
+    chunks, decoding past YaRN's original context (16) and the 8-token window."""
+    folder, ref = tiny_factory(kind)
+    llm = LLM(folder, device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 32768, (n,), generator=g).tolist() for n in (5, 23, 41, 70)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == [reference_greedy(ref, p, 40) for p in prompts]
+
+
+def test_transformers5_naming_of_a_vision_checkpoint_loads(tiny_factory, tmp_path):
+    """transformers 5 keeps ``model.language_model.*`` and ``lm_head`` in memory (and some
+    tools save it that way); 4.x files say ``language_model.model.*``: both load."""
+    folder, ref = tiny_factory("mistral3")
+    out = tmp_path / "m"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    (out / "tokenizer.model.v3").write_bytes((folder / "tokenizer.model.v3").read_bytes())
+    assert any(k.startswith("model.language_model.") for k in load_file(str(out / "model.safetensors")))
+    a = LLM(out, device="cpu", dtype="float32").score(list(range(3, 40)))
+    b = LLM(folder, device="cpu", dtype="float32").score(list(range(3, 40)))
+    assert torch.equal(a, b)
+
+
+def test_the_vision_encoder_is_skipped_with_one_log_line(tiny_factory, tmp_path, caplog):
+    _, ref = tiny_factory("mistral3")
+    native = write_native(ref, tmp_path / "native")
+    with caplog.at_level(logging.INFO, logger="galerne"):
+        llm = LLM(native, device="cpu", dtype="float32")
+    lines = [r for r in caplog.records if "vision encoder" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "not loaded" in lines[0].getMessage()
+    assert llm.model.args.vision is not None and llm.model.args.vision["image_token_id"] == 10
+
+
+@pytest.mark.parametrize("kind", ["ministral3", "ministral3-mscale", "ministral", "mistral3-ministral3"])
+def test_convert_round_trip_keeps_rope_windows_and_weights(tiny_factory, tmp_path, kind):
+    folder, _ = tiny_factory(kind)
+    native = convert(folder, tmp_path / "native", "mistral")
+    back = convert(native, tmp_path / "hf", "hf")
+    first, second = (ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text())),
+                     ModelArgs.from_hf_config(json.loads((back / "config.json").read_text())))
+    for field in ("rope_theta", "sliding_window", "query_scaling", "dim", "n_layers", "max_seq_len"):
+        assert getattr(first, field) == getattr(second, field), field
+    if first.yarn:
+        assert second.yarn.magnitude == pytest.approx(first.yarn.magnitude)
+        assert (second.yarn.factor, second.yarn.beta_fast, second.yarn.beta_slow) == (
+            first.yarn.factor, first.yarn.beta_fast, first.yarn.beta_slow)
+    ids = list(range(3, 60))
+    a = LLM(folder, device="cpu", dtype="float32").score(ids)
+    assert torch.equal(LLM(native, device="cpu", dtype="float32").score(ids), a)
+    assert torch.equal(LLM(back, device="cpu", dtype="float32").score(ids), a)
+    arch = json.loads((back / "config.json").read_text())["architectures"][0]
+    assert arch == {"ministral": "MinistralForCausalLM"}.get(kind, "Ministral3ForCausalLM")
+
+
+def test_native_yarn_apply_scale(tmp_path):
+    """params.json's ``apply_scale: false`` (what Ministral 3 ships) means cos and sin
+    are not rescaled; without it, YaRN's 0.1 ln(factor) + 1 applies (vLLM's reading)."""
+    base = {"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 128, "vocab_size": 100, "rope_theta": 1e6,
+            "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 16384}}
+    yarn = {"factor": 16, "original_max_position_embeddings": 16384, "beta": 32, "alpha": 1}
+    off = ModelArgs.from_params_json({**base, "yarn": {**yarn, "apply_scale": False}})
+    on = ModelArgs.from_params_json({**base, "yarn": yarn})
+    assert off.yarn.magnitude == 1.0
+    assert on.yarn.magnitude == pytest.approx(0.1 * torch.log(torch.tensor(16.0)).item() + 1)
+    assert off.query_scaling.beta == 0.1 and off.query_scaling.original_max_position_embeddings == 16384
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "original_max_position_embeddings"),
+    ({"architectures": ["MinistralForCausalLM"], "sliding_window": 8, "layer_types": ["sliding_attention"]},
+     "layer_types must list the 2 layers"),
+    ({"architectures": ["MinistralForCausalLM"], "sliding_window": 8, "layer_types": ["chunked", "full_attention"]},
+     "unknown layer type(s) 'chunked'"),
+    ({"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"model_type": "qwen2"}},
+     "text_config.model_type 'qwen2' is not supported"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "unknown architecture 'Qwen2ForCausalLM'"),
+])
+def test_configs_it_cannot_run_are_refused_by_name(config, message):
+    base = {"architectures": ["Ministral3ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}
+    with pytest.raises(ConfigError) as e:
+        ModelArgs.from_hf_config({**base, **config}, "config.json")
+    assert message in str(e.value) and "config.json" in str(e.value)
+
+
+def test_native_unknown_yarn_key_is_named():
+    with pytest.raises(ConfigError, match="unknown yarn key.*'?temperature"):
+        ModelArgs.from_params_json({"dim": 64, "n_layers": 1, "n_heads": 4, "hidden_dim": 128, "vocab_size": 100,
+                                    "yarn": {"factor": 4, "original_max_position_embeddings": 16, "temperature": 1}})
+
+
+def test_a_long_prompt_past_many_scaling_steps_equals_transformers(tmp_path):
+    """300 positions over an original context of 16: 18 llama-4 scaling steps, YaRN
+    interpolation far past the original context, through the paged engine and the kernel."""
+    ref = build_hf("ministral3", tmp_path, seed=7)
+    llm = LLM(tmp_path, device="cpu", dtype="float32", block_size=16)
+    g = torch.Generator().manual_seed(12)
+    prompt = torch.randint(3, 32768, (280,), generator=g).tolist()
+    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids == \
+        reference_greedy(ref, prompt, 24)
