@@ -16,7 +16,7 @@ def _prompts(n, seed=0):
     return [torch.randint(3, 32768, (int(k),), generator=g).tolist() for k in torch.randint(5, 80, (n,), generator=g)]
 
 
-@pytest.mark.parametrize("kind", ["mistral", "mistral-window"])
+@pytest.mark.parametrize("kind", ["mistral", "mistral-window", "ministral3", "ministral", "mistral3-ministral3"])
 def test_cuda_engine_matches_cpu(tiny_factory, kind):
     folder, _ = tiny_factory(kind)
     ps = _prompts(5)  # 5 decodes run in the graph of 8: exercises the padding rows
