@@ -196,6 +196,8 @@ class ModelArgs:
                     f"text_config.model_type {kind!r} is not supported; galerne loads {', '.join(sorted(TEXT_MODEL_TYPES))}",
                     path=where,
                 )
+            if "tie_word_embeddings" not in text and "tie_word_embeddings" in c:
+                text = {**text, "tie_word_embeddings": c["tie_word_embeddings"]}  # said once, at the top
             args = cls.from_hf_config({**text, "architectures": [inner]}, f"{where} (text_config)")
             return dataclasses.replace(args, vision=dict(c.get("vision_config") or {"model_type": "unknown"}))
         _require(c, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"), where)
