@@ -3,8 +3,9 @@ Mistral's FIM answers, which are chat-shaped).
 
 The dialects differ only in a few places, all here: which request type validates
 the body, the error envelope (errors.py), ids, and ``finish_reason`` (Mistral
-says ``model_length`` when the context, not max_tokens, ran out). Streams are
-the same in both, so that a client detected as the wrong dialect (a Mistral
+says ``model_length`` when the context, not max_tokens, ran out), and a reasoning
+model's thinking, which each API writes its own way (below). Streams are
+otherwise the same in both, so that a client detected as the wrong dialect (a Mistral
 client with a plain user agent) still reads them: each tool call goes out whole,
 in one entry (id, name, arguments), as Mistral's client requires and OpenAI's
 accepts (the openai SDK's stream helper and instructor merge entries by index,
