@@ -134,6 +134,12 @@ def check_text(value: Any, field: str) -> None:
 
 ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")  # content parts the engine can feed (thinking: reasoning models)
+# Where a thinking part may be: an assistant's earlier reasoning, and a system prompt that
+# shows the model how to think (Magistral's). mistral-common refuses it anywhere else.
+THINKING_ROLES = ("assistant", "system")
+# OpenAI's (and mistral-common's) reasoning_effort values; which ones a model takes, if
+# any, its tokenizer says (tokenizer v15's model settings).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 # What a bare "json_object" response format asks for: any JSON object (OpenAI's JSON mode).
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 # The most nested objects and lists a JSON schema may have (32 levels of "properties"):
@@ -160,14 +166,18 @@ class Conversation:
 
     ``messages``: copies holding only the keys galerne uses: ``role`` (OpenAI's
     "developer" read as "system"), ``content`` (a string, a list of text/thinking
-    parts, or None for an assistant turn with tool calls only), and per role
+    parts, or None for an assistant turn with tool calls only; a thinking part is
+    ``{"type": "thinking", "thinking": str, "closed": bool}`` whichever API shape it
+    came in, and an assistant's OpenAI-style ``reasoning_content`` is one, first), and per role
     ``tool_calls`` (assistant; each ``{"id"?, "type", "function": {"name",
     "arguments"}}``, arguments as given: a JSON string or an object),
     ``tool_call_id`` / ``name`` (tool; the name filled in from the call it
     answers), ``weight`` (assistant, training data only). ``continue_final``: the
     last message is an assistant prefix the answer continues (Mistral's
     ``prefix: true``). ``response_schema``: the JSON schema the answer must match
-    (None: free text).
+    (None: free text); ``response_format``: the request's, checked, as mistral-common
+    takes it (tokenizer v15 writes its schema into the prompt). ``reasoning_effort``:
+    one of REASONING_EFFORTS or None (see ``Tokenizer.takes_reasoning_effort``).
     """
 
     messages: list[dict]
@@ -176,10 +186,12 @@ class Conversation:
     parallel_tool_calls: bool = True
     response_schema: dict | None = None
     continue_final: bool = False
+    response_format: dict | None = None
+    reasoning_effort: str | None = None
 
     @classmethod
     def parse(cls, messages: Any, *, tools: Any = None, tool_choice: Any = None, response_format: Any = None,
-              parallel_tool_calls: Any = True) -> Conversation:
+              parallel_tool_calls: Any = True, reasoning_effort: Any = None) -> Conversation:
         """Check a chat request's conversation and options (API shapes); raises
         ``InvalidParameter`` naming the field."""
         for name, value in (("messages", messages), ("tools", tools), ("tool_choice", tool_choice),
@@ -189,8 +201,22 @@ class Conversation:
         tools = check_tools(tools)
         if not isinstance(parallel_tool_calls, bool):
             raise InvalidParameter("parallel_tool_calls", f"must be a boolean, got {parallel_tool_calls!r}")
+        if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
+            raise InvalidParameter("reasoning_effort",
+                                   f"must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+        schema = response_schema(response_format)
+        fmt = None if schema is None else (
+            {"type": "json_object"} if response_format.get("type") == "json_object" else
+            {"type": "json_schema", "json_schema": {**response_format["json_schema"], "schema": schema}})
         return cls(checked, tools, parse_tool_choice(tool_choice, tools), parallel_tool_calls,
-                   response_schema(response_format), prefix)
+                   schema, prefix, fmt, reasoning_effort)
+
+    @property
+    def open_thinking(self) -> bool:
+        """The answer continues a prefix that ends inside its thinking (a last thinking
+        part with ``closed: false``): the model's first tokens are thinking."""
+        last = self.messages[-1]["content"] if self.continue_final else None
+        return isinstance(last, list) and bool(last) and last[-1]["type"] == "thinking" and not last[-1]["closed"]
 
     @property
     def calls_allowed(self) -> bool:
@@ -230,7 +256,9 @@ def check_messages(messages: Any, *, training: bool = False) -> tuple[list[dict]
             role = "system"  # OpenAI's newer name for it
         if role not in ROLES:
             raise InvalidParameter(f"{where}.role", f"unknown role {role!r}")
-        content = _check_content(msg.get("content"), f"{where}.content", training)
+        content = _check_content(msg.get("content"), f"{where}.content", training, role)
+        if role == "assistant" and not training:
+            content = _with_reasoning(msg, content, where)
         clean: dict[str, Any] = {"role": role, "content": content}
         if role == "assistant":
             calls = msg.get("tool_calls")
@@ -278,22 +306,73 @@ def check_messages(messages: Any, *, training: bool = False) -> tuple[list[dict]
     return out, prefix
 
 
-def _check_content(content: Any, where: str, training: bool) -> str | list[dict] | None:
+def _check_content(content: Any, where: str, training: bool, role: str = "user") -> str | list[dict] | None:
     if content is None or isinstance(content, str):
         return content
     if training:
         raise InvalidParameter(where, "must be a string")
     if not isinstance(content, list):
         raise InvalidParameter(where, "must be a string or a list of content parts")
+    out = []
     for j, part in enumerate(content):
+        at = f"{where}[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise InvalidParameter(f"{where}[{j}]", "must be an object with a type")
+            raise InvalidParameter(at, "must be an object with a type")
         if part["type"] not in TEXT_PARTS:
             # The engine feeds the model text only; images and audio would need their encoders.
-            raise InvalidParameter(f"{where}[{j}].type", f"unsupported content type {part['type']!r} (text only)")
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
-            raise InvalidParameter(f"{where}[{j}].text", "must be a string")
-    return [dict(part) for part in content]
+            raise InvalidParameter(f"{at}.type", f"unsupported content type {part['type']!r} (text only)")
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidParameter(f"{at}.text", "must be a string")
+            out.append({"type": "text", "text": part["text"]})
+        else:
+            if role not in THINKING_ROLES:
+                raise InvalidParameter(f"{at}.type", f"a {role} message cannot hold thinking (only "
+                                                     f"{' and '.join(THINKING_ROLES)} messages can)")
+            out.append(_thinking_part(part, at))
+    return out
+
+
+def _thinking_part(part: dict, where: str) -> dict:
+    """A thinking part in galerne's one form, ``{"type": "thinking", "thinking": str,
+    "closed": bool}``, from mistral-common's (``"thinking": "..."``) or Mistral's API's
+    (``"thinking": [{"type": "text", "text": "..."}, ...]``, the texts joined as a
+    stream of it would join them)."""
+    thinking = part.get("thinking")
+    if isinstance(thinking, list):
+        texts = []
+        for k, chunk in enumerate(thinking):
+            if not isinstance(chunk, dict) or chunk.get("type") != "text" or not isinstance(chunk.get("text"), str):
+                raise InvalidParameter(f"{where}.thinking[{k}]", "must be a text chunk ({\"type\": \"text\", \"text\": ...})")
+            texts.append(chunk["text"])
+        thinking = "".join(texts)
+    if not isinstance(thinking, str):
+        raise InvalidParameter(f"{where}.thinking", "must be a string or a list of text chunks")
+    closed = part.get("closed", True)
+    if not isinstance(closed, bool):
+        raise InvalidParameter(f"{where}.closed", "must be a boolean")
+    return {"type": "thinking", "thinking": thinking, "closed": closed}
+
+
+def _with_reasoning(msg: dict, content: str | list[dict] | None, where: str) -> str | list[dict] | None:
+    """An assistant message's content with its OpenAI-style reasoning (vLLM's
+    ``reasoning_content``, or ``reasoning``) as a leading thinking part, as mistral-common
+    reads such a message."""
+    given = {key: msg[key] for key in ("reasoning_content", "reasoning") if msg.get(key) is not None}
+    if not given:
+        return content
+    for key, value in given.items():
+        if not isinstance(value, str):
+            raise InvalidParameter(f"{where}.{key}", "must be a string")
+    if len(set(given.values())) > 1:
+        raise InvalidParameter(f"{where}.reasoning", "differs from reasoning_content: give one of them")
+    key, text = next(iter(given.items()))
+    if isinstance(content, list) and any(p["type"] == "thinking" for p in content):
+        raise InvalidParameter(f"{where}.{key}", "the content already has thinking parts: give the reasoning once")
+    part = {"type": "thinking", "thinking": text, "closed": True}
+    if content is None:
+        return [part]
+    return [part, *(content if isinstance(content, list) else [{"type": "text", "text": content}])]
 
 
 def _check_tool_calls(tool_calls: Any, where: str, training: bool) -> list[dict]:

@@ -17,6 +17,51 @@ import torch
 TOKENIZERS = Path(mistral_common.__file__).parent / "data"
 V3_TOKENIZER = TOKENIZERS / "mistral_instruct_tokenizer_240323.model.v3"
 VOCAB = 32768  # the v3 tokenizer's
+# The SentencePiece tokenizers mistral-common ships, by version.
+SPM_TOKENIZERS = {
+    "v1": TOKENIZERS / "tokenizer.model.v1",
+    "v2": TOKENIZERS / "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": V3_TOKENIZER,
+    "v7": TOKENIZERS / "mistral_instruct_tokenizer_241114.model.v7",
+}
+# Every tekken version mistral-common knows (tekken began with v3).
+TEKKEN_VERSIONS = ("v3", "v7", "v11", "v13", "v15")
+TEKKEN_SPECIAL = 100  # special tokens of the small tekken files (real ones have 1000)
+TEKKEN_WORDS = 1000  # their first ranks of the shipped vocabulary (256 bytes, then merges)
+# Tokenizer v15's model settings, as a reasoning model's tekken.json declares them.
+REASONING_SETTINGS = {"reasoning_effort": {"values": ["none", "high"], "default": "high"}}
+
+
+def tekken_file(folder: Path, version: str, *, think: bool = True, settings: dict | None = None,
+                name: str = "tekken.json") -> Path:
+    """A small tekken.json of ``version`` (vocabulary of TEKKEN_SPECIAL + TEKKEN_WORDS):
+    the shipped vocabulary's first ranks (a BPE prefix is a BPE), and as special tokens
+    v3/v7's fixed list, or, from v11 on, every token mistral-common names, ``[THINK]`` and
+    ``[/THINK]`` only with ``think``; v15 with model ``settings`` (default:
+    REASONING_SETTINGS; ``{}``: none)."""
+    import json
+
+    from mistral_common.tokens.tokenizers.base import SpecialTokens
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    data = json.loads((TOKENIZERS / "tekken_240911.json").read_text())
+    names = [str(t["token_str"].value) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    if version not in ("v3", "v7"):
+        names += [t.value for t in SpecialTokens if t.value not in names
+                  and (think or t.value not in ("[THINK]", "[/THINK]"))]
+    data["special_tokens"] = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(names)]
+    data["vocab"] = data["vocab"][:TEKKEN_WORDS]
+    data["config"].update(version=version, num_vocab_tokens=TEKKEN_WORDS, default_vocab_size=TEKKEN_SPECIAL + TEKKEN_WORDS,
+                          default_num_special_tokens=TEKKEN_SPECIAL)
+    data.pop("image", None)
+    if version == "v15":
+        settings = REASONING_SETTINGS if settings is None else settings
+        if settings:
+            data["model_settings_builder"] = settings
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data))
+    return path
 
 # name -> (transformers config class, config kwargs)
 TINY = {

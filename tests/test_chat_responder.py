@@ -83,6 +83,6 @@ def test_output_that_is_no_call_is_returned_as_written(tok):
     r = responder(tok, stream=True)
     chunks = [c for out in outputs([*ids, tok.eos_id], "stop", tok.eos_id) for c in r.add(0, out)]
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert streamed == "Let me see[TOOL_CALLS]oops" == r.choices[0].text
+    assert streamed == "Let me see[TOOL_CALLS]oops" == r.choices[0].answer.content
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)

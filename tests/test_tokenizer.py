@@ -13,14 +13,26 @@ from pathlib import Path
 
 import mistral_common
 import pytest
+from conftest import REASONING_SETTINGS, SPM_TOKENIZERS, TEKKEN_VERSIONS, tekken_file
 from mistral_common.protocol.fim.request import FIMRequest
-from mistral_common.protocol.instruct.chunk import TextChunk
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+from mistral_common.protocol.instruct.tool_calls import (
+    Function,
+    FunctionCall,
+    Tool,
+    ToolCall,
+)
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from galerne.conversation import mistral_tool_call_id
+from galerne.conversation import Conversation, mistral_tool_call_id
 from galerne.errors import InvalidParameter, TokenizerError
 from galerne.tokenizer import IncrementalDetokenizer, Tokenizer
 from galerne.tokenizer.base import _find_tokenizer_file
@@ -213,6 +225,179 @@ def test_fim_refused_without_fim_tokens(shipped):
     tok = Tokenizer.from_path(DATA / shipped)
     with pytest.raises(TokenizerError, match="fill-in-the-middle"):
         tok.encode_fim("a", "b")
+
+
+# --------------------------------------------------------------------------- every version
+#
+# Every tokenizer version mistral-common knows: the SentencePiece files it ships (v1, v2,
+# v3, v7) and small tekken files of each tekken version (conftest.tekken_file). galerne's
+# prompt must be mistral-common's, token for token, for what each version can write.
+
+VERSIONS = [f"spm-{v}" for v in SPM_TOKENIZERS] + [f"tekken-{v}" for v in TEKKEN_VERSIONS] + ["tekken-v13-nothink"]
+
+
+def _version_file(folder: Path, name: str) -> Path:
+    kind, version, *rest = name.split("-")
+    if kind == "spm":
+        return SPM_TOKENIZERS[version]
+    return tekken_file(folder / name, version, think=not rest)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict[str, tuple[Tokenizer, MistralTokenizer]]:
+    folder = tmp_path_factory.mktemp("versions")
+    out = {}
+    for name in VERSIONS:
+        path = _version_file(folder, name)
+        out[name] = (Tokenizer.from_path(path), MistralTokenizer.from_file(path))
+    return out
+
+
+def _same(versions, name, messages, reference: ChatCompletionRequest, tools=None, **options):
+    tok, ref = versions[name]
+    expected = ref.encode_chat_completion(reference).tokens
+    chat = Conversation.parse(messages, tools=tools, **options)
+    assert tok.encode_chat(chat) == expected, ref.decode(expected, special_token_policy=SpecialTokenPolicy.KEEP)
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_every_version_system_prompt(name, versions):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    reference = ChatCompletionRequest(messages=[SystemMessage(content="Be brief."), UserMessage(content="Hi"),
+                                                AssistantMessage(content="Hello."), UserMessage(content="Bye")])
+    _same(versions, name, messages, reference)
+
+
+@pytest.mark.parametrize("name", [v for v in VERSIONS if v != "spm-v1"])  # v1 has no tools
+def test_every_version_tools_calls_and_results(name, versions):
+    _same(versions, name, openai_conversation("a1b2c3d4e"), reference_conversation("a1b2c3d4e"), tools=OPENAI_TOOLS)
+
+
+THINKERS = ["tekken-v13", "tekken-v15"]
+
+
+def _thinking_reference(closed_prefix: bool | None = None) -> ChatCompletionRequest:
+    messages = [UserMessage(content="2+2?"),
+                AssistantMessage(content=[ThinkChunk(thinking="add them"), TextChunk(text="4")]),
+                UserMessage(content="3+3?")]
+    if closed_prefix is not None:
+        messages.append(AssistantMessage(content=[ThinkChunk(thinking="so", closed=closed_prefix)], prefix=True))
+    return ChatCompletionRequest(messages=messages)
+
+
+THOUGHT = {  # one earlier thought, in each API's shape
+    "mistral": {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "add "}, {"type": "text", "text": "them"}]},
+        {"type": "text", "text": "4"}]},
+    "mistral-common": {"role": "assistant", "content": [{"type": "thinking", "thinking": "add them"},
+                                                         {"type": "text", "text": "4"}]},
+    "openai": {"role": "assistant", "content": "4", "reasoning_content": "add them"},
+    "openai-reasoning": {"role": "assistant", "content": "4", "reasoning": "add them"},
+}
+
+
+@pytest.mark.parametrize("name", THINKERS)
+@pytest.mark.parametrize("shape", list(THOUGHT))
+def test_thinking_history_matches_mistral_common(name, shape, versions):
+    messages = [{"role": "user", "content": "2+2?"}, THOUGHT[shape], {"role": "user", "content": "3+3?"}]
+    _same(versions, name, messages, _thinking_reference())
+
+
+@pytest.mark.parametrize("name", THINKERS)
+@pytest.mark.parametrize("closed", [True, False])
+def test_thinking_prefix_matches_mistral_common(name, closed, versions):
+    messages = [{"role": "user", "content": "2+2?"}, THOUGHT["mistral"], {"role": "user", "content": "3+3?"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "so", "closed": closed}],
+                 "prefix": True}]
+    _same(versions, name, messages, _thinking_reference(closed))
+    assert Conversation.parse(messages).open_thinking is not closed
+
+
+@pytest.mark.parametrize("name", ["tekken-v13-nothink", "tekken-v11", "tekken-v7", "spm-v7"])
+def test_thinking_history_refused_where_the_model_cannot_think(name, versions):
+    messages = [{"role": "user", "content": "2+2?"}, THOUGHT["openai"], {"role": "user", "content": "3+3?"}]
+    with pytest.raises(InvalidParameter) as e:
+        versions[name][0].encode_chat(messages)
+    assert e.value.field == "messages"
+
+
+@pytest.mark.parametrize("effort", ["none", "high", None])
+def test_reasoning_effort_v15_matches_mistral_common(effort, versions):
+    messages = [{"role": "user", "content": "2+2?"}]
+    reference = ChatCompletionRequest(messages=[UserMessage(content="2+2?")], reasoning_effort=effort)
+    _same(versions, "tekken-v15", messages, reference, reasoning_effort=effort)
+    # The default (None) is the file's: written into the prompt all the same.
+    tok = versions["tekken-v15"][0]
+    text = tok.decode(tok.encode_chat(Conversation.parse(messages, reasoning_effort=effort)), keep_special=True)
+    assert text.startswith(f'<s>[MODEL_SETTINGS]{{"reasoning_effort": "{effort or "high"}"}}[/MODEL_SETTINGS]')
+
+
+def test_reasoning_effort_a_model_does_not_take(versions):
+    tok = versions["tekken-v15"][0]
+    assert tok.takes_reasoning_effort
+    with pytest.raises(InvalidParameter, match="takes none, high") as e:
+        tok.encode_chat(Conversation.parse([{"role": "user", "content": "?"}], reasoning_effort="low"))
+    assert e.value.field == "reasoning_effort"
+    with pytest.raises(InvalidParameter, match="must be one of") as e:
+        Conversation.parse([{"role": "user", "content": "?"}], reasoning_effort="extreme")
+    assert e.value.field == "reasoning_effort"
+
+
+@pytest.mark.parametrize("name", [v for v in VERSIONS if v != "tekken-v15"])
+def test_reasoning_effort_ignored_where_the_prompt_has_no_place_for_it(name, versions):
+    tok, _ = versions[name]
+    assert not tok.takes_reasoning_effort
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert tok.encode_chat(Conversation.parse(messages, reasoning_effort="high")) == tok.encode_chat(messages)
+
+
+def test_response_format_in_v15_model_settings(tmp_path):
+    settings = {**REASONING_SETTINGS, "json_schema": {}}
+    path = tekken_file(tmp_path, "v15", settings=settings)
+    tok, ref = Tokenizer.from_path(path), MistralTokenizer.from_file(path)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    reference = ChatCompletionRequest(messages=[UserMessage(content="?")], response_format=fmt)
+    got = tok.encode_chat(Conversation.parse([{"role": "user", "content": "?"}], response_format=fmt))
+    assert got == ref.encode_chat_completion(reference).tokens
+    assert '"json_schema"' in tok.decode(got)
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+@pytest.mark.parametrize("suffix", ["    return result\n", None])
+def test_every_version_fim(name, suffix, versions):
+    tok, ref = versions[name]
+    prompt = "def add(a, b):\n    "
+    if name in ("spm-v1", "spm-v2"):  # no [PREFIX]/[SUFFIX] in these vocabularies
+        with pytest.raises(TokenizerError, match="fill-in-the-middle"):
+            tok.encode_fim(prompt, suffix)
+        return
+    expected = ref.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens
+    assert tok.encode_fim(prompt, suffix) == expected
+    assert {tok.special_token_id(t) for t in ("[PREFIX]", "[SUFFIX]")} <= set(expected)
+
+
+def test_thinking_parts_only_where_mistral_common_takes_them():
+    for role in ("user", "tool"):
+        msg = {"role": role, "content": [{"type": "thinking", "thinking": "x"}], "tool_call_id": "a1b2c3d4e"}
+        with pytest.raises(InvalidParameter, match="cannot hold thinking") as e:
+            Conversation.parse([msg])
+        assert e.value.field == "messages[0].content[0].type"
+    bad = [({"type": "thinking", "thinking": 3}, "messages[0].content[0].thinking"),
+           ({"type": "thinking", "thinking": [{"type": "image"}]}, "messages[0].content[0].thinking[0]"),
+           ({"type": "thinking", "thinking": "x", "closed": "no"}, "messages[0].content[0].closed")]
+    for part, field in bad:
+        with pytest.raises(InvalidParameter) as e:
+            Conversation.parse([{"role": "assistant", "content": [part]}])
+        assert e.value.field == field
+    both = {"role": "assistant", "content": [{"type": "thinking", "thinking": "a"}], "reasoning_content": "a"}
+    with pytest.raises(InvalidParameter, match="once") as e:
+        Conversation.parse([both])
+    assert e.value.field == "messages[0].reasoning_content"
+    with pytest.raises(InvalidParameter, match="differs") as e:
+        Conversation.parse([{"role": "assistant", "content": "x", "reasoning_content": "a", "reasoning": "b"}])
+    assert e.value.field == "messages[0].reasoning"
 
 
 # --------------------------------------------------------------------------- HF tokenizer.json

@@ -3,8 +3,9 @@ Mistral's FIM answers, which are chat-shaped).
 
 The dialects differ only in a few places, all here: which request type validates
 the body, the error envelope (errors.py), ids, and ``finish_reason`` (Mistral
-says ``model_length`` when the context, not max_tokens, ran out). Streams are
-the same in both, so that a client detected as the wrong dialect (a Mistral
+says ``model_length`` when the context, not max_tokens, ran out), and a reasoning
+model's thinking, which each API writes its own way (below). Streams are
+otherwise the same in both, so that a client detected as the wrong dialect (a Mistral
 client with a plain user agent) still reads them: each tool call goes out whole,
 in one entry (id, name, arguments), as Mistral's client requires and OpenAI's
 accepts (the openai SDK's stream helper and instructor merge entries by index,
@@ -13,12 +14,21 @@ stream's last chunk carries the usage: with OpenAI's
 ``stream_options.include_usage``, an extra chunk with no choices (as OpenAI
 sends it), otherwise the last choice's finish chunk (as Mistral sends it).
 
-Tool calls: the ids after the first ``[TOOL_CALLS]`` go to one ``ToolCallParser``
-per choice, streamed or not. An answer cut by ``max_tokens`` ends with
-finish_reason "length" and the calls as far as they went, never with the model's
-control text as content. An answer that ends (EOS) without a well-formed call
-after the marker was not a call: its raw text, special tokens written out, is
-the content, so that nothing the model said is lost.
+Thinking, content and tool calls: each choice's ids go to one ``AnswerParser``
+(``galerne.tokenizer.answer``), streamed or not. A reasoning model's thinking goes
+out as Mistral's API writes it, a ``thinking`` chunk in ``content``
+(``[{"type": "thinking", "thinking": [{"type": "text", "text": ..}]}, {"type":
+"text", "text": ..}]``; a streamed delta carries its thinking as such a list, its
+text as a string), and as vLLM writes it for OpenAI's clients, ``reasoning_content``
+beside ``content`` (``delta.reasoning_content`` in a stream), with
+``usage.completion_tokens_details.reasoning_tokens``. ``completion_tokens`` counts
+the thinking in both.
+
+Tool calls: an answer cut by ``max_tokens`` ends with finish_reason "length" and
+the calls as far as they went, never with the model's control text as content. An
+answer that ends (EOS) without a well-formed call after the marker was not a call:
+its raw text, special tokens written out, is the content, so that nothing the model
+said is lost.
 """
 
 from __future__ import annotations
@@ -35,14 +45,16 @@ from starlette.responses import Response
 from ..conversation import Conversation
 from ..engine.engine import StepOutput
 from ..engine.request import EngineRequest, validate_request
+from ..errors import InvalidParameter
 from ..sampling.guided import guidance_for_chat
 from ..sampling.params import SamplingParams
-from ..tokenizer.toolcalls import ToolCallParser, ToolEvent
+from ..tokenizer.answer import AnswerParser
+from ..tokenizer.toolcalls import ToolEvent
 from . import dialect as dialects
 from .auth import require_api_key
 from .dialect import Dialect
 from .logprobs import api_logprob, prompt_logprobs
-from .mistral.protocol import MistralChatCompletionRequest
+from .mistral.protocol import MistralChatCompletionRequest, with_system_prompt
 from .openai.protocol import OpenAIChatCompletionRequest
 from .protocol import ChatRequest, sampling_params
 from .serving import Generation, Responder, read_json, read_request, respond
@@ -76,7 +88,7 @@ async def chat_completions(request: Request) -> Response:
     gen = Generation(server, [engine_request], request_id=new_id(dialect))
     responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=chat.calls_allowed,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
-                              include_usage=req.include_usage)
+                              include_usage=req.include_usage, in_thought=chat.open_thinking)
     return await respond(request, gen, responder, dialect)
 
 
@@ -88,10 +100,23 @@ def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:
 def prepare(server: ServerState, req: ChatRequest) -> tuple[EngineRequest, Conversation]:
     """A chat request checked once, top-down: its conversation, its prompt ids, its
     SamplingParams, then the request as the engine takes it."""
-    chat = Conversation.parse(req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                              response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls)
+    messages = req.messages
+    if req.prompt_mode == "reasoning":
+        messages = with_system_prompt(messages, reasoning_prompt(server.tokenizer))
+    chat = Conversation.parse(messages, tools=req.tools, tool_choice=req.tool_choice,
+                              response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
+                              reasoning_effort=req.reasoning_effort)
     prompt = server.tokenizer.encode_chat(chat)
     return validate_request(prompt, chat_params(server, req, chat), server.limits, field="messages"), chat
+
+
+def reasoning_prompt(tokenizer) -> str | list[dict]:
+    """The model's reasoning system prompt, for Mistral's ``prompt_mode: "reasoning"``."""
+    prompt = tokenizer.reasoning_system_prompt()
+    if prompt is None:
+        raise InvalidParameter("prompt_mode", "this model ships no reasoning system prompt (SYSTEM_PROMPT.txt "
+                                              "next to its tokenizer)")
+    return prompt
 
 
 def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> SamplingParams:
@@ -119,19 +144,17 @@ def chat_params(server: ServerState, req: ChatRequest, chat: Conversation) -> Sa
 @dataclass
 class _Choice:
     index: int
-    text: str = ""  # content so far
+    answer: AnswerParser  # its thinking, content and tool calls
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     started: bool = False  # role delta sent
-    content_ids: list[int] = field(default_factory=list)  # ids before [TOOL_CALLS]
-    calls: ToolCallParser | None = None  # after [TOOL_CALLS]
 
 
 class ChatResponder(Responder):
     def __init__(self, server: ServerState, dialect: Dialect, gen: Generation, *, model: str, stream: bool,
                  tools: bool = False, top_logprobs: int | None = None, include_usage: bool = False,
-                 object_name: str = "chat.completion"):
+                 object_name: str = "chat.completion", thinking: bool = True, in_thought: bool = False):
         self.server, self.dialect, self.gen, self.model = server, dialect, gen, model
         self.stream, self.tools, self.top_logprobs = stream, tools, top_logprobs
         self.include_usage = include_usage  # OpenAI's stream_options.include_usage
@@ -139,9 +162,10 @@ class ChatResponder(Responder):
         self.created = int(time.time())
         tok = server.tokenizer
         self.tokenizer = tok
-        self.marker = tok.special_token_id("[TOOL_CALLS]") if tools and tok.tool_call_format else None
         n = gen.params.n * len(gen.prompts)
-        self.choices = [_Choice(i) for i in range(n)]
+        self.choices = [_Choice(i, AnswerParser(tok, tools=tools, thinking=thinking, in_thought=in_thought))
+                        for i in range(n)]
+        self.thinks = thinking and tok.thinks
         self._unfinished = n
         self.prompt_logprobs: list | None = None  # vLLM's field, at the top level (one prompt)
 
@@ -167,9 +191,27 @@ class ChatResponder(Responder):
             if self.dialect is Dialect.MISTRAL and len(self.gen.prompts[k]) + len(c.token_ids) >= self.server.max_model_len:
                 return "model_length"
             return "length"
-        if c.calls is not None and c.calls.calls:
+        if c.answer.calls is not None and c.answer.calls.calls:
             return "tool_calls"
         return "stop"  # "abort" too: nobody reads it
+
+    def _usage(self) -> dict:
+        """The usage; in OpenAI's dialect, with a reasoning model, the thinking tokens among
+        the completion tokens (as OpenAI's reasoning models and vLLM count them)."""
+        usage = self.gen.usage()
+        if self.thinks and self.dialect is Dialect.OPENAI:
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(c.answer.reasoning_tokens
+                                                                          for c in self.choices)}
+        return usage
+
+    def _text_delta(self, thinking: str, content: str) -> dict:
+        """A delta's thinking and content, in the dialect's shape (see the module's doc)."""
+        if self.dialect is Dialect.OPENAI:
+            return {**({"reasoning_content": thinking} if thinking else {}), **({"content": content} if content else {})}
+        if not thinking:
+            return {"content": content} if content else {}
+        parts = [_thinking_chunk(thinking)] + ([{"type": "text", "text": content}] if content else [])
+        return {"content": parts}
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         out = {"id": self.gen.id, "object": f"{self.object}.chunk", "created": self.created, "model": self.model,
@@ -192,7 +234,8 @@ class ChatResponder(Responder):
         ids = out.answer_token_ids
         logprobs = self._logprobs(out, ids)
         c.logprobs += logprobs
-        content, tool_deltas = self._split(c, out, ids)
+        part = c.answer.push(ids, out.text)
+        tool_deltas = self._tool_delta(part.tool_events)
         chunks = []
         first = None
         if out.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -205,9 +248,7 @@ class ChatResponder(Responder):
                                             "finish_reason": None, "logprobs": None}]))
                 if first is not None:
                     chunks[-1]["prompt_logprobs"] = first
-            delta: dict = {}
-            if content:
-                delta["content"] = content
+            delta = self._text_delta(part.thinking, part.content)
             if tool_deltas:
                 delta["tool_calls"] = tool_deltas
             if delta or logprobs:
@@ -217,62 +258,39 @@ class ChatResponder(Responder):
             chunks += self._finish(c, out.finish_reason)
         return chunks if self.stream else []
 
-    def _split(self, c: _Choice, out: StepOutput, ids: list[int]) -> tuple[str, list[dict]]:
-        """This output's content text and tool-call deltas."""
-        if self.marker is None:
-            c.text += out.text
-            return out.text, []
-        if c.calls is None and self.marker not in ids:
-            c.content_ids += ids
-            c.text += out.text
-            return out.text, []
-        events: list[ToolEvent] = []
-        content = ""
-        for t in ids:
-            if c.calls is None and t != self.marker:
-                c.content_ids.append(t)
-                continue
-            if c.calls is None:
-                # The exact content before the marker (text the engine still held back included).
-                full = self.tokenizer.decode(c.content_ids)
-                content = full[len(c.text):] if full.startswith(c.text) else ""
-                c.text = full
-                c.calls = ToolCallParser(self.tokenizer)
-            events += c.calls.push(t)
-        return content, self._tool_delta(events)
-
     def _finish(self, c: _Choice, engine_reason: str) -> list[dict]:
-        delta: dict = {}
-        if c.calls is not None:
-            tool_deltas = self._tool_delta(c.calls.finish())
-            if tool_deltas:
-                delta["tool_calls"] = tool_deltas
-            elif not c.calls.calls and engine_reason != "length":
-                # Not a call after all: what the model wrote is the answer.
-                raw = c.calls.raw_text()
-                c.text += raw
-                delta["content"] = raw
+        part = c.answer.finish(engine_reason)
+        delta = self._text_delta("", part.content)
+        tool_deltas = self._tool_delta(part.tool_events)
+        if tool_deltas:
+            delta["tool_calls"] = tool_deltas
         c.finish_reason = self._finish_reason(c, engine_reason)
         self._unfinished -= 1
         if not self.stream:
             return []
         # Without include_usage (OpenAI's extra chunk, in end()), the last chunk carries it.
-        usage = self.gen.usage() if self._unfinished == 0 and not self.include_usage else None
+        usage = self._usage() if self._unfinished == 0 and not self.include_usage else None
         return [self._chunk([{"index": c.index, "delta": delta, "finish_reason": c.finish_reason, "logprobs": None}], usage)]
 
     def end(self) -> list[dict]:
         if self.include_usage:
-            return [self._chunk([], self.gen.usage())]
+            return [self._chunk([], self._usage())]
         return []
 
     def body(self) -> dict:
         choices = []
         for c in self.choices:
+            a = c.answer
             calls = None
-            if c.calls is not None:
-                calls = [k.as_api() for k in c.calls.calls] or None
-            content = c.text if (c.text or not calls) else None
+            if a.calls is not None:
+                calls = [k.as_api() for k in a.calls.calls] or None
+            content = a.content if (a.content or not calls) else None
             message: dict = {"role": "assistant", "content": content}
+            if a.thought and self.dialect is Dialect.OPENAI:
+                message["reasoning_content"] = a.thinking
+            elif a.thought:
+                message["content"] = [_thinking_chunk(a.thinking)] + (
+                    [{"type": "text", "text": content}] if content else [])
             if self.dialect is Dialect.MISTRAL:
                 message.update(tool_calls=calls, prefix=False)
             elif calls:
@@ -280,7 +298,12 @@ class ChatResponder(Responder):
             choices.append({"index": c.index, "message": message, "finish_reason": c.finish_reason,
                             "logprobs": {"content": c.logprobs} if self.top_logprobs is not None else None})
         out = {"id": self.gen.id, "object": self.object, "created": self.created, "model": self.model,
-               "choices": choices, "usage": self.gen.usage()}
+               "choices": choices, "usage": self._usage()}
         if self.gen.params.prompt_logprobs is not None:
             out["prompt_logprobs"] = self.prompt_logprobs
         return out
+
+
+def _thinking_chunk(text: str) -> dict:
+    """Mistral's thinking content chunk (the ``mistralai`` SDK's ``ThinkChunk``)."""
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}

@@ -58,6 +58,9 @@ class RequestBody(Wire):
 class ContentPart(Wire):
     type: str = Field(description="'text' (and 'thinking' for reasoning models); other kinds are refused")
     text: str | None = None
+    thinking: str | list[ContentPart] | None = Field(None, description=(
+        "type 'thinking': the thought, as text (mistral-common) or text chunks (Mistral's API)"))
+    closed: bool | None = Field(None, description="type 'thinking': false when the thought goes on (a prefix)")
 
 
 class FunctionCall(Wire):
@@ -79,6 +82,8 @@ class ChatMessage(Wire):
     tool_call_id: str | None = Field(None, description="tool: the call this message answers")
     name: str | None = Field(None, description="tool: the function's name")
     prefix: bool = Field(False, description="assistant, last message only: the answer must continue this text")
+    reasoning_content: str | None = Field(None, description="assistant: its thinking (vLLM's field)")
+    reasoning: str | None = Field(None, description="assistant: its thinking (another name of reasoning_content)")
 
     def wire(self) -> dict:
         return self.model_dump(exclude_none=True, exclude={"prefix"} if not self.prefix else set())
@@ -134,6 +139,9 @@ Stop = Annotated[str | list[str] | None, Field(None, description=(
 N = Annotated[int | None, Field(None, ge=1, le=MAX_N, description="completions to return")]
 Penalty = Annotated[float | None, Field(None, ge=-2.0, le=2.0)]
 Seed = Annotated[int | None, Field(None, ge=-(2**63), le=2**64 - 1, description="reproducible sampling")]
+ReasoningEffort = Annotated[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None, Field(
+    None, description=("how much the model thinks, where its prompt format carries it (tokenizer v15); "
+                       "ignored for other models"))]
 TopLogprobs = Annotated[int | None, Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token, with logprobs")]
 
 
@@ -217,6 +225,8 @@ class ChatRequest:
     top_logprobs: int = 0
     stream: bool = False
     include_usage: bool = False  # OpenAI's stream_options.include_usage (the usage comes last either way)
+    reasoning_effort: str | None = None
+    prompt_mode: str | None = None  # Mistral's: "reasoning" puts the model's reasoning system prompt first
 
 
 @dataclass

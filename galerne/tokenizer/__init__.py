@@ -4,9 +4,11 @@
 * ``mistral``: tekken.json and tokenizer.model[.vN] through mistral-common (chat, tools, FIM);
 * ``hf``: tokenizer.json with the folder's own Jinja chat template, as transformers renders it;
 * ``detokenizer``: ``IncrementalDetokenizer``, generated ids to text as they arrive, exactly;
-* ``toolcalls``: ``ToolCallParser``, the model's tool calls from its output ids.
+* ``toolcalls``: ``ToolCallParser``, the model's tool calls from its output ids;
+* ``answer``: ``AnswerParser``, an answer's thinking (``[THINK]...[/THINK]``), content
+  and tool calls from its output ids.
 
-Callers use the public accessors (``special_token_id``, ``tool_call_format``,
+Callers use the public accessors (``special_token_id``, ``tool_call_format``, ``thinks``,
 ``mistral_tokenizer``, ``hf_tokenizer``), never the wrapped objects' internals.
 """
 

@@ -89,6 +89,41 @@ class Tokenizer(ABC):
         return None
 
     @property
+    def thinks(self) -> bool:
+        """Whether the model may think out loud: its output may hold ``[THINK]...[/THINK]``
+        (Mistral tokenizers v13 and later that have both tokens)."""
+        return False
+
+    @property
+    def takes_reasoning_effort(self) -> bool:
+        """Whether the prompt carries a ``reasoning_effort`` (tokenizer v15's model settings,
+        when its file declares the values the model takes). Elsewhere a request's
+        reasoning_effort is checked and then ignored, as vLLM ignores it for models whose
+        prompt format has no place for it."""
+        return False
+
+    def reasoning_system_prompt(self) -> str | list[dict] | None:
+        """The system prompt that turns the model's reasoning on (Mistral's
+        ``prompt_mode: "reasoning"``): the ``SYSTEM_PROMPT.txt`` that reasoning models ship
+        next to their tokenizer (Magistral's), or None. Its ``[THINK]...[/THINK]`` span,
+        the template of a thought, becomes a thinking part, as the model cards load it."""
+        file = self.path.parent / "SYSTEM_PROMPT.txt"
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{file}: cannot read the system prompt: {e}") from e
+        if "[THINK]" not in text or not self.thinks:
+            return text
+        parts = []
+        for i, piece in enumerate(re.split(r"\[THINK\]|\[/THINK\]", text)):
+            if piece or i % 2:
+                parts.append({"type": "thinking", "thinking": piece, "closed": True} if i % 2
+                             else {"type": "text", "text": piece})
+        return parts
+
+    @property
     def mistral_version(self):
         """mistral-common's ``TokenizerVersion`` (v1, v2, ..., v13), or None (HF tokenizers)."""
         return None

@@ -142,6 +142,9 @@ def _hf_message(msg: dict) -> dict:
     if isinstance(content, list):
         # Joined as mistral-common joins text chunks; many templates cannot read part lists.
         out["content"] = "\n\n".join(part["text"] for part in content if part["type"] == "text")
+        thinking = [part["thinking"] for part in content if part["type"] == "thinking"]
+        if thinking:  # vLLM's name for it, which reasoning models' templates read
+            out["reasoning_content"] = "\n".join(thinking)
     elif content is None:
         out["content"] = ""  # assistant turns with tool calls only; templates concatenate content
     if out.get("tool_calls"):

@@ -95,6 +95,17 @@ class MistralCommonTokenizer(Tokenizer):
         return self._tok.version
 
     @property
+    def thinks(self) -> bool:
+        # mistral-common's rule (InstructTokenizerV13): both tokens, from v13 on.
+        return (self._tok.version >= TokenizerVersion.v13 and self.special_token_id("[THINK]") is not None
+                and self.special_token_id("[/THINK]") is not None)
+
+    @property
+    def takes_reasoning_effort(self) -> bool:
+        builder = getattr(self._tok, "model_settings_builder", None)
+        return builder is not None and builder.reasoning_effort is not None
+
+    @property
     def tool_call_format(self) -> str | None:
         if self._tok.version == TokenizerVersion.v1 or self.special_token_id("[TOOL_CALLS]") is None:
             return None
@@ -111,6 +122,7 @@ class MistralCommonTokenizer(Tokenizer):
             if msg.get("tool_call_id") is not None:
                 msg["tool_call_id"] = mistral_tool_call_id(msg["tool_call_id"])
             messages.append(msg)
+        options = self._model_settings(chat)
         try:
             request = ChatCompletionRequest.from_openai(
                 messages,
@@ -118,6 +130,7 @@ class MistralCommonTokenizer(Tokenizer):
                 continue_final_message=chat.continue_final,
                 # mistral-common's serving mode insists on a model name; it does not change the tokens.
                 model="galerne",
+                **options,
             )
             return self._mt.encode_chat_completion(request).tokens
         except (InvalidToolException, InvalidToolSchemaException) as e:
@@ -125,6 +138,23 @@ class MistralCommonTokenizer(Tokenizer):
         # pydantic's validation errors are ValueErrors; mistral-common also asserts on requests.
         except (MistralCommonException, ValueError, TypeError, KeyError, AssertionError) as e:
             raise InvalidParameter("messages", _message(e)) from e
+
+    def _model_settings(self, chat: Conversation) -> dict:
+        """What tokenizer v15 writes into the prompt as model settings, as
+        ``ChatCompletionRequest`` fields: the reasoning effort (only where the model takes
+        it, see takes_reasoning_effort) and the answer's response format."""
+        if not self._tok.version.supports_model_settings:
+            return {}
+        options: dict = {}
+        if chat.reasoning_effort is not None and self.takes_reasoning_effort:
+            allowed = [str(v) for v in self._tok.model_settings_builder.reasoning_effort.values]
+            if chat.reasoning_effort not in allowed:
+                raise InvalidParameter("reasoning_effort",
+                                       f"this model takes {', '.join(allowed)}; got {chat.reasoning_effort!r}")
+            options["reasoning_effort"] = chat.reasoning_effort
+        if chat.response_format is not None:
+            options["response_format"] = chat.response_format
+        return options
 
     def encode_fim(self, prompt: str, suffix: str | None = None) -> list[int]:
         # mistral-common's v2 SentencePiece encoder "supports" FIM but its vocabulary has no

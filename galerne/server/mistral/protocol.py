@@ -13,6 +13,7 @@ from ..protocol import (
     MaxTokens,
     N,
     NamedToolChoice,
+    ReasoningEffort,
     ResponseFormat,
     SamplingFields,
     Seed,
@@ -47,7 +48,9 @@ class MistralChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     safe_prompt: bool = Field(False, description="prepend Mistral's guardrail prompt to the system prompt")
-    prompt_mode: Literal["reasoning"] | None = Field(None, description="accepted; no effect here")
+    prompt_mode: Literal["reasoning"] | None = Field(None, description=(
+        "'reasoning': the model's reasoning system prompt (its SYSTEM_PROMPT.txt) comes first"))
+    reasoning_effort: ReasoningEffort
     metadata: dict[str, Any] | None = None
 
     def normalize(self) -> ChatRequest:
@@ -66,6 +69,8 @@ class MistralChatCompletionRequest(SamplingFields):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             stream=self.stream,
+            reasoning_effort=self.reasoning_effort,
+            prompt_mode=self.prompt_mode,
         )
 
 
@@ -96,7 +101,14 @@ class MistralFIMCompletionRequest(SamplingFields):
 
 def with_safe_prompt(messages: list[dict]) -> list[dict]:
     """The guardrail prompt before the system prompt (or as one, if there is none)."""
-    if messages and messages[0]["role"] in ("system", "developer") and isinstance(messages[0].get("content"), str):
-        first = dict(messages[0], content=f"{SAFE_PROMPT}\n\n{messages[0]['content']}")
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": SAFE_PROMPT}, *messages]
+    return with_system_prompt(messages, SAFE_PROMPT)
+
+
+def with_system_prompt(messages: list[dict], prompt: str | list[dict]) -> list[dict]:
+    """``prompt`` (text, or content parts) before the request's own system prompt: joined to
+    it by a blank line when both are text, else as a system message of its own before it."""
+    first = messages[0] if messages else None
+    if (first is not None and first["role"] in ("system", "developer") and isinstance(first.get("content"), str)
+            and isinstance(prompt, str)):
+        return [dict(first, content=f"{prompt}\n\n{first['content']}"), *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]

@@ -39,5 +39,5 @@ async def fim_completions(request: Request) -> Response:
         return validate_request(server.tokenizer.encode_fim(req.prompts[0], req.suffix), params, server.limits)
 
     gen = Generation(server, [await asyncio.to_thread(prepare)], request_id=new_id(Dialect.MISTRAL))
-    responder = ChatResponder(server, Dialect.MISTRAL, gen, model=model, stream=req.stream)
+    responder = ChatResponder(server, Dialect.MISTRAL, gen, model=model, stream=req.stream, thinking=False)
     return await respond(request, gen, responder, Dialect.MISTRAL)

@@ -14,6 +14,7 @@ from ..protocol import (
     MaxTokens,
     N,
     NamedToolChoice,
+    ReasoningEffort,
     ResponseFormat,
     SamplingFields,
     Seed,
@@ -49,6 +50,7 @@ class OpenAIChatCompletionRequest(SamplingFields):
         None, description="'required' (or 'any') forces a call; a named function forces that one")
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort
     user: str | None = None
 
     def normalize(self) -> ChatRequest:
@@ -65,6 +67,7 @@ class OpenAIChatCompletionRequest(SamplingFields):
             top_logprobs=self.top_logprobs or 0,
             stream=self.stream,
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            reasoning_effort=self.reasoning_effort,
         )
 
 
