@@ -146,15 +146,20 @@ def test_forced_tool_call_may_follow_a_thought(tok):
         assert not accepts(tok, g, think_then(tok, ANSWER))
 
 
-def test_json_after_a_thought_where_mistral_common_allows_it(tmp_path):
-    # mistral-common's grammars: a thought before JSON from v15 on (think_with_json), not in v13.
+def test_json_may_follow_a_thought(tmp_path):
+    # mistral-common's grammars allow a thought before JSON from v15 on (think_with_json);
+    # galerne allows it on v13 too (Magistral), so that forced JSON starts after thinking.
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
         "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}
-    for version, thought_first in (("v15", True), ("v13", False)):
+    for version in ("v15", "v13"):
         tok = Tokenizer.from_path(tekken_file(tmp_path / version, version))
         g = guidance_for_chat(tok, Conversation.parse(USER, response_format=fmt))
         assert accepts(tok, g, tok.encode('{"ok": true}', bos=False))
-        assert accepts(tok, g, think_then(tok, '{"ok": true}')) is thought_first
+        assert accepts(tok, g, think_then(tok, '{"ok": true}'))
+        assert not accepts(tok, g, think_then(tok, "no json"))
+    tok = Tokenizer.from_path(tekken_file(tmp_path / "v13-no-think", "v13", think=False))
+    g = guidance_for_chat(tok, Conversation.parse(USER, response_format=fmt))
+    assert accepts(tok, g, tok.encode('{"ok": true}', bos=False))
 
 
 # ------------------------------------------------------------------ live: both clients

@@ -192,6 +192,10 @@ def allowed_masks(matchers: Sequence[GuidedMatcher], vocab_size: int,
 # --------------------------------------------------------------------------- compiler
 
 
+# mistral-common's think template's JSON rule when it allows no thought first (< v15).
+_JSON_RULE = "json_grammar: SAFE_WS? %json"
+
+
 class GuidedCompiler:
     """Compiles Guidance for one tokenizer. Get it with ``compiler_for(tokenizer)``."""
 
@@ -203,6 +207,7 @@ class GuidedCompiler:
         self.mistral_version = tokenizer.mistral_version
         self.tool_call_format = tokenizer.tool_call_format
         self.special_ids = {name: tokenizer.special_token_id(name) for name in ("[TOOL_CALLS]", "[ARGS]")}
+        self.thinks = tokenizer.thinks
         self._mt = tokenizer.mistral_tokenizer
         self._hf = tokenizer.hf_tokenizer
         self._lock = threading.Lock()
@@ -287,6 +292,11 @@ class GuidedCompiler:
             if self.factory is not None:
                 lark = self.factory.get_lark_for_json_schema(self.factory.select_jinja_template(),
                                                              compact_json(schema))
+                if self.thinks:
+                    # mistral-common lets a thought precede JSON from v15 on only; a v13
+                    # reasoning model (Magistral) forced straight into JSON loses its
+                    # thinking, so here the thought is optional before JSON too.
+                    lark = lark.replace(_JSON_RULE, "json_grammar: think? SAFE_WS? %json", 1)
             else:
                 lark = json_lark(schema)
         except Exception as e:
