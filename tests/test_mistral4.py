@@ -38,7 +38,7 @@ _NATIVE = {
 
 def _tensors(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def native_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ scales are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError
@@ -36,7 +37,7 @@ class Fp8Format:
     block: tuple[int, int] | None  # None: a scale per tensor (or per row)
 
     @classmethod
-    def from_args(cls, args) -> "Fp8Format | None":
+    def from_args(cls, args) -> Fp8Format | None:
         """The FP8 format ``args.extra`` describes, None for an unquantized checkpoint."""
         hf, native = args.extra.get("quantization_config"), args.extra.get("quantization")
         if hf:

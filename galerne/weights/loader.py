@@ -29,7 +29,16 @@ from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
 from ..models.transformer import Transformer
 from .fp8 import FP8_DTYPES, Fp8Format, dequantize, is_scale
-from .names import IGNORED_HF, PACKED_HF, from_native_file, hf_to_native, is_vision_tensor, permute_for, split_packed, strip_text_prefix
+from .names import (
+    IGNORED_HF,
+    PACKED_HF,
+    from_native_file,
+    hf_to_native,
+    is_vision_tensor,
+    permute_for,
+    split_packed,
+    strip_text_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +82,7 @@ class Checkpoint:
     weight_files: list[Path]
 
     @classmethod
-    def open(cls, folder: str | Path, layout: str | None = None) -> "Checkpoint":
+    def open(cls, folder: str | Path, layout: str | None = None) -> Checkpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError("not a folder", path=str(folder))
