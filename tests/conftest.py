@@ -63,6 +63,14 @@ def tekken_file(folder: Path, version: str, *, think: bool = True, settings: dic
     path.write_text(json.dumps(data))
     return path
 
+MISTRAL4 = dict(
+    num_hidden_layers=2, num_key_value_heads=4, first_k_dense_replace=1, moe_intermediate_size=32,
+    n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, n_shared_experts=1,
+    routed_scaling_factor=1.5, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=32.0, original_max_position_embeddings=16,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))
+
 # name -> (transformers config class, config kwargs)
 TINY = {
     "mistral": ("MistralConfig", dict()),
@@ -85,6 +93,12 @@ TINY = {
     # Vision-language checkpoints (Mistral Small 3.x, Ministral 3): the text path.
     "mistral3": ("Mistral3Config", dict(text="MistralConfig")),
     "mistral3-ministral3": ("Mistral3Config", dict(text="Ministral3Config")),
+    # Mistral 4: latent attention, MoE with a shared expert and grouped routing (8
+    # experts in 2 groups, 1 group per token), a dense first layer, YaRN on the rotary
+    # part with a small original context and llama-4 query scaling.
+    "mistral4": ("Mistral4Config", dict(MISTRAL4)),
+    "mistral4-no-q-lora": ("Mistral4Config", dict(MISTRAL4, q_lora_rank=None)),
+    "mistral3-mistral4": ("Mistral3Config", dict(text="Mistral4Config")),
 }
 
 
@@ -104,7 +118,7 @@ def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
     extra = dict(extra)
     text = extra.pop("text", None)
     if text is not None:  # a vision-language model around a text model of kind `text`
-        inner = next(v for v in TINY.values() if v[0] == text)[1]
+        inner = next(v for v in TINY.values() if v[0] == text)[1]  # the first kind of that class
         text_config = getattr(transformers, text)(**{**kwargs, **inner, **overrides})
         vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
@@ -114,6 +128,7 @@ def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
         model = transformers.Mistral3ForConditionalGeneration(config).eval()
         model.generation_config.eos_token_id = None
         model.save_pretrained(folder)
+        _eager_experts(model)
         shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
         return model
     kwargs.update(extra)
@@ -124,7 +139,16 @@ def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
     model.generation_config.eos_token_id = None  # compare full-length greedy runs
     model.save_pretrained(folder)
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
+    _eager_experts(model)
     return model
+
+
+def _eager_experts(model) -> None:
+    """transformers' packed experts default to ``torch._grouped_mm``, whose float32
+    results are about 1e-4 off on a tiny Mistral 4 (float64 says so); its per-expert
+    loop is as exact as a float32 reference can be."""
+    if getattr(model.config.get_text_config(), "model_type", None) == "mistral4":
+        model.set_experts_implementation("eager")
 
 
 @pytest.fixture(scope="session")

@@ -29,3 +29,14 @@ def test_cuda_engine_matches_cpu(tiny_factory, kind):
     assert [o.token_ids for o in eager.generate(ps, params)] == expected
     bm = graphs.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_cuda_latent_cache_matches_cpu(tiny_factory):
+    """Mistral 4's latent cache on the GPU (torch paged path) gives the CPU's tokens."""
+    folder, _ = tiny_factory("mistral4")
+    ps = _prompts(5)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(folder, device="cpu", block_size=16).generate(ps, params)]
+    gpu = LLM(folder, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=64)
+    assert gpu.engine.cache.latent and gpu.engine.runner.graphs is None
+    assert [o.token_ids for o in gpu.generate(ps, params)] == expected

@@ -25,16 +25,35 @@ from ..models.attention import allowed_mask, sdpa
 
 
 class PagedKVCache:
+    """Keys and values of every layer, in blocks.
+
+    A model with multi-head latent attention (``args.mla``) caches one latent per
+    token instead (``latent``): ``k`` is ``(layers, num_blocks, block_size, 1,
+    kv_lora_rank + qk_rope_head_dim)`` (the normalised latent, then the rotated
+    rotary key) and ``v`` a view of its first kv_lora_rank columns, stored once."""
+
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.latent = args.mla is not None
+        if self.latent:
+            m = args.mla
+            self.k = torch.zeros((args.n_layers, num_blocks, block_size, 1, m.latent_dim), dtype=dtype, device=device)
+            self.v = self.k[..., : m.kv_lora_rank]
+        else:
+            shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+        """Cache bytes one token takes, all layers."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * args.n_layers * block_size * args.n_kv_heads * args.head_dim * elem
+        per_layer = args.mla.latent_dim if args.mla else 2 * args.n_kv_heads * args.head_dim
+        return args.n_layers * per_layer * elem
+
+    @staticmethod
+    def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+        return block_size * PagedKVCache.bytes_per_token(args, dtype)
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, K, hd) views of one layer's keys and values."""
@@ -114,24 +133,29 @@ class TorchPagedAttention:
             self._gather[window] = got
         return got
 
-    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
+    @property
+    def latent(self) -> bool:
+        return self.cache.latent
+
+    def attend(self, layer: int, q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
         k_slots, v_slots = self.cache.layer_slots(layer)
         k_slots.index_copy_(0, self.meta.slot_mapping, k)
-        v_slots.index_copy_(0, self.meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        if not self.cache.latent:  # a latent cache's values are part of its keys: stored with them
+            v_slots.index_copy_(0, self.meta.slot_mapping, v)
+        out = q.new_empty(q.shape[:2] + v.shape[-1:])  # (T, H, vd)
         start = 0
         for (slots, lo), q_len, ctx in zip(self._slots(window), self.meta.q_lens, self.meta.ctx_lens):
             qs = q[start : start + q_len].transpose(0, 1)  # (H, q_len, hd)
             keys = k_slots.index_select(0, slots).transpose(0, 1)  # (K, L, hd)
             values = v_slots.index_select(0, slots).transpose(0, 1)
             if q_len == 1:
-                o = sdpa(qs, keys, values)
+                o = sdpa(qs, keys, values, scale=scale)
             elif q_len == ctx and (window is None or window >= ctx):
-                o = sdpa(qs, keys, values, causal=True)
+                o = sdpa(qs, keys, values, causal=True, scale=scale)
             else:
                 q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
                 k_pos = torch.arange(lo, ctx, device=q.device)
-                o = sdpa(qs, keys, values, mask=allowed_mask(q_pos, k_pos, window))
+                o = sdpa(qs, keys, values, mask=allowed_mask(q_pos, k_pos, window), scale=scale)
             out[start : start + q_len] = o.transpose(0, 1)
             start += q_len
         return out
@@ -147,10 +171,15 @@ class TritonPagedAttention:
         self.cache, self.meta = cache, meta
         self._plan = None  # program map and block shapes: one per step, shared by the layers
 
-    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
+    @property
+    def latent(self) -> bool:
+        return self.cache.latent
+
+    def attend(self, layer: int, q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
         k_slots, v_slots = self.cache.layer_slots(layer)
         k_slots.index_copy_(0, self.meta.slot_mapping, k)
-        v_slots.index_copy_(0, self.meta.slot_mapping, v)
+        if not self.cache.latent:  # a latent cache's values are part of its keys: stored with them
+            v_slots.index_copy_(0, self.meta.slot_mapping, v)
         m = self.meta
         if self._plan is None:
             T, H, hd = q.shape
@@ -159,5 +188,6 @@ class TritonPagedAttention:
                 max_seq_len=m.block_tables.shape[1] * self.cache.block_size,
             )
         return self._ops.paged_attention(q, self.cache.k[layer], self.cache.v[layer], m.block_tables,
-                                         m.query_start_loc, m.seq_lens, window, q.shape[-1] ** -0.5,
+                                         m.query_start_loc, m.seq_lens, window,
+                                         q.shape[-1] ** -0.5 if scale is None else scale,
                                          m.max_query_len, plan=self._plan)

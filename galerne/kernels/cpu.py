@@ -206,6 +206,8 @@ def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
     RMSNorm, SwiGLU, grouped heads, sliding windows); a feature added there must be
     added here or listed."""
     args = model.args
+    if args.mla is not None:
+        return "multi-head latent attention"
     if args.moe is not None:
         return "mixture-of-experts layers"
     dtype = model.output.weight.dtype

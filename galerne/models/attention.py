@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False):
-    """q: (H, Tq, hd), k/v: (K, Tk, hd), mask: (Tq, Tk) bool (True = may attend) -> (H, Tq, hd).
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+         scale: float | None = None):
+    """q: (H, Tq, hd), k: (K, Tk, hd), v: (K, Tk, vd), mask: (Tq, Tk) bool (True = may attend) -> (H, Tq, vd).
 
     Grouped-query attention without repeating k/v: SDPA broadcasts K heads over H.
+    ``scale`` None: hd^-0.5.
     """
     return F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=q.shape[0] != k.shape[0]
+        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=q.shape[0] != k.shape[0], scale=scale
     )[0]
 
 
@@ -48,16 +50,16 @@ class NoCacheAttention:
         self.positions = torch.arange(int(lens.sum()), device=device) - torch.repeat_interleave(starts, lens)
         self._masks: dict[int | None, torch.Tensor] = {}
 
-    def attend(self, layer: int, q, k, v, window: int | None) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
         # (T, H, hd) -> (H, T, hd) for SDPA, and back.
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         T = q.shape[1]
         if len(self.seqlens) == 1 and (window is None or window >= T):
-            out = sdpa(q, k, v, causal=True)
+            out = sdpa(q, k, v, causal=True, scale=scale)
         else:
             mask = self._masks.get(window)
             if mask is None:  # the same for every layer with this window: build once
                 mask = allowed_mask(self.positions, self.positions, window, self.seq_ids, self.seq_ids)
                 self._masks[window] = mask
-            out = sdpa(q, k, v, mask=mask)
+            out = sdpa(q, k, v, mask=mask, scale=scale)
         return out.transpose(0, 1)

@@ -99,8 +99,9 @@ def query_scale(positions: torch.Tensor, scaling: QueryScaling | None, dtype: to
 
 
 def model_rope(args: ModelArgs, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-    """The ``Rope`` of a dense model's forward (every layer rotates all head_dim)."""
-    cos, sin = rotary_cos_sin(positions, args.head_dim, args.rope_theta, dtype, args.yarn)
+    """The ``Rope`` of a model's forward: every layer rotates ``args.rope_dim`` values
+    per head (all of head_dim, or MLA's rotary part, YaRN computed for that size)."""
+    cos, sin = rotary_cos_sin(positions, args.rope_dim, args.rope_theta, dtype, args.yarn)
     return Rope(cos, sin, query_scale(positions, args.query_scaling, dtype))
 
 
@@ -128,9 +129,15 @@ class AttentionBackend(Protocol):
     """
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        """q: (T, H, hd), k/v: (T, K, hd) for the new tokens -> (T, H, hd)."""
+        """q: (T, H, hd), k: (T, K, hd), v: (T, K, vd) for the new tokens -> (T, H, vd);
+        ``scale``: the softmax scale (None: hd^-0.5).
+
+        A backend whose cache holds multi-head latent attention's latents sets
+        ``latent = True``: the model then passes the latent as one kv head and v as
+        a view of its first columns, which such a backend does not store twice."""
         ...
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .layers import Attention, AttentionBackend, FeedForward, RMSNorm, Rope, model_rope
+from .mla import LatentAttention
 from .moe import MoeLayer
 
 
@@ -22,10 +23,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, layer)
+        self.attention: nn.Module = LatentAttention(args, layer) if args.mla else Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = (
-            MoeLayer(args.dim, args.hidden_dim, args.moe) if args.moe else FeedForward(args.dim, args.hidden_dim)
+            MoeLayer(args.dim, args.hidden_dim, args.moe) if args.is_moe_layer(layer)
+            else FeedForward(args.dim, args.hidden_dim)
         )
 
     def forward(self, x, rope: Rope, backend: AttentionBackend) -> torch.Tensor:

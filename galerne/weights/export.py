@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
-from .names import native_to_hf, permute_rows
+from .names import native_to_hf, pack_experts, permute_for, to_native_file
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,16 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
 
     def target(native: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
         if to == "mistral":
-            return native, t
-        name, rotary = native_to_hf(native)  # type: ignore[misc]
-        return name, permute_rows(t, rotary, a.n_heads, a.n_kv_heads, to="hf")
+            return to_native_file(native, a), t
+        name, rotary = native_to_hf(native, a)  # type: ignore[misc]
+        return name, permute_for(a, t, rotary, to="hf")
 
     def kept(items):
-        return ((n, t) for n, t in items if not (n == "output.weight" and a.tied_embeddings))
+        items = ((n, t) for n, t in items if not (n == "output.weight" and a.tied_embeddings))
+        if to == "hf" and a.mla is not None:
+            # transformers' Mistral 4 reads its routed experts packed, one tensor per layer.
+            items = pack_experts(items, a)
+        return items
 
     entries = [_Entry(name, cast or t.dtype, tuple(t.shape)) for native, meta in kept(metas) for name, t in [target(native, meta)]]
     files = _plan_files(entries, to, shard_bytes)

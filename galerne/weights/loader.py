@@ -28,7 +28,17 @@ from tqdm import tqdm
 from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
 from ..models.transformer import Transformer
-from .names import IGNORED_HF, hf_to_native, is_vision_tensor, permute_rows
+from .fp8 import FP8_DTYPES, Fp8Format, dequantize, is_scale
+from .names import (
+    IGNORED_HF,
+    PACKED_HF,
+    from_native_file,
+    hf_to_native,
+    is_vision_tensor,
+    permute_for,
+    split_packed,
+    strip_text_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +82,7 @@ class Checkpoint:
     weight_files: list[Path]
 
     @classmethod
-    def open(cls, folder: str | Path, layout: str | None = None) -> "Checkpoint":
+    def open(cls, folder: str | Path, layout: str | None = None) -> Checkpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError("not a folder", path=str(folder))
@@ -106,9 +116,9 @@ class Checkpoint:
             )
         return cls(folder, layout, config_path, args, files)
 
-    def tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
-        """Yield (file, checkpoint name, tensor) for every tensor, lazily. With
-        ``meta``, the tensors are shape/dtype-only, read from the file headers.
+    def raw_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """Yield (file, checkpoint name, tensor) for every tensor of the files, lazily.
+        With ``meta``, the tensors are shape/dtype-only, read from the file headers.
         A vision-language checkpoint's vision tensors are not read (not built yet)."""
         skip = self.args.vision is not None
         for path in self.weight_files:
@@ -126,10 +136,34 @@ class Checkpoint:
                     if not (skip and is_vision_tensor(name)):
                         yield path, name, t.to("meta") if meta else t
 
+    def tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """:meth:`raw_tensors`, FP8 weights dequantized with their scales (float32)
+        and the scales themselves left out (see ``weights/fp8.py``)."""
+        fmt = Fp8Format.from_args(self.args)
+        if fmt is None:
+            yield from self.raw_tensors(meta)
+            return
+        where = {name: path for path, name, _ in self.raw_tensors(meta=True) if is_scale(name)}
+        for path, name, t in self.raw_tensors(meta):
+            if is_scale(name):
+                continue
+            if t.dtype in FP8_DTYPES:
+                scale_name = fmt.scale_name(name)
+                if scale_name not in where:
+                    raise ModelLoadError(f"FP8 weight without its scale {scale_name}", path=str(path), tensor=name)
+                if meta:
+                    t = torch.empty(t.shape, dtype=torch.float32, device="meta")
+                else:
+                    try:
+                        t = dequantize(t, _read_one(where[scale_name], scale_name), fmt.block)
+                    except ValueError as e:
+                        raise ModelLoadError(str(e), path=str(path), tensor=name) from None
+            yield path, name, t
+
     def native_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
         if self.layout == "mistral":
-            return ((path, name, name, t) for path, name, t in self.tensors(meta))
+            return ((path, name, from_native_file(name), t) for path, name, t in self.tensors(meta))
         return hf_to_native_items(self.args, self.tensors(meta))
 
 
@@ -140,11 +174,18 @@ def hf_to_native_items(
     for path, name, t in items:
         if IGNORED_HF.match(name) or (args.vision is not None and is_vision_tensor(name)):
             continue
+        packed = PACKED_HF.match(strip_text_prefix(name))
+        if packed:
+            if t.dim() != 3:
+                raise ModelLoadError(f"packed experts must be 3-D, got shape {tuple(t.shape)}", path=str(path), tensor=name)
+            for native, part in split_packed(packed["kind"], packed["i"], t):
+                yield path, name, native, part
+            continue
         mapped = hf_to_native(name)
         if mapped is None:
             raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
         native, rotary = mapped
-        yield path, name, native, permute_rows(t, rotary, args.n_heads, args.n_kv_heads, to="native")
+        yield path, name, native, permute_for(args, t, rotary, to="native")
 
 
 _ST_TO_TORCH = {
@@ -152,6 +193,11 @@ _ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _read_one(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _meta_of(sl) -> torch.Tensor:
