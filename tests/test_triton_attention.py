@@ -217,3 +217,50 @@ def test_plan_has_no_sync_shapes():
     # min(26 // 8 + 3, 3 * cdiv(20, 8)) = 6 programs; sequence 2 needs 3, one spare.
     assert plan.num_programs == 6
     assert plan.prog_map.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [2, 2], [2, 3]]
+
+
+# ------------------------------------------------------------------ latent caches (MLA)
+
+
+def check_latent(q_lens, seq_lens, *, H=4, r=32, p=16, device="cpu", max_query_len=None, **plan_kw):
+    """One kv "head" of r + p key dims whose values are a view of the first r: the
+    layout of a multi-head latent attention cache (galerne/models/mla.py)."""
+    q, kc, _, bt, qsl, lens = make_batch(q_lens, seq_lens, H=H, K=1, hd=r + p, device=device)
+    vc = kc[..., :r]  # the same memory, as PagedKVCache keeps it
+    scale = 0.37  # not (r + p) ** -0.5: MLA scores with its own head size's scale
+    ref = reference_paged_attention(q.float(), kc.float(), vc.float(), bt, qsl, lens, None, scale)
+    plan = plan_paged_attention(qsl, q.shape[0], H, 1, r, max_query_len or max(q_lens), **plan_kw) if plan_kw else None
+    out = paged_attention(q, kc, vc, bt, qsl, lens, None, scale, max_query_len=max_query_len, plan=plan)
+    assert out.shape == (q.shape[0], H, r) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_cache_prefill_chunks_and_decodes(device):
+    check_latent([1, 23, 1, 9], [41, 50, 5, 9], device=device, max_query_len=23)
+    check_latent([1, 1, 1], [3, 50, 90], H=8, r=64, p=32, device=device, max_query_len=1, num_splits=3)
+
+
+def test_latent_engine_step_through_the_kernel_equals_torch(tiny_factory):
+    """A Mistral 4 model's whole forward over a paged latent cache: the Triton backend
+    (compiled on CUDA, interpreted here) gives the torch backend's hidden states."""
+    from galerne import LLM
+    from galerne.engine.paged import BatchMetadata, PagedKVCache, TorchPagedAttention, TritonPagedAttention
+
+    device = "cpu" if INTERPRET else "cuda"
+    folder, _ = tiny_factory("mistral4")
+    model = LLM(folder, device=device, dtype="float32", enforce_eager=True).model
+    args = model.args
+    g = torch.Generator().manual_seed(3)
+    entries = [([2, 0, 5], 9, 3), ([1, 4], 0, 7), ([3, 6], 5, 1)]  # a chunk after a prefix, a prefill, a decode
+    caches = []
+    for backend in (TorchPagedAttention, TritonPagedAttention):
+        torch.manual_seed(0)
+        cache = PagedKVCache(args, 8, 4, torch.float32, torch.device(device))
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g.manual_seed(4)))
+        meta = BatchMetadata.build(entries, 4, torch.device(device))
+        tokens = torch.randint(3, 1000, (11,), generator=g.manual_seed(5)).to(device)
+        with torch.inference_mode():
+            caches.append((model(tokens, meta.positions, backend(cache, meta)), cache.k.clone()))
+    torch.testing.assert_close(caches[1][0], caches[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1][1], caches[0][1])

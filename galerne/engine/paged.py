@@ -182,7 +182,7 @@ class TritonPagedAttention:
             v_slots.index_copy_(0, self.meta.slot_mapping, v)
         m = self.meta
         if self._plan is None:
-            T, H, hd = q.shape
+            T, H, hd = q.shape[0], q.shape[1], self.cache.v.shape[-1]
             self._plan = self._ops.plan_paged_attention(
                 m.query_start_loc, T, H, k.shape[1], hd, m.max_query_len,
                 max_seq_len=m.block_tables.shape[1] * self.cache.block_size,

@@ -29,12 +29,9 @@ class ModelRunner:
         self.device = cache.k.device
         self.block_size = cache.block_size
         self.on_cuda = self.device.type == "cuda"
-        # The Triton kernel wants one power-of-two head dim for keys and values; a
-        # latent (MLA) cache has kv_lora_rank + qk_rope_head_dim keys and kv_lora_rank
-        # values: torch ops read it, on the GPU too, until the kernel learns both.
-        self.attention = TritonPagedAttention if self.on_cuda and not cache.latent else TorchPagedAttention
-        if self.on_cuda and cache.latent:
-            log.info("latent KV cache: paged attention with torch ops (the Triton kernel does not take it yet)")
+        # A latent (MLA) cache goes through the same Triton kernel: keys of
+        # kv_lora_rank + qk_rope_head_dim, values the first kv_lora_rank of them.
+        self.attention = TritonPagedAttention if self.on_cuda else TorchPagedAttention
         self.graphs = None
         # MoE routing picks token subsets with data-dependent shapes: not capturable.
         if self.on_cuda and use_cuda_graphs and model.args.moe is None and not cache.latent:

@@ -96,8 +96,9 @@ def reference_paged_attention(
     """
     _, H, hd = q.shape
     _, block_size, K, _ = k_cache.shape
+    hd_v = v_cache.shape[-1]
     G = H // K
-    out = torch.empty_like(q)
+    out = q.new_empty((q.shape[0], H, hd_v))
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for b in range(len(lens)):
@@ -112,7 +113,7 @@ def reference_paged_attention(
         # (n_blocks, block_size, K, hd) -> (L, K, hd); zero the unused blocks.
         keep = valid[:, None, None, None]
         keys = torch.where(keep, k_cache[ids].float(), 0.0).reshape(-1, K, hd)[:L]
-        values = torch.where(keep, v_cache[ids].float(), 0.0).reshape(-1, K, hd)[:L]
+        values = torch.where(keep, v_cache[ids].float(), 0.0).reshape(-1, K, hd_v)[:L]
         keys = keys.repeat_interleave(G, dim=1).transpose(0, 1)  # (H, L, hd)
         values = values.repeat_interleave(G, dim=1).transpose(0, 1)
         qh = q[start:end].float().transpose(0, 1)  # (H, n, hd)
@@ -146,7 +147,8 @@ if triton is not None:
         stride_vb, stride_vs, stride_vh,
         stride_bt,
         G: tl.constexpr,  # query heads per kv head
-        HEAD_DIM: tl.constexpr,
+        HEAD_DIM: tl.constexpr,  # values' dims (= keys' without ROPE_DIM)
+        ROPE_DIM: tl.constexpr,  # keys' extra dims after HEAD_DIM (latent caches), 0 for none
         BLOCK_SIZE: tl.constexpr,  # the cache's tokens per block
         BLOCK_M: tl.constexpr,  # score rows per program (>= BLOCK_Q * G, >= 16)
         BLOCK_Q: tl.constexpr,  # query tokens per program
@@ -183,6 +185,9 @@ if triton is not None:
 
         q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
         q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if ROPE_DIM > 0:
+            rdims = HEAD_DIM + tl.arange(0, ROPE_DIM)
+            q_rope = tl.load(q_ptr + q_off[:, None] + rdims[None, :], mask=row_ok[:, None], other=0.0)
 
         # Keys some row of this program may see: [lo, hi).
         last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1
@@ -219,7 +224,12 @@ if triton is not None:
             v = tl.load(v_base + (block * stride_vb + slot * stride_vs)[:, None] + dims[None, :],
                         mask=k_ok[:, None], other=0.0)  # (TILE, HEAD_DIM)
 
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
+            if ROPE_DIM > 0:
+                k_rope = tl.load(k_base + (block * stride_kb + slot * stride_ks)[None, :] + rdims[:, None],
+                                 mask=k_ok[None, :], other=0.0)  # (ROPE_DIM, TILE)
+                s += tl.dot(q_rope, k_rope, input_precision=DOT_PRECISION)
+            s = s * qk_scale
             allowed = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
             if USE_WINDOW:
                 allowed = allowed & (kpos[None, :] > pos[:, None] - window)
@@ -390,24 +400,32 @@ def paged_attention(
     plan: AttentionPlan | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (optionally sliding-window) paged attention -> (T, H, hd) in q's dtype.
+    """Causal (optionally sliding-window) paged attention -> (T, H, hd_v) in q's dtype.
 
     See the module docstring for the layout. With ``max_query_len`` (or a
     ``plan`` from :func:`plan_paged_attention`, built once per step and shared
     by the layers) the call never syncs with the host and is CUDA-graph safe.
+
+    Keys may be wider than values (a latent cache, multi-head latent attention:
+    keys are the latent then the rotary key, values a view of the latent, the same
+    memory): the first hd_v dims of q and k score as usual, the rest are a second
+    dot product, so both parts stay powers of two.
     """
     if triton is None:
         raise RuntimeError("paged_attention needs triton; use reference_paged_attention")
-    T, H, hd = q.shape
-    _, block_size, K, hd_k = k_cache.shape
-    assert hd_k == hd and v_cache.shape == k_cache.shape and H % K == 0
-    assert hd >= 16 and hd & (hd - 1) == 0, "head_dim must be a power of two >= 16"
+    T, H, hd_k = q.shape
+    _, block_size, K, hd_kc = k_cache.shape
+    hd = v_cache.shape[-1]
+    rope = hd_k - hd
+    assert hd_kc == hd_k and v_cache.shape[:-1] == k_cache.shape[:-1] and H % K == 0
+    assert hd >= 16 and hd & (hd - 1) == 0, "the values' head_dim must be a power of two >= 16"
+    assert rope == 0 or (rope >= 16 and rope & (rope - 1) == 0), "keys' extra dims must be a power of two >= 16"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert out is None or (out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1)
+    assert out is None or (out.shape == (T, H, hd) and out.dtype == q.dtype and out.stride(-1) == 1)
     assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
     G = H // K
     if out is None:
-        out = torch.empty_like(q)
+        out = q.new_empty((T, H, hd))
     if T == 0:
         return out
     if plan is None:
@@ -435,7 +453,7 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        G=G, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        G=G, HEAD_DIM=hd, ROPE_DIM=rope, BLOCK_SIZE=block_size,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, TILE=plan.tile,
         USE_WINDOW=window is not None, SPLIT=split, DIRECT_MAP=plan.prog_map is None,
         DOT_PRECISION=dot_precision,
