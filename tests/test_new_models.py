@@ -134,3 +134,41 @@ def test_a_long_prompt_past_many_scaling_steps_equals_transformers(tmp_path):
     prompt = torch.randint(3, 32768, (280,), generator=g).tolist()
     assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids == \
         reference_greedy(ref, prompt, 24)
+
+
+@pytest.mark.parametrize("scale_name", ["weight_scale_inv", "weight_scale"])
+def test_fp8_dense_checkpoint_with_tensor_scales(tiny_factory, tmp_path, scale_name):
+    """Ministral 3 and Devstral 2 ship FP8 like this: per-tensor scales
+    (``weight_block_size: null``), static activation scales (not needed once
+    dequantized), the output head left in bf16 (``modules_to_not_convert``)."""
+    from galerne.weights.fp8 import quantize
+
+    folder, _ = tiny_factory("ministral3")
+    quantized, plain = {}, {}
+    for name, t in load_file(str(folder / "model.safetensors")).items():
+        if ".self_attn." in name or ".mlp." in name:
+            w, s = quantize(t, None)
+            quantized[name], quantized[name.replace("weight", scale_name)] = w, s
+            quantized[name.replace("weight", "activation_scale")] = torch.tensor(0.5)
+            plain[name] = w.float() * s
+        else:
+            quantized[name] = plain[name] = t
+    config = json.loads((folder / "config.json").read_text())
+    for out, tensors, extra in ((tmp_path / "fp8", quantized, {"quantization_config": {
+            "quant_method": "fp8", "weight_block_size": None, "activation_scheme": "static",
+            "modules_to_not_convert": ["lm_head"]}}), (tmp_path / "plain", plain, {})):
+        out.mkdir()
+        save_file(tensors, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({**config, **extra}))
+        (out / "tokenizer.model.v3").write_bytes((folder / "tokenizer.model.v3").read_bytes())
+    ids = list(range(3, 50))
+    fp8 = LLM(tmp_path / "fp8", device="cpu", dtype="float32")
+    assert torch.equal(fp8.score(ids), LLM(tmp_path / "plain", device="cpu", dtype="float32").score(ids))
+    assert fp8.model.layers[0].attention.wq.weight.dtype == torch.float32
+    if scale_name == "weight_scale_inv":  # transformers' fine-grained FP8 spelling: it dequantizes on a CPU too
+        import transformers
+
+        ref = transformers.Ministral3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0].float()
+        assert (fp8.score(ids) - expected).abs().max().item() < 1e-4

@@ -8,7 +8,9 @@ Two spellings are read:
   rounded up at the edges: a (320, 4096) weight has a (3, 32) grid). Despite the
   name, the scale *multiplies*: w = fp8 * scale_inv of its block. Packed experts
   (``mlp.experts.gate_up_proj``) carry ``gate_up_proj_scale_inv`` (E, rows/128,
-  cols/128). Without ``weight_block_size`` the scale is per tensor (``X.weight_scale``).
+  cols/128). Without ``weight_block_size`` the scale is per tensor (``X.weight_scale_inv``,
+  or ``X.weight_scale`` in older exports) and ``X.activation_scale`` is a static
+  activation scale, not needed once dequantized.
 - Mistral-native (params.json ``quantization: {"qformat_weight": "fp8_e4m3", ...}``):
   ``X.weight`` (fp8) and ``X.qscale_weight`` (per tensor, multiplies), and
   ``X.qscale_act`` (static activation scales), not needed once dequantized.
@@ -53,12 +55,15 @@ class Fp8Format:
             return cls("mistral", None)
         return None
 
-    def scale_name(self, weight_name: str) -> str:
+    def scale_names(self, weight_name: str) -> tuple[str, ...]:
+        """Where the scale of ``weight_name`` may be, in order of preference. A
+        per-tensor HF scale is ``weight_scale_inv`` in transformers' fine-grained FP8
+        (Ministral 3, Devstral 2) and ``weight_scale`` in older static-FP8 exports."""
         if self.layout == "mistral":
-            return weight_name.removesuffix(".weight") + ".qscale_weight"
+            return (weight_name.removesuffix(".weight") + ".qscale_weight",)
         if not weight_name.endswith(".weight"):  # packed experts: "...experts.gate_up_proj"
-            return weight_name + "_scale_inv"
-        return weight_name + ("_scale_inv" if self.block else "_scale")
+            return (weight_name + "_scale_inv",)
+        return (weight_name + "_scale_inv",) if self.block else (weight_name + "_scale_inv", weight_name + "_scale")
 
 
 def is_scale(name: str) -> bool:

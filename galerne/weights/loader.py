@@ -148,9 +148,10 @@ class Checkpoint:
             if is_scale(name):
                 continue
             if t.dtype in FP8_DTYPES:
-                scale_name = fmt.scale_name(name)
-                if scale_name not in where:
-                    raise ModelLoadError(f"FP8 weight without its scale {scale_name}", path=str(path), tensor=name)
+                names = fmt.scale_names(name)
+                scale_name = next((n for n in names if n in where), None)
+                if scale_name is None:
+                    raise ModelLoadError(f"FP8 weight without its scale ({' or '.join(names)})", path=str(path), tensor=name)
                 if meta:
                     t = torch.empty(t.shape, dtype=torch.float32, device="meta")
                 else:
