@@ -303,3 +303,31 @@ def write_native(ref, folder: Path) -> Path:
     (folder / "params.json").write_text(json.dumps(params, indent=1))
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
     return folder
+
+
+def fp8_copy(src: Path, out: Path, *, scale_name: str = "weight_scale_inv", activation_scale: bool = False) -> Path:
+    """Copy the dense HF folder ``src`` to ``out`` as an FP8 checkpoint the way Ministral 3
+    and Devstral 2 ship: attention and MLP weights in float8 e4m3 with one scale per
+    tensor (``weight_block_size: null``), optional static activation scales, the rest
+    (embeddings, norms, output head) as they were."""
+    from safetensors.torch import load_file, save_file
+
+    from galerne.weights.fp8 import quantize
+
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if ".self_attn." in name or ".mlp." in name:
+            tensors[name], tensors[name.replace("weight", scale_name)] = quantize(t, None)
+            if activation_scale:
+                tensors[name.replace("weight", "activation_scale")] = torch.tensor(0.5)
+        else:
+            tensors[name] = t
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None,
+                                     "activation_scheme": "static" if activation_scale else "dynamic",
+                                     "modules_to_not_convert": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    shutil.copy(V3_TOKENIZER, out / "tokenizer.model.v3")
+    return out

@@ -288,3 +288,70 @@ def test_block_scales_with_partial_blocks():
     assert torch.equal(dequantize(q, s, (128, 128)), expected)
     # e4m3: 3 mantissa bits; below 2^-6 of 448 x scale, subnormals spaced 2^-9 x scale.
     assert ((expected - w).abs() <= w.abs() * 2**-4 + s.max() * 2**-10).all()
+
+
+# ------------------------------------------------------------------ FP8 kept as stored
+
+
+@pytest.mark.parametrize("layout", ["hf", "mistral"])
+def test_fp8_kept_in_fp8_equals_dequantized_at_load(tiny_factory, tmp_path, layout):
+    """What a GPU with FP8 matmuls loads (``keep_fp8``): the linear layers hold the
+    checkpoint's float8 weights and scales, dequantize per call (block scales), and
+    give the model dequantized at load exactly, through the paged engine too."""
+    from galerne.models.quant import Fp8Linear
+    from galerne.weights.loader import load_model
+
+    src, _ = tiny_factory("mistral4")
+    fp8, _ = _fp8_folders(src, tmp_path, layout)
+    kept, _ = load_model(fp8, dtype="float32", device="cpu", keep_fp8=True)
+    layers = [m for m in kept.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.weight.dtype == torch.float8_e4m3fn and not m.scaled_mm for m in layers)
+    assert isinstance(kept.layers[0].attention.wkv_b, Fp8Linear)  # read by pieces in the absorbed path
+    loaded = LLM(fp8, dtype="float32", device="cpu")
+    ids = list(range(5, 45))
+    ours = LLM.from_model(kept, loaded.tokenizer, block_size=4)
+    assert torch.equal(ours.score(ids), loaded.score(ids))
+    prompt = [[5, 6, 7, 8, 9] * 3]
+    assert ours.generate(prompt, GREEDY)[0].token_ids == loaded.generate(prompt, GREEDY)[0].token_ids
+
+
+def test_kept_fp8_weights_split_and_permute_with_their_scales():
+    from galerne.weights.fp8 import Fp8Weight
+    from galerne.weights.names import split_packed, to_native_rows
+
+    w = torch.randn(2, 512, 256)  # two experts, gate and up of 256 rows each: two block rows apiece
+    q, s = quantize(w, (128, 128))
+    parts = dict(split_packed("gate_up_proj", "0", Fp8Weight(q, s, (128, 128))))
+    for e in range(2):
+        for name, rows in (("w1", slice(0, 256)), ("w3", slice(256, 512))):
+            got = parts[f"layers.0.feed_forward.experts.{e}.{name}.weight"]
+            assert isinstance(got, Fp8Weight) and got.scale.shape == (2, 2)
+            assert torch.equal(got.dense(), dequantize(q[e], s[e], (128, 128))[rows])
+    # A row permutation within 128-row heads stays inside each block row: scales follow.
+    q2, s2 = quantize(torch.randn(256, 128), (128, 128))
+    kept = Fp8Weight(q2, s2, (128, 128)).permuted_rows(lambda t: to_native_rows(t, 2), 128)
+    assert isinstance(kept, Fp8Weight)
+    assert torch.equal(kept.dense(), to_native_rows(dequantize(q2, s2, (128, 128)), 2))
+    # Heads of 64 rows in blocks of 128: also inside (two heads per block row).
+    assert isinstance(Fp8Weight(q2, s2, (128, 128)).permuted_rows(lambda t: to_native_rows(t, 4), 64), Fp8Weight)
+    # Rows cut inside a block: dequantized rather than mis-scaled.
+    half = Fp8Weight(q2, s2, (128, 128)).rows(0, 100)
+    assert torch.equal(half, dequantize(q2, s2, (128, 128))[:100])
+
+
+def test_fp8_matmul_path_is_close_to_the_dequantized_weights():
+    """The per-tensor FP8 matmul (``torch._scaled_mm``, activations quantized per row):
+    what an FP8 GPU runs, checked here on the CPU, which has the same op."""
+    from galerne.models.quant import Fp8Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(5, 7, 64, generator=g)
+    q, s = quantize(w, None)
+    fast, slow = Fp8Linear(q, s, None, scaled_mm=True), Fp8Linear(q, s, None, scaled_mm=False)
+    got, expected = fast(x), slow(x)
+    assert got.shape == (5, 7, 96) and got.dtype == x.dtype
+    # e4m3 keeps 3 mantissa bits per activation: a few percent per product, averaged out.
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="per-tensor"):
+        Fp8Linear(*quantize(w, (32, 32)), (32, 32), scaled_mm=True)

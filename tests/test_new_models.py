@@ -9,14 +9,13 @@ import logging
 
 import pytest
 import torch
+from conftest import build_hf, fp8_copy, write_native
 from safetensors.torch import load_file, save_file
 
 from galerne import LLM, SamplingParams
 from galerne.errors import ConfigError
 from galerne.models.args import ModelArgs
 from galerne.weights.export import convert
-
-from conftest import build_hf, write_native
 
 KINDS = ["ministral3", "ministral", "mistral3-ministral3"]
 
@@ -141,34 +140,43 @@ def test_fp8_dense_checkpoint_with_tensor_scales(tiny_factory, tmp_path, scale_n
     """Ministral 3 and Devstral 2 ship FP8 like this: per-tensor scales
     (``weight_block_size: null``), static activation scales (not needed once
     dequantized), the output head left in bf16 (``modules_to_not_convert``)."""
-    from galerne.weights.fp8 import quantize
-
     folder, _ = tiny_factory("ministral3")
-    quantized, plain = {}, {}
-    for name, t in load_file(str(folder / "model.safetensors")).items():
-        if ".self_attn." in name or ".mlp." in name:
-            w, s = quantize(t, None)
-            quantized[name], quantized[name.replace("weight", scale_name)] = w, s
-            quantized[name.replace("weight", "activation_scale")] = torch.tensor(0.5)
-            plain[name] = w.float() * s
-        else:
-            quantized[name] = plain[name] = t
-    config = json.loads((folder / "config.json").read_text())
-    for out, tensors, extra in ((tmp_path / "fp8", quantized, {"quantization_config": {
-            "quant_method": "fp8", "weight_block_size": None, "activation_scheme": "static",
-            "modules_to_not_convert": ["lm_head"]}}), (tmp_path / "plain", plain, {})):
-        out.mkdir()
-        save_file(tensors, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps({**config, **extra}))
-        (out / "tokenizer.model.v3").write_bytes((folder / "tokenizer.model.v3").read_bytes())
+    fp8_folder = fp8_copy(folder, tmp_path / "fp8", scale_name=scale_name, activation_scale=True)
+    plain = {}
+    tensors = load_file(str(fp8_folder / "model.safetensors"))
+    for name, t in tensors.items():
+        if t.dtype == torch.float8_e4m3fn:
+            plain[name] = t.float() * tensors[name.replace("weight", scale_name)]
+        elif not name.endswith(("_scale", "_scale_inv")):
+            plain[name] = t
+    (tmp_path / "plain").mkdir()
+    save_file(plain, str(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "plain" / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "plain" / "tokenizer.model.v3").write_bytes((folder / "tokenizer.model.v3").read_bytes())
     ids = list(range(3, 50))
-    fp8 = LLM(tmp_path / "fp8", device="cpu", dtype="float32")
+    fp8 = LLM(fp8_folder, device="cpu", dtype="float32")
     assert torch.equal(fp8.score(ids), LLM(tmp_path / "plain", device="cpu", dtype="float32").score(ids))
     assert fp8.model.layers[0].attention.wq.weight.dtype == torch.float32
     if scale_name == "weight_scale_inv":  # transformers' fine-grained FP8 spelling: it dequantizes on a CPU too
         import transformers
 
-        ref = transformers.Ministral3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+        ref = transformers.Ministral3ForCausalLM.from_pretrained(fp8_folder, dtype=torch.float32).eval()
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0].float()
         assert (fp8.score(ids) - expected).abs().max().item() < 1e-4
+
+
+def test_fp8_dense_checkpoint_kept_in_fp8(tiny_factory, tmp_path):
+    """Kept as stored (an FP8 GPU's load; dequantized per call here): the q/k rows are
+    permuted to Mistral's rotary layout in FP8, the per-tensor scale follows, and the
+    logits equal the model dequantized at load."""
+    from galerne.models.quant import Fp8Linear
+    from galerne.weights.loader import load_model
+
+    folder, _ = tiny_factory("ministral3")
+    out = fp8_copy(folder, tmp_path / "fp8")
+    kept, _ = load_model(out, dtype="float32", device="cpu", keep_fp8=True)
+    assert isinstance(kept.layers[1].attention.wq, Fp8Linear) and isinstance(kept.layers[0].feed_forward.w2, Fp8Linear)
+    loaded = LLM(out, device="cpu", dtype="float32")
+    ids = list(range(3, 50))
+    assert torch.equal(LLM.from_model(kept, loaded.tokenizer).score(ids), loaded.score(ids))

@@ -32,6 +32,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .layers import AttentionBackend, RMSNorm, Rope, apply_rotary
+from .quant import dense_weight
 
 # The epsilon of the two latent norms: a constant in DeepSeek-V3's reference code and
 # in transformers (not the config's rms_norm_eps, which real Mistral 4 configs set to
@@ -82,7 +83,7 @@ class LatentAttention(nn.Module):
         if rope.q_scale is not None:
             s = rope.q_scale[:, None, None]
             q_nope, q_rope = q_nope * s, q_rope * s
-        w_kv = self.wkv_b.weight.view(H, n + v, r)
+        w_kv = dense_weight(self.wkv_b, x.dtype).view(H, n + v, r)
         if getattr(backend, "latent", False):
             # Absorbed: scores q_nope . (W_UK latent) = (W_UK^T q_nope) . latent.
             q_lat = torch.einsum("thn,hnr->thr", q_nope, w_kv[:, :n])  # (T, H, r)

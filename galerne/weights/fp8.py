@@ -22,6 +22,7 @@ scales are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -105,3 +106,45 @@ def quantize(w: torch.Tensor, block: tuple[int, int] | None = (128, 128)) -> tup
     q = (tiles / s[..., :, None, :, None]).flatten(-2).flatten(-3, -2)[..., :rows, :cols]
     return q.to(torch.float8_e4m3fn), s
 
+
+
+class Fp8Weight(NamedTuple):
+    """An FP8 weight kept as stored, with its scales, on its way into an ``Fp8Linear``
+    (a GPU with FP8 support): the loader's renames, splits and row permutations
+    apply to it as to a tensor, or, where the scales cannot follow (a row
+    permutation that crosses scale blocks), it is dequantized instead."""
+
+    data: torch.Tensor  # float8 (..., rows, cols)
+    scale: torch.Tensor  # float32: one value, or a block grid (..., ceil(rows/b0), ceil(cols/b1))
+    block: tuple[int, int] | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dim(self) -> int:
+        return self.data.dim()
+
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.data, self.scale, self.block)
+
+    def expert(self, e: int) -> "Fp8Weight":
+        """Expert ``e`` of a packed (E, rows, cols) weight."""
+        scale = self.scale[e] if self.scale.dim() >= 3 else self.scale
+        return Fp8Weight(self.data[e], scale, self.block)
+
+    def rows(self, start: int, stop: int) -> "Fp8Weight | torch.Tensor":
+        """Rows ``start:stop`` (a packed gate/up half); dense when they cut a scale block."""
+        if self.block is None or self.scale.numel() == 1:
+            return Fp8Weight(self.data[start:stop], self.scale, self.block)
+        b0 = self.block[0]
+        if start % b0 or (stop % b0 and stop != self.data.shape[0]):
+            return self.dense()[start:stop]
+        return Fp8Weight(self.data[start:stop], self.scale[start // b0 : -(-stop // b0)], self.block)
+
+    def permuted_rows(self, fn, group: int) -> "Fp8Weight | torch.Tensor":
+        """``fn`` (a permutation of rows within groups of ``group`` rows: one head)
+        applied to the weight; the scales follow when each group lies in one block row."""
+        if self.block is None or self.scale.numel() == 1 or self.block[0] % group == 0:
+            return Fp8Weight(fn(self.data.view(torch.uint8)).view(self.data.dtype), self.scale, self.block)
+        return fn(self.dense())

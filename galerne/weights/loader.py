@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
+from ..models.quant import Fp8Linear, fp8_storage_supported
 from ..models.transformer import Transformer
-from .fp8 import FP8_DTYPES, Fp8Format, dequantize, is_scale
+from .fp8 import FP8_DTYPES, Fp8Format, Fp8Weight, dequantize, is_scale
 from .names import (
     IGNORED_HF,
     PACKED_HF,
@@ -136,8 +137,9 @@ class Checkpoint:
                     if not (skip and is_vision_tensor(name)):
                         yield path, name, t.to("meta") if meta else t
 
-    def tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
-        """:meth:`raw_tensors`, FP8 weights dequantized with their scales (float32)
+    def tensors(self, meta: bool = False, keep_fp8: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """:meth:`raw_tensors`, FP8 weights dequantized with their scales (float32),
+        or with ``keep_fp8`` as they are stored (``Fp8Weight``: weight and scales),
         and the scales themselves left out (see ``weights/fp8.py``)."""
         fmt = Fp8Format.from_args(self.args)
         if fmt is None:
@@ -154,6 +156,8 @@ class Checkpoint:
                     raise ModelLoadError(f"FP8 weight without its scale ({' or '.join(names)})", path=str(path), tensor=name)
                 if meta:
                     t = torch.empty(t.shape, dtype=torch.float32, device="meta")
+                elif keep_fp8:
+                    t = Fp8Weight(t, _read_one(where[scale_name], scale_name).to(torch.float32), fmt.block)
                 else:
                     try:
                         t = dequantize(t, _read_one(where[scale_name], scale_name), fmt.block)
@@ -161,11 +165,16 @@ class Checkpoint:
                         raise ModelLoadError(str(e), path=str(path), tensor=name) from None
             yield path, name, t
 
-    def native_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+    def native_tensors(self, meta: bool = False, keep_fp8: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
         if self.layout == "mistral":
-            return ((path, name, from_native_file(name), t) for path, name, t in self.tensors(meta))
-        return hf_to_native_items(self.args, self.tensors(meta))
+            return ((path, name, from_native_file(name), t) for path, name, t in self.tensors(meta, keep_fp8))
+        return hf_to_native_items(self.args, self.tensors(meta, keep_fp8))
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the checkpoint stores FP8 weights."""
+        return Fp8Format.from_args(self.args) is not None
 
 
 def hf_to_native_items(
@@ -186,6 +195,13 @@ def hf_to_native_items(
         if mapped is None:
             raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
         native, rotary = mapped
+        if isinstance(t, Fp8Weight):
+            if rotary is not None and args.mla is None:
+                t = t.permuted_rows(lambda w: permute_for(args, w, rotary, to="native"), args.head_dim)
+            elif rotary is not None and not args.mla.rope_interleave:
+                t = permute_for(args, t.dense(), rotary, to="native")
+            yield path, name, native, t
+            continue
         yield path, name, native, permute_for(args, t, rotary, to="native")
 
 
@@ -250,13 +266,23 @@ def load_model(
     device: str | torch.device | None = "auto",
     layout: str | None = None,
     progress: bool | None = None,
+    keep_fp8: bool | None = None,
 ) -> tuple[Transformer, Checkpoint]:
-    """Build the model on ``meta`` and fill it from the checkpoint in ``folder``."""
+    """Build the model on ``meta`` and fill it from the checkpoint in ``folder``.
+
+    An FP8 checkpoint's linear weights stay in FP8 (``models.quant.Fp8Linear``) with
+    ``keep_fp8``; None: where the device multiplies FP8 (see ``fp8_storage_supported``),
+    else they are dequantized to ``dtype`` at load."""
     ckpt = Checkpoint.open(folder, layout)
     if ckpt.args.vision is not None:
         log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
                     ckpt.folder.name)
-    model = build_model(ckpt.args, ckpt.native_tensors(), dtype=dtype, device=device,
+    if ckpt.fp8 and keep_fp8 is None:
+        keep_fp8 = fp8_storage_supported(resolve_device(device))
+        if not keep_fp8:
+            log.info("%s: FP8 weights dequantized at load (%s keeps FP8 only on GPUs that multiply it, "
+                     "compute capability 8.9+)", ckpt.folder.name, resolve_device(device))
+    model = build_model(ckpt.args, ckpt.native_tensors(keep_fp8=bool(keep_fp8)), dtype=dtype, device=device,
                         config_name=ckpt.config_path.name, where=str(ckpt.folder),
                         desc=f"loading {ckpt.folder.name}", progress=progress)
     return model, ckpt
@@ -310,7 +336,10 @@ def build_model(
                 f"shape {tuple(t.shape)} disagrees with the config ({config_name}), which implies {tuple(param.shape)}",
                 path=str(path), tensor=name,
             )
-        _set_param(model, native, t.to(device=dev, dtype=dt))
+        if isinstance(t, Fp8Weight):
+            _set_fp8(model, native, t, dev, dt)
+        else:
+            _set_param(model, native, t.to(device=dev, dtype=dt))
         seen.add(native)
         bar.update(1)
     bar.close()
@@ -322,6 +351,19 @@ def build_model(
         model.output.weight = model.tok_embeddings.weight
     model.eval()
     return model
+
+
+def _set_fp8(model: torch.nn.Module, name: str, w: Fp8Weight, device: torch.device, dtype: torch.dtype) -> None:
+    """Put a kept FP8 weight in place: its linear layer becomes an ``Fp8Linear`` (any
+    other FP8 tensor is dequantized)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr != "weight" or type(module) is not torch.nn.Linear or module.bias is not None:
+        _set_param(model, name, w.dense().to(device=device, dtype=dtype))
+        return
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, Fp8Linear(w.data.to(device), w.scale.to(device), w.block))
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

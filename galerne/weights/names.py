@@ -222,14 +222,19 @@ def pack_experts(items, args):
         raise ValueError(f"incomplete experts in layer(s) {', '.join(sorted(pending))}")
 
 
-def split_packed(kind: str, layer: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """transformers' packed expert tensor -> galerne's per-expert (name, tensor)."""
+def split_packed(kind: str, layer: str, t) -> list[tuple[str, object]]:
+    """transformers' packed expert tensor (or kept FP8 weight, ``weights.fp8.Fp8Weight``)
+    -> galerne's per-expert (name, tensor)."""
     out = []
     for e in range(t.shape[0]):
         base = f"layers.{layer}.feed_forward.experts.{e}"
+        one = t.expert(e) if hasattr(t, "expert") else t[e]
         if kind == "gate_up_proj":
             half = t.shape[1] // 2
-            out += [(f"{base}.w1.weight", t[e, :half]), (f"{base}.w3.weight", t[e, half:])]
+            if hasattr(one, "rows"):
+                out += [(f"{base}.w1.weight", one.rows(0, half)), (f"{base}.w3.weight", one.rows(half, 2 * half))]
+            else:
+                out += [(f"{base}.w1.weight", one[:half]), (f"{base}.w3.weight", one[half:])]
         else:
-            out.append((f"{base}.w2.weight", t[e]))
+            out.append((f"{base}.w2.weight", one))
     return out

@@ -1,0 +1,78 @@
+"""Quantized linear layers: transformations applied to a built model.
+
+``Fp8Linear`` keeps an FP8 checkpoint's weights as they are stored (float8 e4m3 with
+their scales: one per tensor, or one per 128 x 128 block as Mistral Small 4 ships),
+half the memory of bf16. Where the GPU multiplies FP8 (compute capability 8.9+:
+Ada, Hopper, Blackwell) a per-tensor-scaled weight goes through
+``torch._scaled_mm`` with the activations quantized per row on the fly; otherwise
+(block-scaled weights, other shapes) the layer dequantizes its weight for each
+forward and multiplies in the activations' dtype: the memory saving stays, the
+speed is that of a bf16 matmul plus the dequantization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..weights.fp8 import dequantize
+
+E4M3_MAX = 448.0
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                 scaled_mm: bool | None = None):
+        """``weight``: (out, in) float8_e4m3fn; ``scale``: float32, one value or the
+        (ceil(out/b0), ceil(in/b1)) grid of ``block``. ``scaled_mm``: multiply in FP8
+        (None: where the device can, for per-tensor scales)."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale.to(torch.float32))
+        self.block = block
+        per_tensor = scale.numel() == 1
+        if scaled_mm is None:
+            scaled_mm = per_tensor and fp8_matmul_supported(weight.device) and weight.shape[0] % 16 == 0 \
+                and weight.shape[1] % 16 == 0
+        if scaled_mm and not per_tensor:
+            raise ValueError("the FP8 matmul path takes per-tensor weight scales only")
+        self.scaled_mm = scaled_mm
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.weight, self.scale, self.block).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scaled_mm:
+            return F.linear(x, self.dense_weight(x.dtype))
+        rows = x.reshape(-1, self.in_features)
+        # Dynamic per-row activation scales: each row's largest magnitude maps to e4m3's.
+        x_scale = (rows.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+        x8 = (rows.float() / x_scale).to(torch.float8_e4m3fn)
+        w_scale = self.scale.reshape(1, 1).expand(1, self.out_features).contiguous()
+        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = f"blocks {self.block[0]}x{self.block[1]}" if self.block and self.scale.numel() > 1 else "per tensor"
+        return f"in={self.in_features}, out={self.out_features}, fp8 {kind}, {'fp8 matmul' if self.scaled_mm else 'dequantized per call'}"
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a linear layer in ``dtype``, whatever it is stored as
+    (latent attention multiplies by pieces of ``wkv_b`` directly)."""
+    if isinstance(linear, Fp8Linear):
+        return linear.dense_weight(dtype)
+    return linear.weight
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """FP8 tensor-core matmuls: CUDA compute capability 8.9 and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_storage_supported(device: torch.device) -> bool:
+    """Whether galerne keeps FP8 checkpoints in FP8 on ``device``: GPUs that multiply
+    FP8. CPUs (and older GPUs) dequantize at load."""
+    return fp8_matmul_supported(device)
