@@ -349,3 +349,20 @@ def test_prompt_mode_without_a_reasoning_prompt(caller, folder, tmp_path):
     finally:
         (tmp_path / "kept.txt").rename(prompt)
     assert r.status_code == 400 and r.json()["param"] == "prompt_mode"
+
+
+def test_langchain_clients_get_the_answer_past_the_thinking(thinker, tok):
+    """LangChain's Mistral and OpenAI chat models read a thinking model's replies
+    (content chunks, reasoning_content) without breaking, streamed and not."""
+    from langchain_mistralai import ChatMistralAI
+    from langchain_openai import ChatOpenAI
+
+    for chat in (ChatMistralAI(model=MODEL, api_key=KEY, endpoint=thinker.url + "/v1", temperature=0,
+                               max_tokens=40, max_retries=0),
+                 ChatOpenAI(model=MODEL, api_key=KEY, base_url=thinker.url + "/v1", temperature=0,
+                            max_tokens=40, max_retries=0)):
+        reply = chat.invoke("Hello")
+        assert reply.content == ANSWER
+        assert reply.usage_metadata["output_tokens"] == len(think_then(tok, ANSWER)) + 1
+        assert "".join(c.content for c in chat.stream("Hello")) == ANSWER
+    assert reply.usage_metadata["output_token_details"]["reasoning"] == n_thinking(tok)
