@@ -29,23 +29,40 @@ def v3_tokenizer() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 
 
-def hf_config(name: str):
-    from transformers import MistralConfig
+# Architectures a benchmark can build at a SHAPES size: the transformers classes, and
+# the config beyond the shape (Ministral 3's rope: YaRN and llama-4 query scaling, as
+# the 3B-14B releases set them).
+ARCHS = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=1e6)),
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384, beta_fast=32.0,
+        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
+}
 
-    return MistralConfig(**SHAPES[name], max_position_embeddings=32768, sliding_window=None,
-                         tie_word_embeddings=False, rope_theta=1e6, bos_token_id=1, eos_token_id=2)
+
+def hf_config(name: str, arch: str = "mistral"):
+    import transformers
+
+    config_cls, _, extra = ARCHS[arch]
+    return getattr(transformers, config_cls)(**SHAPES[name], max_position_embeddings=32768, sliding_window=None,
+                                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **extra)
 
 
-def random_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Path:
+def hf_model_class(arch: str = "mistral"):
+    import transformers
+
+    return getattr(transformers, ARCHS[arch][1])
+
+
+def random_checkpoint(name: str, dtype: torch.dtype = torch.float32, arch: str = "mistral") -> Path:
     """A Hugging Face folder with random weights (seed 0) for shape ``name``,
     built once and cached under .bench/."""
-    from transformers import MistralForCausalLM
-
-    folder = CACHE / f"{name}-{str(dtype).removeprefix('torch.')}"
+    suffix = "" if arch == "mistral" else f"-{arch}"
+    folder = CACHE / f"{name}{suffix}-{str(dtype).removeprefix('torch.')}"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         return folder
     torch.manual_seed(0)
-    model = MistralForCausalLM(hf_config(name)).to(dtype)
+    model = hf_model_class(arch)(hf_config(name, arch)).to(dtype)
     tmp = folder.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

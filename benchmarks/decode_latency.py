@@ -8,6 +8,7 @@ and prompt in the same run: transformers ``generate`` and, where
 
     python benchmarks/decode_latency.py                       # cpu-125m, fp32, CPU
     python benchmarks/decode_latency.py --model mistral-7b --device cuda --dtype bfloat16
+    python benchmarks/decode_latency.py --arch ministral3   # Ministral 3's YaRN + query scaling
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from common import SHAPES, hf_config, median, peak_bandwidth, random_checkpoint, report, sync, v3_tokenizer, weight_bytes
+from common import ARCHS, SHAPES, hf_config, hf_model_class, median, peak_bandwidth, random_checkpoint, report, sync, v3_tokenizer, weight_bytes
 
 
 def galerne_decode(llm, prompt: list[int], new_tokens: int, device) -> float:
@@ -62,6 +63,7 @@ def hf_decode(model, prompt: list[int], new_tokens: int, device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpu-125m", choices=sorted(SHAPES))
+    ap.add_argument("--arch", default="mistral", choices=sorted(ARCHS), help="the architecture at that shape")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -76,7 +78,6 @@ def main() -> None:
     from galerne.models.args import ModelArgs
     from galerne.tokenizer import Tokenizer
     from galerne.weights.loader import model_from_hf_state_dict
-    from transformers import MistralForCausalLM
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -86,14 +87,14 @@ def main() -> None:
     # (llama.cpp converts from it); on GPU they are made on the device (a 7B random
     # init on the CPU would take minutes).
     if device.type == "cpu":
-        folder = random_checkpoint(args.model, dtype)
-        hf = MistralForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        folder = random_checkpoint(args.model, dtype, args.arch)
+        hf = hf_model_class(args.arch).from_pretrained(folder, dtype=dtype).eval()
     else:
         folder = None
         torch.manual_seed(0)
         with torch.device(device):
-            hf = MistralForCausalLM(hf_config(args.model)).to(dtype).eval()
-    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": ["MistralForCausalLM"]})
+            hf = hf_model_class(args.arch)(hf_config(args.model, args.arch)).to(dtype).eval()
+    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": [ARCHS[args.arch][1]]})
     ours = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
     llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()))
     if "transformers" not in baselines:
@@ -103,7 +104,7 @@ def main() -> None:
     prompt = torch.randint(3, SHAPES[args.model]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
     wbytes = weight_bytes(ours)
     bw = peak_bandwidth(device, gib=2.0 if device.type == "cuda" else 1.0)
-    print(f"{args.model} {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights, peak copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{args.model} ({args.arch}) {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights, peak copy bandwidth {bw / 1e9:.1f} GB/s")
 
     # Every contender runs once per round, rounds interleaved (galerne, transformers,
     # llama.cpp, galerne, ...): the shared host's bandwidth drifts by several percent
@@ -113,7 +114,7 @@ def main() -> None:
     if "transformers" in baselines:
         contenders["transformers"] = lambda: hf_decode(hf, prompt, slow_tokens, device)
     closers = []
-    if "llamacpp" in baselines and device.type == "cpu":
+    if "llamacpp" in baselines and device.type == "cpu" and args.arch == "mistral":
         try:
             import llama_cpp  # noqa: F401  (llama-cpp-python, built as in benchmarks/README.md)
             from llamacpp_baseline import convert_hf_to_gguf, decoder
@@ -150,7 +151,7 @@ def main() -> None:
     if base:
         print(f"  galerne / transformers: {figures['galerne'] / base:.2f}x")
     report("decode_latency", {
-        "model": args.model, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
+        "model": args.model, "arch": args.arch, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
         "tokens_per_s": figures, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},
