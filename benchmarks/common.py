@@ -37,15 +37,28 @@ ARCHS = {
     "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=16384, beta_fast=32.0,
         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1))),
+    # Mistral Small 4's design (latent attention, 128-expert-style MoE with a shared
+    # expert) scaled to the SHAPES size: ranks and experts in Small 4's proportions.
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(
+        q_lora_rank=256, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=512,
+        first_k_dense_replace=0, n_group=1, topk_group=1)),
 }
+# Fields a SHAPES entry has that an architecture derives otherwise.
+_NOT_FOR = {"mistral4": ("head_dim", "num_key_value_heads", "intermediate_size")}
 
 
 def hf_config(name: str, arch: str = "mistral"):
     import transformers
 
     config_cls, _, extra = ARCHS[arch]
-    return getattr(transformers, config_cls)(**SHAPES[name], max_position_embeddings=32768, sliding_window=None,
-                                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **extra)
+    shape = {k: v for k, v in SHAPES[name].items() if k not in _NOT_FOR.get(arch, ())}
+    if arch == "mistral4":
+        shape["num_key_value_heads"] = shape["num_attention_heads"]
+    else:
+        extra = {**extra, "sliding_window": None}
+    return getattr(transformers, config_cls)(**shape, max_position_embeddings=32768, tie_word_embeddings=False,
+                                             bos_token_id=1, eos_token_id=2, **extra)
 
 
 def hf_model_class(arch: str = "mistral"):
@@ -71,13 +84,19 @@ def random_checkpoint(name: str, dtype: torch.dtype = torch.float32, arch: str =
     return folder
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
+def weight_bytes(model: torch.nn.Module, active: bool = False) -> int:
+    """Bytes of the model's weights; ``active``: those one token reads, i.e. of a
+    mixture of experts only k of the E routed experts (MBU's numerator)."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    return total
+    moe = getattr(getattr(model, "args", None), "moe", None)
+    if active and moe is not None:
+        routed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+        total -= routed * (1 - moe.num_experts_per_tok / moe.num_experts)
+    return int(total)
 
 
 def peak_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:

@@ -102,9 +102,9 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, SHAPES[args.model]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
-    wbytes = weight_bytes(ours)
+    wbytes = weight_bytes(ours, active=True)  # of a mixture of experts, the k experts a token reads
     bw = peak_bandwidth(device, gib=2.0 if device.type == "cuda" else 1.0)
-    print(f"{args.model} ({args.arch}) {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights, peak copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{args.model} ({args.arch}) {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights read per token, peak copy bandwidth {bw / 1e9:.1f} GB/s")
 
     # Every contender runs once per round, rounds interleaved (galerne, transformers,
     # llama.cpp, galerne, ...): the shared host's bandwidth drifts by several percent

@@ -60,15 +60,22 @@ class MoeLayer(nn.Module):
         # weights do not depend on the activation dtype.
         weights, top_idx = route(self.gate(x), self.moe)  # (T, k), (T, k)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        # Loop over experts, each taking the tokens routed to it: exact, and the
-        # work is proportional to k, not to the number of experts.
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(top_idx == e)
-            if tok.numel() == 0:
-                continue
-            y = expert(x[tok]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y)
+        # The (token, slot) pairs sorted by expert (stable: by token within one), so
+        # that each expert used runs once on its tokens, back to back, and the others
+        # cost nothing: a decode step of Mistral Small 4 touches 4 of 128 experts.
+        k = top_idx.shape[1]
+        flat = top_idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        tok = order // k
+        xs = x.index_select(0, tok)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self.experts[e](xs[start : start + n])
+                start += n
+        out = torch.zeros_like(x).index_add_(0, tok, ys * weights.flatten()[order, None])
         if self.moe.num_shared_experts:
             out = out + self.shared_experts(x)
         return out
