@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelLoadError
 from ..models.lora import lora_config, lora_modules, lora_state_dict
-from .names import hf_to_native, native_to_hf, permute_rows
+from .names import hf_to_native, native_to_hf, permute_for, permute_rows
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# The scaling of an adapter whose files give neither a scaling nor an alpha (a bare
+# lora.safetensors): alpha = rank, i.e. the update is B @ A as stored.
+DEFAULT_SCALING = 1.0
 
 
 def _heads(model) -> tuple[int, int]:
@@ -105,27 +110,54 @@ def save_peft_adapter(model, folder: str | Path, base_model_name_or_path: str | 
     return folder / PEFT_FILE
 
 
-# --- loading ------------------------------------------------------------------------
+# --- reading -----------------------------------------------------------------------
 
 
-def load_adapter(model, path: str | Path) -> str:
-    """Fill the LoRA weights of ``model`` (after :func:`apply_lora`) from ``path``: a
-    folder holding either layout, or a ``.safetensors`` file. Returns the layout."""
+@dataclass
+class AdapterWeights:
+    """An adapter read into host memory, in native names and layout, independent of any
+    model's LoRA modules: what merging, loading into :class:`LoRALinear` modules and the
+    engine's adapter slots all start from.
+
+    ``tensors``: native module name (``layers.0.attention.wq``) -> (A (rank, in),
+    B (out, rank)), B's rows in native rotary order and *not* scaled: the update of a
+    module is ``scaling * B @ A``."""
+
+    path: Path  # the file the tensors came from
+    layout: str  # "peft" | "mistral"
+    rank: int
+    scaling: float | None  # None: the files do not say (callers pick a default)
+    alpha: float | None
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The modules' own names (``wq``, ``w2``...), sorted."""
+        return tuple(sorted({name.rpartition(".")[2] for name in self.tensors}))
+
+    @property
+    def effective_scaling(self) -> float:
+        return DEFAULT_SCALING if self.scaling is None else self.scaling
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.tensors.values())
+
+
+def adapter_files(path: str | Path) -> tuple[str, Path, Path | None]:
+    """(layout, weights file, config file or None) of the adapter at ``path``: a folder
+    holding either layout, or a ``.safetensors`` file."""
     path = Path(path)
     if path.is_dir():
         if (path / PEFT_CONFIG).is_file():
-            load_peft_adapter(model, path)
-            return "peft"
+            return "peft", path / PEFT_FILE, path / PEFT_CONFIG
         if (path / MISTRAL_FILE).is_file():
-            load_mistral_adapter(model, path / MISTRAL_FILE)
-            return "mistral"
+            return "mistral", path / MISTRAL_FILE, None
         raise ModelLoadError(f"no {PEFT_CONFIG} nor {MISTRAL_FILE} in the folder", path=str(path))
     if path.is_file():
         if path.name == PEFT_FILE and (path.parent / PEFT_CONFIG).is_file():
-            load_peft_adapter(model, path.parent)
-            return "peft"
-        load_mistral_adapter(model, path)
-        return "mistral"
+            return "peft", path, path.parent / PEFT_CONFIG
+        return "mistral", path, None
     raise ModelLoadError("no such adapter file or folder", path=str(path))
 
 
@@ -137,113 +169,194 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
 
 
-def _set_scaling(model, path: Path, r: int | None, alpha: float | None, scaling: float | None) -> None:
-    mods = lora_modules(model).values()
-    for m in mods:
-        if r is not None and int(r) != m.rank:
-            raise ModelLoadError(f"adapter rank {r} but the model's LoRA rank is {m.rank}", path=str(path))
-    if scaling is None and alpha is not None:
-        scaling = float(alpha) / int(r) if r else None
-    if scaling is not None:
-        for m in mods:
-            if abs(m.scaling - scaling) > 1e-12:
-                log.info("%s: using the adapter's LoRA scaling %g (was %g)", path, scaling, m.scaling)
-            m.scaling = float(scaling)
-            if alpha is not None:
-                m.alpha = float(alpha)
-
-
-def _fill(model, path: Path, named: dict[str, tuple[str, torch.Tensor]]) -> None:
-    """named: native LoRA tensor name -> (name in the file, tensor in native layout)."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ModelLoadError("the model has no LoRA modules; call apply_lora() before loading an adapter", path=str(path))
-    params = {}
-    for name, m in mods.items():
-        params[f"{name}.lora_A.weight"] = m.lora_A.weight
-        params[f"{name}.lora_B.weight"] = m.lora_B.weight
-    for native, (file_name, t) in named.items():
-        p = params.get(native)
-        if p is None:
-            raise ModelLoadError("unexpected tensor: the model has no such LoRA weight (check the rank/targets given to apply_lora)",
-                                 path=str(path), tensor=file_name)
-        if tuple(t.shape) != tuple(p.shape):
-            raise ModelLoadError(f"shape {tuple(t.shape)} but the model expects {tuple(p.shape)}", path=str(path), tensor=file_name)
-    missing = sorted(set(params) - set(named))
-    if missing:
-        raise ModelLoadError(f"missing {len(missing)} LoRA tensor(s) the model expects", path=str(path), tensor=missing[0])
-    with torch.no_grad():
-        for native, (_, t) in named.items():
-            params[native].copy_(t.to(device=params[native].device, dtype=params[native].dtype))
-
-
-def load_mistral_adapter(model, path: str | Path) -> None:
-    path = Path(path)
-    tensors, meta = _read(path)
-    named = {}
-    for k, t in tensors.items():
-        if not k.endswith(_LORA_SUFFIXES):
-            raise ModelLoadError("not a LoRA tensor (expected a name ending in .lora_A.weight or .lora_B.weight)",
-                                 path=str(path), tensor=k)
-        named[k] = (k, t)
-    _fill(model, path, named)
-
-    def num(key, cast):
-        try:
-            return cast(meta[key]) if key in meta else None
-        except ValueError:
-            raise ModelLoadError(f"bad {key!r} in the file's metadata: {meta[key]!r}", path=str(path)) from None
-
-    _set_scaling(model, path, num("r", int), num("lora_alpha", float), num("scaling", float))
-
-
-def load_peft_adapter(model, folder: str | Path) -> None:
-    folder = Path(folder)
-    cfg_path, path = folder / PEFT_CONFIG, folder / PEFT_FILE
+def _peft_config(cfg_path: Path) -> dict:
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read adapter config: {e}", path=str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError("adapter config is not a JSON object", path=str(cfg_path))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)", path=str(cfg_path))
     if cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
         raise ModelLoadError("rsLoRA, DoRA and LoRA biases are not supported", path=str(cfg_path))
-    if not path.is_file():
-        raise ModelLoadError("adapter weights not found", path=str(path))
-    tensors, _ = _read(path)
-    n_heads, n_kv = _heads(model)
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ModelLoadError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported",
+                             path=str(cfg_path))
+    return cfg
+
+
+def _mistral_numbers(path: Path, meta: dict[str, str]) -> tuple[int | None, float | None, float | None]:
+    """(r, lora_alpha, scaling) of a Mistral-layout file: from its safetensors metadata
+    (galerne writes them there), else from the ``"lora"`` section of a ``params.json``
+    beside it (mistral-finetune's checkpoint folder: ``{"rank", "scaling"}``)."""
+    def num(source: dict, key: str, cast, where: Path):
+        if source.get(key) is None:
+            return None
+        try:
+            return cast(source[key])
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"bad {key!r}: {source[key]!r}", path=str(where)) from None
+
+    r, alpha, scaling = num(meta, "r", int, path), num(meta, "lora_alpha", float, path), num(meta, "scaling", float, path)
+    params = path.parent / "params.json"
+    if scaling is None and alpha is None and params.is_file():
+        try:
+            lora = json.loads(params.read_text()).get("lora")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read the LoRA settings: {e}", path=str(params)) from None
+        if isinstance(lora, dict):
+            scaling = num(lora, "scaling", float, params)
+            r = r if r is not None else num(lora, "rank", int, params)
+    return r, alpha, scaling
+
+
+def read_adapter(path: str | Path, model: nn.Module, *, max_rank: int | None = None) -> AdapterWeights:
+    """Read the adapter at ``path`` (either layout) for the base ``model`` and check it:
+    every tensor names a linear layer of the model (``nn.Linear``, or one already wrapped
+    for LoRA), A and B come in pairs of one rank (at most ``max_rank``) whose shapes match
+    that layer's in and out features. Any problem is a :class:`ModelLoadError` naming the
+    file, the tensor and the limit. Nothing of ``model`` changes."""
+    layout, file, cfg_path = adapter_files(path)
+    cfg = _peft_config(cfg_path) if cfg_path is not None else None
+    if not file.is_file():
+        raise ModelLoadError("adapter weights not found", path=str(file))
+    raw, meta = _read(file)
+    if not raw:
+        raise ModelLoadError("the file holds no tensors", path=str(file))
+    args = model.args
+    # native module name -> {"A"/"B": (name in the file, tensor, rotary kind)}
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor, str | None]]] = {}
+    for k, t in raw.items():
+        if not k.endswith(_LORA_SUFFIXES):
+            raise ModelLoadError("not a LoRA tensor (expected a name ending in .lora_A.weight or .lora_B.weight)",
+                                 path=str(file), tensor=k)
+        rotary = None
+        native = k
+        if layout == "peft":
+            conv = hf_to_native(k.removeprefix(PEFT_PREFIX))
+            if conv is None:
+                raise ModelLoadError("unknown LoRA tensor name", path=str(file), tensor=k)
+            native, rotary = conv
+        module, _, which = native.removesuffix(".weight").rpartition(".lora_")
+        pairs.setdefault(module, {})[which] = (k, t, rotary)
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ranks: dict[int, str] = {}
+    for module, pair in pairs.items():
+        missing = "B" if "A" in pair else "A"
+        if missing not in pair:
+            have = pair["A" if missing == "B" else "B"][0]
+            raise ModelLoadError(f"lora_{missing} is missing for this lora_{'A' if missing == 'B' else 'B'}",
+                                 path=str(file), tensor=have.replace(f".lora_{'A' if missing == 'B' else 'B'}.",
+                                                                     f".lora_{missing}."))
+        (a_name, a, _), (b_name, b, rotary) = pair["A"], pair["B"]
+        try:
+            linear = model.get_submodule(module)
+        except AttributeError:
+            linear = None
+        in_f, out_f = getattr(linear, "in_features", None), getattr(linear, "out_features", None)
+        if in_f is None or out_f is None:
+            raise ModelLoadError("the base model has no such linear layer", path=str(file), tensor=a_name)
+        if a.ndim != 2 or a.shape[1] != in_f:
+            raise ModelLoadError(f"shape {tuple(a.shape)} but {module} takes {in_f} inputs: expected (rank, {in_f}) "
+                                 "(an adapter for another base model?)", path=str(file), tensor=a_name)
+        r = a.shape[0]
+        if b.ndim != 2 or tuple(b.shape) != (out_f, r):
+            raise ModelLoadError(f"shape {tuple(b.shape)} but {module} has {out_f} outputs and lora_A rank {r}: "
+                                 f"expected ({out_f}, {r}) (an adapter for another base model?)",
+                                 path=str(file), tensor=b_name)
+        ranks.setdefault(r, a_name)
+        if layout == "peft":
+            b = permute_for(args, b, rotary, to="native")
+        tensors[module] = (a.contiguous(), b.contiguous())
+    if len(ranks) != 1:
+        raise ModelLoadError(f"expected one LoRA rank, found {sorted(ranks)} (e.g. {ranks[max(ranks)]!r})",
+                             path=str(file))
+    rank = next(iter(ranks))
+    if rank < 1:
+        raise ModelLoadError("rank 0", path=str(file), tensor=ranks[rank])
+    if max_rank is not None and rank > max_rank:
+        raise ModelLoadError(f"rank {rank} is above the largest rank served, {max_rank} (max_lora_rank)",
+                             path=str(file), tensor=ranks[rank])
+    if cfg is not None:
+        r, alpha, scaling = cfg.get("r"), cfg.get("lora_alpha"), None
+        where = cfg_path
+    else:
+        r, alpha, scaling = _mistral_numbers(file, meta)
+        where = file
+    if r is not None and int(r) != rank:
+        raise ModelLoadError(f"the adapter's config says rank {r} but its tensors have rank {rank}", path=str(where))
+    if alpha is not None:
+        alpha = float(alpha)
+    if scaling is None and alpha is not None:
+        scaling = alpha / rank
+    return AdapterWeights(path=file, layout=layout, rank=rank, scaling=scaling, alpha=alpha, tensors=tensors)
+
+
+# --- loading into LoRA modules ------------------------------------------------------
+
+
+def load_adapter(model, path: str | Path) -> str:
+    """Fill the LoRA weights of ``model`` (after :func:`apply_lora`) from ``path``: a
+    folder holding either layout, or a ``.safetensors`` file. The model's LoRA modules
+    must be exactly the adapter's, of its rank. Returns the layout."""
+    if not lora_modules(model):
+        raise ModelLoadError("the model has no LoRA modules; call apply_lora() before loading an adapter", path=str(path))
+    adapter = read_adapter(path, model)
+    fill_lora(model, adapter)
+    return adapter.layout
+
+
+def fill_lora(model, adapter: AdapterWeights) -> None:
+    """Copy ``adapter`` into the model's LoRA modules (and its scaling, when the files
+    give one; else the modules keep theirs)."""
+    path = str(adapter.path)
     mods = lora_modules(model)
-    named = {}
-    for k, t in tensors.items():
-        hf_name = k.removeprefix(PEFT_PREFIX)
-        conv = hf_to_native(hf_name)
-        if conv is None or not hf_name.endswith(_LORA_SUFFIXES):
-            raise ModelLoadError("unknown LoRA tensor name", path=str(path), tensor=k)
-        native, rotary = conv
-        if native.endswith(".lora_B.weight"):
-            m = mods.get(native.removesuffix(".lora_B.weight"))
-            if m is not None and tuple(t.shape) == tuple(m.lora_B.weight.shape):
-                t = permute_rows(t, rotary, n_heads, n_kv, to="native")
-        named[native] = (k, t)
-    _fill(model, path, named)
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    _set_scaling(model, cfg_path, r, alpha, None)
+    if not mods:
+        raise ModelLoadError("the model has no LoRA modules; call apply_lora() before loading an adapter", path=path)
+    for module in adapter.tensors:
+        if module not in mods:
+            raise ModelLoadError("unexpected tensor: the model has no such LoRA weight (check the rank/targets given "
+                                 "to apply_lora)", path=path, tensor=f"{module}.lora_A.weight")
+    missing = sorted(set(mods) - set(adapter.tensors))
+    if missing:
+        raise ModelLoadError(f"missing {len(missing)} LoRA tensor(s) the model expects", path=path,
+                             tensor=f"{missing[0]}.lora_A.weight")
+    for m in mods.values():
+        if adapter.rank != m.rank:
+            raise ModelLoadError(f"adapter rank {adapter.rank} but the model's LoRA rank is {m.rank}", path=path)
+    with torch.no_grad():
+        for module, (a, b) in adapter.tensors.items():
+            m = mods[module]
+            m.lora_A.weight.copy_(a.to(device=m.lora_A.weight.device, dtype=m.lora_A.weight.dtype))
+            m.lora_B.weight.copy_(b.to(device=m.lora_B.weight.device, dtype=m.lora_B.weight.dtype))
+    if adapter.scaling is not None:
+        for m in mods.values():
+            if abs(m.scaling - adapter.scaling) > 1e-12:
+                log.info("%s: using the adapter's LoRA scaling %g (was %g)", path, adapter.scaling, m.scaling)
+            m.scaling = float(adapter.scaling)
+            if adapter.alpha is not None:
+                m.alpha = adapter.alpha
+
+
+def load_mistral_adapter(model, path: str | Path) -> None:
+    fill_lora(model, read_adapter(path, model))
+
+
+def load_peft_adapter(model, folder: str | Path) -> None:
+    fill_lora(model, read_adapter(folder, model))
 
 
 __all__ = [
-    "load_adapter", "load_mistral_adapter", "load_peft_adapter",
-    "save_adapter", "save_mistral_adapter", "save_peft_adapter",
+    "AdapterWeights", "adapter_files", "fill_lora", "load_adapter", "load_mistral_adapter", "load_peft_adapter",
+    "merge_adapter", "read_adapter", "save_adapter", "save_mistral_adapter", "save_peft_adapter",
 ]
 
 
 def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
     """(rank, target module names such as "wq") of the adapter at ``path``, read from
-    the file's tensor names and shapes: what :func:`apply_lora` needs before loading."""
-    path = Path(path)
-    peft = (path / PEFT_CONFIG).is_file() if path.is_dir() else path.name == PEFT_FILE
-    file = (path / (PEFT_FILE if peft else MISTRAL_FILE)) if path.is_dir() else path
-    if not file.is_file():
-        raise ModelLoadError(f"no {PEFT_CONFIG} nor {MISTRAL_FILE} here", path=str(path))
+    the file's tensor names and shapes alone (no model, no tensor data)."""
+    layout, file, _ = adapter_files(path)
     ranks, targets = set(), set()
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -251,7 +364,7 @@ def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
                 if not k.endswith(".lora_A.weight"):
                     continue
                 module = k[: -len(".lora_A.weight")]
-                if peft:
+                if layout == "peft":
                     conv = hf_to_native(module.removeprefix(PEFT_PREFIX) + ".weight")
                     if conv is None:
                         raise ModelLoadError("not a Mistral-family module", path=str(file), tensor=k)
@@ -266,13 +379,19 @@ def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
 
 
 def merge_adapter(model, path: str | Path) -> tuple[str, int, tuple[str, ...]]:
-    """Apply the adapter at ``path`` to ``model`` and fold it into the base weights (in
-    float32, whatever the weights' dtype): the model is then a plain model again, as fast
-    as the base. Returns (layout, rank, targets)."""
-    from galerne.models.lora import apply_lora, merge_lora
-
-    rank, targets = adapter_spec(path)
-    apply_lora(model, rank=rank, alpha=float(rank), targets=targets)  # the adapter's own scaling replaces alpha
-    layout = load_adapter(model, path)
-    merge_lora(model)
-    return layout, rank, targets
+    """Fold the adapter at ``path`` into ``model``'s base weights (in float32, whatever
+    the weights' dtype): the model stays a plain model, as fast as the base. The adapter
+    is read and checked whole before any weight changes. Returns (layout, rank, targets)."""
+    adapter = read_adapter(path, model)
+    linears = {name: model.get_submodule(name) for name in adapter.tensors}
+    for name, m in linears.items():
+        if type(m) is not nn.Linear:
+            raise ModelLoadError(f"{name} is a {type(m).__name__}, not a plain linear layer: cannot merge into it",
+                                 path=str(adapter.path))
+    scaling = adapter.effective_scaling
+    with torch.no_grad():
+        for name, (a, b) in adapter.tensors.items():
+            w = linears[name].weight
+            delta = scaling * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))  # (out, in)
+            w.copy_((w.float() + delta).to(w.dtype))
+    return adapter.layout, adapter.rank, adapter.targets
