@@ -75,6 +75,16 @@ class EngineSettings:
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of a shared prompt prefix", flag="--prefix-caching")
     enforce_eager: bool = setting(False, "every step through torch ops: no CUDA graphs (GPU), no native decode kernel (CPU)")
+    max_loras: int = setting(8, "adapter slots: most LoRA adapters served unmerged in one step; more may be loaded, "
+                                "kept in host memory and swapped in least recently used first (0: none served "
+                                "unmerged); the slots take device memory from the first adapter loaded on")
+    max_lora_rank: int = setting(64, "largest rank of an adapter served unmerged (the slots are this wide)")
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 0:
+            raise InvalidParameter("max_loras", f"must be >= 0, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise InvalidParameter("max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
 
 
 def _neutral(name: str) -> Any:

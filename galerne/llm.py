@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .config import EngineSettings
+from .engine.adapters import AdapterInfo
 from .engine.engine import Engine, PromptLogprob, StepOutput
 from .engine.request import EngineRequest, Limits, validate_request
 from .errors import InvalidParameter, ModelLoadError
@@ -82,13 +84,17 @@ class LLM:
         layout: str | None = None,
         revision: str | None = None,
         adapter: str | Path | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
         progress: bool | None = None,
         **engine: object,
     ):
         """``adapter``: a LoRA adapter trained on this base (PEFT's folder, or Mistral's
-        ``lora.safetensors``), folded into the weights at load. ``engine`` takes the fields
-        of ``EngineSettings`` (block_size, kv_cache_gb, max_num_seqs,
-        max_num_batched_tokens, enable_prefix_caching, ...)."""
+        ``lora.safetensors``), folded into the weights at load: the fastest way to serve
+        one. ``adapters``: name -> such an adapter, each served unmerged, per request
+        (``generate(..., adapter=NAME)``), many in one batch; more with ``load_adapter``.
+        ``engine`` takes the fields of ``EngineSettings`` (block_size, kv_cache_gb,
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_loras,
+        max_lora_rank, ...)."""
         self.engine_settings = _engine_settings(engine)
         path = resolve_model_path(model, revision)
         transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
@@ -99,6 +105,8 @@ class LLM:
         self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
         log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)
+        for name, adapter_path in (adapters or {}).items():
+            self.load_adapter(name, adapter_path)
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None, **engine: object) -> "LLM":
@@ -145,16 +153,39 @@ class LLM:
             return self.tokenizer.encode(prompt, bos=True)
         return list(prompt)
 
-    def validate(self, prompt: Prompt, params: SamplingParams) -> EngineRequest:
-        """The request ``Engine.add_request`` takes, checked against this model's limits."""
-        return validate_request(self.encode(prompt), params, self.limits)
+    def validate(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> EngineRequest:
+        """The request ``Engine.add_request`` takes, checked against this model's limits
+        (and ``adapter``, the name of a loaded adapter or None, against those loaded)."""
+        if adapter is not None:
+            self.engine.adapters.resolve(adapter)
+        return validate_request(self.encode(prompt), params, self.limits, adapter=adapter)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
+    # --------------------------------------------------------------- adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Serve the LoRA adapter at ``path`` (PEFT folder, or Mistral ``lora.safetensors``)
+        unmerged as ``name``. A bad one is refused (ModelLoadError, InvalidParameter) and
+        changes nothing."""
+        return self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: new requests naming it are refused at once, those in
+        flight (a ``stream`` not consumed yet) finish through it first."""
+        self.engine.unload_adapter(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The adapters served unmerged, in load order."""
+        return self.engine.list_adapters() if self._engine is not None else []
+
+    # ------------------------------------------------------------- generation
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               adapter: str | None = None) -> Iterator[StepOutput]:
         """Stream one completion: text deltas as they become final."""
         params = params or SamplingParams()
         if params.n != 1:
             raise InvalidParameter("n", "stream() yields one completion; use generate() for n > 1")
-        request = self.validate(prompt, params)
+        request = self.validate(prompt, params, adapter)
         engine = self.engine
         rid = engine.add_request(request)
         try:
@@ -172,29 +203,36 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        adapter: str | None | Sequence[str | None] = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt (text, or a list of token ids) in one continuous
-        batch. One params for all, or one per prompt. Outputs come back in order."""
+        batch. One params for all, or one per prompt; one adapter (a loaded adapter's
+        name, None: the base model) for all, or one per prompt. Outputs come back in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidParameter("params", f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        return self._run([(p, self.validate(p, sp)) for p, sp in zip(prompts, params)], use_tqdm)
+        names = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(names) != len(prompts):
+            raise InvalidParameter("adapter", f"{len(names)} adapters for {len(prompts)} prompts")
+        return self._run([(p, self.validate(p, sp, a)) for p, sp, a in zip(prompts, params, names)], use_tqdm)
 
     def chat(
         self,
         messages: list[dict] | Sequence[list[dict]],
         params: SamplingParams | None = None,
         tools: list[dict] | None = None,
+        *,
+        adapter: str | None = None,
     ) -> list[RequestOutput]:
         """Chat completion with the model's own template (mistral-common for Mistral
         tokenizers). One conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         sp = params or SamplingParams()
-        return self._run([(None, self.validate(self.tokenizer.encode_chat(list(c), tools), sp))
+        return self._run([(None, self.validate(self.tokenizer.encode_chat(list(c), tools), sp, adapter))
                           for c in conversations], None)
 
     def _run(self, items: list[tuple[Prompt | None, EngineRequest]], use_tqdm: bool | None) -> list[RequestOutput]:
@@ -237,12 +275,19 @@ class LLM:
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """float32 logits (len(token_ids), vocab) for one sequence, without a cache. The
-        sequence may fill the context (nothing is generated)."""
+    def score(self, token_ids: Sequence[int], *, adapter: str | None = None) -> torch.Tensor:
+        """float32 logits (len(token_ids), vocab) for one sequence, without a cache, through
+        the loaded ``adapter`` (None: the base model). The sequence may fill the context
+        (nothing is generated)."""
         ids = validate_request(self.encode(token_ids), None, self.limits, field="token_ids").prompt
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
+        scope = contextlib.nullcontext()
+        if adapter is not None:
+            engine = self.engine
+            key = engine.adapters.resolve(adapter)
+            slot = engine.adapters.slots_for([key], keep=engine.scheduler.active_adapters())[0]
+            scope = engine.runner.lora.batch([slot], [len(ids)], self.device)
+        with torch.inference_mode(), scope:
             hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device))
             return self.model.logits(hidden).float().cpu()
 

@@ -13,7 +13,7 @@ Three mechanisms share the pool:
 * Reference counts. A block is held by every sequence whose table lists it; it
   is free when its count is 0.
 * Prefix caching. A block full of computed tokens is registered under a chain key
-  hash((parent key, its tokens, adapter)), so the key names the whole prefix up
+  hash((parent key, its tokens, adapter key)), so the key names the whole prefix up
   to and including that block. A new sequence with the same leading tokens reuses
   those blocks instead of recomputing them. A freed registered block keeps its
   key and content in an LRU free queue until the pool needs it for something else.
@@ -25,6 +25,7 @@ Three mechanisms share the pool:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -104,10 +105,10 @@ class BlockManager:
 
     # ---------------------------------------------------------- prefix cache
 
-    def _key(self, parent: int | None, tokens: tuple[int, ...], adapter: str | None) -> int:
+    def _key(self, parent: int | None, tokens: tuple[int, ...], adapter: Hashable | None) -> int:
         return hash((parent, tokens, adapter))
 
-    def _lookup(self, parent: int | None, tokens: tuple[int, ...], adapter: str | None):
+    def _lookup(self, parent: int | None, tokens: tuple[int, ...], adapter: Hashable | None):
         """(key, block or None) for the block that follows ``parent`` with ``tokens``."""
         key = self._key(parent, tokens, adapter)
         block = self._cached.get(key)

@@ -24,6 +24,7 @@ from ..sampling.sampler import (
     sample_batch,
 )
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .adapters import AdapterInfo, AdapterManager
 from .block_manager import BlockManager
 from .paged import PagedKVCache
 from .request import EngineRequest, Limits
@@ -127,9 +128,11 @@ class Engine:
         window = max(windows) if all(w is not None for w in windows) else None
         self.block_manager = BlockManager(num_blocks, s.block_size, enable_prefix_caching=s.enable_prefix_caching, window=window)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=s.max_num_seqs,
-                                   max_num_batched_tokens=s.max_num_batched_tokens)
+                                   max_num_batched_tokens=s.max_num_batched_tokens, max_adapters=s.max_loras)
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
                                    max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager)
+        # Adapters served unmerged: load_adapter / unload_adapter, and a request's adapter.
+        self.adapters = AdapterManager(self.runner, s.max_loras, s.max_lora_rank)
         self._requests: dict[str, _Request] = {}
         self._state: dict[int, _SeqState] = {}
         # Sequences whose prompt logprobs are not all computed yet: steps look for chunks
@@ -193,12 +196,14 @@ class Engine:
             raise InvalidParameter("params", "a prompt validated for scoring has no SamplingParams to generate with")
         if request_id in self._requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        # Checked before (validate_request's callers), but an unload may have come between.
+        adapter = self.adapters.resolve(request.adapter)
         guides: list[GuidedMatcher | None] = [None] * params.n
         if params.guided is not None:
             # Compiled now: a bad grammar is an error of this call, never of a later step.
             first = compiler_for(self.tokenizer).matcher(params.guided)
             guides = [first] + [first.copy() for _ in range(params.n - 1)]
-        seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=request.adapter,
+        seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter,
                          max_tokens=request.max_tokens) for i in range(params.n)]
         if params.prompt_logprobs is not None:
             for seq in seqs:  # every position is computed: none may come from the prefix cache
@@ -208,6 +213,7 @@ class Engine:
         for seq in seqs:
             # All n sequences are the same size: the first check decides for all.
             self.scheduler.add(seq)
+        self.adapters.retain(adapter, len(seqs))
         self._requests[request_id] = _Request(seqs)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         for seq, guide in zip(seqs, guides):
@@ -228,12 +234,27 @@ class Engine:
         for seq in self.scheduler.abort(request_id):
             self._state.pop(seq.seq_id, None)
             self._scoring.discard(seq.seq_id)
+            self.adapters.release(seq.adapter)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> dict:
-        return self.scheduler.stats() | {"num_blocks": self.block_manager.num_blocks}
+        return self.scheduler.stats() | {"num_blocks": self.block_manager.num_blocks} | self.adapters.stats()
+
+    # --------------------------------------------------------------- adapters
+
+    def load_adapter(self, name: str, path) -> AdapterInfo:
+        """Serve the LoRA adapter at ``path`` (either layout) as ``name``, unmerged, from the
+        next step on. A bad adapter (ModelLoadError, InvalidParameter) changes nothing."""
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; those running finish through it first."""
+        self.adapters.unload(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.list()
 
     # ------------------------------------------------------------------- step
 
@@ -242,7 +263,11 @@ class Engine:
         if not plan.scheduled:
             return []
         scoring = [i for i, s in enumerate(plan.scheduled) if self._needs_prompt_logprobs(s.seq)] if self._scoring else []
-        logits, rows, hidden = self.runner.run(plan.scheduled, scoring)
+        keys = [s.seq.adapter for s in plan.scheduled]
+        slots = None
+        if any(k is not None for k in keys):  # swap in the adapters this step needs
+            slots = self.adapters.slots_for(keys, keep=self.scheduler.active_adapters())
+        logits, rows, hidden = self.runner.run(plan.scheduled, scoring, slots)
         for i in scoring:  # before advance(): the chunk starts at num_computed_tokens
             self._add_prompt_logprobs(plan.scheduled[i].seq, hidden[i])
         self.scheduler.advance(plan)
@@ -355,6 +380,7 @@ class Engine:
             out.prompt_logprobs = st.prompt_logprobs
         out.finish_reason = reason
         self.scheduler.finish(seq, reason)
+        self.adapters.release(seq.adapter)
         req = self._requests.get(seq.request_id)
         if req is not None and all(s.status is Status.FINISHED for s in req.seqs):
             del self._requests[seq.request_id]

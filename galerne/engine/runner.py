@@ -4,15 +4,23 @@ Steps made only of decodes (one token per sequence) skip the per-op cost that
 dominates decoding at small batch: on CUDA they replay a CUDA graph captured for the
 next larger batch size; on CPU, up to ``kernels.cpu.MAX_BATCH`` of them run through
 galerne's native decode kernel (``galerne/kernels``), one call for the whole step.
+
+Adapters (``enable_adapters``): the runner wraps the model's linears in adapter slots
+after making the CPU decoder and the CUDA graphs, which hold the base weights (the
+wrappers keep them as they are) and were made without adapters: they still run the
+steps where no row has one. A step where some row has an adapter goes through torch
+ops, each row with its slot, until those kernels read the slots too (the seam:
+``MultiLoRA.layers()`` gives the stacks, ``LoRARows.slot_of_row`` the rows' slots).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 
+from ..models.lora import MultiLoRA, apply_multi_lora
 from ..models.transformer import Transformer
 from .paged import BatchMetadata, PagedKVCache, TorchPagedAttention, TritonPagedAttention
 from .scheduler import ScheduledSeq
@@ -45,15 +53,25 @@ class ModelRunner:
             from ..kernels.cpu import CpuDecoder
 
             self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v)
+        self.lora: MultiLoRA | None = None
+
+    def enable_adapters(self, max_loras: int, max_rank: int) -> MultiLoRA:
+        """Wrap the model's target linears in ``max_loras`` adapter slots of rank
+        ``max_rank`` (once); see the module's docstring for the kernels."""
+        if self.lora is None:
+            self.lora = apply_multi_lora(self.model, max_loras, max_rank)
+        return self.lora
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], hidden_of: Collection[int] = ()
+    def run(self, scheduled: list[ScheduledSeq], hidden_of: Collection[int] = (), slots: Sequence[int] | None = None
             ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor]]:
         """Forward the step; returns the float32 logits of the sequences that
         reached the end of their known tokens (they sample next), their indices
         in ``scheduled``, and the hidden states of every new token of the
         sequences whose indices are in ``hidden_of`` (for prompt logprobs). The
-        logits are valid until the next step (the CPU kernel reuses its buffer)."""
+        logits are valid until the next step (the CPU kernel reuses its buffer).
+        ``slots``: the adapter slot of each scheduled sequence (-1: the base model;
+        None: all base)."""
         entries, tokens, sample_rows, rows, spans = [], [], [], [], {}
         want = set(hidden_of)
         end = 0
@@ -68,15 +86,22 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
                 rows.append(i)
-        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of
+        adapters = slots is not None and any(s >= 0 for s in slots)
+        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of and not adapters
         if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
             return self.cpu_decoder(tokens, entries), rows, {}
-        if self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and self.graphs.fits(len(tokens), entries):
+        if (self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and not adapters
+                and self.graphs.fits(len(tokens), entries)):
             hidden = self.graphs.run(tokens, entries)
         else:
             meta = BatchMetadata.build(entries, self.block_size, self.device)
             ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
-            hidden = self.model(ids, meta.positions, self.attention(self.cache, meta))
+            backend = self.attention(self.cache, meta)
+            if adapters:
+                with self.lora.batch(list(slots), meta.q_lens, self.device):
+                    hidden = self.model(ids, meta.positions, backend)
+            else:
+                hidden = self.model(ids, meta.positions, backend)
         kept = {i: hidden[a:b] for i, (a, b) in spans.items()}
         if not rows:
             return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows, kept

@@ -14,6 +14,16 @@ Order of service: running sequences first (arrival order), then waiting ones
 (FIFO, never skipping the head). When blocks run out, the latest arrived running
 sequences are preempted: their KV is dropped and recomputed later from
 prompt + generated tokens, which gives the same outputs.
+
+Adapters: a sequence's ``adapter`` (a hashable key, None for the base model) needs
+one of ``max_adapters`` device slots while it runs. A waiting sequence is admitted
+only when its adapter is already used by a running one or a slot is left, so the
+running sequences never use more distinct adapters than there are slots, and every
+step can run all of them. A head that waits for a slot lets only base-model
+sequences pass it: they take no slot, so they cannot keep it waiting, while admitting
+more sequences of the adapters in the slots could (e.g. 2 slots busy with A and B,
+C at the head: A's and B's newcomers queue behind C until A or B has no running
+sequence left, then C takes the freed slot).
 """
 
 from __future__ import annotations
@@ -46,11 +56,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048):
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 max_adapters: int = 0):
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if max_adapters < 0:
+            raise ValueError(f"max_adapters must be >= 0, got {max_adapters}")
         self.bm = block_manager
+        self.max_adapters = max_adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_chunk = self._max_chunk()
@@ -82,6 +96,8 @@ class Scheduler:
         """Queue ``seq`` after checking that the KV cache could ever run it to its
         max_tokens alone. (Its prompt and budget against the context were checked
         before, by ``request.validate_request``.)"""
+        if seq.adapter is not None and self.max_adapters < 1:
+            raise InvalidParameter("adapter", "this engine has no adapter slots (max_loras is 0)")
         p, m = seq.num_prompt_tokens, seq.max_tokens
         n = self.bm.num_blocks
         need = self.bm.max_blocks_held(p + 1, self.max_chunk)
@@ -159,15 +175,25 @@ class Scheduler:
 
         # 2. Waiting sequences, in order. Not in a step that preempted: the memory is
         # short, and the preempted would come straight back in.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        active = self.active_adapters()
+        waits_for_slot = False  # a sequence before this one waits for an adapter slot
+        i = 0
+        while not out.preempted and i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            if seq.adapter is not None and (waits_for_slot or (
+                    seq.adapter not in active and len(active) >= self.max_adapters)):
+                waits_for_slot = True  # base-model sequences behind it may still go
+                i += 1
+                continue
             cached, num_cached = self.bm.get_cached_prefix(seq) if seq.use_prefix_cache else ([], 0)
             n = min(seq.num_tokens - num_cached, budget, self.max_chunk)
             if not self.bm.allocate(seq, n, cached):
-                break  # never skip the head: later requests must not starve it
-            self.waiting.popleft()
+                break  # never skip it: later requests must not starve it
+            del self.waiting[i]
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if seq.adapter is not None:
+                active.add(seq.adapter)
             self._prefix_queried += seq.num_tokens
             self._prefix_hit += num_cached
             out.scheduled.append(ScheduledSeq(seq, n))
@@ -187,6 +213,10 @@ class Scheduler:
             self.bm.release_out_of_window(seq)
 
     # ------------------------------------------------------------------ state
+
+    def active_adapters(self) -> set:
+        """The adapters of the running sequences: they hold device slots."""
+        return {s.adapter for s in self.running if s.adapter is not None}
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

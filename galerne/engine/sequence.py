@@ -7,6 +7,7 @@ a prompt (and, through the prefix cache, its KV blocks).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from enum import Enum
 
 from ..sampling.params import SamplingParams
@@ -28,14 +29,17 @@ class Sequence:
         *,
         request_id: str | None = None,
         index: int = 0,
-        adapter: str | None = None,
+        adapter: Hashable | None = None,
         max_tokens: int | None = None,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.index = index  # which of the request's n completions
         self.params = params
-        self.adapter = adapter  # part of the prefix-cache key: KV depends on the weights
+        # The loaded adapter it runs through (None: the base model): a key unique to one
+        # load of one adapter (``engine.adapters.AdapterKey``), never reused, so that it
+        # can key the prefix cache (KV depends on the weights) and the adapter slots.
+        self.adapter = adapter
         # False: every position is computed (prompt logprobs need each one's logits).
         self.use_prefix_cache = True
         self.token_ids: list[int] = list(prompt_token_ids)
