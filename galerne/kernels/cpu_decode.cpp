@@ -236,11 +236,10 @@ inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, con
 
 template <int R, typename W>
 void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-               int64_t ldy, bool accumulate, const int64_t* rowmap) {
+               int64_t ldy, bool accumulate, const int64_t* rowmap, bool nowait) {
   int64_t groups[4], total = 0;
   for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + R - 1) / R, groups[j] = total;
-#pragma omp for schedule(static)
-  for (int64_t g = 0; g < total; ++g) {
+  auto group = [&](int64_t g) {
     size_t j = 0;
     while (g >= groups[j]) ++j;
     const Mat<W>& mat = mats[j];
@@ -267,19 +266,28 @@ void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const
         for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[k * R + r] : s[k * R + r];
       }
     }
+  };
+  if (nowait) {
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < total; ++g) group(g);
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < total; ++g) group(g);
   }
 }
 
 // rowmap, where not null, says which row of y each input row's outputs go to.
+// nowait: no barrier at the end (the caller's next work-shared loop has one, and
+// does not touch y before it: lora_deltas).
 template <typename W>
 void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-          int64_t ldy, bool accumulate, const int64_t* rowmap = nullptr) {
+          int64_t ldy, bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
   // One float32 sequence is bound by memory bandwidth: more row streams help.
   // Otherwise 4 rows x 4 sequences of accumulators fit the 32 vector registers.
   if (M == 1 && std::is_same_v<W, float>)
-    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate, rowmap);
+    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
   else
-    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate, rowmap);
+    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
 }
 
 // ----------------------------------------------------------------------- LoRA
@@ -379,7 +387,9 @@ void lora_b(const W* B, int64_t R, int64_t o0, int64_t o1, const float* u, int64
 
 // The deltas of up to 3 adapted matrices that read the same input x (n wide, its
 // bf16 copy xb), added into y; u is scratch of (M, sum of their R). Two work-shared
-// loops (u = A x, then y += B u), each ending in the region's barrier.
+// loops (u = A x, then y += B u), each ending in the region's barrier: the first
+// reads only x, so the base GEMV before it runs without its own (nowait), and its
+// barrier is the one that orders the base GEMV's writes of y before the second's.
 template <typename W>
 void lora_deltas(const std::vector<Lora<W>>& mats, const std::vector<Group>& groups, const float* x, const bf16* xb,
                  int64_t n, float* u, float* y, int64_t ldy) {
@@ -567,7 +577,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
       // weights per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
       rms_norm(norm_w(weights[l * 9 + 0]));
       gemv<W>({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
-              xb.data(), D, xq.data(), qkv_w, false);
+              xb.data(), D, xq.data(), qkv_w, false, nullptr, !lqkv[l].empty());
       lora_deltas<W>(lqkv[l], groups, xn.data(), xb.data(), D, u.data(), xq.data(), qkv_w);  // before rotary
 
       // Rotary on the q and k heads; k and v heads into the cache at this token's slot.
@@ -629,10 +639,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
         }
       }
 
-      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true);
+      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
       lora_deltas<W>(lo[l], groups, att.data(), xb.data(), H * hd, u.data(), h.data(), D);
       rms_norm(norm_w(weights[l * 9 + 5]));
-      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false);
+      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false, nullptr,
+              !l13[l].empty());
       lora_deltas<W>(l13[l], groups, xn.data(), xb.data(), D, u.data(), ff.data(), 2 * F);
 
       // SwiGLU: silu(gate) * up, the input of w2 (and its bf16 copy).
@@ -645,7 +656,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
           xb[m * F + i] = f2bf(v);
         }
       }
-      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true);
+      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
       lora_deltas<W>(l2[l], groups, xn.data(), xb.data(), F, u.data(), h.data(), D);
     }
     rms_norm(norm_w(final_norm));
