@@ -6,7 +6,8 @@ cache writes, attention, activations) adds a few microseconds of dispatch per op
 about a quarter of the step for a 125M model. ``cpu_decode.cpp`` runs the whole
 step, every layer and the logits, in one call and one OpenMP region. Its GEMVs
 read the weights where they are: ``nn.Linear``'s (out, in) layout, with no packing
-and no copy.
+and no copy. Unmerged adapters (``MultiLoRALinear``'s slot stacks) run in it too:
+each sequence of a step names its slot.
 
 The extension is compiled once (``torch.utils.cpp_extension`` with ninja and the
 system's C++ compiler, ``-march=native``; about 30 s) and cached under

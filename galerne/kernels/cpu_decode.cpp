@@ -13,6 +13,8 @@
 //   weights: nn.Linear's (out, in), row-major, untouched (no repacking: LoRA
 //            merges, exports and the torch path see the same tensors)
 //   rotary: Mistral's interleaved pairs (HF checkpoints are permuted at load)
+// Batched LoRA (MultiLoRALinear's slot stacks): each row of a step may carry an
+// adapter slot; see lora_deltas.
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
 // bf16 matmul reads bf16 activations).
