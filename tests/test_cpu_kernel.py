@@ -23,6 +23,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from galerne import LLM, SamplingParams
 from galerne.engine.paged import BatchMetadata, PagedKVCache, TorchPagedAttention
@@ -56,9 +57,11 @@ def test_the_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-def one_step(model, lens: list[int], seed: int = 0, ext=None):
+def one_step(model, lens: list[int], seed: int = 0, ext=None, slots=None, lora=None):
     """Decode one token for sequences whose contexts (random keys/values in the
-    cache) have ``lens`` tokens; returns (kernel logits, torch logits, the two caches)."""
+    cache) have ``lens`` tokens; returns (kernel logits, torch logits, the two caches).
+    ``slots``: each sequence's adapter slot, passed to the kernel and to the model's
+    SlotLoRA wrappers; ``lora``: stacks given to the decoder explicitly."""
     args = model.args
     dtype = model.output.weight.dtype
     g = torch.Generator().manual_seed(seed)
@@ -77,13 +80,16 @@ def one_step(model, lens: list[int], seed: int = 0, ext=None):
     tokens = torch.randint(3, args.vocab_size, (len(lens),), generator=g).tolist()
     entries = [(t, n, 1) for t, n in zip(tables, lens)]
 
-    if ext is None:
+    if ext is None and lora is None:
         decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v)
     else:
-        decoder = cpu_kernels.CpuDecoder(ext, model, ours.k, ours.v)
+        decoder = cpu_kernels.CpuDecoder(ext or cpu_kernels.load(), model, ours.k, ours.v, lora=lora)
     assert decoder is not None
+    for m in model.modules():
+        if isinstance(m, SlotLoRA):
+            m.slots = torch.tensor([-1] * len(lens) if slots is None else slots)
     with torch.inference_mode():
-        got = decoder(tokens, entries)
+        got = decoder(tokens, entries) if slots is None else decoder(tokens, entries, slots)
         meta = BatchMetadata.build(entries, BLOCK, torch.device("cpu"))
         hidden = model(torch.tensor(tokens), meta.positions, TorchPagedAttention(ref, meta))
         expected = model.logits(hidden).float()
@@ -157,12 +163,148 @@ def test_the_portable_loops_on_an_avx2_build(odd_folder, dtype):
     without AVX512 run, which a native build on this machine never does."""
     ext = cpu_kernels._build(march="x86-64-v3")
     model = LLM(odd_folder, device="cpu", dtype=dtype).model
-    got, expected, ours, ref = one_step(model, [0, 7, 37, 12, 3, 20], seed=5, ext=ext)
-    if dtype == "float32":
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)
-    else:
-        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    lens = [0, 7, 37, 12, 3, 20]
+    for slots in (None, [1, -1, 0, 2, 0, 1]):  # without adapters, then with LoRA rows
+        if slots is not None:
+            add_lora(model)
+        got, expected, ours, ref = one_step(model, lens, seed=5, ext=ext, slots=slots)
+        if dtype == "float32":
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)
+        else:
+            assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+# ------------------------------------------------------------------ batched LoRA rows
+
+
+class SlotLoRA(nn.Module):
+    """A stand-in for galerne.models.lora's MultiLoRALinear (tests only): the base
+    linear at ``.base``, every slot's stacks at ``.lora_A`` (S, R, in) and ``.lora_B``
+    (S, out, R); its forward adds each row's delta B[s] (A[s] x) for the slots set
+    in ``.slots`` (one per row, -1 for none), computed in torch."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_A", a)
+        self.register_buffer("lora_B", b)
+        self.slots = None
+
+    def forward(self, x):
+        y = self.base(x)
+        rows = [y[i] + self.lora_B[s] @ (self.lora_A[s] @ x[i]) if s >= 0 else y[i]
+                for i, s in enumerate(self.slots.tolist())]
+        return torch.stack(rows)
+
+
+RANKS = (18, 5, 18)  # slot 1 zero-padded from 5 to 18; 18: tails past 16 ranks and groups of 4
+
+
+def add_lora(model, seed: int = 0, slots: int = 3):
+    """Wrap the model's linears in SlotLoRA: layer 0 every target, later layers all but
+    wv and w3 (not adapted: no stacks); slot 2 lacks wk (zeros). Returns the stacks, per
+    layer {target: (A, B)}."""
+    g = torch.Generator().manual_seed(seed)
+    dtype, R = model.output.weight.dtype, max(RANKS)
+    stacks = []
+    for i, layer in enumerate(model.layers):
+        owners = {"wq": layer.attention, "wk": layer.attention, "wv": layer.attention, "wo": layer.attention,
+                  "w1": layer.feed_forward, "w3": layer.feed_forward, "w2": layer.feed_forward}
+        per_layer = {}
+        for target, owner in owners.items():
+            if i > 0 and target in ("wv", "w3"):
+                continue
+            base = getattr(owner, target)
+            out, n = base.weight.shape
+            a, b = torch.zeros(slots, R, n), torch.zeros(slots, out, R)
+            for s in range(slots):
+                if s == 2 and target == "wk":
+                    continue
+                a[s, : RANKS[s]] = 0.3 * torch.randn(RANKS[s], n, generator=g)
+                b[s, :, : RANKS[s]] = 0.2 * torch.randn(out, RANKS[s], generator=g)
+            a, b = a.to(dtype), b.to(dtype)
+            setattr(owner, target, SlotLoRA(base, a, b))
+            per_layer[target] = (a, b)
+        stacks.append(per_layer)
+    return stacks
+
+
+LORA_CASES = {  # lens, slots
+    "one row": ([7], [1]),
+    "ten rows": ([4, 0, 7, 37, 12, 3, 20, 9, 1, 30], [2, -1, 0, 0, 1, -1, 2, 0, 1, 0]),  # tiles of 4, 4, 2
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_float32_step_with_lora_rows_equals_the_torch_path(odd_folder, case):
+    lens, slots = LORA_CASES[case]
+    model = LLM(odd_folder, device="cpu", dtype="float32").model
+    plain, _, _, _ = one_step(model, lens)
+    plain = plain.clone()
+    add_lora(model)
+    assert cpu_kernels.unsupported(model, torch.float32) is None  # the wrappers' stacks are taken
+    got, expected, ours, ref = one_step(model, lens, slots=slots)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)  # k's delta, then rotary
+    torch.testing.assert_close(ours.v, ref.v, rtol=1e-5, atol=1e-5)
+    for row, s in enumerate(slots):  # the adapters matter: rows with a slot move, the others do not
+        if s >= 0:
+            assert (got[row] - plain[row]).abs().max() > 0.1 * plain[row].abs().max()
+        else:
+            torch.testing.assert_close(got[row], plain[row], rtol=1e-4, atol=1e-4)
+
+
+def test_stacks_given_explicitly_equal_the_wrappers(odd_folder):
+    lens, slots = LORA_CASES["ten rows"]
+    model = LLM(odd_folder, device="cpu", dtype="float32").model
+    stacks = add_lora(model)
+    wrapped, _, _, _ = one_step(model, lens, slots=slots)
+    wrapped = wrapped.clone()
+    plain = LLM(odd_folder, device="cpu", dtype="float32").model
+    got, _, _, _ = one_step(plain, lens, slots=slots, lora=stacks)
+    torch.testing.assert_close(got, wrapped, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_without_slots_is_the_base_model(odd_folder):
+    lens = [4, 0, 7, 37, 12]
+    model = LLM(odd_folder, device="cpu", dtype="float32").model
+    plain, _, _, _ = one_step(model, lens)
+    plain = plain.clone()
+    add_lora(model)
+    got, expected, _, _ = one_step(model, lens)  # slots None: every row -1
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_slots_and_stacks_are_refused(odd_folder):
+    model = LLM(odd_folder, device="cpu", dtype="float32").model
+    add_lora(model)
+    cache = PagedKVCache(model.args, 4, BLOCK, torch.float32, torch.device("cpu"))
+    decoder = cpu_kernels.CpuDecoder(cpu_kernels.load(), model, cache.k, cache.v)
+    assert decoder.slots == 3
+    with pytest.raises(RuntimeError, match="adapter slot 3 out of range"):
+        decoder([5], [([0], 0, 1)], [3])
+    with pytest.raises(RuntimeError, match="one slot per token"):
+        decoder([5, 6], [([0], 0, 1), ([1], 0, 1)], [0])
+    plain = cpu_kernels.CpuDecoder(cpu_kernels.load(), LLM(odd_folder, device="cpu", dtype="float32").model,
+                                   cache.k, cache.v)
+    with pytest.raises(RuntimeError, match=r"adapter slot 0 out of range \(0 slots\)"):
+        plain([5], [([0], 0, 1)], [0])
+    model.layers[0].attention.wq.lora_A = model.layers[0].attention.wq.lora_A[:, :, :10].contiguous()
+    assert "adapter stacks of shapes" in cpu_kernels.unsupported(model, torch.float32)
+
+
+def test_bfloat16_step_with_lora_rows_is_close_to_the_torch_path(odd_folder):
+    lens, slots = LORA_CASES["ten rows"]
+    model = LLM(odd_folder, device="cpu", dtype="bfloat16").model
+    add_lora(model)
+    got, expected, ours, ref = one_step(model, lens, seed=2, slots=slots)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 0.05 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 2 / 3
+    for a, b in ((ours.k, ref.k), (ours.v, ref.v)):
+        assert (a.float() - b.float()).abs().max() < 0.03 * b.float().abs().max()
 
 
 def test_generation_equals_the_torch_path(odd_folder):

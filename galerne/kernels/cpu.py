@@ -6,7 +6,8 @@ cache writes, attention, activations) adds a few microseconds of dispatch per op
 about a quarter of the step for a 125M model. ``cpu_decode.cpp`` runs the whole
 step, every layer and the logits, in one call and one OpenMP region. Its GEMVs
 read the weights where they are: ``nn.Linear``'s (out, in) layout, with no packing
-and no copy.
+and no copy. Unmerged adapters (``MultiLoRALinear``'s slot stacks) run in it too:
+each sequence of a step names its slot.
 
 The extension is compiled once (``torch.utils.cpp_extension`` with ninja and the
 system's C++ compiler, ``-march=native``; about 30 s) and cached under
@@ -200,6 +201,40 @@ def _build(march: str = "native"):
         lock.release()
 
 
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernel's order of the adapted linears
+
+
+def _linears(layer) -> dict[str, nn.Module]:
+    a, f = layer.attention, layer.feed_forward
+    return {"wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "w1": f.w1, "w3": f.w3, "w2": f.w2}
+
+
+def _lora_stacks(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) of a batched-adapter wrapper (galerne.models.lora's MultiLoRALinear: the
+    base nn.Linear at ``.base``, every slot's stacks at ``.lora_A`` (S, R, in) and
+    ``.lora_B`` (S, out, R)), or None for any other module."""
+    base, a, b = getattr(module, "base", None), getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if not (isinstance(base, nn.Linear) and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return None
+    return a, b
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    return module.base if _lora_stacks(module) is not None else module
+
+
+def _lora_problem(module: nn.Module, dtype: torch.dtype) -> str | None:
+    """Why the kernel can't take a wrapper's stacks, or None."""
+    a, b = _lora_stacks(module)
+    w = module.base.weight
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2] \
+            or a.shape[2] != w.shape[1] or b.shape[1] != w.shape[0]:
+        return f"adapter stacks of shapes {tuple(a.shape)} and {tuple(b.shape)} for a {tuple(w.shape)} weight"
+    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in (a, b)):
+        return "adapter stacks of another dtype, non-contiguous or off the CPU"
+    return None
+
+
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
     """Why the kernel can't run this model, or None when it can. The kernel knows
     what ``galerne.models`` builds today (RoPE plain or YaRN, llama-4 query scaling,
@@ -215,14 +250,20 @@ def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
         return f"{dtype} weights (float32 and bfloat16 only)"
     if cache_dtype != dtype:
         return "a KV cache dtype other than the weights'"
-    linears = [m for layer in model.layers for m in (
-        layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
-        layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2)]
-    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+    # Batched adapters (MultiLoRALinear: a base nn.Linear and slot stacks) run in the
+    # kernel; any other wrapper (LoRALinear's training modules) or a bias does not.
+    wrapped = [m for layer in model.layers for m in _linears(layer).values()]
+    if any(type(_base_linear(m)) is not nn.Linear or _base_linear(m).bias is not None for m in wrapped):
         return "adapters or biases on the linear layers"
+    for m in wrapped:
+        if _lora_stacks(m) is not None and (problem := _lora_problem(m, dtype)) is not None:
+            return problem
     if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in model.parameters()):
         return "weights of mixed dtypes, non-contiguous or off the CPU"
     return None
+
+
+_NONE = torch.empty(0)  # a matrix without adapters
 
 
 class CpuDecoder:
@@ -232,14 +273,34 @@ class CpuDecoder:
     adapter) are seen, but replaced modules are not; build a new decoder then.
     """
 
-    def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 lora: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None):
+        """``lora``: per layer, {target: (A, B)} (targets among TARGETS; A (S, R, in) and
+        B (S, out, R), every slot's adapter, R the largest rank with lower ones
+        zero-padded, alpha / r folded into B), or None. Without it, the stacks of the
+        model's MultiLoRALinear wrappers (``.lora_A``, ``.lora_B``; the weight at
+        ``.base.weight``) are taken. The kernel reads the stacks in place: an adapter
+        loaded into a slot's rows is seen by the next step."""
         args = model.args
         self.max_batch = MAX_BATCH[model.output.weight.dtype]
-        weights = []
-        for layer in model.layers:
-            a, f = layer.attention, layer.feed_forward
-            weights += [layer.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
-                        layer.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight]
+        weights, stacks = [], []
+        for i, layer in enumerate(model.layers):
+            m = _linears(layer)
+            w = {t: _base_linear(m[t]).weight for t in TARGETS}
+            weights += [layer.attention_norm.weight, w["wq"], w["wk"], w["wv"], w["wo"],
+                        layer.ffn_norm.weight, w["w1"], w["w3"], w["w2"]]
+            given = (lora[i] or {}) if lora is not None else {t: _lora_stacks(m[t]) for t in TARGETS}
+            unknown = set(given) - set(TARGETS)
+            if unknown:
+                raise ValueError(f"CpuDecoder: no adapter target {sorted(unknown)} (targets: {TARGETS})")
+            for t in TARGETS:
+                pair = given.get(t)
+                stacks += [x.detach() for x in pair] if pair is not None else [_NONE, _NONE]
+        self.slots = 0
+        if all(x is _NONE for x in stacks):
+            stacks = []
+        else:
+            self.slots = next(x for x in stacks if x is not _NONE).shape[0]
         windows = [args.window(i) or 0 for i in range(args.n_layers)]
         inv_freq, rope_scale = rotary_inv_freq(args.head_dim, args.rope_theta, args.yarn)
         qs = args.query_scaling
@@ -248,7 +309,8 @@ class CpuDecoder:
                                     model.output.weight.detach(), model.tok_embeddings.weight.detach(),
                                     k_cache, v_cache, windows, args.n_heads, args.n_kv_heads, args.head_dim,
                                     float(args.norm_eps), inv_freq.contiguous(), float(rope_scale),
-                                    float(qs.beta) if qs else 0.0, int(qs.original_max_position_embeddings) if qs else 0)
+                                    float(qs.beta) if qs else 0.0, int(qs.original_max_position_embeddings) if qs else 0,
+                                    stacks)
 
     @classmethod
     def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):
@@ -260,8 +322,10 @@ class CpuDecoder:
         ext = load()
         return None if ext is None else cls(ext, model, k_cache, v_cache)
 
-    def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]]) -> torch.Tensor:
-        """tokens: one new token per sequence; entries: (block_table, num_computed_tokens, 1).
+    def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]],
+                 slots: list[int] | None = None) -> torch.Tensor:
+        """tokens: one new token per sequence; entries: (block_table, num_computed_tokens, 1);
+        slots: each sequence's adapter slot, -1 for none (None: all -1).
         Returns float32 logits (len(tokens), vocab) in a buffer the next call reuses."""
         return self._decoder.step(tokens, [start for _, start, _ in entries], [t for t, _, _ in entries],
-                                  torch.get_num_threads())
+                                  torch.get_num_threads(), [] if slots is None else list(slots))

@@ -13,6 +13,8 @@
 //   weights: nn.Linear's (out, in), row-major, untouched (no repacking: LoRA
 //            merges, exports and the torch path see the same tensors)
 //   rotary: Mistral's interleaved pairs (HF checkpoints are permuted at load)
+// Batched LoRA (MultiLoRALinear's slot stacks): each row of a step may carry an
+// adapter slot; see lora_deltas.
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
 // bf16 matmul reads bf16 activations).
@@ -236,11 +238,10 @@ inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, con
 
 template <int R, typename W>
 void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-               int64_t ldy, bool accumulate) {
+               int64_t ldy, bool accumulate, const int64_t* rowmap, bool nowait) {
   int64_t groups[4], total = 0;
   for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + R - 1) / R, groups[j] = total;
-#pragma omp for schedule(static)
-  for (int64_t g = 0; g < total; ++g) {
+  auto group = [&](int64_t g) {
     size_t j = 0;
     while (g >= groups[j]) ++j;
     const Mat<W>& mat = mats[j];
@@ -263,22 +264,184 @@ void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const
         }
       }
       for (int64_t k = 0; k < mb; ++k) {
-        float* out = y + (m0 + k) * ldy + mat.col0 + r0;
+        float* out = y + (rowmap ? rowmap[m0 + k] : m0 + k) * ldy + mat.col0 + r0;
         for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[k * R + r] : s[k * R + r];
       }
     }
+  };
+  if (nowait) {
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < total; ++g) group(g);
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < total; ++g) group(g);
   }
 }
 
+// rowmap, where not null, says which row of y each input row's outputs go to.
+// nowait: no barrier at the end (the caller's next work-shared loop has one, and
+// does not touch y before it: lora_deltas).
 template <typename W>
 void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-          int64_t ldy, bool accumulate) {
+          int64_t ldy, bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
   // One float32 sequence is bound by memory bandwidth: more row streams help.
   // Otherwise 4 rows x 4 sequences of accumulators fit the 32 vector registers.
   if (M == 1 && std::is_same_v<W, float>)
-    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate);
+    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
   else
-    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate);
+    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
+}
+
+// ----------------------------------------------------------------------- LoRA
+// Batched adapters (galerne.models.lora's MultiLoRALinear): an adapted matrix has,
+// for each of S slots, A (R, n) and B (out, R) in the weights' dtype, R the largest
+// rank (lower ranks zero-padded, alpha / r folded into B), and a row m of the step
+// with slot s gets y_m += B[s] (A[s] x_m). The step orders its rows by slot, so the
+// rows of one slot are contiguous (a Group) and read A[s] and B[s] once per tile.
+//
+// A x is R dot products of length n per row: the GEMV's tiles. B u is out dot
+// products of length R (16): there a horizontal sum per output would cost as much
+// as the FMAs of the base GEMV's whole row, so 16 rows of B are transposed in
+// registers instead (16 outputs x R ranks -> R vectors of 16 outputs) and each row
+// of the group adds sum_r u[r] * column r with R broadcast FMAs.
+
+template <typename W>
+struct Lora {
+  const W* A;    // (S, R, n)
+  const W* B;    // (S, out, R)
+  int64_t R, out, col0;  // col0: the first output column in y
+};
+
+struct Group {
+  int64_t slot, m0, cnt;  // rows m0 .. m0 + cnt - 1 of the (sorted) step use this slot
+};
+
+constexpr int64_t LORA_CHUNK = 64;  // outputs of B per work item
+
+#if defined(__AVX512F__)
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 hi01 = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    r[c] = _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + c] = _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + c] = _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + c] = _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+inline __m512 load_row(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load_row(const bf16* p, __mmask16 k) {  // widening bf16: a shift into the high half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+#endif
+
+// y[m, o] += sum_r B[o, r] u[m, r] for o in [o0, o1) and the cnt rows from m0.
+template <typename W>
+void lora_b(const W* B, int64_t R, int64_t o0, int64_t o1, const float* u, int64_t ldu, int64_t m0, int64_t cnt,
+            float* y, int64_t ldy) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (int64_t o = o0; o < o1; o += 16) {
+    const int64_t no = std::min<int64_t>(16, o1 - o);
+    const __mmask16 omask = static_cast<__mmask16>((1u << no) - 1);
+    for (int64_t c0 = 0; c0 < R; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, R - c0);
+      const __mmask16 cmask = static_cast<__mmask16>((1u << nc) - 1);
+      __m512 t[16];
+      for (int64_t i = 0; i < 16; ++i) t[i] = i < no ? load_row(B + (o + i) * R + c0, cmask) : _mm512_setzero_ps();
+      transpose16(t);  // t[r]: B[o .. o + 15, c0 + r]
+      for (int64_t m = m0; m < m0 + cnt; ++m) {
+        float* yo = y + m * ldy + o;
+        const float* um = u + m * ldu + c0;
+        __m512 acc = _mm512_maskz_loadu_ps(omask, yo);
+        for (int64_t r = 0; r < nc; ++r) acc = _mm512_fmadd_ps(t[r], _mm512_set1_ps(um[r]), acc);
+        _mm512_mask_storeu_ps(yo, omask, acc);
+      }
+    }
+  }
+#else
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t m = m0; m < m0 + cnt; ++m) {
+      const float* um = u + m * ldu;
+      float s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t r = 0; r < R; ++r) s += to_f(B[o * R + r]) * um[r];
+      y[m * ldy + o] += s;
+    }
+#endif
+}
+
+// The deltas of up to 3 adapted matrices that read the same input x (n wide, its
+// bf16 copy xb), added into y; u is scratch of (M, sum of their R). Two work-shared
+// loops (u = A x, then y += B u), each ending in the region's barrier: the first
+// reads only x, so the base GEMV before it runs without its own (nowait), and its
+// barrier is the one that orders the base GEMV's writes of y before the second's.
+template <typename W>
+void lora_deltas(const std::vector<Lora<W>>& mats, const std::vector<Group>& groups, const float* x, const bf16* xb,
+                 int64_t n, float* u, float* y, int64_t ldy) {
+  const int nm = static_cast<int>(mats.size());
+  const int64_t G = static_cast<int64_t>(groups.size());
+  if (nm == 0 || G == 0) return;  // the same for every thread: no barrier skipped by some
+  int64_t ucol[3], ldu = 0, a_end[3], a_total = 0, b_end[3], b_total = 0;
+  for (int j = 0; j < nm; ++j) {
+    ucol[j] = ldu, ldu += mats[j].R;
+    a_total += (mats[j].R + 3) / 4, a_end[j] = a_total;
+    b_total += (mats[j].out + LORA_CHUNK - 1) / LORA_CHUNK, b_end[j] = b_total;
+  }
+  // u[m, ucol_j + r] = A_j[s] x_m, by groups of 4 ranks.
+#pragma omp for schedule(static)
+  for (int64_t k = 0; k < G * a_total; ++k) {
+    const Group& g = groups[k / a_total];
+    const int64_t unit = k % a_total;
+    int j = 0;
+    while (unit >= a_end[j]) ++j;
+    const Lora<W>& mat = mats[j];
+    const int64_t r0 = (unit - (j ? a_end[j - 1] : 0)) * 4, rows = std::min<int64_t>(4, mat.R - r0);
+    const W* a = mat.A + (g.slot * mat.R + r0) * n;
+    for (int64_t m0 = g.m0; m0 < g.m0 + g.cnt; m0 += MB) {
+      const int64_t mb = std::min<int64_t>(MB, g.m0 + g.cnt - m0);
+      float s[MB * 4];
+      if (rows == 4) {
+        tile_dispatch<4>(mb, a, n, x + m0 * n, xb + m0 * n, s, static_cast<const W*>(nullptr));
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          float t[MB];
+          tile_dispatch<1>(mb, a + r * n, n, x + m0 * n, xb + m0 * n, t, static_cast<const W*>(nullptr));
+          for (int64_t i = 0; i < mb; ++i) s[i * 4 + r] = t[i];
+        }
+      }
+      for (int64_t i = 0; i < mb; ++i)
+        for (int64_t r = 0; r < rows; ++r)  // rounded to the weights' dtype, as torch's lora_A(x) is
+          u[(m0 + i) * ldu + ucol[j] + r0 + r] = to_f(from_f<W>(s[i * 4 + r]));
+    }
+  }
+  // y[m, col0_j + o] += B_j[s] u_m, by chunks of outputs.
+#pragma omp for schedule(static)
+  for (int64_t k = 0; k < G * b_total; ++k) {
+    const Group& g = groups[k / b_total];
+    const int64_t unit = k % b_total;
+    int j = 0;
+    while (unit >= b_end[j]) ++j;
+    const Lora<W>& mat = mats[j];
+    const int64_t o0 = (unit - (j ? b_end[j - 1] : 0)) * LORA_CHUNK, o1 = std::min(mat.out, o0 + LORA_CHUNK);
+    lora_b(mat.B + g.slot * mat.out * mat.R, mat.R, o0, o1, u + ucol[j], ldu, g.m0, g.cnt, y + mat.col0, ldy);
+  }
 }
 
 // ------------------------------------------------------------------ the step
@@ -294,26 +457,48 @@ struct Model {
   float rope_scale;                    // cos and sin are multiplied by it (YaRN's magnitude; 1 without)
   double q_beta;                       // llama-4 query scaling: q *= 1 + beta * log(1 + floor(pos / q_orig))
   int64_t q_orig;                      // (q_beta 0: none)
+  std::vector<torch::Tensor> lora;     // 14 per layer or none: A, B of wq, wk, wv, wo, w1, w3, w2 (undefined: none)
+  int64_t slots;                       // adapter slots of every stack (0 without LoRA)
 };
 
 template <typename W>
-void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std::vector<int64_t>& pos,
-               const std::vector<std::vector<int32_t>>& block_tables, int64_t threads, float* logits) {
+void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const std::vector<int64_t>& pos_in,
+               const std::vector<std::vector<int32_t>>& block_tables, const std::vector<int64_t>& slots,
+               int64_t threads, float* logits) {
   const std::vector<torch::Tensor>& weights = model.weights;
   const std::vector<int64_t>& windows = model.windows;
   const int64_t H = model.H, K = model.K, hd = model.hd;
   const double eps = model.eps;
   const torch::Tensor &final_norm = model.final_norm, &out_w = model.out_w;
-  const int64_t M = static_cast<int64_t>(tokens.size()), D = model.emb.size(1);
+  const int64_t M = static_cast<int64_t>(tokens_in.size()), D = model.emb.size(1);
   const int64_t L = static_cast<int64_t>(windows.size());
   const int64_t F = weights[6].size(0);  // w1's rows: the hidden size
   const int64_t V = out_w.size(0);
   const int64_t bs = model.k_cache.size(2);
+  // With adapters, the step's rows go in the order of their slots (stable), so that
+  // the rows of a slot are contiguous; the logits go back to the caller's order.
+  std::vector<int64_t> order(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::vector<Group> groups;
+  if (!model.lora.empty()) {
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t s = slots[order[i]];
+      if (s < 0) continue;
+      if (groups.empty() || groups.back().slot != s) groups.push_back({s, i, 0});
+      ++groups.back().cnt;
+    }
+  }
+  bool sorted = true;
+  for (int64_t m = 0; m < M; ++m) sorted = sorted && order[m] == m;
+  const int64_t* rowmap = sorted ? nullptr : order.data();
+  std::vector<int64_t> tokens(M), pos(M);
+  for (int64_t m = 0; m < M; ++m) tokens[m] = tokens_in[order[m]], pos[m] = pos_in[order[m]];
   int64_t nb_per_seq = 1;
   for (const auto& t : block_tables) nb_per_seq = std::max<int64_t>(nb_per_seq, static_cast<int64_t>(t.size()));
   std::vector<int32_t> tables_flat(M * nb_per_seq, 0);  // padded block tables, (M, nb_per_seq)
   for (int64_t m = 0; m < M; ++m)
-    std::copy(block_tables[m].begin(), block_tables[m].end(), tables_flat.begin() + m * nb_per_seq);
+    std::copy(block_tables[order[m]].begin(), block_tables[order[m]].end(), tables_flat.begin() + m * nb_per_seq);
   const int32_t* tables = tables_flat.data();
   // The cache slot of position t in a sequence's block table.
   auto slot_of = [bs](const int32_t* table, int64_t t) { return static_cast<int64_t>(table[t / bs]) * bs + t % bs; };
@@ -346,6 +531,28 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
   }
 
   auto wp = [&](int64_t l, int j) { return reinterpret_cast<const W*>(weights[l * 9 + j].data_ptr()); };
+
+  // The adapted matrices of each layer, by the input they read: wq wk wv, wo, w1 w3, w2.
+  std::vector<std::vector<Lora<W>>> lqkv(L), lo(L), l13(L), l2(L);
+  int64_t ldu = 1;
+  if (!groups.empty()) {
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t col0[7] = {0, H * hd, (H + K) * hd, 0, 0, F, 0};
+      std::vector<Lora<W>>* dst[7] = {&lqkv[l], &lqkv[l], &lqkv[l], &lo[l], &l13[l], &l13[l], &l2[l]};
+      for (int j = 0; j < 7; ++j) {
+        const torch::Tensor &a = model.lora[l * 14 + 2 * j], &b = model.lora[l * 14 + 2 * j + 1];
+        if (!a.defined()) continue;
+        dst[j]->push_back({reinterpret_cast<const W*>(a.data_ptr()), reinterpret_cast<const W*>(b.data_ptr()),
+                           a.size(1), b.size(1), col0[j]});
+      }
+      for (auto* v : {&lqkv[l], &lo[l], &l13[l], &l2[l]}) {
+        int64_t r = 0;
+        for (const auto& mat : *v) r += mat.R;
+        ldu = std::max(ldu, r);
+      }
+    }
+  }
+  std::vector<float> u(M * ldu);
   auto norm_w = [&](const torch::Tensor& t) { return reinterpret_cast<const W*>(t.data_ptr()); };
 
   // RMSNorm of h into xn (and its bf16 copy), one row per iteration.
@@ -372,7 +579,8 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
       // weights per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
       rms_norm(norm_w(weights[l * 9 + 0]));
       gemv<W>({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
-              xb.data(), D, xq.data(), qkv_w, false);
+              xb.data(), D, xq.data(), qkv_w, false, nullptr, !lqkv[l].empty());
+      lora_deltas<W>(lqkv[l], groups, xn.data(), xb.data(), D, u.data(), xq.data(), qkv_w);  // before rotary
 
       // Rotary on the q and k heads; k and v heads into the cache at this token's slot.
 #pragma omp for collapse(2) schedule(static)
@@ -433,9 +641,12 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
         }
       }
 
-      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true);
+      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
+      lora_deltas<W>(lo[l], groups, att.data(), xb.data(), H * hd, u.data(), h.data(), D);
       rms_norm(norm_w(weights[l * 9 + 5]));
-      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false);
+      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false, nullptr,
+              !l13[l].empty());
+      lora_deltas<W>(l13[l], groups, xn.data(), xb.data(), D, u.data(), ff.data(), 2 * F);
 
       // SwiGLU: silu(gate) * up, the input of w2 (and its bf16 copy).
 #pragma omp for collapse(2) schedule(static)
@@ -447,11 +658,12 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
           xb[m * F + i] = f2bf(v);
         }
       }
-      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true);
+      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
+      lora_deltas<W>(l2[l], groups, xn.data(), xb.data(), F, u.data(), h.data(), D);
     }
     rms_norm(norm_w(final_norm));
     gemv<W>({{reinterpret_cast<const W*>(out_w.data_ptr()), V, 0}}, M, xn.data(), xb.data(), D,
-            logits, V, false);
+            logits, V, false, rowmap);
   }
 }
 
@@ -461,6 +673,9 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens, const std
 // each add one token and returns the float32 logits (M, vocab).
 //   weights: 9 tensors per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
 //   windows: per layer, 0 for none
+//   lora: empty, or 14 per layer: A, B of wq, wk, wv, wo, w1, w3, w2, each
+//         (S, R, in) and (S, out, R) in the weights' dtype, or empty where the
+//         matrix has no adapter (see lora_deltas); step()'s slots pick one per row
 // The caller (galerne/kernels/cpu.py) checks that the model qualifies: contiguous
 // CPU tensors, one dtype (float32 or bfloat16) for weights and cache, no biases.
 class Decoder {
@@ -468,10 +683,10 @@ class Decoder {
   Decoder(std::vector<torch::Tensor> weights, torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor emb,
           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
           int64_t n_kv_heads, int64_t head_dim, double eps, torch::Tensor inv_freq, double rope_scale, double q_beta,
-          int64_t q_orig)
+          int64_t q_orig, std::vector<torch::Tensor> lora)
       : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
            n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2), static_cast<float>(rope_scale),
-           q_beta, q_orig} {
+           q_beta, q_orig, {}, 0} {
     // Computed by galerne.models.layers.rotary_inv_freq (plain or YaRN), float32.
     TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.is_contiguous() && inv_freq.numel() == head_dim / 2,
                 "Decoder: inv_freq must be head_dim / 2 contiguous float32 values");
@@ -484,13 +699,41 @@ class Decoder {
     for (const auto& t : m_.weights) TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: weights");
     for (const auto& t : {final_norm, emb, k_cache, v_cache})
       TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: one dtype, contiguous");
+    const int64_t L = static_cast<int64_t>(m_.windows.size());
+    TORCH_CHECK(lora.empty() || static_cast<int64_t>(lora.size()) == 14 * L, "Decoder: lora: 14 tensors per layer");
+    int64_t slots = -1;
+    for (int64_t l = 0; l < L && !lora.empty(); ++l) {
+      for (int j = 0; j < 7; ++j) {
+        torch::Tensor &a = lora[l * 14 + 2 * j], &b = lora[l * 14 + 2 * j + 1];
+        const bool has_a = a.defined() && a.numel() > 0, has_b = b.defined() && b.numel() > 0;
+        TORCH_CHECK(has_a == has_b, "Decoder: lora: A and B come together");
+        if (!has_a) {
+          a = b = torch::Tensor();
+          continue;
+        }
+        const torch::Tensor& w = m_.weights[l * 9 + (j < 4 ? 1 + j : 2 + j)];
+        TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(2) &&
+                        a.size(2) == w.size(1) && b.size(1) == w.size(0),
+                    "Decoder: lora: A (S, R, in) and B (S, out, R) of the matrix's shape");
+        TORCH_CHECK(a.scalar_type() == dtype && b.scalar_type() == dtype && a.is_contiguous() && b.is_contiguous(),
+                    "Decoder: lora: contiguous, in the weights' dtype");
+        TORCH_CHECK(slots < 0 || a.size(0) == slots, "Decoder: lora: one number of slots for every stack");
+        slots = a.size(0);
+      }
+    }
+    if (slots > 0) m_.lora = std::move(lora), m_.slots = slots;  // none adapted: as without
   }
 
   torch::Tensor step(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
-                     const std::vector<std::vector<int32_t>>& block_tables, int64_t threads) const {
+                     const std::vector<std::vector<int32_t>>& block_tables, int64_t threads,
+                     std::vector<int64_t> slots) const {
     const int64_t M = static_cast<int64_t>(tokens.size()), vocab = m_.emb.size(0);
     TORCH_CHECK(M > 0 && positions.size() == tokens.size() && block_tables.size() == tokens.size(),
                 "Decoder.step: one position and one block table per token");
+    if (slots.empty()) slots.assign(M, -1);
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == M, "Decoder.step: one slot per token (or none)");
+    for (int64_t s : slots)
+      TORCH_CHECK(s >= -1 && s < m_.slots, "Decoder.step: adapter slot ", s, " out of range (", m_.slots, " slots)");
     for (int64_t m = 0; m < M; ++m) {
       TORCH_CHECK(tokens[m] >= 0 && tokens[m] < vocab, "Decoder.step: token id out of range");
       const int64_t need = positions[m] / m_.k_cache.size(2) + 1;
@@ -503,9 +746,9 @@ class Decoder {
     if (logits_.size(0) < M) logits_ = torch::empty({M, vocab}, torch::TensorOptions().dtype(torch::kFloat32));
     float* out = logits_.data_ptr<float>();
     if (m_.out_w.scalar_type() == torch::kBFloat16)
-      step_impl<bf16>(m_, tokens, positions, block_tables, threads, out);
+      step_impl<bf16>(m_, tokens, positions, block_tables, slots, threads, out);
     else
-      step_impl<float>(m_, tokens, positions, block_tables, threads, out);
+      step_impl<float>(m_, tokens, positions, block_tables, slots, threads, out);
     return logits_.narrow(0, 0, M);
   }
 
@@ -518,6 +761,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, torch::Tensor, double,
-                          double, int64_t>())
-      .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)");
+                          double, int64_t, std::vector<torch::Tensor>>())
+      .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)",
+           pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("block_tables"),
+           pybind11::arg("threads"), pybind11::arg("slots") = std::vector<int64_t>{});
 }
