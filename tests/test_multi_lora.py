@@ -225,23 +225,33 @@ def test_slots_layout(tiny, paths):
     assert not any("lora" in k for k in llm.model.state_dict())
 
 
-def test_cpu_kernel_still_runs_steps_without_adapters(tiny, paths, merged):
+def test_cpu_kernel_runs_decode_steps_with_and_without_adapters(tiny, paths, merged):
+    """Decode steps go through the CPU kernel, which reads the slots' stacks: rows with
+    an adapter carry their slot, and the tokens still equal the merged model's."""
     from conftest import has_compiler
 
     if not has_compiler():
         pytest.skip("no C++ compiler: no CPU kernel")
-    llm = LLM(tiny, device="cpu", adapters={"a": paths["a"]})
+    llm = LLM(tiny, device="cpu", adapters={"a": paths["a"], "b": paths["b"]})
     decoder = llm.engine.runner.cpu_decoder
     if decoder is None:
         pytest.skip("the CPU kernel is not available here")
+    assert decoder.slots == llm.engine.settings.max_loras  # rebuilt on the wrapped model
     calls = []
-    llm.engine.runner.cpu_decoder = lambda tokens, entries: calls.append(len(tokens)) or decoder(tokens, entries)
-    llm.engine.runner.cpu_decoder.max_batch = decoder.max_batch  # type: ignore[attr-defined]
+
+    def spy(tokens, entries, slots=None):
+        calls.append(slots)
+        return decoder(tokens, entries, slots)
+
+    spy.max_batch = decoder.max_batch
+    llm.engine.runner.cpu_decoder = spy
     check_against_merged(llm.generate([prompts()[1]], GREEDY), [None], merged)
-    assert calls  # base-only decodes: the kernel
+    assert calls and all(c is None for c in calls)  # base-only decodes: no slots
     calls.clear()
-    check_against_merged(llm.generate([prompts()[1]], GREEDY, adapter="a"), ["a"], merged)
-    assert not calls  # a row with an adapter: torch ops
+    names = ["a", None, "b"]
+    check_against_merged(llm.generate(prompts()[:3], GREEDY, adapter=names), names, merged)
+    together = [c for c in calls if c is not None and len(c) == 3]  # the three decoding in one step
+    assert together and all(len(set(c) - {-1}) == 2 and -1 in c for c in together)
 
 
 def test_scheduler_never_runs_more_adapters_than_slots():

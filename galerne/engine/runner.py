@@ -5,11 +5,12 @@ dominates decoding at small batch: on CUDA they replay a CUDA graph captured for
 next larger batch size; on CPU, up to ``kernels.cpu.MAX_BATCH`` of them run through
 galerne's native decode kernel (``galerne/kernels``), one call for the whole step.
 
-Adapters (``enable_adapters``): the runner wraps the model's linears in adapter slots
-after making the CPU decoder and the CUDA graphs, which hold the base weights (the
-wrappers keep them as they are) and were made without adapters: they still run the
-steps where no row has one. A step where some row has an adapter goes through torch
-ops, each row with its slot, until those kernels read the slots too (the seam:
+Adapters (``enable_adapters``): the runner wraps the model's linears in adapter slots.
+The CPU decoder is then rebuilt on the wrapped model: it reads the slots' stacks in
+place, so decode steps with adapters run through the kernel too, each row with its
+slot. The CUDA graphs, captured before, hold the base weights (the wrappers keep them
+as they are): they still run the steps where no row has an adapter; a CUDA step where
+some row has one goes through torch ops (the seam for a segment kernel:
 ``MultiLoRA.layers()`` gives the stacks, ``LoRARows.slot_of_row`` the rows' slots).
 """
 
@@ -60,6 +61,10 @@ class ModelRunner:
         ``max_rank`` (once); see the module's docstring for the kernels."""
         if self.lora is None:
             self.lora = apply_multi_lora(self.model, max_loras, max_rank)
+            if self.cpu_decoder is not None:  # the same weights, now with the slots' stacks
+                from ..kernels.cpu import CpuDecoder
+
+                self.cpu_decoder = CpuDecoder.create(self.model, self.cache.k, self.cache.v)
         return self.lora
 
     @torch.inference_mode()
@@ -87,9 +92,9 @@ class ModelRunner:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
                 rows.append(i)
         adapters = slots is not None and any(s >= 0 for s in slots)
-        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of and not adapters
+        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of
         if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
-            return self.cpu_decoder(tokens, entries), rows, {}
+            return self.cpu_decoder(tokens, entries, list(slots) if adapters else None), rows, {}
         if (self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and not adapters
                 and self.graphs.fits(len(tokens), entries)):
             hidden = self.graphs.run(tokens, entries)
