@@ -15,7 +15,6 @@ import torch
 
 from ..config import EngineSettings
 from ..errors import InvalidParameter
-from ..models.lora import multi_lora_bytes, multi_lora_unsupported
 from ..models.transformer import Transformer
 from ..sampling.guided import GuidedMatcher, allowed_masks, compiler_for
 from ..sampling.sampler import (
@@ -178,10 +177,6 @@ class Engine:
         peak = torch.cuda.max_memory_allocated()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = total * self.settings.gpu_memory_utilization - peak
-        if self.settings.max_loras and multi_lora_unsupported(self.model) is None:
-            # The adapter slots are allocated on the first load: keep their room now, so that
-            # a load on a GPU the KV cache filled does not run out of memory.
-            budget -= multi_lora_bytes(self.model, self.settings.max_loras, self.settings.max_lora_rank)
         if budget <= 0:
             raise InvalidParameter(
                 "gpu_memory_utilization",
