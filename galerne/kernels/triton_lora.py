@@ -59,9 +59,9 @@ if triton is not None:
     @triton.jit
     def _shrink_row(x_ptr, a_ptr, u_ptr, t, slot, offs_r, r_mask, k_lo, k_hi,
                     stride_xt, stride_as, stride_ar, stride_ut,
-                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         """u[t, offs_r] (+)= A[slot, offs_r, k_lo:k_hi] @ x[t, k_lo:k_hi], one GEMV."""
-        acc = tl.zeros((offs_r.shape[0],), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar  # (BLOCK_R, 1)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -92,7 +92,7 @@ if triton is not None:
             slot = tl.load(slot_ptr + pid_t)
             if slot >= 0:
                 _shrink_row(x_ptr, a_ptr, u_ptr, pid_t, slot, offs_r, r_mask, k_lo, k_hi,
-                            stride_xt, stride_as, stride_ar, stride_ut, BLOCK_K, SPLIT_K)
+                            stride_xt, stride_as, stride_ar, stride_ut, BLOCK_R, BLOCK_K, SPLIT_K)
         else:
             offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < T
@@ -125,13 +125,13 @@ if triton is not None:
                         slot = tl.load(slot_ptr + t)
                         if slot >= 0:
                             _shrink_row(x_ptr, a_ptr, u_ptr, t, slot, offs_r, r_mask, k_lo, k_hi,
-                                        stride_xt, stride_as, stride_ar, stride_ut, BLOCK_K, SPLIT_K)
+                                        stride_xt, stride_as, stride_ar, stride_ut, BLOCK_R, BLOCK_K, SPLIT_K)
 
     @triton.jit
     def _expand_row(u_ptr, b_ptr, out_ptr, t, slot, offs_n, n_mask, R,
-                    stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_R: tl.constexpr):
+                    stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[t, offs_n] += B[slot, offs_n, :R] @ u[t, :R], one GEMV."""
-        acc = tl.zeros((offs_n.shape[0],), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn  # (BLOCK_N, 1)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -158,7 +158,7 @@ if triton is not None:
             slot = tl.load(slot_ptr + pid_t)
             if slot >= 0:
                 _expand_row(u_ptr, b_ptr, out_ptr, pid_t, slot, offs_n, n_mask, R,
-                            stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_R)
+                            stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_N, BLOCK_R)
         else:
             offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < T
@@ -188,7 +188,7 @@ if triton is not None:
                         slot = tl.load(slot_ptr + t)
                         if slot >= 0:
                             _expand_row(u_ptr, b_ptr, out_ptr, t, slot, offs_n, n_mask, R,
-                                        stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_R)
+                                        stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_N, BLOCK_R)
 
 
 def _pow2(n: int) -> int:
