@@ -10,8 +10,9 @@ The CPU decoder is then rebuilt on the wrapped model: it reads the slots' stacks
 place, so decode steps with adapters run through the kernel too, each row with its
 slot. The CUDA graphs, captured before, hold the base weights (the wrappers keep them
 as they are): they still run the steps where no row has an adapter; a CUDA step where
-some row has one goes through torch ops (the seam for a segment kernel:
-``MultiLoRA.layers()`` gives the stacks, ``LoRARows.slot_of_row`` the rows' slots).
+some row has one runs eagerly, each wrapper adding its rows' deltas with the Triton
+kernel (``kernels.triton_lora``: it reads ``LoRARows.slot_of_row`` on the device and
+syncs nothing, so such steps could be captured too, with the slots in a static buffer).
 """
 
 from __future__ import annotations

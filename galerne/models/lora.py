@@ -12,6 +12,7 @@ state dict (as before the swap), so checkpoints and exports keep their names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable
 
@@ -152,8 +153,8 @@ def lora_config(model: nn.Module) -> dict:
 # of ``max_lora_rank``; an engine copies adapters into slots (galerne.engine.adapters)
 # and says, per forward, which slot each row uses.
 #
-# The layout is a contract with the native kernels (the CPU decode kernel, a Triton
-# kernel later): per layer, the targets in MULTI_TARGETS order, each with
+# The layout is a contract with the native kernels (the CPU decode kernel,
+# galerne.kernels.triton_lora on CUDA): per layer, the targets in MULTI_TARGETS order, each with
 #   lora_A (S, R, in) and lora_B (S, out, R), contiguous, in the base weight's dtype
 #   and device; slot s holding an adapter of rank r fills A[s, :r] and B[s, :, :r]
 #   (scaling folded into B) and zeros elsewhere; a target the adapter lacks is zero
@@ -174,9 +175,19 @@ class LoRARows:
     (n,) int64 index tensor on the device. ``slot_of_row``: the same as a (T,) int32
     device tensor, -1 for the base (what a fused kernel reads)."""
 
-    def __init__(self):
+    def __init__(self, kernel: str = "auto"):
+        if kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel must be auto, torch or triton, got {kernel!r}")
         self.groups: list[tuple[int, slice | torch.Tensor]] = []
         self.slot_of_row: torch.Tensor | None = None
+        # Rows of the contiguous one-slot run an adapter row sits in, on average over
+        # adapter rows: a 500-row chunk among 60 single decodes gives 446, 64 decodes
+        # of distinct adapters 1 (the CUDA kernel's row blocks follow it).
+        self.mean_run = 0.0
+        # How MultiLoRALinear adds the deltas: "auto", the Triton kernel on CUDA when
+        # triton imports, else torch ops; "torch"; "triton", on any device (on CPU
+        # tensors only under TRITON_INTERPRET=1: tests).
+        self.kernel = kernel
 
     def set(self, seq_slots: list[int], q_lens: list[int], device: torch.device) -> None:
         """seq_slots: the slot of each sequence (-1: base); q_lens: its rows, in order.
@@ -192,6 +203,8 @@ class LoRARows:
                 else:
                     spans.append((start, start + n))
             start += n
+        lens = [b - a for spans in runs.values() for a, b in spans]
+        self.mean_run = sum(n * n for n in lens) / max(sum(lens), 1)
         groups = []
         for slot, spans in runs.items():
             if len(spans) == 1:
@@ -204,7 +217,7 @@ class LoRARows:
         self.slot_of_row = per_row.to(device, non_blocking=True)
 
     def clear(self) -> None:
-        self.groups, self.slot_of_row = [], None
+        self.groups, self.slot_of_row, self.mean_run = [], None, 0.0
 
 
 class MultiLoRALinear(nn.Module):
@@ -248,8 +261,21 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (T, out)
-        # The seam for a fused segment kernel (Punica's SGMV on CUDA, the CPU kernel's
-        # LoRA GEMVs): the same groups, or rows.slot_of_row, and the stacks.
+        if not self.rows.groups:
+            return y
+        kernel = _triton_lora() if self._use_triton(x) else None
+        if kernel is None and self.rows.kernel == "triton":
+            raise RuntimeError("LoRARows.kernel is 'triton' but triton is not importable (or x is not a flat batch)")
+        if kernel is not None:
+            # One launch pair for all slots, reading rows.slot_of_row on the device (no
+            # host sync: capturable). The rank and row block come from host state only.
+            rank = max(self.ranks[slot] for slot, _ in self.rows.groups)
+            if rank:
+                block_t = 16 if self.rows.mean_run >= 16 else 1
+                kernel.lora_delta(x, self.lora_A, self.lora_B, self.rows.slot_of_row, y,
+                                  max_rank=rank, block_t=block_t)
+            return y
+        # Torch ops, one slot at a time (the CPU kernel has its own LoRA GEMVs).
         for slot, rows in self.rows.groups:
             r = self.ranks[slot]
             if not r:
@@ -261,9 +287,23 @@ class MultiLoRALinear(nn.Module):
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
         return y
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        mode = self.rows.kernel
+        if mode == "torch" or (mode == "auto" and not x.is_cuda):
+            return False
+        return x.dim() == 2 and x.dtype == self.lora_A.dtype and x.stride(1) == 1
+
     def extra_repr(self) -> str:
         S, R, _ = self.lora_A.shape
         return f"slots={S}, max_rank={R}"
+
+
+@functools.cache
+def _triton_lora():
+    """galerne.kernels.triton_lora, or None without triton."""
+    from ..kernels import triton_lora
+
+    return triton_lora if triton_lora.triton is not None else None
 
 
 def multi_lora_unsupported(model: nn.Module) -> str | None:
@@ -338,15 +378,16 @@ def multi_lora_bytes(model: nn.Module, max_loras: int, max_rank: int) -> int:
     return total
 
 
-def apply_multi_lora(model: nn.Module, max_loras: int, max_rank: int) -> MultiLoRA:
+def apply_multi_lora(model: nn.Module, max_loras: int, max_rank: int, kernel: str = "auto") -> MultiLoRA:
     """Wrap every target linear (MULTI_TARGETS of every layer) in a ``MultiLoRALinear``
     of ``max_loras`` empty slots of rank ``max_rank``. All stacks are allocated before
     any module is swapped, so that a failure (out of memory) leaves the model as it was.
-    Raises ValueError when ``multi_lora_unsupported`` gives a reason."""
+    Raises ValueError when ``multi_lora_unsupported`` gives a reason. ``kernel``: see
+    ``LoRARows.kernel``."""
     reason = multi_lora_unsupported(model)
     if reason is not None:
         raise ValueError(f"adapters can't be served unmerged on this model: {reason}")
-    rows = LoRARows()
+    rows = LoRARows(kernel)
     targets = _multi_targets(model)
     wrapped = {name: MultiLoRALinear(m, rows, max_loras, max_rank) for name, m in targets}
     for name, m in wrapped.items():
