@@ -10,14 +10,18 @@ if [ -d .whl ]; then  # mistral-common and its pure-Python needs, carried as whe
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py tests/test_triton_lora.py \
+  tests/test_triton_attention.py 2>&1 | tail -20 | tee "$OUT/tests.txt"
 cd benchmarks
-timeout 75 python3 decode_latency.py --model mistral-7b --device cuda --repeats 2 --baselines transformers \
+timeout 70 python3 decode_latency.py --model mistral-7b --device cuda --repeats 2 --baselines transformers \
   --baseline-new-tokens 64 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/decode.txt"
-timeout 95 python3 throughput.py --model mistral-7b --device cuda --baseline none --max-num-batched-tokens 8192 \
+timeout 90 python3 throughput.py --model mistral-7b --device cuda --baseline none --max-num-batched-tokens 8192 \
   2>&1 | grep -v -i warn | tail -8 | tee "$OUT/throughput.txt"
 # Protocol 2's baseline: transformers' batched generate takes minutes on all 256
 # requests, so for the ratio galerne and transformers both run 64 requests drawn
 # the same way (seed 0, lengths in [100, 1024]); the line above is galerne on all 256.
 timeout 150 python3 throughput.py --model mistral-7b --device cuda --num-requests 64 --hf-batch 64 \
   --max-num-batched-tokens 8192 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/throughput_vs_hf.txt"
+# Issue #15: 0, 16 and 64 adapters (rank 16, every linear) against the base in one engine.
+timeout 90 python3 adapters_throughput.py --model mistral-7b --device cuda --num-requests 128 --min-len 100 \
+  --max-len 512 --adapters 0,16,64 --repeats 1 2>&1 | grep -v -i warn | tail -6 | tee "$OUT/adapters.txt"
