@@ -2,8 +2,9 @@
 requests spread over 0, 1, 4, 16 and 64 distinct LoRA adapters, against the base
 model alone, in the same run and the same engine.
 
-Random adapters of rank 16 on every linear (wq wk wv wo w1 w3 w2), Mistral layout,
-B scaled like trained ones (so that the deltas are not zero). Requests: prompt and
+Random adapters of rank 16 on every linear (wq wk wv wo w1 w3 w2), made in memory
+(the engine's own ``AdapterWeights``), B scaled like trained ones (so that the
+deltas are not zero). Requests: prompt and
 output lengths drawn uniformly from [--min-len, --max-len] with seed 0, EOS ignored,
 request i through adapter i mod N. Runs interleaved over ``--repeats`` rounds
 (0, 1, 4, ... then again), figures are medians.
@@ -19,9 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-from common import CACHE, SHAPES, hf_config, median, random_checkpoint, report, sync, v3_tokenizer
+from common import SHAPES, hf_config, median, random_checkpoint, report, sync, v3_tokenizer
 from throughput import requests
 
 TARGETS = {"attention.wq": ("dim", "q"), "attention.wk": ("dim", "kv"), "attention.wv": ("dim", "kv"),
@@ -29,25 +28,23 @@ TARGETS = {"attention.wq": ("dim", "q"), "attention.wk": ("dim", "kv"), "attenti
            "feed_forward.w2": ("ffn", "dim")}
 
 
-def make_adapters(args, n: int, rank: int, folder: Path) -> list[Path]:
-    """``n`` random Mistral-layout adapters (lora.safetensors), made once and cached."""
+def make_adapters(args, n: int, rank: int, device) -> list:
+    """``n`` random adapters, made in memory on the device (a 7B's would be 170 MB of
+    files each): ``AdapterWeights`` as ``read_adapter`` returns them."""
+    from galerne.weights.adapters import AdapterWeights
+
     dims = {"dim": args.dim, "q": args.n_heads * args.head_dim, "kv": args.n_kv_heads * args.head_dim,
             "ffn": args.hidden_dim}
     out = []
     for a in range(n):
-        path = folder / f"adapter-{a}-r{rank}" / "lora.safetensors"
-        out.append(path.parent)
-        if path.exists():
-            continue
-        g = torch.Generator().manual_seed(1000 + a)
+        g = torch.Generator(device=device).manual_seed(1000 + a)
         tensors = {}
         for layer in range(args.n_layers):
             for target, (i, o) in TARGETS.items():
-                name = f"layers.{layer}.{target}"
-                tensors[f"{name}.lora_A.weight"] = torch.randn(rank, dims[i], generator=g) / dims[i] ** 0.5
-                tensors[f"{name}.lora_B.weight"] = torch.randn(dims[o], rank, generator=g) * 0.02
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"r": str(rank), "lora_alpha": str(2 * rank), "format": "pt"})
+                A = torch.randn(rank, dims[i], generator=g, device=device) / dims[i] ** 0.5
+                B = torch.randn(dims[o], rank, generator=g, device=device) * 0.02
+                tensors[f"layers.{layer}.{target}"] = (A, B)
+        out.append(AdapterWeights(Path(f"<random adapter {a}>"), "mistral", rank, 2.0, 2.0 * rank, tensors))
     return out
 
 
@@ -83,21 +80,22 @@ def main() -> None:
     del hf
     counts = [int(c) for c in args.adapters.split(",")]
     most = max(counts)
-    paths = make_adapters(margs, most, args.rank, CACHE / f"adapters-{args.model}")
+    adapters = make_adapters(margs, most, args.rank, device)
     engine = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
     llm = LLM.from_model(model, Tokenizer.from_path(v3_tokenizer()), max_model_len=4096,
                          max_loras=max(most, 1), max_lora_rank=args.rank, **engine)
     names = [f"a{i}" for i in range(most)]
     t = time.perf_counter()
-    for name, path in zip(names, paths):
-        llm.load_adapter(name, path)
+    for name, weights in zip(names, adapters):
+        llm.engine.adapters.add(name, weights)
     load_s = time.perf_counter() - t
 
     prompts, output_lens = requests(args.num_requests, args.min_len, args.max_len, SHAPES[args.model]["vocab_size"])
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     total_out = sum(output_lens)
-    warm = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)] * 2
-    llm.generate(prompts[:2], warm, adapter=[None, names[0] if names else None])
+    # Warm-up: every prompt once, base and adapters mixed (allocator, kernel buffers, slots).
+    warm = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    llm.generate(prompts, warm, adapter=[names[i % most] if most and i % 2 else None for i in range(len(prompts))])
     runs: dict[int, list[float]] = {n: [] for n in counts}
     for _ in range(args.repeats):
         for n in counts:
@@ -111,7 +109,7 @@ def main() -> None:
     figures = {n: round(median(r), 1) for n, r in runs.items()}
     base = figures.get(0)
     print(f"{args.num_requests} requests, {total_out} output tokens, {args.model} {dtype} on {device}, "
-          f"rank {args.rank} on 7 targets; {most} adapters loaded in {load_s:.2f} s")
+          f"rank {args.rank} on 7 targets; {most} adapters registered in {load_s:.2f} s")
     for n, tps in figures.items():
         rel = f"   {tps / base:6.1%} of the base" if base and n else ""
         print(f"  {n:>3} adapters  {tps:9.1f} output tokens/s  (runs: {', '.join(f'{x:.1f}' for x in runs[n])}){rel}")
