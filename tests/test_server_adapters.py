@@ -140,6 +140,20 @@ def test_load_serve_unload_reload(live, oai, merged, lora_dir):
     assert live.state.llm.engine.adapters.stats()["adapters_loaded"] == 1
 
 
+def test_fim_and_echo_through_an_adapter(live, oai, merged):
+    """FIM (Mistral's route) and the echoed prompt's logprobs (scoring) go through the
+    adapter too: the prompt's logprobs are those of the adapter merged."""
+    mis = Mistral(api_key=KEY, server_url=live.url)
+    fim = mis.fim.complete(model="b", prompt="def add(a, b):\n    return ", suffix="\n", max_tokens=4, temperature=0)
+    assert fim.model == "b"
+    r = oai.completions.create(model="b", prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=0)
+    got = r.choices[0].logprobs.token_logprobs[1:len(PROMPT)]
+    for name, close in (("b", True), (None, False)):
+        ref = merged[name].generate([PROMPT], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+        want = [e.logprob for e in ref.prompt_logprobs[1:]]
+        assert (max(abs(x - y) for x, y in zip(got, want)) < 1e-4) is close, name
+
+
 def test_a_slow_load_stalls_no_other_client(live, oai, lora_dir, monkeypatch):
     """The files are read in a worker thread: while a read hangs, streams run to their end
     and other routes answer."""

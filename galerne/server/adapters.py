@@ -45,6 +45,7 @@ from ..models.lora import MULTI_TARGETS
 from ..weights.adapters import AdapterWeights, adapter_files
 from .auth import require_api_key
 from .errors import AdapterInvalid, AdapterNotFound, Forbidden, ShuttingDown
+from .mistral.routes import body_schema
 from .protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from .serving import read_request
 from .state import ServerState
@@ -60,7 +61,7 @@ HEADER_BYTES = 16 << 20  # a safetensors header (names, shapes, metadata), gener
 
 
 @router.post("/v1/load_lora_adapter", summary="Load a LoRA adapter, served unmerged under a name (vLLM's route)",
-             response_class=PlainTextResponse)
+             response_class=PlainTextResponse, openapi_extra=body_schema("LoadLoRAAdapterRequest"))
 async def load_lora_adapter(request: Request) -> PlainTextResponse:
     req = await read_request(request, LoadLoRAAdapterRequest)
     server: ServerState = request.app.state.server
@@ -84,7 +85,7 @@ async def load_lora_adapter(request: Request) -> PlainTextResponse:
 
 
 @router.post("/v1/unload_lora_adapter", summary="Stop serving a LoRA adapter (vLLM's route)",
-             response_class=PlainTextResponse)
+             response_class=PlainTextResponse, openapi_extra=body_schema("UnloadLoRAAdapterRequest"))
 async def unload_lora_adapter(request: Request) -> PlainTextResponse:
     req = await read_request(request, UnloadLoRAAdapterRequest)
     server: ServerState = request.app.state.server

@@ -43,11 +43,13 @@ from .mistral import routes as mistral_routes
 from .mistral.protocol import MistralChatCompletionRequest, MistralFIMCompletionRequest
 from .openai import routes as openai_routes
 from .openai.protocol import OpenAIChatCompletionRequest, OpenAICompletionRequest
+from .protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from .state import ServerState
 
 log = logging.getLogger(__name__)
 
-WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest)
+WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest,
+               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 DESCRIPTION = """\
 An API that the official `openai` and `mistralai` clients use unchanged: chat
 completions (both dialects, tools, JSON output), FIM and text completions, models.
