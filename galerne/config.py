@@ -124,6 +124,13 @@ class SamplingSettings:
         return SamplingParams(**dataclasses.asdict(self))
 
 
+# What the server accepts as an adapter's name (``--lora NAME=PATH``, ``lora_name``): it
+# becomes a model id, in URLs (/v1/models/NAME) and in logs, so no spaces, slashes or
+# control characters; the colon lets fine-tuned ids read as Mistral's (ft:base:suffix:id).
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+ADAPTER_NAME_RULE = "1 to 64 of the characters A-Z a-z 0-9 . _ : - (the first a letter or digit)"
+
+
 @dataclass
 class ServerSettings:
     """The HTTP API server (``galerne serve``)."""
@@ -147,6 +154,11 @@ class ServerSettings:
                                             "(CORS); repeatable or comma-separated; '*': any", sep=",")
     allowed_host: list[str] = setting([], "without an API key, a Host name the server answers to besides localhost, "
                                           "127.0.0.1, [::1] and --host; repeatable or comma-separated; '*': any", sep=",")
+    lora: list[str] = setting([], "LoRA adapter served unmerged from the start, as NAME=PATH (a PEFT folder, or a Mistral "
+                                  "lora.safetensors); requests pick it with \"model\": NAME; repeatable")
+    lora_dir: list[str] = setting([], "folder the API may load adapters from at run time (POST /v1/load_lora_adapter; "
+                                      "their paths must lie inside one, symlinks resolved); repeatable; none: run-time "
+                                      "loading is off")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -170,6 +182,24 @@ class ServerSettings:
         for i, host in enumerate(self.allowed_host):
             if not host or "/" in host or host != host.strip():
                 raise InvalidParameter(f"allowed_host[{i}]", f"must be a host name (no scheme, no path), got {host!r}")
+        names: set[str] = set()
+        for i, item in enumerate(self.lora):
+            name, eq, path = item.partition("=")
+            if not eq or not path:
+                raise InvalidParameter(f"lora[{i}]", f"must be NAME=PATH, got {item!r}")
+            if not ADAPTER_NAME.fullmatch(name):
+                raise InvalidParameter(f"lora[{i}]", f"the name must be {ADAPTER_NAME_RULE}, got {name!r}")
+            if name in names:
+                raise InvalidParameter(f"lora[{i}]", f"two adapters named {name!r}")
+            names.add(name)
+        for i, folder in enumerate(self.lora_dir):
+            if not folder or not os.path.isdir(folder):
+                raise InvalidParameter(f"lora_dir[{i}]", f"must be an existing folder, got {folder!r}")
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The ``--lora`` adapters: name -> path."""
+        return dict(item.partition("=")[::2] for item in self.lora)
 
     @property
     def max_body_bytes(self) -> int:

@@ -12,6 +12,13 @@ stats snapshot, and hands the step's outputs to the requests' queues with one
 its KV cache can never hold) comes back the same way, as that request's error.
 The shape is vLLM v1's EngineCore busy loop.
 
+``call`` runs a function of the engine on its thread, between two steps, through
+the same queue (the server loads and unloads adapters so: the adapter registry is
+the engine thread's alone); its result or exception comes back to the awaiting
+coroutine. After each batch of inputs the thread publishes, besides the stats, the
+list of adapters loaded (``adapters``): what the routes check a request's model
+against without touching the engine.
+
 A step that raises stops the loop for good: the requests it was running and
 every later one get an ``EngineDeadError``, and ``error`` says what happened.
 ``shutdown`` stops the loop too (after the server drained its requests).
@@ -23,10 +30,12 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import EngineDeadError, GalerneError
+from .adapters import AdapterInfo
 from .engine import Engine, StepOutput
 from .request import EngineRequest
 
@@ -43,6 +52,13 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
 
 
 @dataclass
@@ -65,6 +81,7 @@ class AsyncEngine:
         self._closed: str | None = None  # why adds are refused
         self._error: BaseException | None = None  # what stopped the loop, if a step raised
         self._stats = engine.stats()  # the thread has not started: nothing else touches the engine
+        self._adapters: tuple[AdapterInfo, ...] = tuple(engine.list_adapters())
         self._streams: dict[str, _Stream] = {}  # the engine thread's alone
         self._thread = threading.Thread(target=self._run, name="galerne-engine", daemon=True)
         self._thread.start()
@@ -93,6 +110,24 @@ class AsyncEngine:
         finally:
             if remaining:  # cancelled, or the consumer stopped early: free its blocks
                 self._inputs.put(_Abort(request.request_id))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """``fn(engine)`` on the engine thread, between two steps (after the inputs queued
+        before it); its result, or its exception, here. A ``fn`` must be quick: every
+        request waits for it (read files in a worker thread first). Cancelling the
+        awaiting coroutine does not undo a call already queued: it still runs."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._gate:
+            if self._closed is not None:
+                raise EngineDeadError(self._closed)
+            self._inputs.put(_Call(fn, loop, future))
+        return await future  # cancelled: the answer is dropped (_put_all)
+
+    def adapters(self) -> tuple[AdapterInfo, ...]:
+        """The adapters loaded, as the engine thread published them after its last inputs
+        (a call's changes are in it by the time the call returns)."""
+        return self._adapters
 
     @property
     def error(self) -> BaseException | None:
@@ -140,6 +175,8 @@ class AsyncEngine:
         while item is not _STOP:
             if isinstance(item, _Add):
                 self._add(item)
+            elif isinstance(item, _Call):
+                self._call(item)
             else:
                 self.engine.abort(item.request_id)
                 self._streams.pop(item.request_id, None)
@@ -160,6 +197,16 @@ class AsyncEngine:
             _send(add.loop, [(add.outputs, e)])
         else:
             self._streams[rid] = _Stream(add.loop, add.outputs, add.request.params.n)
+
+    def _call(self, call: _Call) -> None:
+        try:
+            result: Any = call.fn(self.engine)
+        except Exception as e:  # the caller's to handle; the engine goes on
+            if not isinstance(e, GalerneError):
+                log.exception("engine call %r failed", call.fn)
+            result = e
+        self._adapters = tuple(self.engine.list_adapters())  # before the caller sees the result
+        _send(call.loop, [(call.future, result)])
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
@@ -188,6 +235,8 @@ class AsyncEngine:
                 break
             if isinstance(item, _Add):
                 batches.setdefault(item.loop, []).append((item.outputs, EngineDeadError(reason)))
+            elif isinstance(item, _Call):
+                batches.setdefault(item.loop, []).append((item.future, EngineDeadError(reason)))
         for rid, stream in self._streams.items():
             batches.setdefault(stream.loop, []).append((stream.outputs, EngineDeadError(reason)))
             try:
@@ -199,7 +248,7 @@ class AsyncEngine:
             _send(loop, batch)
 
 
-def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue, object]]) -> None:
+def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue | asyncio.Future, object]]) -> None:
     """Hand items to queues of ``loop``, in one call into it."""
     try:
         loop.call_soon_threadsafe(_put_all, batch)
@@ -207,6 +256,14 @@ def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue, obje
         pass
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(batch: list[tuple[asyncio.Queue | asyncio.Future, object]]) -> None:
     for q, item in batch:
-        q.put_nowait(item)
+        if isinstance(q, asyncio.Future):  # a call's answer
+            if q.done():  # cancelled: nobody waits for it
+                continue
+            if isinstance(item, BaseException):
+                q.set_exception(item)
+            else:
+                q.set_result(item)
+        else:
+            q.put_nowait(item)

@@ -8,7 +8,9 @@ AsyncEngine over ``llm.engine`` and, at shutdown, waits for the requests in
 flight (uvicorn's graceful shutdown already waits for open connections; this
 covers other hosts too) before it stops the engine. ``/health`` and
 ``/metrics`` read what the AsyncEngine publishes (``errored``, a stats
-snapshot), never the engine itself: they answer while a step runs.
+snapshot), never the engine itself: they answer while a step runs. The
+``--lora`` adapters are loaded here, before the engine thread starts; the others
+come and go through adapters.py's routes.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from ..config import ServerSettings
+from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
 from ..errors import GalerneError
 from ..llm import LLM
 from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
-from . import chat, errors
+from . import adapters, chat, errors
 from . import dialect as dialects
 from .auth import require_api_key
 from .guards import BodyGuard, HeadAsGet, LocalGuard
@@ -40,11 +43,13 @@ from .mistral import routes as mistral_routes
 from .mistral.protocol import MistralChatCompletionRequest, MistralFIMCompletionRequest
 from .openai import routes as openai_routes
 from .openai.protocol import OpenAIChatCompletionRequest, OpenAICompletionRequest
+from .protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from .state import ServerState
 
 log = logging.getLogger(__name__)
 
-WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest)
+WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest,
+               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 DESCRIPTION = """\
 An API that the official `openai` and `mistralai` clients use unchanged: chat
 completions (both dialects, tools, JSON output), FIM and text completions, models.
@@ -58,7 +63,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     ids = list(settings.served_model_name) or [model_name or default_model_name(llm)]
     server: ServerState
     metrics = Metrics(ids[0], lambda: server.engine_stats())
-    server = ServerState(llm, settings, ids, metrics)
+    server = ServerState(llm, settings, ids, metrics, lora_dirs=[Path(d).resolve() for d in settings.lora_dir])
+    load_startup_adapters(server)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -94,10 +100,20 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.include_router(chat.router)
     app.include_router(openai_routes.router)
     app.include_router(mistral_routes.router)
+    app.include_router(adapters.router)
     app.include_router(_models_router())
     app.include_router(_ops_router())
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def load_startup_adapters(server: ServerState) -> None:
+    """The ``--lora NAME=PATH`` adapters, loaded before the engine thread starts (any
+    path: the operator gave it). A bad one stops the server from starting."""
+    for i, (name, path) in enumerate(server.settings.lora_adapters.items()):
+        adapters.check_name(server, name, f"lora[{i}]")
+        if name not in server.llm.engine.adapters:  # an app made again over the same LLM (tests)
+            server.llm.load_adapter(name, Path(path).expanduser())
 
 
 def default_model_name(llm: LLM) -> str:
@@ -130,18 +146,37 @@ def model_card(server: ServerState) -> dict:
     return server.card
 
 
+def adapter_card(server: ServerState, info: AdapterInfo) -> dict:
+    """An adapter's card: Mistral's fine-tuned model card (``root``: the base), with
+    vLLM's ``parent`` (the base) for OpenAI-style clients."""
+    base = model_card(server)
+    return {
+        "id": info.name, "object": "model", "created": server.created, "owned_by": "galerne", "type": "fine-tuned",
+        "name": info.name, "description": f"LoRA adapter (rank {info.rank}, {info.layout} layout) on {server.model_id}",
+        "max_context_length": server.max_model_len, "aliases": [], "capabilities": dict(base["capabilities"]),
+        "default_model_temperature": MISTRAL_DEFAULT_TEMPERATURE, "deprecation": None,
+        "job": "", "root": server.model_id, "parent": server.model_id, "archived": False,
+    }
+
+
 def _models_router() -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
 
-    @router.get("/v1/models", summary="The served models")
+    @router.get("/v1/models", summary="The served models: the base, then each adapter (its parent: the base)")
     async def list_models(request: Request) -> dict:
-        return {"object": "list", "data": [model_card(request.app.state.server)]}
+        server: ServerState = request.app.state.server
+        return {"object": "list", "data": [model_card(server)] + [adapter_card(server, a) for a in server.adapters()]}
 
     @router.get("/v1/models/{model_id:path}", summary="One model's card")
     async def get_model(request: Request, model_id: str) -> dict:
         server: ServerState = request.app.state.server
-        server.check_model(model_id)
-        return model_card(server)
+        if model_id in server.model_ids:
+            return model_card(server)
+        adapters = server.adapters()  # one snapshot: an unload may come meanwhile
+        for a in adapters:
+            if a.name == model_id:
+                return adapter_card(server, a)
+        raise errors.ModelNotFound(model_id, server.model_ids + [a.name for a in adapters])
 
     return router
 

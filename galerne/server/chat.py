@@ -82,9 +82,9 @@ async def chat_completions(request: Request) -> Response:
     wire = OpenAIChatCompletionRequest if dialect is Dialect.OPENAI else MistralChatCompletionRequest
     req = (await read_request(request, wire, body)).normalize()
     server: ServerState = request.app.state.server
-    model = server.check_model(req.model)
+    model, adapter = server.check_model(req.model)
     # Checking, tokenizing and compiling a grammar take CPU time: not on the event loop.
-    engine_request, chat = await asyncio.to_thread(prepare, server, req)
+    engine_request, chat = await asyncio.to_thread(prepare, server, req, adapter)
     gen = Generation(server, [engine_request], request_id=new_id(dialect))
     responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=chat.calls_allowed,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
@@ -97,9 +97,10 @@ def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:
     return (prefix if dialect is Dialect.OPENAI else "") + uuid.uuid4().hex
 
 
-def prepare(server: ServerState, req: ChatRequest) -> tuple[EngineRequest, Conversation]:
+def prepare(server: ServerState, req: ChatRequest, adapter: str | None = None) -> tuple[EngineRequest, Conversation]:
     """A chat request checked once, top-down: its conversation, its prompt ids, its
-    SamplingParams, then the request as the engine takes it."""
+    SamplingParams, then the request as the engine takes it (through ``adapter``, a
+    loaded adapter's name, or the base: None)."""
     messages = req.messages
     if req.prompt_mode == "reasoning":
         messages = with_system_prompt(messages, reasoning_prompt(server.tokenizer))
@@ -107,7 +108,8 @@ def prepare(server: ServerState, req: ChatRequest) -> tuple[EngineRequest, Conve
                               response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
                               reasoning_effort=req.reasoning_effort)
     prompt = server.tokenizer.encode_chat(chat)
-    return validate_request(prompt, chat_params(server, req, chat), server.limits, field="messages"), chat
+    return validate_request(prompt, chat_params(server, req, chat), server.limits, field="messages",
+                            adapter=adapter), chat
 
 
 def reasoning_prompt(tokenizer) -> str | list[dict]:

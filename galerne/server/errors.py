@@ -62,10 +62,28 @@ class ClientGone(GalerneError):
 
 class Forbidden(GalerneError):
     """A request the server refuses to serve whoever sends it: a ``Host`` or an ``Origin``
-    it does not answer to (guards.py)."""
+    it does not answer to (guards.py); an adapter path outside ``--lora-dir`` (adapters.py).
+    ``field``: the body's field at fault, if any."""
 
-    def __init__(self, message: str, code: str):
-        self.code = code
+    def __init__(self, message: str, code: str, field: str | None = None):
+        self.code, self.field = code, field
+        super().__init__(message)
+
+
+class AdapterNotFound(GalerneError):
+    """No adapter of that name is loaded (unload), or nothing at the path given (load)."""
+
+    def __init__(self, message: str, field: str):
+        self.field = field
+        super().__init__(message)
+
+
+class AdapterInvalid(GalerneError):
+    """An adapter the server will not load: unreadable, malformed, for another base, too
+    big, or under a name already taken. Nothing loaded changes."""
+
+    def __init__(self, message: str, field: str, code: str = "invalid_adapter"):
+        self.field, self.code = field, code
         super().__init__(message)
 
 
@@ -123,6 +141,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (RequestTimeout, 408, "invalid_request_error", "request_timeout"),
     (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (AdapterNotFound, 404, "invalid_request_error", "adapter_not_found"),  # vLLM's 404
+    (AdapterInvalid, 400, "invalid_request_error", None),  # vLLM's 400; the code is the error's own
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
     (EngineDeadError, 503, "server_error", "engine_failure"),
@@ -140,7 +160,7 @@ def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | N
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, getattr(error, "code", None) if cls is Forbidden else code
+            return status, kind, getattr(error, "code", None) if cls in (Forbidden, AdapterInvalid) else code
     return 500, "server_error", "internal_error"
 
 

@@ -207,6 +207,19 @@ def dump(items) -> Any:
     return items.model_dump(exclude_none=True, by_alias=True)
 
 
+# ---------------------------------------------------------------- adapters (vLLM's bodies)
+
+
+class LoadLoRAAdapterRequest(RequestBody):
+    lora_name: str = Field(description="the adapter's name: requests pick it with \"model\": NAME")
+    lora_path: str = Field(description="its PEFT folder, or Mistral lora.safetensors (or the folder holding it); "
+                                       "absolute, or relative to a --lora-dir, and inside one")
+
+
+class UnloadLoRAAdapterRequest(RequestBody):
+    lora_name: str = Field(description="the name it was loaded under")
+
+
 # ---------------------------------------------------------------- normalized requests
 
 

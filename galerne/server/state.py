@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import ServerSettings
+from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
 from ..engine.request import Limits
 from ..llm import LLM
@@ -28,6 +29,9 @@ class ServerState:
     draining: bool = False
     idle: asyncio.Event | None = None  # set when in_flight falls to 0
     card: dict | None = None  # the model card, made on first use
+    lora_dirs: list = field(default_factory=list)  # --lora-dir, resolved (adapters.py)
+    loading: set[str] = field(default_factory=set)  # adapter names being loaded (their files being read)
+    max_adapter_bytes: int | None = None  # the largest adapter file taken, made on first use (adapters.py)
 
     @property
     def model_id(self) -> str:
@@ -46,10 +50,20 @@ class ServerState:
         """What the routes validate requests against (``validate_request``)."""
         return self.llm.limits
 
-    def check_model(self, model: str) -> str:
-        if model not in self.model_ids:
-            raise ModelNotFound(model, self.model_ids)
-        return self.model_id
+    def adapters(self) -> tuple[AdapterInfo, ...]:
+        """The adapters served unmerged, as the engine thread last published them (before
+        the engine starts: as the LLM has them)."""
+        return self.engine.adapters() if self.engine is not None else tuple(self.llm.adapters())
+
+    def check_model(self, model: str) -> tuple[str, str | None]:
+        """(the id answers show, the adapter to run through or None) of a request's
+        ``model``: the base (by its id or an alias) or a loaded adapter (by its name)."""
+        if model in self.model_ids:
+            return self.model_id, None
+        adapters = self.adapters()
+        if any(a.name == model for a in adapters):
+            return model, model
+        raise ModelNotFound(model, self.model_ids + [a.name for a in adapters])
 
     def engine_stats(self) -> dict | None:
         """The AsyncEngine's last published snapshot (None when it is not started)."""

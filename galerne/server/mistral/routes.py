@@ -32,11 +32,12 @@ async def fim_completions(request: Request) -> Response:
     The answer has the shape of a chat completion, as La Plateforme's."""
     req = (await read_request(request, MistralFIMCompletionRequest)).normalize()
     server: ServerState = request.app.state.server
-    model = server.check_model(req.model)
+    model, adapter = server.check_model(req.model)
     params = sampling_params(req.sampling)
 
     def prepare():  # encoding and checking take CPU time: not on the event loop
-        return validate_request(server.tokenizer.encode_fim(req.prompts[0], req.suffix), params, server.limits)
+        return validate_request(server.tokenizer.encode_fim(req.prompts[0], req.suffix), params, server.limits,
+                                adapter=adapter)
 
     gen = Generation(server, [await asyncio.to_thread(prepare)], request_id=new_id(Dialect.MISTRAL))
     responder = ChatResponder(server, Dialect.MISTRAL, gen, model=model, stream=req.stream, thinking=False)

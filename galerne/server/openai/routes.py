@@ -32,7 +32,7 @@ async def completions(request: Request) -> Response:
     between the prompt and the suffix (mistral-common's FIM encoding)."""
     req = (await read_request(request, OpenAICompletionRequest)).normalize()
     server: ServerState = request.app.state.server
-    model = server.check_model(req.model)
+    model, adapter = server.check_model(req.model)
     req.check_size(server.settings.max_queued_requests)
     tok = server.tokenizer
     kwargs = dict(req.sampling)
@@ -51,7 +51,7 @@ async def completions(request: Request) -> Response:
                 p = tok.encode_fim(p, req.suffix) if req.fim else tok.encode(p, bos=True)
             elif req.fim:
                 raise InvalidParameter(where, "suffix needs a text prompt")
-            out.append(validate_request(p, params, server.limits, field=where))
+            out.append(validate_request(p, params, server.limits, field=where, adapter=adapter))
         return out
 
     gen = Generation(server, await asyncio.to_thread(prepare), request_id=new_id(Dialect.OPENAI, "cmpl-"))
