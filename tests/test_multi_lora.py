@@ -3,6 +3,8 @@ adapter (or none) gives what the model with that adapter merged gives alone."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -185,6 +187,14 @@ def test_bad_adapters_are_refused_and_change_nothing(tiny, tiny_factory, paths, 
     save_file({k: v for k, v in tensors.items() if k != name}, str(tmp_path / "lone" / "adapter_model.safetensors"))
     assert refused("l", tmp_path / "lone", "lora_B is missing").tensor == name
     refused("n", tmp_path / "nowhere", "no such adapter")
+    # A config whose numbers are not numbers: named, not a ValueError from deep inside.
+    for key, value in (("r", "four"), ("lora_alpha", [8]), ("lora_alpha", float("nan")), ("r", True)):
+        bad = tmp_path / f"bad-{key}-{value}"
+        bad.mkdir()
+        (bad / "adapter_model.safetensors").write_bytes((paths["c"] / "adapter_model.safetensors").read_bytes())
+        cfg = json.loads((paths["c"] / "adapter_config.json").read_text()) | {key: value}
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+        assert refused("x", bad, f"bad '{key}'").path.endswith("adapter_config.json")
     # For another base: shapes that do not match this model's linears.
     other, _ = tiny_factory("head-dim")
     make_adapter(other, tmp_path / "other", 2, ("wq", "wo"), "mistral", 5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,18 +187,28 @@ def _peft_config(cfg_path: Path) -> dict:
     return cfg
 
 
+def _number(source: dict, key: str, cast, where: Path):
+    """``source[key]`` as ``cast`` (int or float), None when absent; anything else (a
+    string, a bool, a list) is a ModelLoadError naming the key and the file."""
+    value = source.get(key)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise TypeError
+        number = cast(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ModelLoadError(f"bad {key!r}: {value!r} (a number is expected)", path=str(where)) from None
+    if cast is float and not math.isfinite(number):
+        raise ModelLoadError(f"bad {key!r}: {value!r} (a finite number is expected)", path=str(where))
+    return number
+
+
 def _mistral_numbers(path: Path, meta: dict[str, str]) -> tuple[int | None, float | None, float | None]:
     """(r, lora_alpha, scaling) of a Mistral-layout file: from its safetensors metadata
     (galerne writes them there), else from the ``"lora"`` section of a ``params.json``
     beside it (mistral-finetune's checkpoint folder: ``{"rank", "scaling"}``)."""
-    def num(source: dict, key: str, cast, where: Path):
-        if source.get(key) is None:
-            return None
-        try:
-            return cast(source[key])
-        except (TypeError, ValueError):
-            raise ModelLoadError(f"bad {key!r}: {source[key]!r}", path=str(where)) from None
-
+    num = _number
     r, alpha, scaling = num(meta, "r", int, path), num(meta, "lora_alpha", float, path), num(meta, "scaling", float, path)
     params = path.parent / "params.json"
     if scaling is None and alpha is None and params.is_file():
@@ -279,7 +290,7 @@ def read_adapter(path: str | Path, model: nn.Module, *, max_rank: int | None = N
         raise ModelLoadError(f"rank {rank} is above the largest rank served, {max_rank} (max_lora_rank)",
                              path=str(file), tensor=ranks[rank])
     if cfg is not None:
-        r, alpha, scaling = cfg.get("r"), cfg.get("lora_alpha"), None
+        r, alpha, scaling = _number(cfg, "r", int, cfg_path), _number(cfg, "lora_alpha", float, cfg_path), None
         where = cfg_path
     else:
         r, alpha, scaling = _mistral_numbers(file, meta)
