@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SHAPES, hf_config, median, random_checkpoint, report, sync, v3_tokenizer
+from common import SHAPES, median, models, report, sync, v3_tokenizer
 from throughput import requests
 
 TARGETS = {"attention.wq": ("dim", "q"), "attention.wk": ("dim", "kv"), "attention.wv": ("dim", "kv"),
@@ -62,22 +62,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from galerne import LLM, SamplingParams
-    from galerne.models.args import ModelArgs
     from galerne.tokenizer import Tokenizer
-    from galerne.weights.loader import model_from_hf_state_dict
-    from transformers import MistralForCausalLM
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        hf = MistralForCausalLM.from_pretrained(random_checkpoint(args.model, dtype), dtype=dtype).eval()
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = MistralForCausalLM(hf_config(args.model)).to(dtype).eval()
-    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": ["MistralForCausalLM"]})
-    model = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
-    del hf
+    _, model = models(args.model, device, dtype, keep_hf=False)
+    margs = model.args
     counts = [int(c) for c in args.adapters.split(",")]
     most = max(counts)
     adapters = make_adapters(margs, most, args.rank, device)

@@ -84,6 +84,25 @@ def random_checkpoint(name: str, dtype: torch.dtype = torch.float32, arch: str =
     return folder
 
 
+def models(name: str, device: torch.device, dtype: torch.dtype, arch: str = "mistral", keep_hf: bool = True):
+    """(transformers model or None, galerne model) with the same random weights (seed 0)
+    of shape ``name``: on CPU from the cached folder (llama.cpp converts from it), on a
+    GPU made on the device (a 7B random init on the CPU would take minutes).
+    ``keep_hf=False``: only galerne's (the transformers copy is dropped)."""
+    from galerne.models.args import ModelArgs
+    from galerne.weights.loader import model_from_hf_state_dict
+
+    if device.type == "cpu":
+        hf = hf_model_class(arch).from_pretrained(random_checkpoint(name, dtype, arch), dtype=dtype).eval()
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            hf = hf_model_class(arch)(hf_config(name, arch)).to(dtype).eval()
+    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": [ARCHS[arch][1]]})
+    ours = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
+    return (hf if keep_hf else None), ours
+
+
 def weight_bytes(model: torch.nn.Module, active: bool = False) -> int:
     """Bytes of the model's weights; ``active``: those one token reads, i.e. of a
     mixture of experts only k of the E routed experts (MBU's numerator)."""

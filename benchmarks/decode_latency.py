@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import ARCHS, SHAPES, hf_config, hf_model_class, median, peak_bandwidth, random_checkpoint, report, sync, v3_tokenizer, weight_bytes
+from common import ARCHS, SHAPES, median, models, peak_bandwidth, random_checkpoint, report, sync, v3_tokenizer, weight_bytes
 
 
 def galerne_decode(llm, prompt: list[int], new_tokens: int, device) -> float:
@@ -75,30 +75,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from galerne import LLM
-    from galerne.models.args import ModelArgs
     from galerne.tokenizer import Tokenizer
-    from galerne.weights.loader import model_from_hf_state_dict
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     baselines = {b.strip() for b in args.baselines.split(",")} - {"none", ""}
 
-    # One set of random weights for everyone. On CPU they live in a cached HF folder
-    # (llama.cpp converts from it); on GPU they are made on the device (a 7B random
-    # init on the CPU would take minutes).
-    if device.type == "cpu":
-        folder = random_checkpoint(args.model, dtype, args.arch)
-        hf = hf_model_class(args.arch).from_pretrained(folder, dtype=dtype).eval()
-    else:
-        folder = None
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = hf_model_class(args.arch)(hf_config(args.model, args.arch)).to(dtype).eval()
-    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": [ARCHS[args.arch][1]]})
-    ours = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
+    # One set of random weights for everyone (common.models). On CPU they live in a
+    # cached HF folder, which llama.cpp converts from.
+    folder = random_checkpoint(args.model, dtype, args.arch) if device.type == "cpu" else None
+    hf, ours = models(args.model, device, dtype, args.arch, keep_hf="transformers" in baselines)
     llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()))
-    if "transformers" not in baselines:
-        del hf
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, SHAPES[args.model]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()

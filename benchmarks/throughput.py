@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import SHAPES, hf_config, random_checkpoint, report, sync, v3_tokenizer
+from common import SHAPES, models, report, sync, v3_tokenizer
 
 
 def requests(n: int, lo: int, hi: int, vocab: int):
@@ -59,24 +59,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from galerne import LLM, SamplingParams
-    from galerne.models.args import ModelArgs
     from galerne.tokenizer import Tokenizer
-    from galerne.weights.loader import model_from_hf_state_dict
-    from transformers import MistralForCausalLM
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        hf = MistralForCausalLM.from_pretrained(random_checkpoint(args.model, dtype), dtype=dtype).eval()
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = MistralForCausalLM(hf_config(args.model)).to(dtype).eval()
-    margs = ModelArgs.from_hf_config(hf.config.to_dict() | {"architectures": ["MistralForCausalLM"]})
-    ours = model_from_hf_state_dict(margs, hf.state_dict(), dtype=dtype, device=device)
+    hf, ours = models(args.model, device, dtype, keep_hf=args.baseline == "transformers")
     engine = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-    if args.baseline == "none":
-        del hf  # its weights are shared with ours where they can be; drop the rest
     llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), max_model_len=4096, **engine)
 
     prompts, output_lens = requests(args.num_requests, args.min_len, args.max_len, SHAPES[args.model]["vocab_size"])

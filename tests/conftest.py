@@ -331,3 +331,31 @@ def fp8_copy(src: Path, out: Path, *, scale_name: str = "weight_scale_inv", acti
     (out / "config.json").write_text(json.dumps(config))
     shutil.copy(V3_TOKENIZER, out / "tokenizer.model.v3")
     return out
+
+
+# ------------------------------------------------------------------ Triton kernels on a CPU
+
+
+def triton_interpreted(module_name: str, kernel: str):
+    """Import galerne's Triton module ``module_name`` for the tests: compiled on CUDA;
+    without CUDA, under Triton's interpreter on CPU tensors. The interpreter flag is read
+    when a kernel is decorated, so it is set before triton is (re)imported: if triton was
+    imported earlier in this process without it (the engine, collected first), its Python
+    modules (not the C extension) are imported again, and ``module_name`` reloaded when
+    its ``kernel`` is not an interpreted function. Returns (module, interpreted); skips
+    the calling test module when triton is not installed."""
+    import importlib
+    import sys
+
+    interpret = not torch.cuda.is_available()
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+        if "triton" in sys.modules and type(getattr(sys.modules.get(module_name), kernel, None)).__name__ != \
+                "InterpretedFunction":
+            for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
+                del sys.modules[name]
+    pytest.importorskip("triton")
+    module = importlib.import_module(module_name)
+    if interpret and type(getattr(module, kernel)).__name__ != "InterpretedFunction":
+        module = importlib.reload(module)  # the same module object: its importers see the new kernels
+    return module, interpret

@@ -5,34 +5,14 @@ set before triton is imported) on CPU tensors, with tiny shapes, in seconds;
 with CUDA the same tests run the compiled kernel on the GPU.
 """
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_interpreted
 
-# Without CUDA the kernels run under Triton's interpreter on CPU tensors. The flag
-# is read when a kernel is decorated, so it must be set before the kernel module
-# (and triton) is first imported; with CUDA the kernels compile and run there.
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "triton" in sys.modules:
-        # Imported earlier in this process (say by the engine, collected first)
-        # without the flag: triton's own jit helpers (tl.sum, tl.cdiv...) are then
-        # compiled-only. Re-import its Python modules (not the C extension) so
-        # that they, and our kernels below, are decorated for the interpreter.
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
-
-pytest.importorskip("triton")
-
-import galerne.engine.triton_attention as ta
-
-if INTERPRET and type(ta._unified_attention_kernel).__name__ != "InterpretedFunction":
-    ta = importlib.reload(ta)  # imported earlier without the flag: redecorate
+# Without CUDA the kernels run under Triton's interpreter on CPU tensors; with CUDA
+# they compile and run there (conftest.triton_interpreted).
+ta, INTERPRET = triton_interpreted("galerne.engine.triton_attention", "_unified_attention_kernel")
 paged_attention = ta.paged_attention
 plan_paged_attention = ta.plan_paged_attention
 reference_paged_attention = ta.reference_paged_attention

@@ -6,30 +6,14 @@ before triton is imported) on CPU tensors, with tiny shapes; with CUDA the same
 tests run the compiled kernels on the GPU.
 """
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from conftest import triton_interpreted
 from torch import nn
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "triton" in sys.modules:
-        # Imported earlier without the flag (see test_triton_attention.py): re-import
-        # triton's Python modules so that they and our kernels run interpreted.
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
+tk, INTERPRET = triton_interpreted("galerne.kernels.triton_lora", "_shrink_kernel")
 
-pytest.importorskip("triton")
-
-import galerne.kernels.triton_lora as tk
-from galerne.models.lora import LoRARows, MultiLoRALinear
-
-if INTERPRET and type(tk._shrink_kernel).__name__ != "InterpretedFunction":
-    tk = importlib.reload(tk)  # same module object: lora.py's reference sees the new kernels
+from galerne.models.lora import LoRARows, MultiLoRALinear  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
