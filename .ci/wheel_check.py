@@ -28,9 +28,9 @@ kernel, steps = runner.cpu_decoder, []
 class Counted:
     max_batch = kernel.max_batch
 
-    def __call__(self, tokens, entries):
+    def __call__(self, tokens, entries, slots=None):
         steps.append(len(tokens))
-        return kernel(tokens, entries)
+        return kernel(tokens, entries, slots)
 
 
 runner.cpu_decoder = Counted()

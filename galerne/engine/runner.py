@@ -95,7 +95,8 @@ class ModelRunner:
         adapters = slots is not None and any(s >= 0 for s in slots)
         decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of
         if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
-            return self.cpu_decoder(tokens, entries, list(slots) if adapters else None), rows, {}
+            logits = self.cpu_decoder(tokens, entries, list(slots)) if adapters else self.cpu_decoder(tokens, entries)
+            return logits, rows, {}
         if (self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and not adapters
                 and self.graphs.fits(len(tokens), entries)):
             hidden = self.graphs.run(tokens, entries)
