@@ -76,6 +76,17 @@ if triton is not None:
             tl.atomic_add(dst, acc, mask=r_mask)
 
     @triton.jit
+    def _block_slots(slot_ptr, pid_t, T, BLOCK_T: tl.constexpr):
+        """The rows of block ``pid_t``, their mask, and the lowest and highest slot among
+        them (equal and >= 0: the whole block uses one adapter)."""
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < T
+        slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
+        lo = tl.min(tl.where(t_mask, slots, 2147483647), axis=0)
+        hi = tl.max(slots, axis=0)
+        return offs_t, t_mask, lo, hi
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr, a_ptr, u_ptr, slot_ptr,
         T, K, R, k_per_split,
@@ -94,11 +105,7 @@ if triton is not None:
                 _shrink_row(x_ptr, a_ptr, u_ptr, pid_t, slot, offs_r, r_mask, k_lo, k_hi,
                             stride_xt, stride_as, stride_ar, stride_ut, BLOCK_R, BLOCK_K, SPLIT_K)
         else:
-            offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < T
-            slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
-            lo = tl.min(tl.where(t_mask, slots, 2147483647), axis=0)
-            hi = tl.max(slots, axis=0)
+            offs_t, t_mask, lo, hi = _block_slots(slot_ptr, pid_t, T, BLOCK_T)
             if lo == hi and lo >= 0:
                 # One slot for the whole block (a prefill chunk): x tile @ A tile^T.
                 acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -160,11 +167,7 @@ if triton is not None:
                 _expand_row(u_ptr, b_ptr, out_ptr, pid_t, slot, offs_n, n_mask, R,
                             stride_ut, stride_bs, stride_bn, stride_ot, BLOCK_N, BLOCK_R)
         else:
-            offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < T
-            slots = tl.load(slot_ptr + offs_t, mask=t_mask, other=-1)
-            lo = tl.min(tl.where(t_mask, slots, 2147483647), axis=0)
-            hi = tl.max(slots, axis=0)
+            offs_t, t_mask, lo, hi = _block_slots(slot_ptr, pid_t, T, BLOCK_T)
             if lo == hi and lo >= 0:
                 acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
                 b_cols = b_ptr + lo.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn  # (1, BLOCK_N)
