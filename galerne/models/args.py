@@ -131,8 +131,8 @@ class YarnArgs:
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
-            return _mscale(self.factor, self.mscale) / _mscale(self.factor, self.mscale_all_dim)
-        return _mscale(self.factor)
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,7 @@ class ModelArgs:
                          "beta": y.beta_fast, "alpha": y.beta_slow}
         elif self.yarn:
             y = self.yarn
-            if not y.truncate or y.magnitude not in (1.0, _mscale(y.factor)):
+            if not y.truncate or y.magnitude not in (1.0, yarn_mscale(y.factor)):
                 raise ConfigError("this YaRN configuration (truncate, mscale or attention_factor) has no params.json spelling")
             p["yarn"] = {"factor": y.factor, "original_max_position_embeddings": y.original_max_position_embeddings,
                          "beta": y.beta_fast, "alpha": y.beta_slow, "apply_scale": y.magnitude != 1.0}
@@ -594,7 +594,7 @@ def _native_moe(m: Any, where: str) -> MoeArgs | None:
     )
 
 
-def _mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction (transformers' ``get_mscale``)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 

@@ -25,12 +25,10 @@ YaRN's mscale(factor, mscale_all_dim) squared when the config sets mscale_all_di
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .args import ModelArgs
+from .args import ModelArgs, yarn_mscale
 from .layers import AttentionBackend, RMSNorm, Rope, apply_rotary
 from .quant import dense_weight
 
@@ -45,8 +43,8 @@ def softmax_scale(args: ModelArgs) -> float:
     assert m is not None
     scale = m.qk_head_dim**-0.5
     y = args.yarn
-    if y is not None and y.mscale_all_dim and y.factor > 1:
-        mscale = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0
+    if y is not None and y.mscale_all_dim:
+        mscale = yarn_mscale(y.factor, y.mscale_all_dim)
         scale *= mscale * mscale
     return scale
 
