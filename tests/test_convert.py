@@ -6,15 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from galerne.cli import main
 from galerne.weights.export import convert
-
-
-def _tensors(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 @pytest.mark.parametrize("kind", ["mistral-window", "mixtral", "head-dim"])
@@ -22,12 +17,12 @@ def test_hf_to_mistral_to_hf_is_bit_identical(kind, tiny_factory, tmp_path):
     src, _ = tiny_factory(kind)
     convert(src, tmp_path / "native", "mistral")
     convert(tmp_path / "native", tmp_path / "back", "hf")
-    a, b = _tensors(src / "model.safetensors"), _tensors(tmp_path / "back" / "model.safetensors")
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     # The native folder has Mistral's names and the q/k rows permuted (not a copy).
-    native = _tensors(tmp_path / "native" / "consolidated.safetensors")
+    native = load_file(tmp_path / "native" / "consolidated.safetensors")
     assert "layers.0.attention.wq.weight" in native and "tok_embeddings.weight" in native
     assert not torch.equal(native["layers.0.attention.wq.weight"], a["model.layers.0.self_attn.q_proj.weight"])
     params = json.loads((tmp_path / "native" / "params.json").read_text())
@@ -41,7 +36,7 @@ def test_mistral_to_hf_to_mistral_is_bit_identical(tiny_factory, tmp_path):
     convert(src, tmp_path / "n1", "mistral")
     convert(tmp_path / "n1", tmp_path / "hf", "hf")
     convert(tmp_path / "hf", tmp_path / "n2", "mistral")
-    a, b = _tensors(tmp_path / "n1" / "consolidated.safetensors"), _tensors(tmp_path / "n2" / "consolidated.safetensors")
+    a, b = load_file(tmp_path / "n1" / "consolidated.safetensors"), load_file(tmp_path / "n2" / "consolidated.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "n1" / "params.json").read_text()) == json.loads((tmp_path / "n2" / "params.json").read_text())
 
@@ -49,7 +44,7 @@ def test_mistral_to_hf_to_mistral_is_bit_identical(tiny_factory, tmp_path):
 def test_convert_cli_with_dtype(tiny_factory, tmp_path, capsys):
     src, _ = tiny_factory("mistral")
     assert main(["convert", str(src), str(tmp_path / "bf16"), "--to", "mistral", "--dtype", "bfloat16"]) == 0
-    t = _tensors(tmp_path / "bf16" / "consolidated.safetensors")
+    t = load_file(tmp_path / "bf16" / "consolidated.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in t.values())
     assert "wrote mistral checkpoint" in capsys.readouterr().out
 

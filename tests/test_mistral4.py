@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import V3_TOKENIZER
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from galerne import LLM, SamplingParams
 from galerne.engine.paged import PagedKVCache
@@ -34,11 +33,6 @@ _NATIVE = {
     "mlp.up_proj": "feed_forward.w3", "mlp.shared_experts.gate_proj": "shared_experts.w1",
     "mlp.shared_experts.down_proj": "shared_experts.w2", "mlp.shared_experts.up_proj": "shared_experts.w3",
 }
-
-
-def _tensors(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def native_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,7 +84,7 @@ def native_params(config: dict) -> dict:
 
 def write_native(src, dst) -> None:
     dst.mkdir(parents=True)
-    save_file(native_state_dict(_tensors(src / "model.safetensors")), str(dst / "consolidated.safetensors"))
+    save_file(native_state_dict(load_file(src / "model.safetensors")), str(dst / "consolidated.safetensors"))
     (dst / "params.json").write_text(json.dumps(native_params(json.loads((src / "config.json").read_text()))))
     shutil.copy(V3_TOKENIZER, dst / "tokenizer.model.v3")
 
@@ -184,10 +178,10 @@ def test_convert_round_trips(tiny_factory, tmp_path):
     src, _ = tiny_factory("mistral4")
     convert(src, tmp_path / "native", "mistral")
     convert(tmp_path / "native", tmp_path / "back", "hf")
-    a, b = _tensors(src / "model.safetensors"), _tensors(tmp_path / "back" / "model.safetensors")
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys()  # packed experts written back packed
     assert all(torch.equal(a[k], b[k]) for k in a)
-    native = _tensors(tmp_path / "native" / "consolidated.safetensors")
+    native = load_file(tmp_path / "native" / "consolidated.safetensors")
     expected = native_state_dict(a)
     assert native.keys() == expected.keys() and all(torch.equal(native[k], expected[k]) for k in native)
     params = json.loads((tmp_path / "native" / "params.json").read_text())
@@ -206,7 +200,7 @@ def _fp8_folders(src, tmp_path, layout: str, experts: bool = True):
     """(FP8 folder, the same weights dequantized here in plain torch) from an HF
     folder: HF with 128 x 128 block scales (every tiny weight fits one block),
     native with one scale per tensor; ``experts``: quantize the routed experts too."""
-    sd = _tensors(src / "model.safetensors")
+    sd = load_file(src / "model.safetensors")
     config = json.loads((src / "config.json").read_text())
     if layout == "mistral":
         sd = native_state_dict(sd)
