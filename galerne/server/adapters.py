@@ -73,7 +73,7 @@ async def load_lora_adapter(request: Request) -> PlainTextResponse:
         raise Forbidden("loading adapters at run time is off: start the server with --lora-dir DIR (repeatable) "
                         "to allow loading the adapters under DIR, or give them at startup with --lora NAME=PATH",
                         code="runtime_loading_disabled", field="lora_path")
-    if name in server.loading or any(a.name == name for a in server.adapters()):
+    if name in server.loading or server.adapter(name) is not None:
         raise name_taken(name)
     server.loading.add(name)  # a second load of this name is refused while the files are read
     try:
@@ -90,7 +90,7 @@ async def unload_lora_adapter(request: Request) -> PlainTextResponse:
     req = await read_request(request, UnloadLoRAAdapterRequest)
     server: ServerState = request.app.state.server
     name = req.lora_name
-    if not any(a.name == name for a in server.adapters()):
+    if server.adapter(name) is None:
         raise not_loaded(name)
     await server.engine.call(lambda engine: _unload(engine, name))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -172,11 +172,10 @@ def _models_router() -> APIRouter:
         server: ServerState = request.app.state.server
         if model_id in server.model_ids:
             return model_card(server)
-        adapters = server.adapters()  # one snapshot: an unload may come meanwhile
-        for a in adapters:
-            if a.name == model_id:
-                return adapter_card(server, a)
-        raise errors.ModelNotFound(model_id, server.model_ids + [a.name for a in adapters])
+        info = server.adapter(model_id)
+        if info is None:
+            raise server.not_found(model_id)
+        return adapter_card(server, info)
 
     return router
 

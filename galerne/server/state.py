@@ -55,15 +55,22 @@ class ServerState:
         the engine starts: as the LLM has them)."""
         return self.engine.adapters() if self.engine is not None else tuple(self.llm.adapters())
 
+    def adapter(self, name: str) -> AdapterInfo | None:
+        """The loaded adapter named ``name``, from one snapshot of ``adapters``, or None."""
+        return next((a for a in self.adapters() if a.name == name), None)
+
     def check_model(self, model: str) -> tuple[str, str | None]:
         """(the id answers show, the adapter to run through or None) of a request's
         ``model``: the base (by its id or an alias) or a loaded adapter (by its name)."""
         if model in self.model_ids:
             return self.model_id, None
-        adapters = self.adapters()
-        if any(a.name == model for a in adapters):
+        if self.adapter(model) is not None:
             return model, model
-        raise ModelNotFound(model, self.model_ids + [a.name for a in adapters])
+        raise self.not_found(model)
+
+    def not_found(self, model: str) -> ModelNotFound:
+        """The 404 of an unknown model, listing the base's ids and the adapters' names."""
+        return ModelNotFound(model, self.model_ids + [a.name for a in self.adapters()])
 
     def engine_stats(self) -> dict | None:
         """The AsyncEngine's last published snapshot (None when it is not started)."""
