@@ -117,24 +117,29 @@ class Checkpoint:
             )
         return cls(folder, layout, config_path, args, files)
 
-    def raw_tensors(self, meta: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    def raw_tensors(self, meta: bool = False, scales: bool | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
         """Yield (file, checkpoint name, tensor) for every tensor of the files, lazily.
         With ``meta``, the tensors are shape/dtype-only, read from the file headers.
-        A vision-language checkpoint's vision tensors are not read (not built yet)."""
-        skip = self.args.vision is not None
+        ``scales``: True, only FP8 scale tensors; False, all but them; None, all (the
+        others are not read). A vision-language checkpoint's vision tensors are not
+        read (not built yet)."""
+        vision = self.args.vision is not None
+
+        def wanted(name: str) -> bool:
+            return not (vision and is_vision_tensor(name)) and (scales is None or is_scale(name) == scales)
+
         for path in self.weight_files:
             if path.suffix == ".safetensors":
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         for name in f.keys():
-                            if skip and is_vision_tensor(name):
-                                continue
-                            yield path, name, _meta_of(f.get_slice(name)) if meta else f.get_tensor(name)
+                            if wanted(name):
+                                yield path, name, _meta_of(f.get_slice(name)) if meta else f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
             else:
                 for name, t in _load_pickle(path).items():
-                    if not (skip and is_vision_tensor(name)):
+                    if wanted(name):
                         yield path, name, t.to("meta") if meta else t
 
     def tensors(self, meta: bool = False, keep_fp8: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
@@ -145,22 +150,21 @@ class Checkpoint:
         if fmt is None:
             yield from self.raw_tensors(meta)
             return
-        where = {name: path for path, name, _ in self.raw_tensors(meta=True) if is_scale(name)}
-        for path, name, t in self.raw_tensors(meta):
-            if is_scale(name):
-                continue
+        # The scales first, one pass that reads only them (a small fraction of the bytes).
+        scales = {name: t for _, name, t in self.raw_tensors(meta, scales=True)}
+        for path, name, t in self.raw_tensors(meta, scales=False):
             if t.dtype in FP8_DTYPES:
                 names = fmt.scale_names(name)
-                scale_name = next((n for n in names if n in where), None)
+                scale_name = next((n for n in names if n in scales), None)
                 if scale_name is None:
                     raise ModelLoadError(f"FP8 weight without its scale ({' or '.join(names)})", path=str(path), tensor=name)
                 if meta:
                     t = torch.empty(t.shape, dtype=torch.float32, device="meta")
                 elif keep_fp8:
-                    t = Fp8Weight(t, _read_one(where[scale_name], scale_name).to(torch.float32), fmt.block)
+                    t = Fp8Weight(t, scales[scale_name].to(torch.float32), fmt.block)
                 else:
                     try:
-                        t = dequantize(t, _read_one(where[scale_name], scale_name), fmt.block)
+                        t = dequantize(t, scales[scale_name], fmt.block)
                     except ValueError as e:
                         raise ModelLoadError(str(e), path=str(path), tensor=name) from None
             yield path, name, t
@@ -210,11 +214,6 @@ _ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-
-
-def _read_one(path: Path, name: str) -> torch.Tensor:
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(name)
 
 
 def _meta_of(sl) -> torch.Tensor:
