@@ -70,9 +70,3 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def fp8_matmul_supported(device: torch.device) -> bool:
     """FP8 tensor-core matmuls: CUDA compute capability 8.9 and up."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def fp8_storage_supported(device: torch.device) -> bool:
-    """Whether galerne keeps FP8 checkpoints in FP8 on ``device``: GPUs that multiply
-    FP8. CPUs (and older GPUs) dequantize at load."""
-    return fp8_matmul_supported(device)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
-from ..models.quant import Fp8Linear, fp8_storage_supported
+from ..models.quant import Fp8Linear, fp8_matmul_supported
 from ..models.transformer import Transformer
 from .fp8 import FP8_DTYPES, Fp8Format, Fp8Weight, dequantize, is_scale
 from .names import (
@@ -270,14 +270,14 @@ def load_model(
     """Build the model on ``meta`` and fill it from the checkpoint in ``folder``.
 
     An FP8 checkpoint's linear weights stay in FP8 (``models.quant.Fp8Linear``) with
-    ``keep_fp8``; None: where the device multiplies FP8 (see ``fp8_storage_supported``),
+    ``keep_fp8``; None: where the device multiplies FP8 (``fp8_matmul_supported``),
     else they are dequantized to ``dtype`` at load."""
     ckpt = Checkpoint.open(folder, layout)
     if ckpt.args.vision is not None:
         log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
                     ckpt.folder.name)
     if ckpt.fp8 and keep_fp8 is None:
-        keep_fp8 = fp8_storage_supported(resolve_device(device))
+        keep_fp8 = fp8_matmul_supported(resolve_device(device))
         if not keep_fp8:
             log.info("%s: FP8 weights dequantized at load (%s keeps FP8 only on GPUs that multiply it, "
                      "compute capability 8.9+)", ckpt.folder.name, resolve_device(device))
