@@ -277,10 +277,11 @@ def load_model(
         log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
                     ckpt.folder.name)
     if ckpt.fp8 and keep_fp8 is None:
-        keep_fp8 = fp8_matmul_supported(resolve_device(device))
+        dev = resolve_device(device)
+        keep_fp8 = fp8_matmul_supported(dev)
         if not keep_fp8:
-            log.info("%s: FP8 weights dequantized at load (%s keeps FP8 only on GPUs that multiply it, "
-                     "compute capability 8.9+)", ckpt.folder.name, resolve_device(device))
+            log.info("%s: FP8 weights dequantized at load on %s (kept in FP8 only on GPUs that multiply it, "
+                     "compute capability 8.9+)", ckpt.folder.name, dev)
     model = build_model(ckpt.args, ckpt.native_tensors(keep_fp8=bool(keep_fp8)), dtype=dtype, device=device,
                         config_name=ckpt.config_path.name, where=str(ckpt.folder),
                         desc=f"loading {ckpt.folder.name}", progress=progress)
