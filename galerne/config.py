@@ -159,6 +159,17 @@ class ServerSettings:
     lora_dir: list[str] = setting([], "folder the API may load adapters from at run time (POST /v1/load_lora_adapter; "
                                       "their paths must lie inside one, symlinks resolved); repeatable; none: run-time "
                                       "loading is off")
+    data_dir: str = setting("", "folder of the platform's state: uploaded files, fine-tuning runs, fine-tuned adapters, "
+                                "batch outputs and the SQLite database (default: $XDG_DATA_HOME/galerne, else "
+                                "~/.local/share/galerne)")
+    database_url: str = setting("", "where file and job records live: sqlite:///PATH or postgresql://USER:PASS@HOST/DB "
+                                    "(default: SQLite in --data-dir); servers sharing one PostgreSQL store share files, "
+                                    "jobs and fine-tuned models")
+    ray_address: str = setting("", "run fine-tuning jobs on this Ray cluster as Ray Jobs (its dashboard address, e.g. "
+                                   "http://HEAD:8265) instead of in a worker process on this machine")
+    max_upload_mb: float = setting(512.0, "largest file POST /v1/files takes, in MiB; past it, 413")
+    max_running_jobs: int = setting(1, "fine-tuning jobs trained at once by this server, each in its own worker process")
+    job_nproc: int = setting(1, "processes (GPUs) per fine-tuning job; above 1 the worker runs under torchrun")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -173,6 +184,13 @@ class ServerSettings:
         for name in ("max_body_mb", "header_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("max_running_jobs", "job_nproc"):
+            if getattr(self, name) < 1:
+                raise InvalidParameter(name, f"must be at least 1, got {getattr(self, name)}")
+        if not self.max_upload_mb > 0:
+            raise InvalidParameter("max_upload_mb", f"must be > 0, got {self.max_upload_mb}")
+        if self.database_url and not re.match(r"(sqlite|postgres|postgresql)(\+\w+)?://", self.database_url):
+            raise InvalidParameter("database_url", "must start with sqlite:/// or postgresql://")
         if self.max_connections < 1:
             raise InvalidParameter("max_connections", f"must be at least 1, got {self.max_connections}")
         for i, origin in enumerate(self.allowed_origin):
@@ -204,6 +222,10 @@ class ServerSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
 
 
 # --------------------------------------------------------------------------- the mechanism
