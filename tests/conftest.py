@@ -14,6 +14,13 @@ import mistral_common
 import pytest
 import torch
 
+# The servers the tests start keep their platform state (files, jobs, the SQLite store) in
+# $XDG_DATA_HOME/galerne: a folder of this test session's, never the user's.
+if "GALERNE_TEST_KEEP_DATA_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="galerne-test-data-")
+
 TOKENIZERS = Path(mistral_common.__file__).parent / "data"
 V3_TOKENIZER = TOKENIZERS / "mistral_instruct_tokenizer_240323.model.v3"
 VOCAB = 32768  # the v3 tokenizer's

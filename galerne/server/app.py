@@ -33,6 +33,7 @@ from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
 from ..errors import GalerneError
 from ..llm import LLM
+from ..platform import Platform
 from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import adapters, chat, errors
 from . import dialect as dialects
@@ -64,6 +65,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     server: ServerState
     metrics = Metrics(ids[0], lambda: server.engine_stats())
     server = ServerState(llm, settings, ids, metrics, lora_dirs=[Path(d).resolve() for d in settings.lora_dir])
+    server.platform = Platform.open(settings, base_id=ids[0], base_path=base_model_path(llm))
     load_startup_adapters(server)
 
     @contextlib.asynccontextmanager
@@ -114,6 +116,14 @@ def load_startup_adapters(server: ServerState) -> None:
         adapters.check_name(server, name, f"lora[{i}]")
         if name not in server.llm.engine.adapters:  # an app made again over the same LLM (tests)
             server.llm.load_adapter(name, Path(path).expanduser())
+
+
+def base_model_path(llm: LLM) -> str:
+    """What a fine-tuning worker loads as the base: the model folder ('' when the model was
+    built in memory, or has an adapter merged into it: nothing on disk to train from)."""
+    if llm.checkpoint is None or llm.adapter is not None:
+        return ""
+    return str(Path(llm.checkpoint.folder).resolve())
 
 
 def default_model_name(llm: LLM) -> str:

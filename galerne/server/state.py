@@ -12,6 +12,7 @@ from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
 from ..engine.request import Limits
 from ..llm import LLM
+from ..platform import Platform
 from .errors import ModelNotFound
 from .metrics import Metrics
 
@@ -32,6 +33,7 @@ class ServerState:
     lora_dirs: list = field(default_factory=list)  # --lora-dir, resolved (adapters.py)
     loading: set[str] = field(default_factory=set)  # adapter names being loaded (their files being read)
     max_adapter_bytes: int | None = None  # the largest adapter file taken, made on first use (adapters.py)
+    platform: Platform | None = None  # files, jobs, fine-tuned models (galerne.platform)
 
     @property
     def model_id(self) -> str:
