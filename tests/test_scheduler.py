@@ -14,6 +14,7 @@ import random
 import pytest
 
 from galerne.engine.block_manager import NULL_BLOCK, BlockManager
+from galerne.engine.request import BATCH, INTERACTIVE
 from galerne.engine.scheduler import Scheduler
 from galerne.engine.sequence import Sequence, Status
 from galerne.errors import InvalidParameter
@@ -62,8 +63,8 @@ class FakeModel:
         return sampled
 
 
-def make_seq(prompt, max_tokens, request_id=None):
-    return Sequence(list(prompt), SamplingParams(max_tokens=max_tokens), request_id=request_id)
+def make_seq(prompt, max_tokens, request_id=None, priority=INTERACTIVE):
+    return Sequence(list(prompt), SamplingParams(max_tokens=max_tokens), request_id=request_id, priority=priority)
 
 
 class Engine:
@@ -86,6 +87,11 @@ class Engine:
             assert out.scheduled, "no progress"
         for seq in out.preempted:
             assert seq.block_table == [] and seq.status is Status.WAITING and seq.num_computed_tokens == 0
+            # Never an interactive sequence while a batch one keeps its blocks.
+            assert seq.priority == BATCH or all(r.priority == INTERACTIVE for r in sched.running), seq
+        # Both queues ordered by priority (then arrival).
+        for q in (list(sched.waiting), sched.running):
+            assert [s.priority for s in q] == sorted(s.priority for s in q)
         self.preempted += out.preempted
         self.steps.append({s.seq: s.num_new_tokens for s in out.scheduled})
         sampled = self.model.forward(out)
@@ -298,3 +304,131 @@ def test_sliding_window_with_prefix_hits():
     eng.sched.add(b)
     eng.run()
     assert b.output_token_ids == a.output_token_ids == reference(prompt, 6, window=8)
+
+
+# ------------------------------------------------------------------ priorities
+
+
+def test_waiting_queue_is_ordered_by_priority_then_arrival():
+    eng = Engine(64, 4, max_num_batched_tokens=64, max_num_seqs=2)
+    b1, b2 = (make_seq([i, 1, 2], 2, priority=BATCH) for i in (10, 11))
+    i1, i2 = (make_seq([i, 1, 2], 2) for i in (20, 21))
+    for s in (b1, i1, b2, i2):
+        eng.sched.add(s)
+    assert list(eng.sched.waiting) == [i1, i2, b1, b2]
+    out = eng.step()
+    assert [s.seq for s in out.scheduled] == [i1, i2]  # two seats: both interactive
+    eng.run()
+    # b1 and b2 go in once i1 and i2 are done, in arrival order.
+    assert eng.first_step(b1) == eng.first_step(b2) == 2 and list(eng.steps[2]) == [b1, b2]
+    for s in (b1, b2, i1, i2):
+        assert s.output_token_ids == reference(s.token_ids[:3], 2)
+
+
+def test_batch_chunks_take_the_budget_interactive_work_leaves():
+    eng = Engine(64, 4, max_num_batched_tokens=16)
+    talk = make_seq(range(5), 20)
+    eng.sched.add(talk)
+    eng.step()  # its prompt
+    batch = make_seq(range(100, 140), 3, priority=BATCH)
+    eng.sched.add(batch)
+    out = eng.step()
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(talk, 1), (batch, 15)]
+    new = make_seq(range(50, 60), 2)  # arrives while the batch prompt is in prefill
+    eng.sched.add(new)
+    out = eng.step()
+    # The interactive decode, then the whole new prompt, then the rest: 1 + 10 + 5.
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(talk, 1), (new, 10), (batch, 5)]
+    eng.run()
+    for s, p in ((talk, range(5)), (batch, range(100, 140)), (new, range(50, 60))):
+        assert s.output_token_ids == reference(list(p), s.max_tokens)
+
+
+def test_a_batch_sequence_is_preempted_before_any_interactive_one():
+    eng = Engine(8, 2, max_num_batched_tokens=64)
+    a = make_seq([0, 1, 2, 3], 4, priority=BATCH)  # the earliest, but a batch
+    b, c, d = (make_seq([10 * i + j for j in range(4)], 4) for i in (1, 2, 3))
+    for s in (a, b, c, d):
+        eng.sched.add(s)
+    out = eng.step()  # interactive first: b, c, d, then a; 2 blocks each, the whole cache
+    assert [s.seq for s in out.scheduled] == [b, c, d, a] and eng.bm.num_free_blocks == 0
+    out = eng.step()  # each needs a 3rd block: the batch goes first, then the latest interactive
+    assert out.preempted == [a, d]
+    assert [s.seq for s in out.scheduled] == [b, c]
+    assert list(eng.sched.waiting) == [d, a]
+    eng.run()
+    for s in (a, b, c, d):
+        assert s.output_token_ids == reference(s.token_ids[:4], 4)
+
+
+def test_a_waiting_interactive_request_preempts_batch_work():
+    eng = Engine(8, 4, max_num_batched_tokens=64)
+    batch = [make_seq(range(10 * i, 10 * i + 7), 9, priority=BATCH) for i in range(4)]  # 2 blocks each
+    for s in batch:
+        eng.sched.add(s)
+    out = eng.step()
+    assert [s.seq for s in out.scheduled] == batch and eng.bm.num_free_blocks == 0
+    talk = make_seq(range(200, 210), 2)  # 3 blocks
+    eng.sched.add(talk)
+    out = eng.step()
+    # The newcomer takes the blocks of the latest two batch sequences, and goes first;
+    # the other two decode after it (their 8th token still fits their 2 blocks).
+    assert out.preempted == [batch[3], batch[2]]
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(talk, 10), (batch[0], 1), (batch[1], 1)]
+    eng.run()
+    assert eng.first_step(talk) == 1
+    for s in [*batch, talk]:
+        assert s.output_token_ids == reference(s.token_ids[: s.num_prompt_tokens], s.max_tokens)
+
+
+def test_a_waiting_interactive_request_takes_a_batch_seat():
+    eng = Engine(64, 4, max_num_batched_tokens=64, max_num_seqs=2)
+    batch = [make_seq(range(10 * i, 10 * i + 3), 6, priority=BATCH) for i in range(3)]
+    for s in batch:
+        eng.sched.add(s)
+    eng.step()
+    assert eng.sched.running == batch[:2]
+    talk = make_seq([7, 8, 9], 2)
+    eng.sched.add(talk)
+    out = eng.step()
+    assert out.preempted == [batch[1]] and talk in eng.sched.running and len(eng.sched.running) == 2
+    assert list(eng.sched.waiting) == [batch[1], batch[2]]
+    eng.run()
+    for s in [*batch, talk]:
+        assert s.output_token_ids == reference(s.token_ids[:3], s.max_tokens)
+
+
+def test_an_interactive_head_that_does_not_fit_holds_batch_admission():
+    eng = Engine(10, 4, max_num_batched_tokens=64)
+    first = make_seq(range(20), 2)  # 6 blocks, interactive
+    eng.sched.add(first)
+    eng.step()
+    big = make_seq(range(100, 120), 4)  # 6 blocks: waits for first, which batch work cannot free
+    small = make_seq([1, 2, 3], 2, priority=BATCH)  # 1 block: would fit now, but must not pass
+    eng.sched.add(big)
+    eng.sched.add(small)
+    out = eng.step()
+    assert [s.seq for s in out.scheduled] == [first] and list(eng.sched.waiting) == [big, small]
+    eng.run()
+    assert eng.first_step(big) <= eng.first_step(small)
+    for s in (first, big, small):
+        assert s.output_token_ids == reference(s.token_ids[: s.num_prompt_tokens], s.max_tokens)
+
+
+def test_mixed_priorities_under_memory_pressure_give_the_reference_outputs():
+    rng = random.Random(2)
+    for prefix in (True, False):
+        eng = Engine(12, 4, max_num_batched_tokens=24, max_num_seqs=6, prefix=prefix)
+        seqs = []
+        for step in range(60):  # arrivals spread over the run
+            if step % 3 == 0 and len(seqs) < 18:
+                s = make_seq([rng.randrange(20) for _ in range(rng.randrange(2, 12))], rng.randrange(1, 16),
+                             priority=rng.choice((INTERACTIVE, BATCH)))
+                seqs.append(s)
+                eng.sched.add(s)
+            if eng.sched.has_unfinished():
+                eng.step()
+        eng.run()
+        assert eng.preempted
+        for s in seqs:
+            assert s.output_token_ids == reference(s.token_ids[: s.num_prompt_tokens], s.max_tokens)

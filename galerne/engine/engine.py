@@ -204,7 +204,7 @@ class Engine:
             first = compiler_for(self.tokenizer).matcher(params.guided)
             guides = [first] + [first.copy() for _ in range(params.n - 1)]
         seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter,
-                         max_tokens=request.max_tokens) for i in range(params.n)]
+                         max_tokens=request.max_tokens, priority=request.priority) for i in range(params.n)]
         if params.prompt_logprobs is not None:
             for seq in seqs:  # every position is computed: none may come from the prefix cache
                 seq.use_prefix_cache = False

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 from ..errors import InvalidParameter, PromptTooLong
 from ..sampling.params import SamplingParams
 
+# Priorities (lower is served first; see engine/scheduler.py): a client waiting on an
+# answer, and the lines of a batch job, which take what interactive traffic leaves.
+INTERACTIVE = 0
+BATCH = 1
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -37,6 +42,7 @@ class EngineRequest:
     max_tokens: int  # the generation budget: params.max_tokens, or the room the prompt leaves
     request_id: str
     adapter: str | None = None
+    priority: int = INTERACTIVE  # lower first: INTERACTIVE, then BATCH
 
 
 def validate_request(

@@ -15,6 +15,23 @@ Order of service: running sequences first (arrival order), then waiting ones
 sequences are preempted: their KV is dropped and recomputed later from
 prompt + generated tokens, which gives the same outputs.
 
+Priorities: a sequence's ``priority`` (``engine.request``: INTERACTIVE 0, BATCH 1;
+lower is more urgent) comes before everything above. Both queues are kept ordered
+by priority, then arrival, and a step serves level by level: the running sequences
+of the most urgent level, then its waiting ones, then the next level's. So
+
+* a batch sequence's chunk takes only the tokens that interactive work left in the
+  step's budget (budget 2048, an interactive decode running, an interactive prompt
+  of 500 tokens waiting, a batch prompt of 3000 tokens in prefill: the step computes
+  1 + 500 + 1547 tokens, the batch chunk last);
+* when blocks run out, the victim is the last of ``running``: the latest arrival of
+  the least urgent level, so every batch sequence goes before any interactive one;
+* a waiting sequence that does not fit (blocks, or a seat under ``max_num_seqs``)
+  preempts running sequences of a less urgent level, latest first, until it does;
+  and one that still does not fit stops admission for every level behind it, so a
+  client never waits for a batch to drain, and batch work never takes the blocks an
+  interactive request waits for.
+
 Adapters: a sequence's ``adapter`` (a hashable key, None for the base model) needs
 one of ``max_adapters`` device slots while it runs. A waiting sequence is admitted
 only when its adapter is already used by a running one or a slot is left, so the
@@ -53,6 +70,16 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class _Step:
+    """What one ``schedule()`` call carries from level to level."""
+
+    out: SchedulerOutput
+    budget: int  # tokens left in the step
+    waits_for_slot: bool = False  # a waiting sequence before this one waits for an adapter slot
+    admitting: bool = True  # False once a waiting sequence did not fit: none behind it may pass
 
 
 class Scheduler:
@@ -114,7 +141,7 @@ class Scheduler:
                               f"enlarge the cache",
             )
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark ``seq`` finished, free its blocks and drop it from the queues."""
@@ -135,72 +162,115 @@ class Scheduler:
 
     # ------------------------------------------------------------------ steps
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Drop the KV of a running ``seq``; it is recomputed when readmitted."""
+    def _enqueue(self, seq: Sequence, *, front: bool = False) -> None:
+        """Put ``seq`` in ``waiting`` behind every more urgent sequence: after those of its
+        own level (a newcomer), or before them (``front``: a preempted sequence, which
+        arrived before them)."""
+        q, p = self.waiting, seq.priority
+        if front:
+            i = next((k for k, s in enumerate(q) if s.priority >= p), len(q))
+        else:
+            i = len(q)
+            while i > 0 and q[i - 1].priority > p:
+                i -= 1
+        q.insert(i, seq)
+
+    def _start(self, seq: Sequence) -> None:
+        """Put an admitted ``seq`` in ``running``, after those of its level and before the
+        less urgent ones (whose turn in this step comes later)."""
+        r, p = self.running, seq.priority
+        i = len(r)
+        while i > 0 and r[i - 1].priority > p:
+            i -= 1
+        r.insert(i, seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Drop the KV of ``seq`` (already taken out of ``running``); it goes back to the
+        front of its level in ``waiting`` and is recomputed when readmitted. Victims come
+        latest first, so the earliest ends first."""
         self.bm.free(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        out.preempted.append(seq)
+        self._enqueue(seq, front=True)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        step = _Step(SchedulerOutput(), self.max_num_batched_tokens)
+        for level in sorted({s.priority for s in self.running} | {s.priority for s in self.waiting}):
+            self._schedule_running(level, step)
+            # Waiting sequences are not admitted in a step that preempted before their
+            # turn: the memory is short, and the preempted would come straight back in.
+            if step.admitting and not step.out.preempted:
+                self._admit(level, step)
+        step.out.num_batched_tokens = self.max_num_batched_tokens - step.budget
+        return step.out
 
-        # 1. Running sequences, earliest arrival first.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk)
+    def _schedule_running(self, level: int, step: _Step) -> None:
+        """The running sequences of ``level``, earliest arrival first."""
+        running = self.running
+        i = next((k for k, s in enumerate(running) if s.priority >= level), len(running))
+        while i < len(running) and running[i].priority == level and step.budget > 0:
+            seq = running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, step.budget, self.max_chunk)
             if n <= 0:  # nothing to compute (the engine has not appended a token yet)
                 i += 1
                 continue
             while not self.bm.allocate(seq, n):
-                # Out of blocks: preempt the latest arrival. Those behind i were not
-                # scheduled yet this step, so nothing already in `out` is touched.
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
+                # Out of blocks: preempt the last of running, the latest arrival of the least
+                # urgent level. Those behind i were not scheduled yet this step (their level
+                # is this one or a later one), so nothing already in `out` is touched.
+                victim = running.pop()
+                self._preempt(victim, step.out)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
+                step.out.scheduled.append(ScheduledSeq(seq, n))
+                step.budget -= n
                 i += 1
-        # Back to the front of the queue in arrival order: they were preempted latest
-        # first, so pushing each to the front leaves the earliest one first.
-        for victim in out.preempted:
-            self.waiting.appendleft(victim)
 
-        # 2. Waiting sequences, in order. Not in a step that preempted: the memory is
-        # short, and the preempted would come straight back in.
+    def _admit(self, level: int, step: _Step) -> None:
+        """The waiting sequences of ``level``, in order, never skipping one that does not
+        fit (later requests must not starve it); only adapter slots let some pass (see
+        the module's doc)."""
+        waiting = self.waiting
         active = self.active_adapters()
-        waits_for_slot = False  # a sequence before this one waits for an adapter slot
-        i = 0
-        while not out.preempted and i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[i]
-            if seq.adapter is not None and (waits_for_slot or (
+        i = next((k for k, s in enumerate(waiting) if s.priority >= level), len(waiting))
+        while i < len(waiting) and waiting[i].priority == level and step.budget > 0:
+            seq = waiting[i]
+            if seq.adapter is not None and (step.waits_for_slot or (
                     seq.adapter not in active and len(active) >= self.max_adapters)):
-                waits_for_slot = True  # base-model sequences behind it may still go
+                step.waits_for_slot = True  # base-model sequences behind it may still go
                 i += 1
                 continue
             cached, num_cached = self.bm.get_cached_prefix(seq) if seq.use_prefix_cache else ([], 0)
-            n = min(seq.num_tokens - num_cached, budget, self.max_chunk)
-            if not self.bm.allocate(seq, n, cached):
-                break  # never skip it: later requests must not starve it
-            del self.waiting[i]
+            n = min(seq.num_tokens - num_cached, step.budget, self.max_chunk)
+            if not self._make_room(seq, n, cached, step.out):
+                step.admitting = False
+                return
+            active = self.active_adapters()  # a preemption may have freed a slot
+            del waiting[i]  # preempted victims went behind this level: i is still seq's index
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start(seq)
             if seq.adapter is not None:
                 active.add(seq.adapter)
             self._prefix_queried += seq.num_tokens
             self._prefix_hit += num_cached
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            step.out.scheduled.append(ScheduledSeq(seq, n))
+            step.budget -= n
 
-        out.num_batched_tokens = self.max_num_batched_tokens - budget
-        return out
+    def _make_room(self, seq: Sequence, n: int, cached: list[int], out: SchedulerOutput) -> bool:
+        """Allocate the first ``n`` tokens of a waiting ``seq`` (after its ``cached``
+        prefix blocks) and give it a seat under ``max_num_seqs``; short of either, preempt
+        running sequences of a less urgent level than its own, latest first (not scheduled
+        yet in this step: their level comes later). False when that is not enough."""
+        while not (len(self.running) < self.max_num_seqs and self.bm.allocate(seq, n, cached)):
+            if not self.running or self.running[-1].priority <= seq.priority:
+                return False
+            self._preempt(self.running.pop(), out)
+        return True
 
     def advance(self, output: SchedulerOutput) -> None:
         """Record that the model computed the scheduled tokens."""

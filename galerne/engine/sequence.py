@@ -31,6 +31,7 @@ class Sequence:
         index: int = 0,
         adapter: Hashable | None = None,
         max_tokens: int | None = None,
+        priority: int = 0,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -55,6 +56,8 @@ class Sequence:
         # The generation budget, fixed when the request is admitted.
         self.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
         self.num_preemptions = 0
+        # Lower is served first (engine.request.INTERACTIVE, BATCH): see the scheduler.
+        self.priority = priority
 
     @property
     def num_tokens(self) -> int:
