@@ -170,6 +170,9 @@ class ServerSettings:
     max_upload_mb: float = setting(512.0, "largest file POST /v1/files takes, in MiB; past it, 413")
     max_running_jobs: int = setting(1, "fine-tuning jobs trained at once by this server, each in its own worker process")
     job_nproc: int = setting(1, "processes (GPUs) per fine-tuning job; above 1 the worker runs under torchrun")
+    batch_concurrency: int = setting(16, "requests of a batch job the engine runs at once, at low priority beside "
+                                         "interactive ones (which always go first); the rest of the batch waits in "
+                                         "its file, never in the engine's queue")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -184,6 +187,8 @@ class ServerSettings:
         for name in ("max_body_mb", "header_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.batch_concurrency <= 4096:
+            raise InvalidParameter("batch_concurrency", f"must be in 1..4096, got {self.batch_concurrency}")
         for name in ("max_running_jobs", "job_nproc"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, f"must be at least 1, got {getattr(self, name)}")

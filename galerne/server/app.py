@@ -38,6 +38,9 @@ from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import adapters, chat, errors
 from . import dialect as dialects
 from .auth import require_api_key
+from .batch import routes as batch_routes
+from .batch.protocol import MistralBatchCreate, OpenAIBatchCreate
+from .batch.runner import BatchRunner
 from .guards import BodyGuard, HeadAsGet, LocalGuard
 from .metrics import Metrics
 from .mistral import routes as mistral_routes
@@ -50,10 +53,11 @@ from .state import ServerState
 log = logging.getLogger(__name__)
 
 WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest,
-               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
+               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, OpenAIBatchCreate, MistralBatchCreate)
 DESCRIPTION = """\
 An API that the official `openai` and `mistralai` clients use unchanged: chat
-completions (both dialects, tools, JSON output), FIM and text completions, models.
+completions (both dialects, tools, JSON output), FIM and text completions, models,
+batch jobs (both dialects, run at low priority beside interactive traffic).
 Errors come in the envelope of the request's dialect (see docs/server.md)."""
 
 
@@ -66,6 +70,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     metrics = Metrics(ids[0], lambda: server.engine_stats())
     server = ServerState(llm, settings, ids, metrics, lora_dirs=[Path(d).resolve() for d in settings.lora_dir])
     server.platform = Platform.open(settings, base_id=ids[0], base_path=base_model_path(llm))
+    server.batches = BatchRunner(server)
     load_startup_adapters(server)
 
     @contextlib.asynccontextmanager
@@ -74,9 +79,13 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
         server.idle.set()
         server.draining = False  # an app can be started again after a shutdown (tests do)
         server.engine = AsyncEngine(llm.engine)
+        server.batches.start()
         try:
             yield
         finally:
+            # The batch first: its requests in flight are aborted, not answered with a
+            # refusal, and its job waits in the store for the next start.
+            await server.batches.stop()
             server.draining = True
             if server.in_flight:
                 log.info("waiting for %d request(s) in flight", server.in_flight)
@@ -103,6 +112,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.include_router(openai_routes.router)
     app.include_router(mistral_routes.router)
     app.include_router(adapters.router)
+    app.include_router(batch_routes.router)
     app.include_router(_models_router())
     app.include_router(_ops_router())
     app.openapi = lambda: _openapi(app)

@@ -44,7 +44,7 @@ from starlette.responses import Response
 
 from ..conversation import Conversation
 from ..engine.engine import StepOutput
-from ..engine.request import EngineRequest, validate_request
+from ..engine.request import INTERACTIVE, EngineRequest, validate_request
 from ..errors import InvalidParameter
 from ..sampling.guided import guidance_for_chat
 from ..sampling.params import SamplingParams
@@ -73,23 +73,34 @@ CHAT_BODY = {
 }
 
 
+CHAT_WIRE = {Dialect.OPENAI: OpenAIChatCompletionRequest, Dialect.MISTRAL: MistralChatCompletionRequest}
+
+
 @router.post("/v1/chat/completions", openapi_extra=CHAT_BODY, tags=["chat"],
              summary="Chat completion (OpenAI and Mistral dialects)")
 async def chat_completions(request: Request) -> Response:
     """Both APIs' chat completions. The dialect is picked by the rule in ``server/dialect.py``."""
     body = await read_json(request)
     dialect = dialects.detect(request, body)
-    wire = OpenAIChatCompletionRequest if dialect is Dialect.OPENAI else MistralChatCompletionRequest
-    req = (await read_request(request, wire, body)).normalize()
-    server: ServerState = request.app.state.server
+    req = await read_request(request, CHAT_WIRE[dialect], body)
+    gen, responder = await start_chat(request.app.state.server, req, dialect=dialect)
+    return await respond(request, gen, responder, dialect)
+
+
+async def start_chat(server: ServerState, wire: OpenAIChatCompletionRequest | MistralChatCompletionRequest, *,
+                     dialect: Dialect, priority: int = INTERACTIVE) -> tuple[Generation, ChatResponder]:
+    """A chat body, validated as ``CHAT_WIRE[dialect]``, as the generation to run (at
+    ``priority``) and the responder that answers it: what the route and a batch job's
+    line share (``server/endpoints.py``)."""
+    req = wire.normalize()
     model, adapter = server.check_model(req.model)
     # Checking, tokenizing and compiling a grammar take CPU time: not on the event loop.
     engine_request, chat = await asyncio.to_thread(prepare, server, req, adapter)
-    gen = Generation(server, [engine_request], request_id=new_id(dialect))
+    gen = Generation(server, [engine_request], request_id=new_id(dialect), priority=priority)
     responder = ChatResponder(server, dialect, gen, model=model, stream=req.stream, tools=chat.calls_allowed,
                               top_logprobs=req.top_logprobs if req.logprobs else None,
                               include_usage=req.include_usage, in_thought=chat.open_thinking)
-    return await respond(request, gen, responder, dialect)
+    return gen, responder
 
 
 def new_id(dialect: Dialect, prefix: str = "chatcmpl-") -> str:

@@ -4,8 +4,8 @@ Both clients post to the same ``/v1/chat/completions`` with nearly the same body
 the dialect decides the error envelope, where usage goes in a stream, and a few
 field names. The rule, first match wins:
 
-1. the path, where only one API has it: ``/v1/fim/...`` is Mistral's,
-   ``/v1/completions`` OpenAI's;
+1. the path, where only one API has it: ``/v1/fim/...`` and ``/v1/batch/...`` are
+   Mistral's, ``/v1/completions`` and ``/v1/batches...`` OpenAI's;
 2. an explicit ``X-Galerne-Dialect: openai | mistral`` header;
 3. the client: a ``User-Agent`` starting with ``mistral-client`` (the official
    ``mistralai`` SDK) is Mistral; one starting with ``OpenAI/`` or an
@@ -35,9 +35,9 @@ MISTRAL_ONLY_FIELDS = ("random_seed", "safe_prompt", "prompt_mode")
 def from_headers(request: Request) -> Dialect | None:
     """Rules 1-3: what the path and headers alone say (None: undecided)."""
     path = request.url.path
-    if path.startswith("/v1/fim/"):
+    if path.startswith(("/v1/fim/", "/v1/batch/")):
         return Dialect.MISTRAL
-    if path.rstrip("/") == "/v1/completions":
+    if path.rstrip("/") == "/v1/completions" or path.startswith("/v1/batches"):
         return Dialect.OPENAI
     explicit = request.headers.get(HEADER, "").strip().lower()
     if explicit in (Dialect.OPENAI.value, Dialect.MISTRAL.value):

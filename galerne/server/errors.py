@@ -87,6 +87,19 @@ class AdapterInvalid(GalerneError):
         super().__init__(message)
 
 
+class NotFound(GalerneError):
+    """No object of that id (a batch job, a file). ``field``: the body's field that named
+    it, when it was not the path."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+class Conflict(GalerneError):
+    """A request its object's state does not allow (cancelling a batch job that ended)."""
+
+
 class BodyTooLarge(GalerneError):
     """The request body is past ``--max-body-mb``."""
 
@@ -143,6 +156,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (AdapterNotFound, 404, "invalid_request_error", "adapter_not_found"),  # vLLM's 404
     (AdapterInvalid, 400, "invalid_request_error", None),  # vLLM's 400; the code is the error's own
+    (NotFound, 404, "invalid_request_error", "not_found"),
+    (Conflict, 409, "invalid_request_error", "conflict"),
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
     (EngineDeadError, 503, "server_error", "engine_failure"),

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..conversation import json_depth
 from ..engine.engine import StepOutput
-from ..engine.request import EngineRequest
+from ..engine.request import INTERACTIVE, EngineRequest
 from ..errors import EngineDeadError
 from .errors import (
     ClientGone,
@@ -82,8 +82,8 @@ async def read_json(request: Request) -> Any:
     context = request.app.state.server.max_model_len
     request.state.body_bytes = len(raw)
     if len(raw) < THREAD_MIN_BYTES:
-        return _parse(raw, context)
-    return await asyncio.to_thread(_parse, raw, context)
+        return parse_json(raw, context)
+    return await asyncio.to_thread(parse_json, raw, context)
 
 
 async def read_request(request: Request, model: type[M], body: Any = None) -> M:
@@ -98,7 +98,9 @@ async def read_request(request: Request, model: type[M], body: Any = None) -> M:
     return await asyncio.to_thread(validate, model, body)
 
 
-def _parse(raw: bytes, context: int) -> Any:
+def parse_json(raw: bytes, context: int) -> Any:
+    """A JSON body (``raw``) for a model of ``context`` tokens, checked as ``read_json``
+    says; also each line of a batch job's input."""
     try:
         body = json.loads(raw)
     except RecursionError:  # the decoder recurses on each nested object or list
@@ -195,12 +197,18 @@ async def _disconnected(request: Request) -> None:
 
 class Generation:
     """The engine requests of one API request: prompt k's completion i is choice k * n + i.
-    They share one SamplingParams; engine request k is named ``<id>-k``."""
+    They share one SamplingParams; engine request k is named ``<id>-k``.
 
-    def __init__(self, server: ServerState, requests: Sequence[EngineRequest], request_id: str | None = None):
+    ``priority``: the engine's (``engine.request``). An interactive generation counts
+    against ``max_queued_requests`` and in the latency histograms; a batch job's line
+    does neither (its runner bounds how many it runs, and its waits are not a client's)."""
+
+    def __init__(self, server: ServerState, requests: Sequence[EngineRequest], request_id: str | None = None,
+                 priority: int = INTERACTIVE):
         self.server = server
         self.id = request_id or uuid.uuid4().hex
-        self.requests = [replace(r, request_id=f"{self.id}-{k}") for k, r in enumerate(requests)]
+        self.interactive = priority == INTERACTIVE
+        self.requests = [replace(r, request_id=f"{self.id}-{k}", priority=priority) for k, r in enumerate(requests)]
         self.prompts = [r.prompt for r in self.requests]
         self.params = self.requests[0].params
         self.start = time.monotonic()
@@ -222,24 +230,27 @@ class Generation:
 
     # --- opening
 
-    async def open(self, request: Request) -> None:
-        """Admit, start and wait for every prompt's first output (or first error)."""
+    async def open(self, request: Request | None = None) -> None:
+        """Admit, start and wait for every prompt's first output (or first error).
+        ``request``: the HTTP request whose client, going away, cancels it (None: a batch
+        job's line, which has no client)."""
         s = self.server
         if s.draining:
             raise ShuttingDown("the server is shutting down; it takes no new requests")
         if s.engine is None:
             raise EngineDeadError("the engine is not running")
-        if s.queued + len(self.prompts) > s.settings.max_queued_requests:
-            raise Overloaded(f"too many requests waiting ({s.queued}, at most {s.settings.max_queued_requests}); "
-                             "retry later", retry_after=1)
-        s.queued += len(self.prompts)
-        s.metrics.queued.inc(len(self.prompts))
-        self._waiting_first = set(range(len(self.prompts)))
+        if self.interactive:
+            if s.queued + len(self.prompts) > s.settings.max_queued_requests:
+                raise Overloaded(f"too many requests waiting ({s.queued}, at most {s.settings.max_queued_requests}); "
+                                 "retry later", retry_after=1)
+            s.queued += len(self.prompts)
+            s.metrics.queued.inc(len(self.prompts))
+            self._waiting_first = set(range(len(self.prompts)))
         self._live = len(self.prompts)
         for k, req in enumerate(self.requests):
             self._tasks.append(asyncio.create_task(self._produce(k, req)))
         try:
-            await until_disconnect(request, self._prime())
+            await (self._prime() if request is None else until_disconnect(request, self._prime()))
         except BaseException:
             await self.aclose()
             raise
@@ -302,10 +313,11 @@ class Generation:
         m, now = self.server.metrics, time.monotonic()
         key = (k, out.index)
         if key not in self._last:
-            m.ttft.observe(now - self.start)
+            if self.interactive:
+                m.ttft.observe(now - self.start)
             if out.index == 0:
                 self.num_cached_tokens += out.num_cached_tokens
-        else:
+        elif self.interactive:
             m.itl.observe(now - self._last[key])
         self._last[key] = now
         self.num_generated += len(out.token_ids)
@@ -326,7 +338,8 @@ class Generation:
             m = self.server.metrics
             m.prompt_tokens.inc(self.num_prompt_tokens)
             m.generation_tokens.inc(self.num_generated)
-            m.e2e.observe(time.monotonic() - self.start)
+            if self.interactive:
+                m.e2e.observe(time.monotonic() - self.start)
 
 
 # ------------------------------------------------------------------ SSE
@@ -364,20 +377,22 @@ class Responder(ABC):
         ...
 
 
+async def collect(gen: Generation, responder: Responder) -> dict:
+    """Every output of an opened generation through ``responder``; its whole body."""
+    async for i, out in gen.outputs():
+        responder.add(i, out)
+    return responder.body()
+
+
 async def respond(request: Request, gen: Generation, responder: Responder, dialect) -> Response:
     """Open the generation (errors still become HTTP errors), then answer: one JSON body,
     or Server-Sent Events ``data: {...}`` ending with ``data: [DONE]``."""
     await gen.open(request)
     if not responder.stream:
-        async def collect() -> None:
-            async for i, out in gen.outputs():
-                responder.add(i, out)
-
         try:
-            await until_disconnect(request, collect())
+            return JSONResponse(await until_disconnect(request, collect(gen, responder)))
         finally:
             await gen.aclose()
-        return JSONResponse(responder.body())
 
     async def events():
         try:

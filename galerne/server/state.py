@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import ServerSettings
 from ..engine.adapters import AdapterInfo
@@ -34,6 +35,7 @@ class ServerState:
     loading: set[str] = field(default_factory=set)  # adapter names being loaded (their files being read)
     max_adapter_bytes: int | None = None  # the largest adapter file taken, made on first use (adapters.py)
     platform: Platform | None = None  # files, jobs, fine-tuned models (galerne.platform)
+    batches: Any = None  # the batch runner (server/batch/runner.py), started by the lifespan
 
     @property
     def model_id(self) -> str:

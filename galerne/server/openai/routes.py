@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...engine.engine import StepOutput
-from ...engine.request import EngineRequest, validate_request
+from ...engine.request import INTERACTIVE, EngineRequest, validate_request
 from ...errors import InvalidParameter
 from ..auth import require_api_key
 from ..chat import new_id
@@ -30,8 +30,16 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
 async def completions(request: Request) -> Response:
     """Complete each prompt (text or token ids); with ``suffix``, fill in the middle
     between the prompt and the suffix (mistral-common's FIM encoding)."""
-    req = (await read_request(request, OpenAICompletionRequest)).normalize()
-    server: ServerState = request.app.state.server
+    req = await read_request(request, OpenAICompletionRequest)
+    gen, responder = await start_completion(request.app.state.server, req)
+    return await respond(request, gen, responder, Dialect.OPENAI)
+
+
+async def start_completion(server: ServerState, wire: OpenAICompletionRequest, *,
+                           priority: int = INTERACTIVE) -> tuple[Generation, TextResponder]:
+    """A validated completions body as the generation to run (at ``priority``) and the
+    responder that answers it: what the route and a batch job's line share."""
+    req = wire.normalize()
     model, adapter = server.check_model(req.model)
     req.check_size(server.settings.max_queued_requests)
     tok = server.tokenizer
@@ -54,11 +62,12 @@ async def completions(request: Request) -> Response:
             out.append(validate_request(p, params, server.limits, field=where, adapter=adapter))
         return out
 
-    gen = Generation(server, await asyncio.to_thread(prepare), request_id=new_id(Dialect.OPENAI, "cmpl-"))
+    gen = Generation(server, await asyncio.to_thread(prepare), request_id=new_id(Dialect.OPENAI, "cmpl-"),
+                     priority=priority)
     echo = [p if isinstance(p, str) else tok.decode(p) for p in req.prompts] if req.echo else None
     responder = TextResponder(server, gen, model=model, stream=req.stream, logprobs=req.logprobs,
                               include_usage=req.include_usage, echo=echo, prompt_logprobs=asked_prompt_logprobs)
-    return await respond(request, gen, responder, Dialect.OPENAI)
+    return gen, responder
 
 
 class TextResponder(Responder):
