@@ -123,7 +123,7 @@ def test_openai_batch_answers_each_line_as_the_route(live, oai):
     assert batch.status in ("validating", "in_progress") and batch.request_counts.total == 4
     assert batch.id.startswith("batch_") and batch.input_file_id == file_id and batch.metadata == {"team": "search"}
     batch = wait_openai(oai, batch.id)
-    assert batch.status == "completed" and batch.error_file_id is None
+    assert batch.status == "completed" and batch.error_file_id is None and batch.model == MODEL  # its first line's
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (4, 4, 0)
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at >= batch.created_at
     lines = {x["custom_id"]: x for x in read_file(live.state, batch.output_file_id)}

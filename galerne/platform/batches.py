@@ -106,13 +106,20 @@ def iter_requests(platform, file_ids: Sequence[str], max_bytes: int) -> Iterator
                     i += 1
 
 
-def count_requests(path: Path) -> int:
-    """The requests (non-blank lines) of one input file."""
-    n = 0
+def scan(path: Path) -> tuple[int, str | None]:
+    """(the requests of one input file, the model its first request's body names, if it
+    reads as one)."""
+    n, model = 0, None
     with open(path, "rb") as f:
         for line in f:
-            n += bool(line.strip())
-    return n
+            if line.strip():
+                if n == 0:
+                    try:
+                        model = json.loads(line)["body"]["model"]
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                n += 1
+    return n, model if isinstance(model, str) else None
 
 
 # ------------------------------------------------------------------ progress

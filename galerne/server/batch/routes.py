@@ -191,7 +191,7 @@ def create_job(server: ServerState, dialect: Dialect, job_id: str, endpoint: str
     """Check the input files (``field``: the body's field that names them) and record a
     queued job over them (the caller wakes the runner)."""
     platform = server.platform
-    total = 0
+    total, shown = 0, model
     for k, file_id in enumerate(files):
         where = field if field != "input_files" else f"input_files[{k}]"
         record = platform.store.get("files", file_id)
@@ -200,13 +200,16 @@ def create_job(server: ServerState, dialect: Dialect, job_id: str, endpoint: str
         if record["purpose"] != "batch":
             raise InvalidParameter(where, f"file {file_id!r} has purpose {record['purpose']!r}; a batch reads files "
                                           "of purpose 'batch'")
-        total += b.count_requests(platform.data.file(file_id))
+        n, first = b.scan(platform.data.file(file_id))
+        total += n
+        if shown is None and dialect is Dialect.OPENAI:  # OpenAI's Batch.model: what its requests name
+            shown = first
     if total == 0:
         raise InvalidParameter(field, "holds no request: one JSON request per line")
     if total > b.MAX_REQUESTS:
         raise InvalidParameter(field, f"holds {total:,} requests, more than the {b.MAX_REQUESTS:,} a batch may")
     job = b.create(platform.store, job_id=job_id, dialect=dialect.value, endpoint=endpoint, input_files=files,
-                   total=total, base=platform.base_id, model=model, metadata=metadata, window_s=window_s)
+                   total=total, base=platform.base_id, model=shown, metadata=metadata, window_s=window_s)
     return job
 
 

@@ -154,7 +154,7 @@ class _Run:
             else:
                 await self._requests()
         if self.reason != HALT:
-            await self._finish()
+            await asyncio.to_thread(self._finish)
 
     # --- the requests
 
@@ -226,8 +226,8 @@ class _Run:
             endpoint, body = self.job["endpoint"], line.body
             if self.dialect is Dialect.OPENAI and line.url != endpoint:
                 raise InvalidParameter("url", f"must be the batch's endpoint {endpoint!r}, got {line.url!r}")
-            if self.job.get("model") and "model" not in body:  # Mistral's: the job's model
-                body = {**body, "model": self.job["model"]}
+            if self.dialect is Dialect.MISTRAL and self.job.get("model") and "model" not in body:
+                body = {**body, "model": self.job["model"]}  # the job's model, for the lines that name none
             return custom_id, body
         except GalerneError as e:
             return custom_id, e
@@ -247,25 +247,26 @@ class _Run:
 
     # --- the end
 
-    async def _finish(self) -> None:
+    def _finish(self) -> None:
+        """Write the job's files from its journal and end it. Synchronous, in one worker
+        thread: a server stopping meanwhile does not cut it in the middle (its loop waits
+        for the thread), so a job never ends without its files nor keeps two sets."""
         store = self.platform.store
         if self.reason == EXPIRE:
-            await asyncio.to_thread(self._expire_the_rest)
+            self._expire_the_rest()
         elif self.reason is None and self.job["status"] != b.FINALIZING:
-            job = await asyncio.to_thread(store.transition, self.id, [b.RUNNING], b.FINALIZING, finalizing_at=now())
-            if job is None:  # cancelled meanwhile: every request ran all the same
-                self.reason = CANCEL
+            if store.transition(self.id, [b.RUNNING], b.FINALIZING, finalizing_at=now()) is None:
+                self.reason = CANCEL  # cancelled meanwhile: every request ran all the same
         status, stamp = ENDING[self.reason]
-        output, errors = await asyncio.to_thread(self.journal.results, self.platform, self.id)
+        output, errors = self.journal.results(self.platform, self.id)
         values = {"output_file": output and output["id"], "error_file": errors and errors["id"], stamp: now(),
                   "owner": None, **self.progress.fields()}
         if self.failure is not None:
             values["errors"] = [*self.job.get("errors", []), {"code": "input_unreadable", "message": self.failure}]
-        job = await asyncio.to_thread(store.transition, self.id, b.OWNED, status, **values)
-        if job is None:
+        if store.transition(self.id, b.OWNED, status, **values) is None:
             log.warning("batch job %s: its record changed while it ended; its files: %s, %s", self.id,
                         values["output_file"], values["error_file"])
-        await asyncio.to_thread(self.journal.remove, self.platform)
+        self.journal.remove(self.platform)
         log.info("batch job %s: %s (%d succeeded, %d failed)", self.id, status, self.progress.succeeded,
                  self.progress.failed)
 
