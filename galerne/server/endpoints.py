@@ -28,7 +28,7 @@ from .mistral.routes import start_fim
 from .openai.protocol import OpenAICompletionRequest
 from .openai.routes import start_completion
 from .protocol import RequestBody
-from .serving import Generation, Responder, collect, validate
+from .serving import THREAD_MIN_BYTES, Generation, Responder, collect, validate
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,21 @@ ENDPOINTS: dict[Dialect, dict[str, Endpoint]] = {
 }
 
 
-async def answer(server: ServerState, dialect: Dialect, path: str, body: Any, *,
-                 priority: int = BATCH) -> tuple[int, dict]:
+async def answer(server: ServerState, dialect: Dialect, path: str, body: Any, *, priority: int = BATCH,
+                 body_bytes: int | None = None) -> tuple[int, dict]:
     """(HTTP status, JSON body) of ``body`` sent to the endpoint ``path`` of ``dialect``,
     run at ``priority``: the route's answer, whole (``stream: true`` is refused: there is
     no stream to send it on). A refusal is its status and body in the dialect's envelope,
     as errors.py maps it, and so is a bug (a 500, logged). ShuttingDown and
-    EngineDeadError are raised instead: the request did not run, nothing refused it."""
+    EngineDeadError are raised instead: the request did not run, nothing refused it.
+    ``body_bytes``: the body's size, if known; a big one (or one of unknown size) is
+    validated in a worker thread, as ``read_request`` does."""
     endpoint = ENDPOINTS[dialect][path]
     try:
-        wire = await asyncio.to_thread(validate, endpoint.wire, body)
+        if body_bytes is not None and body_bytes < THREAD_MIN_BYTES:
+            wire = validate(endpoint.wire, body)
+        else:
+            wire = await asyncio.to_thread(validate, endpoint.wire, body)
         if getattr(wire, "stream", False):
             raise InvalidParameter("stream", "must be false here: the answer comes whole, in the batch's output file")
         gen, responder = await endpoint.start(server, wire, priority=priority)

@@ -34,7 +34,7 @@ from ...platform.store import now
 from ..dialect import Dialect
 from ..endpoints import answer
 from ..errors import BodyTooLarge, ShuttingDown, error_body
-from ..serving import parse_json, validate
+from ..serving import THREAD_MIN_BYTES, parse_json, validate
 from ..state import ServerState
 from .protocol import LINE_WIRE, output_line, unanswered_line
 
@@ -196,17 +196,25 @@ class _Run:
                 reader.close()
 
     async def _request(self, i: int, raw: bytes | None) -> None:
-        custom_id, body = await asyncio.to_thread(self._read_line, raw)
-        if isinstance(body, GalerneError):
-            status, out, _ = error_body(body, self.dialect)
-        else:
-            try:
-                status, out = await answer(self.server, self.dialect, self.job["endpoint"], body, priority=BATCH)
-            except (ShuttingDown, EngineDeadError) as e:
-                log.warning("batch job %s: stops: %s", self.id, e)
-                self.halt(HALT)
-                return
-        ok, line = output_line(self.dialect, custom_id, status, out)
+        """Answer request ``i`` (its line ``raw``) and journal the answer."""
+        custom_id = None
+        try:
+            # Parsed and checked on the loop when small, as read_json does a body.
+            small = raw is not None and len(raw) < THREAD_MIN_BYTES
+            custom_id, body = self._read_line(raw) if small else await asyncio.to_thread(self._read_line, raw)
+            if isinstance(body, GalerneError):
+                status, out, _ = error_body(body, self.dialect)
+            else:
+                status, out = await answer(self.server, self.dialect, self.job["endpoint"], body, priority=BATCH,
+                                           body_bytes=len(raw))
+            ok, line = output_line(self.dialect, custom_id, status, out)
+        except (ShuttingDown, EngineDeadError) as e:
+            log.warning("batch job %s: stops: %s", self.id, e)
+            self.halt(HALT)
+            return
+        except Exception as e:  # a bug: this request's error line, never a lost request
+            log.exception("batch job %s: request %d failed", self.id, i)
+            ok, line = output_line(self.dialect, custom_id, *error_body(e, self.dialect)[:2])
         self.journal.append(i, ok, line)
         self.progress.add(i, ok, line)
 
