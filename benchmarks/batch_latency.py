@@ -35,31 +35,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import report
+from common import WORDS, percentile, report
 
-WORDS = ("river stone light market winter paper garden voice engine window story mountain silver table "
-         "morning bridge forest letter number music ocean station circle coffee pocket ladder cloud").split()
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def percentile(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def cpu_flags() -> str:
+    """The CPU's flags that matter to its matmuls (BENCHMARKS.md: a CPU figure names them)."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in CPU_FLAGS if f in have) or "none of " + ",".join(CPU_FLAGS)
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
     except OSError:
-        pass
-    return "unknown"
+        line = ""
+    have = set(line.partition(":")[2].split())
+    return " ".join(f for f in CPU_FLAGS if f in have) or ("none of " + ",".join(CPU_FLAGS) if line else "unknown")
 
 
 def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str, str]:

@@ -143,6 +143,22 @@ def median(xs):
     return statistics.median(xs)
 
 
+def percentile(xs: list[float], p: float) -> float:
+    """The ``p``-th percentile of ``xs``, interpolated between ranks (nan when empty)."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# Words of the serving benchmarks' random prompts.
+WORDS = ("river", "stone", "light", "market", "winter", "paper", "garden", "voice", "engine", "window", "story",
+         "mountain", "silver", "table", "morning", "bridge", "forest", "letter", "number", "music", "ocean", "station",
+         "circle", "coffee", "pocket", "ladder", "cloud")
+
+
 def machine() -> dict:
     info = {
         "machine": platform.machine(),

@@ -34,19 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import SHAPES, random_checkpoint, report
-
-WORDS = ("river stone light market winter paper garden voice engine window story mountain silver table "
-         "morning bridge forest letter number music ocean station circle coffee pocket ladder cloud").split()
-
-
-def percentile(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+from common import SHAPES, WORDS, percentile, random_checkpoint, report
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:

@@ -262,9 +262,9 @@ class _Run:
         store = self.platform.store
         if self.reason == EXPIRE:
             self._expire_the_rest()
-        elif self.reason is None and self.job["status"] != b.FINALIZING:
-            if store.transition(self.id, [b.RUNNING], b.FINALIZING, finalizing_at=now()) is None:
-                self.reason = CANCEL  # cancelled meanwhile: every request ran all the same
+        elif (self.reason is None and self.job["status"] != b.FINALIZING
+              and store.transition(self.id, [b.RUNNING], b.FINALIZING, finalizing_at=now()) is None):
+            self.reason = CANCEL  # cancelled meanwhile: every request ran all the same
         status, stamp = ENDING[self.reason]
         output, errors = self.journal.results(self.platform, self.id)
         values = {"output_file": output and output["id"], "error_file": errors and errors["id"], stamp: now(),
