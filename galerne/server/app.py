@@ -35,7 +35,7 @@ from ..errors import GalerneError
 from ..llm import LLM
 from ..platform import Platform
 from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
-from . import adapters, chat, errors
+from . import adapters, chat, errors, files
 from . import dialect as dialects
 from .auth import require_api_key
 from .guards import BodyGuard, HeadAsGet, LocalGuard
@@ -91,7 +91,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     errors.install(app)
     # Outermost last: HeadAsGet, _Tracking, LocalGuard (no API key only), CORS (allowed
     # origins only), BodyGuard, then FastAPI's exception handling and the routes.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
+                       uploads={"/v1/files": settings.max_upload_bytes})
     if settings.allowed_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin, allow_headers=["*"],
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
@@ -103,6 +104,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.include_router(openai_routes.router)
     app.include_router(mistral_routes.router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
     app.include_router(_models_router())
     app.include_router(_ops_router())
     app.openapi = lambda: _openapi(app)

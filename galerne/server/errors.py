@@ -87,6 +87,24 @@ class AdapterInvalid(GalerneError):
         super().__init__(message)
 
 
+class NotFound(GalerneError):
+    """No file, job or fine-tuned model of that id (the platform's routes). ``code``:
+    ``file_not_found``, ``job_not_found``, ``model_not_found``."""
+
+    def __init__(self, message: str, code: str, field: str | None = None):
+        self.code, self.field = code, field
+        super().__init__(message)
+
+
+class WrongState(GalerneError):
+    """An action the record's status does not allow (cancel a finished job, start a running
+    one, delete a file a job still reads): nothing changed. ``code`` names the case."""
+
+    def __init__(self, message: str, code: str = "invalid_state", field: str | None = None):
+        self.code, self.field = code, field
+        super().__init__(message)
+
+
 class BodyTooLarge(GalerneError):
     """The request body is past ``--max-body-mb``."""
 
@@ -142,6 +160,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (AdapterNotFound, 404, "invalid_request_error", "adapter_not_found"),  # vLLM's 404
+    (NotFound, 404, "not_found_error", None),  # the code is the error's own
+    (WrongState, 409, "invalid_request_error", None),  # the code is the error's own
     (AdapterInvalid, 400, "invalid_request_error", None),  # vLLM's 400; the code is the error's own
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
@@ -155,12 +175,15 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
 ]
 
 
+_OWN_CODE = (Forbidden, AdapterInvalid, NotFound, WrongState)
+
+
 def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | None]:
     for cls, status, kind, code in _TABLE:
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, getattr(error, "code", None) if cls in (Forbidden, AdapterInvalid) else code
+            return status, kind, getattr(error, "code", None) if cls in _OWN_CODE else code
     return 500, "server_error", "internal_error"
 
 
