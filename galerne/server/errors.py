@@ -24,7 +24,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from ..errors import EngineDeadError, GalerneError, InvalidParameter, ModelLoadError, PromptTooLong, TokenizerError
+from ..errors import (
+    EngineDeadError,
+    GalerneError,
+    InvalidParameter,
+    ModelLoadError,
+    NotFound,
+    PromptTooLong,
+    TokenizerError,
+    WrongState,
+)
 from . import dialect as dialects
 from .dialect import Dialect
 
@@ -84,24 +93,6 @@ class AdapterInvalid(GalerneError):
 
     def __init__(self, message: str, field: str, code: str = "invalid_adapter"):
         self.field, self.code = field, code
-        super().__init__(message)
-
-
-class NotFound(GalerneError):
-    """No file, job or fine-tuned model of that id (the platform's routes). ``code``:
-    ``file_not_found``, ``job_not_found``, ``model_not_found``."""
-
-    def __init__(self, message: str, code: str, field: str | None = None):
-        self.code, self.field = code, field
-        super().__init__(message)
-
-
-class WrongState(GalerneError):
-    """An action the record's status does not allow (cancel a finished job, start a running
-    one, delete a file a job still reads): nothing changed. ``code`` names the case."""
-
-    def __init__(self, message: str, code: str = "invalid_state", field: str | None = None):
-        self.code, self.field = code, field
         super().__init__(message)
 
 

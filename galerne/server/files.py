@@ -28,13 +28,13 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse
 
-from ..errors import InvalidParameter
+from ..errors import InvalidParameter, NotFound, WrongState
 from ..finetune.data import DataError
 from ..finetune.validate import Problem, check_file
 from ..platform.files import UPLOAD_PURPOSES, add_file, delete_file, file_object
 from ..platform.store import new_id
 from .auth import require_api_key
-from .errors import ClientGone, NotFound, WrongState
+from .errors import ClientGone
 from .state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["files"])
