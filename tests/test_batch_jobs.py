@@ -117,7 +117,8 @@ def route(live, path: str, body, dialect: str) -> httpx.Response:
 def test_openai_batch_answers_each_line_as_the_route(live, oai):
     bodies = {"base": chat(0), "adapter": chat(1, model="a"), "sampled": chat(2, temperature=1.0, n=2, seed=7),
               "tools": chat(3, max_tokens=6, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])}
-    file_id = upload(live.state, [openai_line(k, v) for k, v in bodies.items()])
+    data = "".join(json.dumps(openai_line(k, v)) + "\n" for k, v in bodies.items()).encode()
+    file_id = oai.files.create(file=("requests.jsonl", data), purpose="batch").id
     batch = oai.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
                                metadata={"team": "search"})
     assert batch.status in ("validating", "in_progress") and batch.request_counts.total == 4
@@ -126,7 +127,9 @@ def test_openai_batch_answers_each_line_as_the_route(live, oai):
     assert batch.status == "completed" and batch.error_file_id is None and batch.model == MODEL  # its first line's
     assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (4, 4, 0)
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at >= batch.created_at
-    lines = {x["custom_id"]: x for x in read_file(live.state, batch.output_file_id)}
+    output = oai.files.retrieve(batch.output_file_id)
+    assert output.purpose == "batch_output" and output.filename == f"{batch.id}_output.jsonl"
+    lines = {x["custom_id"]: x for x in map(json.loads, oai.files.content(batch.output_file_id).text.splitlines())}
     assert set(lines) == set(bodies)
     for custom_id, line in lines.items():
         assert line["id"].startswith("batch_req_") and line["error"] is None
@@ -243,13 +246,15 @@ def test_mistral_batch_inline_requests(live):
 def test_mistral_client_fim_batch_and_list_filters(live, mis):
     lines = [{"custom_id": f"f{i}", "body": {"prompt": f"def f{i}(x):\n    return ", "suffix": "\n", "max_tokens": 3,
                                              "temperature": 0}} for i in range(2)]
-    file_id = upload(live.state, lines)
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    file_id = mis.files.upload(file={"file_name": "fim.jsonl", "content": data}, purpose="batch").id
     job = mis.batch.jobs.create(endpoint="/v1/fim/completions", input_files=[file_id], model=MODEL,
                                 metadata={"team": "fim"}, timeout_hours=2)
     assert job.status in ("QUEUED", "RUNNING") and job.input_files == [file_id]
     job = wait_mistral(live, job.id)
     assert job["status"] == "SUCCESS" and job["succeeded_requests"] == 2
-    for line in read_file(live.state, job["output_file"]):
+    output = mis.files.download(file_id=job["output_file"]).read().decode()
+    for line in map(json.loads, output.splitlines()):
         body = next(x["body"] for x in lines if x["custom_id"] == line["custom_id"])
         direct = route(live, "/v1/fim/completions", {"model": MODEL, **body}, "mistral").json()
         assert line["response"]["body"]["choices"][0]["message"] == direct["choices"][0]["message"]
@@ -318,7 +323,7 @@ def test_create_refusals_name_the_field(live, oai):
 def test_unknown_ids_are_404_in_each_dialect(live, oai):
     with pytest.raises(openai.NotFoundError) as e:
         oai.batches.retrieve("batch_nope")
-    assert e.value.body["code"] == "not_found" and "batch_nope" in e.value.body["message"]
+    assert e.value.body["code"] == "batch_not_found" and "batch_nope" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         oai.batches.cancel("batch_nope")
     for method, path in (("GET", "/v1/batch/jobs/nope"), ("POST", "/v1/batch/jobs/nope/cancel"),
@@ -343,6 +348,9 @@ def test_cancel_at_every_status(live, oai):
                                  completion_window="24h")
     running = wait_openai(oai, running.id, lambda x: x.request_counts.completed >= 1)
     assert running.status == "in_progress"
+    with pytest.raises(openai.ConflictError) as e:  # the files API keeps a running job's input
+        oai.files.delete(running.input_file_id)
+    assert e.value.body["code"] == "file_in_use"
     # Three jobs queued behind it (one job runs at a time).
     queued = oai.batches.create(input_file_id=upload(state, long_lines(2)), endpoint="/v1/chat/completions",
                                 completion_window="24h")
@@ -467,7 +475,7 @@ def test_journal_drops_a_torn_last_line(tmp_path):
 
 def test_taking_a_job_is_a_compare_and_set(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    b.create(store, job_id="j1", dialect="openai", endpoint="/v1/chat/completions", input_files=[], total=1, base="m")
+    b.create(store, job_id="j1", dialect="openai", endpoint="/v1/chat/completions", input_file_ids=[], total=1, base="m")
     assert b.next_job(store, "batch:h:1:a", "other-base") is None  # a job for another model
     job = b.next_job(store, "batch:h:1:a", "m")
     assert job["status"] == b.RUNNING and job["owner"] == "batch:h:1:a"

@@ -3,14 +3,16 @@ runner needs to run a batch, to stop in the middle, and to go on after a restart
 runner itself, which sends each line through the server's endpoints, is the server's
 (``galerne/server/batch/runner.py``); nothing here knows HTTP.
 
-A batch job is a row of the store's ``jobs`` table with kind "batch". Its status is one
-of ours below, which each API shows in its own words (``server/batch/protocol.py``)::
+A batch job is a row of the store's ``jobs`` table with kind "batch", its input files in
+``input_file_ids`` (as a fine-tuning job's: the files API will not delete a file an
+unfinished job reads). Its status is one of these, which each API shows in its own
+words (``server/batch/protocol.py``)::
 
-    queued --> running --> finalizing --> succeeded
-       |          |------> cancelling --> cancelled
-       |          |------> expired       (its window passed: what did not run is an error line)
-       |          '------> failed        (its input could not be read)
-       '--> cancelled
+    QUEUED --> RUNNING --> FINALIZING --> SUCCESS
+       |          |------> CANCELLATION_REQUESTED --> CANCELLED
+       |          |------> TIMEOUT_EXCEEDED   (its window passed: what did not run is an error line)
+       |          '------> FAILED             (its input could not be read)
+       '--> CANCELLED
 
 Input: the job's files (uploads of purpose "batch"; a Mistral job's inline ``requests``
 are written to one when it is created), read as one sequence of JSON lines: blank lines
@@ -48,8 +50,9 @@ from galerne.platform.files import add_file
 from galerne.platform.store import Store, jobs, new_id, now
 
 KIND = "batch"
-QUEUED, RUNNING, FINALIZING, SUCCEEDED = "queued", "running", "finalizing", "succeeded"
-FAILED, EXPIRED, CANCELLING, CANCELLED = "failed", "expired", "cancelling", "cancelled"
+# Mistral's names, as the fine-tuning jobs' (platform/jobs.py), and one of ours: FINALIZING.
+QUEUED, RUNNING, FINALIZING, SUCCEEDED = "QUEUED", "RUNNING", "FINALIZING", "SUCCESS"
+FAILED, EXPIRED, CANCELLING, CANCELLED = "FAILED", "TIMEOUT_EXCEEDED", "CANCELLATION_REQUESTED", "CANCELLED"
 STATUSES = (QUEUED, RUNNING, FINALIZING, SUCCEEDED, FAILED, EXPIRED, CANCELLING, CANCELLED)
 OWNED = (RUNNING, FINALIZING, CANCELLING)  # a runner works on them
 ENDED = (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
@@ -60,7 +63,7 @@ MAX_ERROR_KINDS = 20  # distinct error messages counted one by one (the others t
 OTHER_ERRORS = "(other errors)"
 
 
-def create(store: Store, *, job_id: str, dialect: str, endpoint: str, input_files: list[str], total: int,
+def create(store: Store, *, job_id: str, dialect: str, endpoint: str, input_file_ids: list[str], total: int,
            base: str, model: str | None = None, metadata: dict | None = None, window_s: int = 24 * 3600,
            **doc: Any) -> dict[str, Any]:
     """Record a queued job of ``total`` requests, to end within ``window_s`` seconds.
@@ -69,7 +72,7 @@ def create(store: Store, *, job_id: str, dialect: str, endpoint: str, input_file
     return store.insert("jobs", {
         "id": job_id, "kind": KIND, "status": QUEUED, "model": model or "", "created_at": t, "modified_at": t,
         "owner": None, "heartbeat": None,
-        "dialect": dialect, "endpoint": endpoint, "input_files": list(input_files), "metadata": metadata,
+        "dialect": dialect, "endpoint": endpoint, "input_file_ids": list(input_file_ids), "metadata": metadata,
         "base": base, "expires_at": t + window_s, "total": total, **Progress().fields(),
         "errors": [], "output_file": None, "error_file": None, "started_at": None, "finalizing_at": None,
         "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,

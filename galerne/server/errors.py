@@ -24,7 +24,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from ..errors import EngineDeadError, GalerneError, InvalidParameter, ModelLoadError, PromptTooLong, TokenizerError
+from ..errors import (
+    EngineDeadError,
+    GalerneError,
+    InvalidParameter,
+    ModelLoadError,
+    NotFound,
+    PromptTooLong,
+    TokenizerError,
+    WrongState,
+)
 from . import dialect as dialects
 from .dialect import Dialect
 
@@ -87,19 +96,6 @@ class AdapterInvalid(GalerneError):
         super().__init__(message)
 
 
-class NotFound(GalerneError):
-    """No object of that id (a batch job, a file). ``field``: the body's field that named
-    it, when it was not the path."""
-
-    def __init__(self, message: str, field: str | None = None):
-        self.field = field
-        super().__init__(message)
-
-
-class Conflict(GalerneError):
-    """A request its object's state does not allow (cancelling a batch job that ended)."""
-
-
 class BodyTooLarge(GalerneError):
     """The request body is past ``--max-body-mb``."""
 
@@ -155,9 +151,9 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (AdapterNotFound, 404, "invalid_request_error", "adapter_not_found"),  # vLLM's 404
+    (NotFound, 404, "not_found_error", None),  # the code is the error's own
+    (WrongState, 409, "invalid_request_error", None),  # the code is the error's own
     (AdapterInvalid, 400, "invalid_request_error", None),  # vLLM's 400; the code is the error's own
-    (NotFound, 404, "invalid_request_error", "not_found"),
-    (Conflict, 409, "invalid_request_error", "conflict"),
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
     (EngineDeadError, 503, "server_error", "engine_failure"),
@@ -170,12 +166,15 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
 ]
 
 
+_OWN_CODE = (Forbidden, AdapterInvalid, NotFound, WrongState)
+
+
 def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | None]:
     for cls, status, kind, code in _TABLE:
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, getattr(error, "code", None) if cls in (Forbidden, AdapterInvalid) else code
+            return status, kind, getattr(error, "code", None) if cls in _OWN_CODE else code
     return 500, "server_error", "internal_error"
 
 

@@ -134,7 +134,7 @@ def openai_batch(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": job["id"], "object": "batch", "endpoint": job["endpoint"],
         "errors": {"object": "list", "data": errors} if errors else None,
-        "input_file_id": (job.get("input_files") or [None])[0], "completion_window": "24h",
+        "input_file_id": (job.get("input_file_ids") or [None])[0], "completion_window": "24h",
         "status": STATUS[job["status"]][0], "output_file_id": job.get("output_file"), "error_file_id": job.get("error_file"),
         "created_at": job["created_at"], "in_progress_at": job.get("started_at"), "expires_at": job.get("expires_at"),
         "finalizing_at": job.get("finalizing_at"), "completed_at": job.get("completed_at"),
@@ -157,7 +157,7 @@ def mistral_job(job: dict[str, Any], outputs: list[dict] | None = None) -> dict[
     errors += [{"message": m, "count": n} for m, n in (job.get("line_errors") or {}).items()]
     ended = next((job.get(k) for k in ("completed_at", "failed_at", "expired_at", "cancelled_at") if job.get(k)), None)
     return {
-        "id": job["id"], "object": "batch", "input_files": job.get("input_files") or [], "metadata": job.get("metadata"),
+        "id": job["id"], "object": "batch", "input_files": job.get("input_file_ids") or [], "metadata": job.get("metadata"),
         "endpoint": job["endpoint"], "model": job.get("model") or None, "agent_id": None,
         "output_file": job.get("output_file"), "error_file": job.get("error_file"), "errors": errors,
         "outputs": outputs, "status": STATUS[job["status"]][1], "created_at": job["created_at"],

@@ -39,13 +39,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
 
-from ...errors import InvalidParameter
+from ...errors import InvalidParameter, NotFound, WrongState
 from ...platform import batches as b
 from ...platform.files import write_file
 from ...platform.store import new_id, now
 from ..auth import require_api_key
 from ..dialect import Dialect
-from ..errors import Conflict, FieldError, NotFound, RequestInvalid
+from ..errors import FieldError, RequestInvalid
 from ..mistral.routes import body_schema
 from ..serving import read_request
 from ..state import ServerState
@@ -178,7 +178,8 @@ async def delete_mistral_job(request: Request, job_id: str) -> dict:
     server: ServerState = request.app.state.server
     job = await asyncio.to_thread(find, server, job_id)
     if job["status"] not in b.ENDED:
-        raise Conflict(f"batch job {job_id} is {STATUS[job['status']][1]}: cancel it first, then delete it")
+        raise WrongState(f"batch job {job_id} is {STATUS[job['status']][1]}: cancel it first, then delete it",
+                         "batch_not_ended")
     await asyncio.to_thread(server.platform.store.delete, "jobs", job_id)
     return {"id": job_id, "object": "batch", "deleted": True}
 
@@ -196,7 +197,7 @@ def create_job(server: ServerState, dialect: Dialect, job_id: str, endpoint: str
         where = field if field != "input_files" else f"input_files[{k}]"
         record = platform.store.get("files", file_id)
         if record is None:
-            raise NotFound(f"no file {file_id!r}", field=where)
+            raise NotFound(f"No file with id '{file_id}' found.", "file_not_found", where)
         if record["purpose"] != "batch":
             raise InvalidParameter(where, f"file {file_id!r} has purpose {record['purpose']!r}; a batch reads files "
                                           "of purpose 'batch'")
@@ -208,7 +209,7 @@ def create_job(server: ServerState, dialect: Dialect, job_id: str, endpoint: str
         raise InvalidParameter(field, "holds no request: one JSON request per line")
     if total > b.MAX_REQUESTS:
         raise InvalidParameter(field, f"holds {total:,} requests, more than the {b.MAX_REQUESTS:,} a batch may")
-    job = b.create(platform.store, job_id=job_id, dialect=dialect.value, endpoint=endpoint, input_files=files,
+    job = b.create(platform.store, job_id=job_id, dialect=dialect.value, endpoint=endpoint, input_file_ids=files,
                    total=total, base=platform.base_id, model=shown, metadata=metadata, window_s=window_s)
     return job
 
@@ -216,7 +217,7 @@ def create_job(server: ServerState, dialect: Dialect, job_id: str, endpoint: str
 def find(server: ServerState, job_id: str) -> dict:
     job = b.get(server.platform.store, job_id)
     if job is None:
-        raise NotFound(f"no batch job {job_id!r}")
+        raise NotFound(f"No batch job with id '{job_id}' found.", "batch_not_found")
     return job
 
 
@@ -236,11 +237,11 @@ async def cancel(server: ServerState, job_id: str) -> dict:
         elif status in (b.CANCELLING, b.CANCELLED):
             return job
         else:
-            raise Conflict(f"batch job {job_id} is {STATUS[status][0]} ({STATUS[status][1]}): only a queued or "
-                           "running job can be cancelled")
+            raise WrongState(f"batch job {job_id} is {STATUS[status][0]} ({STATUS[status][1]}): only a queued or "
+                             "running job can be cancelled", "batch_ended")
         if done is not None:
             return done
-    raise Conflict(f"batch job {job_id} changed status while being cancelled; try again")
+    raise WrongState(f"batch job {job_id} changed status while being cancelled; try again")
 
 
 def _metadata_filter(request: Request, metadata: str | None) -> dict[str, str]:

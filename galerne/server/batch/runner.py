@@ -162,7 +162,7 @@ class _Run:
         """Every request the journal lacks, at most ``batch_concurrency`` at once, until the
         last is answered or the run stops."""
         limit = self.server.settings.batch_concurrency
-        reader = b.iter_requests(self.platform, self.job["input_files"], self.server.settings.max_body_bytes)
+        reader = b.iter_requests(self.platform, self.job["input_file_ids"], self.server.settings.max_body_bytes)
         tasks: set[asyncio.Task] = set()
         stop = asyncio.ensure_future(self.stopped.wait())
         watch = asyncio.create_task(self._watch())
@@ -281,7 +281,7 @@ class _Run:
     def _expire_the_rest(self) -> None:
         """An error line (``batch_expired``) for every request that did not run."""
         with contextlib.suppress(OSError):
-            for i, raw in b.iter_requests(self.platform, self.job["input_files"], self.server.settings.max_body_bytes):
+            for i, raw in b.iter_requests(self.platform, self.job["input_file_ids"], self.server.settings.max_body_bytes):
                 if i in self.progress.done:
                     continue
                 custom_id = None
