@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..config import ServerSettings
 from ..engine.adapters import AdapterInfo
@@ -17,6 +17,9 @@ from ..platform import Platform
 from ..platform.supervisor import Supervisor
 from .errors import ModelNotFound
 from .metrics import Metrics
+
+if TYPE_CHECKING:  # the runner imports this module
+    from .batch.runner import BatchRunner
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ServerState:
     max_adapter_bytes: int | None = None  # the largest adapter file taken, made on first use (adapters.py)
     platform: Platform | None = None  # files, jobs, fine-tuned models (galerne.platform)
     jobs: Supervisor | None = None  # starts fine-tuning workers, serves their models (started by the lifespan)
-    batches: Any = None  # the batch runner (server/batch/runner.py), started by the lifespan
+    batches: BatchRunner | None = None  # the batch runner (server/batch/runner.py), started by the lifespan
 
     @property
     def model_id(self) -> str:
