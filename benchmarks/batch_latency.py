@@ -106,17 +106,19 @@ async def run_batch(http, base: str, model: str, args, seed: int, done: asyncio.
                                                "max_tokens": args.batch_tokens, "temperature": 1.0,
                                                "ignore_eos": True, "random_seed": i}}
                 for i, t in enumerate(prompts(args.requests, args.prompt_words, seed))]
-    t0 = time.perf_counter()
-    r = await http.post(f"{base}/batch/jobs", json={"endpoint": "/v1/chat/completions", "model": model,
-                                                    "requests": requests})
-    r.raise_for_status()
-    job = r.json()
-    while job["status"] not in ("SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"):
-        await asyncio.sleep(0.1)
-        job = (await http.get(f"{base}/batch/jobs/{job['id']}")).json()
-    wall = time.perf_counter() - t0
-    done.set()
-    return {"job": job, "wall": wall}
+    try:
+        t0 = time.perf_counter()
+        r = await http.post(f"{base}/batch/jobs", json={"endpoint": "/v1/chat/completions", "model": model,
+                                                        "requests": requests})
+        if r.status_code != 200:
+            raise SystemExit(f"the batch was refused: {r.status_code} {r.text[:1000]}")
+        job = r.json()
+        while job["status"] not in ("SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"):
+            await asyncio.sleep(0.1)
+            job = (await http.get(f"{base}/batch/jobs/{job['id']}")).json()
+        return {"job": job, "wall": time.perf_counter() - t0}
+    finally:
+        done.set()  # also when it failed: the interactive client stops
 
 
 def check_output(data_dir: str, job: dict, n: int) -> int:

@@ -243,6 +243,18 @@ def test_mistral_batch_inline_requests(live):
     assert mistral_get(live, job["id"]).json()["outputs"] is None
 
 
+def test_inline_requests_may_hold_more_text_than_one_prompt(live):
+    # 40 requests of 300 characters: more text in all than the context (512 tokens) could hold
+    # in one request (8,192 characters); each fits, and is checked when it runs.
+    requests = [{"custom_id": str(i), "body": {"messages": [{"role": "user", "content": f"{i} " + "word " * 60}],
+                                               "max_tokens": 1}} for i in range(40)]
+    r = httpx.post(live.url + "/v1/batch/jobs", headers=AUTH, timeout=30, json={
+        "endpoint": "/v1/chat/completions", "model": MODEL, "requests": requests})
+    assert r.status_code == 200, r.text
+    job = wait_mistral(live, r.json()["id"])
+    assert job["status"] == "SUCCESS" and job["succeeded_requests"] == 40
+
+
 def test_mistral_client_fim_batch_and_list_filters(live, mis):
     lines = [{"custom_id": f"f{i}", "body": {"prompt": f"def f{i}(x):\n    return ", "suffix": "\n", "max_tokens": 3,
                                              "temperature": 0}} for i in range(2)]

@@ -70,16 +70,17 @@ MAX_JSON_DEPTH = 128
 _TOO_DEEP = f"objects and lists nested too deeply (more than {MAX_JSON_DEPTH} levels)"
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(request: Request, *, one_prompt: bool = True) -> Any:
     """The JSON body. A malformed one is a RequestInvalid that says where it breaks;
-    more text than the context can hold is a TextTooLong; a client gone while sending
-    it is a ClientGone. Its size and the time it takes to come are bounded before
-    (guards.BodyGuard: 413, 408)."""
+    more text than the context can hold is a TextTooLong (unless ``one_prompt`` is
+    false: a body of many requests, a batch job's, whose each one is checked when it
+    runs); a client gone while sending it is a ClientGone. Its size and the time it
+    takes to come are bounded before (guards.BodyGuard: 413, 408)."""
     try:
         raw = await request.body()
     except ClientDisconnect:  # a 499 in the metrics, not a 500 in the logs
         raise ClientGone() from None
-    context = request.app.state.server.max_model_len
+    context = request.app.state.server.max_model_len if one_prompt else None
     request.state.body_bytes = len(raw)
     if len(raw) < THREAD_MIN_BYTES:
         return parse_json(raw, context)
@@ -98,9 +99,9 @@ async def read_request(request: Request, model: type[M], body: Any = None) -> M:
     return await asyncio.to_thread(validate, model, body)
 
 
-def parse_json(raw: bytes, context: int) -> Any:
-    """A JSON body (``raw``) for a model of ``context`` tokens, checked as ``read_json``
-    says; also each line of a batch job's input."""
+def parse_json(raw: bytes, context: int | None) -> Any:
+    """A JSON body (``raw``) for a model of ``context`` tokens (None: no bound on its
+    text), checked as ``read_json`` says; also each line of a batch job's input."""
     try:
         body = json.loads(raw)
     except RecursionError:  # the decoder recurses on each nested object or list
@@ -111,8 +112,7 @@ def parse_json(raw: bytes, context: int) -> Any:
                                          "json_invalid")]) from None
     if json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise RequestInvalid([FieldError(("body",), _TOO_DEEP, "json_invalid")])
-    limit = context * CHARS_PER_TOKEN
-    if len(raw) > limit:  # else it holds fewer characters of text than bytes: no need to count
+    if context is not None and len(raw) > context * CHARS_PER_TOKEN:  # else: fewer characters than bytes
         check_text_length(text_chars(body), context)
     return body
 

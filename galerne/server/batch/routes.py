@@ -47,7 +47,7 @@ from ..auth import require_api_key
 from ..dialect import Dialect
 from ..errors import FieldError, RequestInvalid
 from ..mistral.routes import body_schema
-from ..serving import read_request
+from ..serving import read_json, read_request
 from ..state import ServerState
 from .protocol import (
     STATUS,
@@ -103,7 +103,8 @@ async def cancel_openai_batch(request: Request, batch_id: str) -> dict:
 
 @router.post("/v1/batch/jobs", summary="Create a batch job (Mistral)", openapi_extra=body_schema("MistralBatchCreate"))
 async def create_mistral_job(request: Request) -> dict:
-    req = await read_request(request, MistralBatchCreate)
+    # Inline requests may hold more text in all than one prompt may: each is checked when it runs.
+    req = await read_request(request, MistralBatchCreate, await read_json(request, one_prompt=False))
     server: ServerState = request.app.state.server
     if (req.input_files is None) == (req.requests is None):
         raise RequestInvalid([FieldError(("body", "input_files"), "give either input_files or requests (not both)")])
