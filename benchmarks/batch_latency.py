@@ -103,7 +103,7 @@ async def interactive(api, model: str, args, texts: list[str], until=None) -> li
 async def run_batch(http, base: str, model: str, args, seed: int, done: asyncio.Event) -> dict:
     """Create the job, wait for its end; its wall time and figures."""
     requests = [{"custom_id": f"q{i}", "body": {"messages": [{"role": "user", "content": t}],
-                                               "max_tokens": args.batch_tokens, "temperature": 1.0,
+                                               "max_tokens": args.batch_tokens, "temperature": args.batch_temperature,
                                                "ignore_eos": True, "random_seed": i}}
                 for i, t in enumerate(prompts(args.requests, args.prompt_words, seed))]
     try:
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=64, help="tokens each batch request generates")
     ap.add_argument("--interactive-tokens", type=int, default=32, help="tokens each interactive request generates")
     ap.add_argument("--baseline-requests", type=int, default=30, help="interactive requests with no batch running")
+    ap.add_argument("--batch-temperature", type=float, default=1.0,
+                    help="the batch requests' (0: greedy, whose sampling costs the host far less per row)")
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--batch-concurrency", type=int, default=None, help="the server's (default: its own default)")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
@@ -201,6 +203,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     figures = {"model": model, "batch_tokens": args.batch_tokens, "interactive_tokens": args.interactive_tokens,
+               "batch_temperature": args.batch_temperature,
+               "batch_concurrency": args.batch_concurrency or "default",
                "cpu_flags": cpu_flags(), **figures}
     for k, v in figures.items():
         print(f"{k:>32}: {v}")
