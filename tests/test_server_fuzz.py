@@ -25,7 +25,8 @@ def api_schema(tiny_factory, tmp_path_factory):
     folder, _ = tiny_factory("mistral")
     llm = LLM(folder, device="cpu", kv_cache_gb=0.02, max_model_len=48, block_size=8)
     lora_dir = tmp_path_factory.mktemp("lora_dir")  # run-time loads on, from an empty folder
-    app = create_app(llm, ServerSettings(api_key=[KEY], served_model_name=["tiny"], lora_dir=[str(lora_dir)]))
+    app = create_app(llm, ServerSettings(api_key=[KEY], served_model_name=["tiny"], lora_dir=[str(lora_dir)],
+                                         data_dir=str(tmp_path_factory.mktemp("fuzz-data"))))
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     schemathesis_asgi.shutdown_lifespans()  # stops the AsyncEngine schemathesis started
 
@@ -35,6 +36,15 @@ OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/fim/completions"),
     ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("GET", "/health"), ("GET", "/metrics"),
     ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("GET", "/v1/lora_adapters"),
+    ("DELETE", "/v1/models/{model_id}"),
+    ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"), ("DELETE", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"), ("GET", "/v1/files/{file_id}/url"),
+    ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs/{job_id}"),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"), ("POST", "/v1/fine_tuning/jobs/{job_id}/start"),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"), ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"),
+    ("GET", "/v1/fine_tuning/jobs/{job_id}/events"), ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"),
+    ("PATCH", "/v1/fine_tuning/models/{model_id}"), ("POST", "/v1/fine_tuning/models/{model_id}/archive"),
+    ("DELETE", "/v1/fine_tuning/models/{model_id}/archive"),
 ]
 
 
