@@ -120,7 +120,10 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
             path = sa.engine.make_url(url).database
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"database_url: cannot use {_redact(self.url)!r}: {e}") from None
         elif url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the maintained driver
             kwargs["pool_pre_ping"] = True
