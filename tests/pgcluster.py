@@ -83,7 +83,7 @@ class PgCluster:
         return self.root / "data"
 
     def _run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([*self._as, *cmd], cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True,
+        return subprocess.run([*self._as, *cmd], check=False, cwd=self.root, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=timeout)
 
     def start(self) -> None:

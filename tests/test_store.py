@@ -90,7 +90,7 @@ def test_select_where_order_count(store):
         store.insert("jobs", job(f"j{i}", status="QUEUED" if i % 2 else "RUNNING", created_at=1000 + i,
                                  kind_="b"))
     store.insert("jobs", {**job("b0", created_at=999), "kind": "batch"})
-    ids = lambda rows: [r["id"] for r in rows]  # noqa: E731
+    ids = lambda rows: [r["id"] for r in rows]
     assert ids(store.select("jobs", where={"kind": "fine_tune"})) == ["j5", "j4", "j3", "j2", "j1", "j0"]
     assert ids(store.select("jobs", where={"kind": "fine_tune"}, descending=False)) == [f"j{i}" for i in range(6)]
     assert ids(store.select("jobs", where={"status": "QUEUED", "kind": "fine_tune"})) == ["j5", "j3", "j1"]
@@ -181,6 +181,15 @@ def test_bad_url_is_config_error(bad):
 # its own Store, and waits at a barrier so that all go at once.
 
 
+def _open(url: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        Store(url).close()
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test shows what it was
+        results.put(f"{type(e).__name__}: {e}")
+
+
 def _claim(url: str, me: str, barrier, results) -> None:
     store = Store(url)
     barrier.wait()
@@ -211,6 +220,18 @@ def _run_all(procs) -> None:
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
+@pytest.mark.slow
+def test_new_store_opened_at_once(url):
+    """Servers and workers starting together on a new database all get the schema (SQLite
+    answered "database is locked" to all but one, PostgreSQL "relation already exists")."""
+    ctx = multiprocessing.get_context("spawn")
+    n = 4
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    _run_all([ctx.Process(target=_open, args=(url, barrier, results)) for _ in range(n)])
+    assert [results.get(timeout=10) for _ in range(n)] == ["ok"] * n
+    assert Store(url).count("jobs") == 0
 
 
 @pytest.mark.slow
