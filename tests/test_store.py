@@ -87,10 +87,12 @@ def test_delete_cascades(store):
 
 def test_select_where_order_count(store):
     for i in range(6):
-        store.insert("jobs", job(f"j{i}", status="QUEUED" if i % 2 else "RUNNING", created_at=1000 + i,
-                                 kind_="b"))
+        store.insert("jobs", job(f"j{i}", status="QUEUED" if i % 2 else "RUNNING", created_at=1000 + i))
     store.insert("jobs", {**job("b0", created_at=999), "kind": "batch"})
-    ids = lambda rows: [r["id"] for r in rows]
+
+    def ids(rows):
+        return [r["id"] for r in rows]
+
     assert ids(store.select("jobs", where={"kind": "fine_tune"})) == ["j5", "j4", "j3", "j2", "j1", "j0"]
     assert ids(store.select("jobs", where={"kind": "fine_tune"}, descending=False)) == [f"j{i}" for i in range(6)]
     assert ids(store.select("jobs", where={"status": "QUEUED", "kind": "fine_tune"})) == ["j5", "j3", "j1"]
