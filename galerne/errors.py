@@ -76,3 +76,21 @@ class PromptTooLong(InvalidParameter):
 class EngineDeadError(GalerneError):
     """The engine loop stopped (a failed step: a bug or a device failure; or a shutdown):
     it takes no more requests, and those it was running end with this error."""
+
+
+class NotFound(GalerneError):
+    """No file, job or fine-tuned model of that id (the platform: files, jobs, fine-tuned models). ``code``:
+    ``file_not_found``, ``job_not_found``, ``model_not_found``."""
+
+    def __init__(self, message: str, code: str, field: str | None = None):
+        self.code, self.field = code, field
+        super().__init__(message)
+
+
+class WrongState(GalerneError):
+    """An action the record's status does not allow (cancel a finished job, start a running
+    one, delete a file a job still reads): nothing changed. ``code`` names the case."""
+
+    def __init__(self, message: str, code: str = "invalid_state", field: str | None = None):
+        self.code, self.field = code, field
+        super().__init__(message)

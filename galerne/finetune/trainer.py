@@ -409,6 +409,7 @@ class Run:
         self.model, self.ckpt_info, self.opt, self.sched = model, ckpt_info, opt, sched
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
+        self.on_checkpoint: Callable[[Path, int], None] | None = None
 
     # -- saving
     def save_checkpoint(self, *, gather: bool = True) -> Path | None:
@@ -434,6 +435,8 @@ class Run:
             self.dir.remove(old)
         self.last_checkpoint = self.run_dir / rel
         log.info("saved checkpoint %s", self.last_checkpoint)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.last_checkpoint, p.step)
         return self.last_checkpoint
 
     def _own_checkpoints(self) -> list[str]:
@@ -618,11 +621,13 @@ def train(
     *,
     resume: str | Path | bool | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
     progress_bar: bool | None = None,
 ) -> TrainResult:
     """Run (or resume) the training ``cfg`` describes; see the module docstring.
 
-    ``on_log`` receives each metrics row (every process). A KeyboardInterrupt (or SIGINT /
+    ``on_log`` receives each metrics row (every process); ``on_checkpoint`` (folder, step)
+    each checkpoint once written (process 0). A KeyboardInterrupt (or SIGINT /
     SIGTERM) saves a checkpoint of the last completed step, then the result comes back with
     ``interrupted=True``. ``progress_bar``: None: a tqdm bar on a terminal only.
     """
@@ -650,6 +655,7 @@ def train(
     opt, sched = make_optimizer(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
     run = Run(cfg, d, run_dir, base, model, ckpt_info, opt, sched)
+    run.on_checkpoint = on_checkpoint
     torch.manual_seed(cfg.seed + d.rank)  # dropout
     random.seed(cfg.seed)
     if resume_from is not None:

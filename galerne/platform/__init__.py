@@ -9,7 +9,6 @@ job workers, and the base model it fine-tunes and serves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from galerne.platform.datadir import DataDir, default_data_dir
 from galerne.platform.store import Store, default_url

@@ -102,6 +102,15 @@ class LocalLauncher:
         self._children[proc.pid] = proc
         return f"local:{self.host}:{proc.pid}:{_proc_start_time(proc.pid) or 0}:{spec.log_path}"
 
+    def reap(self) -> None:
+        """Collect the exit status of the workers that ended (no zombie processes), keeping
+        their Popen for ``exit_message`` until a later reap."""
+        for pid, child in list(self._children.items()):
+            if child.poll() is not None and getattr(child, "_galerne_seen", False):
+                del self._children[pid]
+            elif child.returncode is not None:
+                child._galerne_seen = True
+
     def _parse(self, handle: str) -> tuple[str, int, str, Path] | None:
         kind, _, rest = handle.partition(":")
         if kind != "local":

@@ -34,8 +34,9 @@ from ..engine.async_engine import AsyncEngine
 from ..errors import GalerneError
 from ..llm import LLM
 from ..platform import Platform
+from ..platform.supervisor import Supervisor
 from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
-from . import adapters, chat, errors
+from . import adapters, chat, errors, files, finetuning
 from . import dialect as dialects
 from .auth import require_api_key
 from .guards import BodyGuard, HeadAsGet, LocalGuard
@@ -50,7 +51,7 @@ from .state import ServerState
 log = logging.getLogger(__name__)
 
 WIRE_MODELS = (OpenAIChatCompletionRequest, MistralChatCompletionRequest, OpenAICompletionRequest, MistralFIMCompletionRequest,
-               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
+               LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, *finetuning.WIRE_MODELS)
 DESCRIPTION = """\
 An API that the official `openai` and `mistralai` clients use unchanged: chat
 completions (both dialects, tools, JSON output), FIM and text completions, models.
@@ -74,10 +75,13 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
         server.idle.set()
         server.draining = False  # an app can be started again after a shutdown (tests do)
         server.engine = AsyncEngine(llm.engine)
+        server.jobs = start_supervisor(server)
         try:
             yield
         finally:
             server.draining = True
+            jobs, server.jobs = server.jobs, None
+            await jobs.stop()
             if server.in_flight:
                 log.info("waiting for %d request(s) in flight", server.in_flight)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -91,7 +95,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     errors.install(app)
     # Outermost last: HeadAsGet, _Tracking, LocalGuard (no API key only), CORS (allowed
     # origins only), BodyGuard, then FastAPI's exception handling and the routes.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
+                       uploads={"/v1/files": settings.max_upload_bytes})
     if settings.allowed_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin, allow_headers=["*"],
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
@@ -103,6 +108,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.include_router(openai_routes.router)
     app.include_router(mistral_routes.router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
+    app.include_router(finetuning.router)
     app.include_router(_models_router())
     app.include_router(_ops_router())
     app.openapi = lambda: _openapi(app)
@@ -116,6 +123,25 @@ def load_startup_adapters(server: ServerState) -> None:
         adapters.check_name(server, name, f"lora[{i}]")
         if name not in server.llm.engine.adapters:  # an app made again over the same LLM (tests)
             server.llm.load_adapter(name, Path(path).expanduser())
+
+
+def start_supervisor(server: ServerState) -> Supervisor:
+    """The fine-tuning jobs' supervisor (platform/supervisor.py): workers, and the fine-tuned
+    models served as adapters under their ids."""
+
+    async def load(name: str, path: str) -> None:
+        weights = await asyncio.to_thread(server.llm.engine.adapters.read, Path(path))
+        await server.engine.call(lambda engine: engine.adapters.add(name, weights))
+
+    async def unload(name: str) -> None:
+        await server.engine.call(lambda engine: engine.adapters.unload(name))
+
+    settings = server.settings
+    jobs = Supervisor(server.platform, max_running=settings.max_running_jobs, nproc=settings.job_nproc, load=load,
+                      unload=unload, served=lambda: {a.name for a in server.adapters()},
+                      fine_tunable=bool(server.platform.base_path))
+    jobs.start()
+    return jobs
 
 
 def base_model_path(llm: LLM) -> str:
@@ -172,22 +198,38 @@ def adapter_card(server: ServerState, info: AdapterInfo) -> dict:
 def _models_router() -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
 
-    @router.get("/v1/models", summary="The served models: the base, then each adapter (its parent: the base)")
+    @router.get("/v1/models", summary="The served models: the base, each adapter (its parent: the base), and the "
+                                      "fine-tuned models of the base (archived ones too, not served)")
     async def list_models(request: Request) -> dict:
         server: ServerState = request.app.state.server
-        return {"object": "list", "data": [model_card(server)] + [adapter_card(server, a) for a in server.adapters()]}
+        tuned = {r["id"]: r for r in await asyncio.to_thread(fine_tuned_rows, server)}
+        cards = [finetuning.ft_card(server, tuned.pop(a.name)) if a.name in tuned else adapter_card(server, a)
+                 for a in server.adapters()]
+        return {"object": "list", "data": [model_card(server), *cards, *(finetuning.ft_card(server, r)
+                                                                         for r in tuned.values())]}
 
     @router.get("/v1/models/{model_id:path}", summary="One model's card")
     async def get_model(request: Request, model_id: str) -> dict:
         server: ServerState = request.app.state.server
         if model_id in server.model_ids:
             return model_card(server)
+        row = await asyncio.to_thread(server.platform.store.get, "models", model_id)
+        if row is not None:
+            return finetuning.ft_card(server, row)
         info = server.adapter(model_id)
         if info is None:
             raise server.not_found(model_id)
         return adapter_card(server, info)
 
+    @router.delete("/v1/models/{model_id:path}", summary="Delete a fine-tuned model: its adapter and its record")
+    async def delete_model(request: Request, model_id: str) -> dict:
+        return await finetuning.delete_model(request, model_id)
+
     return router
+
+
+def fine_tuned_rows(server: ServerState) -> list[dict]:
+    return server.platform.store.select("models", where={"base": server.model_id}, descending=False)
 
 
 def _ops_router() -> APIRouter:

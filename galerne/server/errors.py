@@ -24,7 +24,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from ..errors import EngineDeadError, GalerneError, InvalidParameter, ModelLoadError, PromptTooLong, TokenizerError
+from ..errors import (
+    EngineDeadError,
+    GalerneError,
+    InvalidParameter,
+    ModelLoadError,
+    NotFound,
+    PromptTooLong,
+    TokenizerError,
+    WrongState,
+)
 from . import dialect as dialects
 from .dialect import Dialect
 
@@ -142,6 +151,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (TextTooLong, 400, "invalid_request_error", "context_length_exceeded"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (AdapterNotFound, 404, "invalid_request_error", "adapter_not_found"),  # vLLM's 404
+    (NotFound, 404, "not_found_error", None),  # the code is the error's own
+    (WrongState, 409, "invalid_request_error", None),  # the code is the error's own
     (AdapterInvalid, 400, "invalid_request_error", None),  # vLLM's 400; the code is the error's own
     (Overloaded, 429, "rate_limit_error", "queue_full"),
     (ShuttingDown, 503, "server_error", "shutting_down"),
@@ -155,12 +166,15 @@ _TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
 ]
 
 
+_OWN_CODE = (Forbidden, AdapterInvalid, NotFound, WrongState)
+
+
 def status_of(error: BaseException, dialect: Dialect) -> tuple[int, str, str | None]:
     for cls, status, kind, code in _TABLE:
         if isinstance(error, cls):
             if cls is RequestInvalid and dialect is Dialect.MISTRAL:
                 status = 422
-            return status, kind, getattr(error, "code", None) if cls in (Forbidden, AdapterInvalid) else code
+            return status, kind, getattr(error, "code", None) if cls in _OWN_CODE else code
     return 500, "server_error", "internal_error"
 
 

@@ -96,8 +96,14 @@ class LocalGuard:
 
 
 class BodyGuard:
-    def __init__(self, app, max_bytes: int, timeout: float):
+    """``uploads``: path -> the larger limit of a file upload there (``POST /v1/files``:
+    ``--max-upload-mb``). An upload's time is bounded per chunk, not in all: each part of
+    the body must come within ``--body-timeout`` of the last (a large file on a slow link
+    takes minutes; a stalled one is still cut off)."""
+
+    def __init__(self, app, max_bytes: int, timeout: float, uploads: dict[str, int] | None = None):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.uploads = uploads or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -105,9 +111,13 @@ class BodyGuard:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         limit, received, started, done = self.max_bytes, 0, False, False
+        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in self.uploads
+        if upload:
+            limit = self.uploads[scope["path"].rstrip("/")]
+        what = "--max-upload-mb" if upload else "--max-body-mb"
 
         async def guarded_receive():
-            nonlocal received, started, done
+            nonlocal received, started, done, deadline
             if done:  # the body is in: what comes now is the disconnect, whenever it comes
                 return await receive()
             if not started:
@@ -115,17 +125,20 @@ class BodyGuard:
                 length = Headers(scope=scope).get("content-length")
                 if length is not None and length.isdigit() and int(length) > limit:
                     raise BodyTooLarge(f"the request body is {int(length):,} bytes; this server takes at most "
-                                       f"{limit:,} (--max-body-mb)")
+                                       f"{limit:,} ({what})")
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except TimeoutError:
                 raise RequestTimeout(f"the request body did not all come within {self.timeout:g} s "
-                                     "(--body-timeout)") from None
+                                     "(--body-timeout)" if not upload else
+                                     f"the upload stalled: no data for {self.timeout:g} s (--body-timeout)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(f"the request body is past {limit:,} bytes, the most this server takes "
-                                       "(--max-body-mb)")
+                                       f"({what})")
+                if upload:
+                    deadline = loop.time() + self.timeout
                 done = not message.get("more_body", False)
             else:
                 done = True

@@ -13,6 +13,7 @@ from ..engine.async_engine import AsyncEngine
 from ..engine.request import Limits
 from ..llm import LLM
 from ..platform import Platform
+from ..platform.supervisor import Supervisor
 from .errors import ModelNotFound
 from .metrics import Metrics
 
@@ -34,6 +35,7 @@ class ServerState:
     loading: set[str] = field(default_factory=set)  # adapter names being loaded (their files being read)
     max_adapter_bytes: int | None = None  # the largest adapter file taken, made on first use (adapters.py)
     platform: Platform | None = None  # files, jobs, fine-tuned models (galerne.platform)
+    jobs: Supervisor | None = None  # starts fine-tuning workers, serves their models (started by the lifespan)
 
     @property
     def model_id(self) -> str:
