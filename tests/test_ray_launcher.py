@@ -228,3 +228,40 @@ def test_bad_address_is_config_error(address):
     with pytest.raises(ConfigError) as e:
         RayLauncher(address)
     assert address.split("://")[-1] in str(e.value)
+
+
+@pytest.mark.slow
+def test_real_job_through_ray(ray_address, tiny_factory, tmp_path):
+    """A server whose --ray-address is the test's cluster: a fine-tuning job is trained by
+    the real worker as a Ray Job, and its model is served."""
+    import openai
+    from test_platform import CONVERSATIONS, jsonl
+    from test_server import LiveServer
+
+    from galerne import LLM
+    from galerne.config import ServerSettings
+    from galerne.server.app import create_app
+
+    folder, _ = tiny_factory("mistral")
+    llm = LLM(folder, device="cpu", kv_cache_gb=0.02, block_size=16)
+    settings = ServerSettings(api_key=["k"], served_model_name=["tiny"], data_dir=str(tmp_path / "data"),
+                              ray_address=ray_address)
+    with LiveServer(create_app(llm, settings)) as server:
+        oai = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=60)
+        file = oai.files.create(file=("train.jsonl", jsonl(CONVERSATIONS)), purpose="fine-tune")
+        job = oai.fine_tuning.jobs.create(model="tiny", training_file=file.id, suffix="ray", extra_body={
+            "hyperparameters": {"training_steps": 2, "seq_len": 128, "lora_rank": 4}})
+        store = server.app.state.server.platform.store
+        owner = wait_for(lambda: ((store.get("jobs", job.id) or {}).get("owner") or "").startswith("ray:")
+                         and store.get("jobs", job.id)["owner"], 30)
+        assert owner, store.get("jobs", job.id)
+        job = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed",
+                                                                                     "cancelled") and j, 120, 0.5)
+        assert job and job.status == "succeeded", (job, RayLauncher(ray_address).exit_message(owner))
+        assert owner.startswith(f"ray:{ray_address}:galerne-{job.id}-"), owner
+        ray = RayLauncher(ray_address)
+        assert wait_for(lambda: ray.state(owner) == EXITED, 30)  # the job's record says done before it exits
+        assert "SUCCEEDED" in ray.exit_message(owner)
+        r = oai.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Item 1?"}],
+                                        max_tokens=2, temperature=0)
+        assert r.choices[0].message.content
