@@ -209,6 +209,23 @@ def test_failing_job_says_why(launcher, tmp_path):
 
 
 @pytest.mark.slow
+def test_job_waiting_for_gpus_is_running_until_stopped(ray_address, tmp_path):
+    """A job that asks for GPUs the cluster does not have (yet) waits, PENDING: for the
+    server it runs (it holds its slot). Ray keeps a stop until the job starts (never, here),
+    the launcher counts it as exited at once: a cancel does not wait for GPUs."""
+    launcher = RayLauncher(ray_address, gpus=True)
+    handle = launcher.start(TinySpec(tmp_path / "started", "sleep"))
+    submission_id = handle.rpartition(":")[2]
+    time.sleep(2)
+    assert str(launcher.client.get_job_status(submission_id)) == "PENDING"
+    assert launcher.state(handle) == RUNNING and not (tmp_path / "started").exists()
+    launcher.stop(handle)
+    assert launcher.state(handle) == EXITED
+    assert "stopped while PENDING" in launcher.exit_message(handle)
+    assert str(launcher.client.get_job_status(submission_id)) == "PENDING"  # Ray's side of it
+
+
+@pytest.mark.slow
 def test_handles_of_others(launcher, ray_address):
     other = f"ray:http://127.0.0.1:{free_port()}:galerne-ftjob-x-0000"
     unknown = f"ray:{ray_address}:galerne-no-such-job"

@@ -10,7 +10,11 @@ URLs (a shared file system, PostgreSQL rather than SQLite across hosts).
 Stopping: Ray sends the entrypoint's processes SIGTERM, then SIGKILL after
 ``RAY_JOB_STOP_WAIT_TIME_S`` seconds (3 by default, read by the job's supervisor process,
 which runs with the job's ``runtime_env``): each job is submitted with that variable set to
-``stop_grace_s``, so that the trainer has time to save a checkpoint.
+``stop_grace_s``, so that the trainer has time to save a checkpoint. A job still PENDING
+(waiting for GPUs) cannot be stopped at once: Ray keeps the stop until the job starts, then
+ends it before the worker has done anything (or fails it after the head's
+``RAY_JOB_START_TIMEOUT_SECONDS``, 15 min by default). This launcher counts such a job as
+exited as soon as it asked, so that a cancel does not wait for GPUs to free up.
 
 ``ray`` is imported here only, and this module only when a server is given a Ray address.
 """
@@ -58,6 +62,7 @@ class RayLauncher:
         self.python = python
         self.gpus = gpus
         self.stop_grace_s = stop_grace_s
+        self._stopped_pending: set[str] = set()  # submission ids asked to stop while PENDING
         for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
             if os.environ.get(var):
                 # Ray's client takes these over the address it is given.
@@ -136,6 +141,8 @@ class RayLauncher:
         except OSError as e:  # the head is down or unreachable: not for us to say the job ended
             log.warning("cannot ask Ray at %s about %s: %s", self.address, submission_id, e)
             return UNKNOWN
+        if str(status) == "PENDING" and submission_id in self._stopped_pending:
+            return EXITED
         return _STATES.get(str(status), UNKNOWN)
 
     def exit_message(self, handle: str) -> str:
@@ -149,6 +156,8 @@ class RayLauncher:
             return f"Ray job {submission_id} at {self.address}: cannot tell how it ended ({e})"
         # Ray's message of a failed job goes on with the job's last logs: its first clause only.
         message = (info.message or "").split("\n")[0].split(", last available logs")[0].strip().rstrip(".")
+        if str(info.status) == "PENDING" and submission_id in self._stopped_pending:
+            return f"Ray job {submission_id} stopped while PENDING, before it started (Ray ends it when it starts)"
         what = f"Ray job {submission_id} {info.status}" + (f" ({message})" if message else "")
         lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
         return f"{what}: {lines[-1][:500]}" if lines else what
@@ -158,8 +167,11 @@ class RayLauncher:
         if submission_id is None:
             return
         try:
+            pending = str(self.client.get_job_status(submission_id)) == "PENDING"
             self.client.stop_job(submission_id)  # False when it had already ended
         except RuntimeError:  # no such job: gone already
             return
         except OSError as e:
             raise self._unreachable(e) from None
+        if pending:
+            self._stopped_pending.add(submission_id)
