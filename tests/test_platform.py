@@ -67,7 +67,7 @@ def wait_for(fetch, done, timeout: float = 120.0, every: float = 0.25):
         if done(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; last: {value}")
+            raise AssertionError(f"timed out; last: {str(value)[:2000]}")
         time.sleep(every)
 
 

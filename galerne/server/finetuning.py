@@ -225,7 +225,9 @@ def mistral_job(job: dict[str, Any], *, details: bool, events: list[dict] | None
     if job.get("error"):
         out["error"] = job["error"]
     if details:
-        out["events"] = [{"name": e["name"], "data": e.get("data"), "created_at": e["created_at"]} for e in events or []]
+        # La Plateforme's events are the job's changes; its metrics are in its checkpoints
+        out["events"] = [{"name": e["name"], "data": e.get("data"), "created_at": e["created_at"]}
+                         for e in events or [] if e.get("type") != "metrics"]
         out["checkpoints"] = [{"metrics": {"train_loss": (c.get("metrics") or {}).get("train_loss"),
                                            "valid_loss": (c.get("metrics") or {}).get("valid_loss"),
                                            "valid_mean_token_accuracy": None},
