@@ -92,6 +92,10 @@ def test_upload_both_clients_and_read_back(live, oai, train_file):
     up = mis.files.upload(file={"file_name": "batch.jsonl", "content": jsonl([{"custom_id": "1", "body": {}}])},
                           purpose="batch")
     assert up.purpose == "batch" and up.num_lines == 1 and up.sample_type == "batch_request"
+    got = mis.files.retrieve(file_id=up.id)
+    assert got.size_bytes == up.size_bytes and got.deleted is False
+    assert mis.files.get_signed_url(file_id=up.id).url.endswith(f"/v1/files/{up.id}/content")
+    assert mis.files.download(file_id=up.id).read() == jsonl([{"custom_id": "1", "body": {}}])
     listed = mis.files.list(page=0, page_size=100)
     assert {f.id for f in listed.data} >= {up.id, train_file.id} and listed.total >= 2
     assert train_file.id in {f.id for f in oai.files.list(purpose="fine-tune")}
