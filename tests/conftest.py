@@ -366,3 +366,28 @@ def triton_interpreted(module_name: str, kernel: str):
     if interpret and type(getattr(module, kernel)).__name__ != "InterpretedFunction":
         module = importlib.reload(module)  # the same module object: its importers see the new kernels
     return module, interpret
+
+
+# ------------------------------------------------------------------ a PostgreSQL cluster, once
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster (tests/pgcluster.py), stopped and removed at the end;
+    skips, with the reason, where PostgreSQL is not installed or cannot start."""
+    from pgcluster import PgCluster, PgUnavailable
+
+    cluster = PgCluster()
+    try:
+        cluster.start()
+    except PgUnavailable as e:
+        pytest.skip(f"no PostgreSQL for the tests: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_cluster):
+    """A ``postgresql://`` URL of a database of this session (``postgres_cluster.new_database()``
+    gives a fresh one)."""
+    return postgres_cluster.new_database("session")

@@ -67,7 +67,7 @@ def wait_for(fetch, done, timeout: float = 120.0, every: float = 0.25):
         if done(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; last: {value}")
+            raise AssertionError(f"timed out; last: {str(value)[:2000]}")
         time.sleep(every)
 
 
@@ -92,6 +92,10 @@ def test_upload_both_clients_and_read_back(live, oai, train_file):
     up = mis.files.upload(file={"file_name": "batch.jsonl", "content": jsonl([{"custom_id": "1", "body": {}}])},
                           purpose="batch")
     assert up.purpose == "batch" and up.num_lines == 1 and up.sample_type == "batch_request"
+    got = mis.files.retrieve(file_id=up.id)
+    assert got.size_bytes == up.size_bytes and got.deleted is False
+    assert mis.files.get_signed_url(file_id=up.id).url.endswith(f"/v1/files/{up.id}/content")
+    assert mis.files.download(file_id=up.id).read() == jsonl([{"custom_id": "1", "body": {}}])
     listed = mis.files.list(page=0, page_size=100)
     assert {f.id for f in listed.data} >= {up.id, train_file.id} and listed.total >= 2
     assert train_file.id in {f.id for f in oai.files.list(purpose="fine-tune")}
@@ -299,3 +303,36 @@ def test_cancel_and_pause_at_every_status(live, oai, http, train_file):
     steps = [e.data["step"] for e in oai.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"]
     assert sorted(set(steps)) == list(range(1, 61))  # every step trained once, none twice after the resume
     assert len(steps) == 60
+
+
+def test_hostile_inputs_get_clear_4xx(live, oai, http, train_file):
+    too_many = [{"file_id": train_file.id}] * 101
+    r = http.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_files": too_many,
+                                                "hyperparameters": {"training_steps": 1}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "training_files"
+    deep = {"model": MODEL, "training_file": train_file.id, "metadata": {"a": "b"}}
+    for _ in range(200):
+        deep = {"x": deep}
+    r = http.post("/v1/fine_tuning/jobs", json=deep)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    r = http.post("/v1/fine_tuning/jobs", content=b"{\"model\": ", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = http.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": train_file.id,
+                                                "metadata": {f"k{i}": "v" for i in range(17)}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+    for bad_id in ("../../etc/passwd", "%2e%2e%2f", "x" * 5000, "\u202e%00"):
+        # (httpx resolves the dots itself: /v1/files/../ is /v1/, which redirects)
+        assert http.get(f"/v1/files/{bad_id}").status_code in (404, 400, 307)
+        assert http.get(f"/v1/fine_tuning/jobs/{bad_id}/events").status_code in (404, 400, 307)
+    r = http.post("/v1/files", files=[("file", ("a.jsonl", jsonl(CONVERSATIONS))), ("file", ("b.jsonl", b"{}"))],
+                  data={"purpose": "fine-tune"})
+    assert r.status_code == 400
+    r = http.post("/v1/files", files={"file": ("../../../evil.jsonl", jsonl(CONVERSATIONS))},
+                  data={"purpose": "fine-tune"})
+    assert r.status_code == 200 and r.json()["filename"] == "evil.jsonl"
+    assert not (live.data.parent / "evil.jsonl").exists()
+    assert http.delete(f"/v1/files/{r.json()['id']}").json()["deleted"] is True
+    r = http.post("/v1/files", files={"file": ("u.jsonl", b'{"messages": [{"role": "user", "content": "\\ud800"}, '
+                                                          b'{"role": "assistant", "content": "x"}]}\n')},
+                  data={"purpose": "fine-tune"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]

@@ -117,6 +117,10 @@ def test_help_shows_defaults_from_the_one_source():
      "command line: ignore_eos: must be true or false, got 'maybe'"),
     ({}, ["generate", "/nonexistent", "--prompt", "x", "--kv-cache-gb", "nan"],
      "command line: kv_cache_gb: must be a number, got 'nan'"),
+    ({}, ["serve", "/nonexistent", "--max-running-jobs", "0"], "command line: max_running_jobs: must be at least 1"),
+    ({"GALERNE_DATABASE_URL": "mysql://x"}, ["serve", "/nonexistent"],
+     "environment variable GALERNE_DATABASE_URL: database_url: must start with sqlite:/// or postgresql://"),
+    ({}, ["serve", "/nonexistent", "--max-upload-mb", "0"], "command line: max_upload_mb: must be > 0"),
     # Said before anything else (not after the notice of the built-in model).
     ({"GALERNE_ENFORCE_EAGER": "sometimes"}, ["serve"],
      "environment variable GALERNE_ENFORCE_EAGER: enforce_eager: must be true or false, got 'sometimes'"),

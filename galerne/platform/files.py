@@ -26,7 +26,7 @@ def file_object(record: dict[str, Any]) -> dict[str, Any]:
         "filename": record["filename"], "purpose": record["purpose"],
         "status": "processed", "status_details": None, "expires_at": None,  # OpenAI
         "sample_type": record.get("sample_type"), "num_lines": record.get("num_lines"), "source": "upload",
-        "mimetype": record.get("mimetype"), "signature": None,  # Mistral
+        "mimetype": record.get("mimetype"), "signature": None, "deleted": False,  # Mistral (its retrieve's answer)
     }
 
 

@@ -63,6 +63,7 @@ class Launcher(Protocol):
 
 
 _PR_SET_PDEATHSIG = 1
+WORKER_NICENESS = 10
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -71,6 +72,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setsid()  # its own process group: a Ctrl-C at the server's terminal is the server's
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)  # training is background work: the server's requests go first on a shared CPU
 
 
 def _proc_start_time(pid: int) -> str | None:

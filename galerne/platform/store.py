@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from galerne.errors import ConfigError
 
 SCHEMA_VERSION = 1
+_SCHEMA_LOCK = 0x67616C65726E65  # "galerne": PostgreSQL's advisory lock key for the schema's creation
 
 metadata = sa.MetaData()
 
@@ -120,7 +121,10 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
             path = sa.engine.make_url(url).database
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"database_url: cannot use {_redact(self.url)!r}: {e}") from None
         elif url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the maintained driver
             kwargs["pool_pre_ping"] = True
@@ -133,7 +137,14 @@ class Store:
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._lock = threading.Lock()
         try:
-            with self.engine.begin() as c:
+            # Processes opening a new store at once queue for the schema: on SQLite with
+            # BEGIN IMMEDIATE (a plain BEGIN that read the schema, then writes, fails at
+            # once with "database is locked" when another one wrote in between); on
+            # PostgreSQL with a lock of the transaction (else the second one's CREATE TABLE
+            # can fail with "relation already exists").
+            with self._write() as c:
+                if self.engine.dialect.name == "postgresql":
+                    c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
                 metadata.create_all(c)
                 version = c.execute(sa.select(meta.c.value).where(meta.c.key == "schema")).scalar()
                 if version is None:

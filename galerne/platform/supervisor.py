@@ -111,7 +111,10 @@ class Supervisor:
         spec = WorkerSpec(args=["--job", job["id"], "--database-url", self.store.url, "--data-dir", str(data.root)],
                           env={"PYTHONUNBUFFERED": "1"}, log_path=data.job(job["id"]) / "worker.log", nproc=self.nproc)
         try:
-            handle = self.launcher.start(spec)  # on this thread: see the module's docstring
+            if self.launcher.name == "local":
+                handle = self.launcher.start(spec)  # on this thread: see the module's docstring
+            else:  # a request to a cluster: not on the event loop
+                handle = await asyncio.to_thread(self.launcher.start, spec)
         except Exception as e:
             log.exception("job %s: the worker did not start", job["id"])
             await asyncio.to_thread(J.move, self.platform, job["id"], J.WORKING, J.FAILED, f"the worker did not start: {e}",

@@ -51,7 +51,13 @@ def platform_of(request: Request):
     return request.app.state.server.platform
 
 
-@router.post("/v1/files", summary="Upload a file (multipart: file, purpose)")
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}}}
+
+
+@router.post("/v1/files", summary="Upload a file (multipart: file, purpose)", openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request) -> dict:
     server: ServerState = request.app.state.server
     platform = server.platform

@@ -32,12 +32,14 @@ from ..platform import jobs as J
 from . import dialect as dialects
 from .auth import require_api_key
 from .dialect import Dialect
+from .mistral.routes import body_schema
 from .serving import read_json, validate
 from .state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["fine-tuning"])
 
 Auto = Literal["auto"]
+MAX_FILES = 100  # training (or validation) files of one job
 
 
 # ------------------------------------------------------------------ wire types: OpenAI
@@ -77,9 +79,12 @@ class OpenAIFineTuningJobRequest(_Strict):
     suffix: str | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     integrations: list[dict] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)  # OpenAI's limits: 16 pairs
 
     def spec(self) -> J.JobSpec:
+        for k, v in (self.metadata or {}).items():
+            if len(k) > 64 or len(v) > 512:
+                raise InvalidParameter("metadata", "keys are at most 64 characters and values at most 512")
         if self.method is not None and self.method.type != "supervised":
             raise InvalidParameter("method.type", f"only 'supervised' fine-tuning is supported, got {self.method.type!r}")
         given = self.hyperparameters
@@ -133,8 +138,8 @@ class MistralHyperparameters(_Strict):
 class MistralFineTuningJobRequest(_Strict):
     model: str
     hyperparameters: MistralHyperparameters
-    training_files: list[MistralTrainingFile] = Field(default_factory=list)
-    validation_files: list[str] | None = None
+    training_files: list[MistralTrainingFile] = Field(default_factory=list, max_length=MAX_FILES)
+    validation_files: list[str] | None = Field(None, max_length=MAX_FILES)
     suffix: str | None = None
     integrations: list[dict] | None = None
     auto_start: bool | None = None
@@ -162,7 +167,6 @@ class MistralFineTuningJobRequest(_Strict):
                          integrations=_no_integrations(self.integrations), dialect="mistral")
 
 
-WIRE_MODELS = (OpenAIFineTuningJobRequest, MistralFineTuningJobRequest)
 
 
 # ------------------------------------------------------------------ rendering
@@ -225,7 +229,9 @@ def mistral_job(job: dict[str, Any], *, details: bool, events: list[dict] | None
     if job.get("error"):
         out["error"] = job["error"]
     if details:
-        out["events"] = [{"name": e["name"], "data": e.get("data"), "created_at": e["created_at"]} for e in events or []]
+        # La Plateforme's events are the job's changes; its metrics are in its checkpoints
+        out["events"] = [{"name": e["name"], "data": e.get("data"), "created_at": e["created_at"]}
+                         for e in events or [] if e.get("type") != "metrics"]
         out["checkpoints"] = [{"metrics": {"train_loss": (c.get("metrics") or {}).get("train_loss"),
                                            "valid_loss": (c.get("metrics") or {}).get("valid_loss"),
                                            "valid_mean_token_accuracy": None},
@@ -263,7 +269,13 @@ def check_fine_tunable(server: ServerState, model: str) -> None:
                          "merged into it (serve the model folder itself)", "model_not_fine_tunable", "model")
 
 
-@router.post("/v1/fine_tuning/jobs", summary="Create a fine-tuning job (OpenAI's body or Mistral's)")
+JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/OpenAIFineTuningJobRequest"},
+    {"$ref": "#/components/schemas/MistralFineTuningJobRequest"}]}}}}}
+
+
+@router.post("/v1/fine_tuning/jobs", summary="Create a fine-tuning job (OpenAI's body or Mistral's)",
+             openapi_extra=JOB_BODY)
 async def create_job(request: Request, dry_run: bool = False) -> dict:
     server: ServerState = request.app.state.server
     body = await read_json(request)
@@ -457,7 +469,11 @@ class UpdateModelRequest(_Strict):
     description: str | None = Field(None, max_length=4096)
 
 
-@router.patch("/v1/fine_tuning/models/{model_id}", summary="Rename or describe a fine-tuned model (Mistral)")
+WIRE_MODELS = (OpenAIFineTuningJobRequest, MistralFineTuningJobRequest, UpdateModelRequest)
+
+
+@router.patch("/v1/fine_tuning/models/{model_id}", summary="Rename or describe a fine-tuned model (Mistral)",
+              openapi_extra=body_schema("UpdateModelRequest"))
 async def update_model(request: Request, model_id: str) -> dict:
     server: ServerState = request.app.state.server
     request.state.dialect = Dialect.MISTRAL
