@@ -58,6 +58,8 @@ def start_server(args, data_dir: str) -> tuple[subprocess.Popen, str, str]:
         cmd.insert(3, args.model)
     if args.batch_concurrency:
         cmd += ["--batch-concurrency", str(args.batch_concurrency)]
+    if args.max_background_seqs is not None:
+        cmd += ["--max-background-seqs", str(args.max_background_seqs)]
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("GALERNE_API_KEY", None)
@@ -190,6 +192,8 @@ def main() -> None:
                     help="the batch requests' (0: greedy, whose sampling costs the host far less per row)")
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--batch-concurrency", type=int, default=None, help="the server's (default: its own default)")
+    ap.add_argument("--max-background-seqs", type=int, default=None,
+                    help="the server's cap on batch rows in a step beside interactive work (default: its own default)")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--batch-alone", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the same batch with no interactive client")

@@ -79,8 +79,16 @@ class EngineSettings:
                                 "kept in host memory and swapped in least recently used first (0: none served "
                                 "unmerged); the slots take device memory from the first adapter loaded on")
     max_lora_rank: int = setting(64, "largest rank of an adapter served unmerged (the slots are this wide)")
+    max_background_seqs: int | None = setting(None, "in a step that also computes interactive requests, most sequences "
+                                                    "of low-priority work (batch jobs) it computes; the others keep "
+                                                    "their place and KV cache for the next step. Lower: interactive "
+                                                    "latency nearer an idle server's, batches slower; 0: batch work "
+                                                    "runs only between requests (default: 0 on CPU, where every row of "
+                                                    "a step costs time; no cap on GPU)")
 
     def __post_init__(self) -> None:
+        if self.max_background_seqs is not None and self.max_background_seqs < 0:
+            raise InvalidParameter("max_background_seqs", f"must be >= 0, got {self.max_background_seqs}")
         if self.max_loras < 0:
             raise InvalidParameter("max_loras", f"must be >= 0, got {self.max_loras}")
         if self.max_lora_rank < 1:

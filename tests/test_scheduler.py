@@ -415,10 +415,32 @@ def test_an_interactive_head_that_does_not_fit_holds_batch_admission():
         assert s.output_token_ids == reference(s.token_ids[: s.num_prompt_tokens], s.max_tokens)
 
 
+@pytest.mark.parametrize("cap", [0, 2])
+def test_batch_rows_beside_interactive_work_are_capped(cap):
+    eng = Engine(64, 4, max_num_batched_tokens=64, max_background_seqs=cap)
+    batch = [make_seq(range(10 * i, 10 * i + 3), 8, priority=BATCH) for i in range(5)]
+    for b in batch:
+        eng.sched.add(b)
+    out = eng.step()
+    assert len(out.scheduled) == 5  # alone, batch work runs at full width
+    talk = make_seq([1, 2, 3], 3)
+    eng.sched.add(talk)
+    while talk.status is not Status.FINISHED:
+        out = eng.step()
+        rows = [s.seq for s in out.scheduled]
+        assert rows[0] is talk and len(rows) == 1 + cap
+        assert rows[1:] == [b for b in batch if b in rows]  # the earliest batch rows first
+    assert all(b.status is Status.RUNNING for b in batch) and not eng.preempted  # the others kept their KV
+    assert len(eng.step().scheduled) == 5
+    eng.run()
+    for b in batch:
+        assert b.output_token_ids == reference(b.token_ids[: b.num_prompt_tokens], 8)
+
+
 def test_mixed_priorities_under_memory_pressure_give_the_reference_outputs():
     rng = random.Random(2)
-    for prefix in (True, False):
-        eng = Engine(12, 4, max_num_batched_tokens=24, max_num_seqs=6, prefix=prefix)
+    for prefix, cap in ((True, None), (False, None), (True, 1)):
+        eng = Engine(12, 4, max_num_batched_tokens=24, max_num_seqs=6, prefix=prefix, max_background_seqs=cap)
         seqs = []
         for step in range(60):  # arrivals spread over the run
             if step % 3 == 0 and len(seqs) < 18:

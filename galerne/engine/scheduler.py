@@ -30,7 +30,13 @@ of the most urgent level, then its waiting ones, then the next level's. So
   preempts running sequences of a less urgent level, latest first, until it does;
   and one that still does not fit stops admission for every level behind it, so a
   client never waits for a batch to drain, and batch work never takes the blocks an
-  interactive request waits for.
+  interactive request waits for;
+* a step that computes sequences of the most urgent level computes at most
+  ``max_background_seqs`` of the less urgent ones (running first, then admitted); the
+  others keep their blocks and their place, and go on in a later step. On a CPU each row
+  of a step costs time, so without this cap a batch of 16 decodes made every interactive
+  token several times slower; with it, interactive work sees a step barely longer than
+  its own, and batches run at full width whenever no interactive request does.
 
 Adapters: a sequence's ``adapter`` (a hashable key, None for the base model) needs
 one of ``max_adapters`` device slots while it runs. A waiting sequence is admitted
@@ -80,11 +86,12 @@ class _Step:
     budget: int  # tokens left in the step
     waits_for_slot: bool = False  # a waiting sequence before this one waits for an adapter slot
     admitting: bool = True  # False once a waiting sequence did not fit: none behind it may pass
+    seats: float = float("inf")  # sequences of this level the step may still compute (max_background_seqs)
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_adapters: int = 0):
+                 max_adapters: int = 0, max_background_seqs: int | None = None):
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -92,6 +99,9 @@ class Scheduler:
             raise ValueError(f"max_adapters must be >= 0, got {max_adapters}")
         self.bm = block_manager
         self.max_adapters = max_adapters
+        if max_background_seqs is not None and max_background_seqs < 0:
+            raise ValueError(f"max_background_seqs must be >= 0, got {max_background_seqs}")
+        self.max_background_seqs = max_background_seqs  # None: no cap
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_chunk = self._max_chunk()
@@ -199,7 +209,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         step = _Step(SchedulerOutput(), self.max_num_batched_tokens)
-        for level in sorted({s.priority for s in self.running} | {s.priority for s in self.waiting}):
+        levels = sorted({s.priority for s in self.running} | {s.priority for s in self.waiting})
+        for level in levels:
+            if level != levels[0] and step.out.scheduled and self.max_background_seqs is not None:
+                urgent = sum(s.seq.priority == levels[0] for s in step.out.scheduled)
+                if urgent:  # less urgent work beside the most urgent: only so many rows
+                    step.seats = max(0, self.max_background_seqs - (len(step.out.scheduled) - urgent))
             self._schedule_running(level, step)
             # Waiting sequences are not admitted in a step that preempted before their
             # turn: the memory is short, and the preempted would come straight back in.
@@ -212,7 +227,7 @@ class Scheduler:
         """The running sequences of ``level``, earliest arrival first."""
         running = self.running
         i = next((k for k, s in enumerate(running) if s.priority >= level), len(running))
-        while i < len(running) and running[i].priority == level and step.budget > 0:
+        while i < len(running) and running[i].priority == level and step.budget > 0 and step.seats > 0:
             seq = running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, step.budget, self.max_chunk)
             if n <= 0:  # nothing to compute (the engine has not appended a token yet)
@@ -229,6 +244,7 @@ class Scheduler:
             else:
                 step.out.scheduled.append(ScheduledSeq(seq, n))
                 step.budget -= n
+                step.seats -= 1
                 i += 1
 
     def _admit(self, level: int, step: _Step) -> None:
@@ -238,7 +254,7 @@ class Scheduler:
         waiting = self.waiting
         active = self.active_adapters()
         i = next((k for k, s in enumerate(waiting) if s.priority >= level), len(waiting))
-        while i < len(waiting) and waiting[i].priority == level and step.budget > 0:
+        while i < len(waiting) and waiting[i].priority == level and step.budget > 0 and step.seats > 0:
             seq = waiting[i]
             if seq.adapter is not None and (step.waits_for_slot or (
                     seq.adapter not in active and len(active) >= self.max_adapters)):
@@ -260,6 +276,7 @@ class Scheduler:
             self._prefix_hit += num_cached
             step.out.scheduled.append(ScheduledSeq(seq, n))
             step.budget -= n
+            step.seats -= 1
 
     def _make_room(self, seq: Sequence, n: int, cached: list[int], out: SchedulerOutput) -> bool:
         """Allocate the first ``n`` tokens of a waiting ``seq`` (after its ``cached``
