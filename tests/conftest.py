@@ -17,9 +17,11 @@ import torch
 # The servers the tests start keep their platform state (files, jobs, the SQLite store) in
 # $XDG_DATA_HOME/galerne: a folder of this test session's, never the user's.
 if "GALERNE_TEST_KEEP_DATA_HOME" not in os.environ:
+    import atexit
     import tempfile
 
     os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="galerne-test-data-")
+    atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 TOKENIZERS = Path(mistral_common.__file__).parent / "data"
 V3_TOKENIZER = TOKENIZERS / "mistral_instruct_tokenizer_240323.model.v3"
