@@ -117,9 +117,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                   f"{settings.host} are answered: give the names clients use with --allowed-host NAME "
                   "(or --allowed-host '*')", file=sys.stderr)
 
+    from .platform import Platform
     from .server import create_app
     from .server.transport import Server, uvicorn_config
 
+    Platform.check(settings)  # a data folder or database it cannot use: said before the model loads
     llm = _load(ns)
     name = Path(ns.model).expanduser().resolve().name if Path(ns.model).expanduser().exists() else ns.model
     app = create_app(llm, settings, model_name=name)
@@ -135,6 +137,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             auth = f"API key required ({len(settings.api_key)} key(s))" if settings.api_key else "no authentication"
             print(f"galerne: serving {app.state.server.model_id} on http://{_url_host(settings.host)}:{port}/v1 "
                   f"({auth}; docs at /docs)", file=sys.stderr, flush=True)
+            platform = app.state.server.platform
+            print(f"galerne: files, jobs and fine-tuned models in {platform.data.root} ({platform.store.kind} store)",
+                  file=sys.stderr, flush=True)
         await task
 
     asyncio.run(run())

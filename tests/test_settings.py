@@ -121,6 +121,7 @@ def test_help_shows_defaults_from_the_one_source():
     ({"GALERNE_DATABASE_URL": "mysql://x"}, ["serve", "/nonexistent"],
      "environment variable GALERNE_DATABASE_URL: database_url: must start with sqlite:/// or postgresql://"),
     ({}, ["serve", "/nonexistent", "--max-upload-mb", "0"], "command line: max_upload_mb: must be > 0"),
+    ({}, ["serve", "--data-dir", "/proc/galerne"], "data_dir: cannot use /proc/galerne: No such file or directory"),
     # Said before anything else (not after the notice of the built-in model).
     ({"GALERNE_ENFORCE_EAGER": "sometimes"}, ["serve"],
      "environment variable GALERNE_ENFORCE_EAGER: enforce_eager: must be true or false, got 'sometimes'"),

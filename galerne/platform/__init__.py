@@ -30,6 +30,13 @@ class Platform:
         store = Store(settings.database_url or default_url(data.root))
         return cls(data, store, base_id, base_path, settings)
 
+    @staticmethod
+    def check(settings) -> None:
+        """Open (and close) the data directory and the store ``settings`` name: a ConfigError
+        that says what is wrong, before a server spends minutes loading its model."""
+        data = DataDir(settings.data_dir or default_data_dir())
+        Store(settings.database_url or default_url(data.root)).close()
+
     def close(self) -> None:
         self.store.close()
 

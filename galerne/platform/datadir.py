@@ -23,6 +23,8 @@ import re
 import shutil
 from pathlib import Path
 
+from galerne.errors import ConfigError
+
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -34,8 +36,12 @@ def default_data_dir() -> Path:
 class DataDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
-        for sub in ("files", "jobs", "models", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("files", "jobs", "models", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"data_dir: cannot use {self.root}: {e.strerror or e} (give another with --data-dir)") \
+                from None
         for leftover in (self.root / "tmp").iterdir():  # uploads cut short by a stop
             with contextlib.suppress(OSError):
                 leftover.unlink() if not leftover.is_dir() else shutil.rmtree(leftover)

@@ -155,7 +155,7 @@ class Store:
         except sa.exc.IntegrityError:  # another process created it at the same moment
             pass
         except sa.exc.OperationalError as e:
-            raise ConfigError(f"database_url: cannot open {_redact(self.url)}: {e.orig}") from None
+            raise ConfigError(f"database_url: cannot open {_redact(self.url)}: {' '.join(str(e.orig).split())}") from None
 
     @contextlib.contextmanager
     def _write(self):
