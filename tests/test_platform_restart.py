@@ -178,3 +178,59 @@ def _running_pid(data, job_id: str) -> int | None:
         return None
     return int(owner.split(":")[2])
 
+
+
+def test_server_stopped_gracefully_checkpoints_its_job_and_the_next_resumes_it(tiny_factory, tmp_path):
+    """SIGTERM: the server asks its worker to stop; the worker saves a checkpoint at the end of
+    its step and puts the job back in the queue; the next server resumes it from exactly there."""
+    folder, _ = tiny_factory("mistral")
+    data = tmp_path / "data"
+    log = open(tmp_path / "server.log", "ab")
+    server = ServerProcess(folder, data, "", log)
+    try:
+        up = server.http.post("/v1/files", files={"file": ("t.jsonl", jsonl(CONVERSATIONS))},
+                              data={"purpose": "fine-tune"}).json()
+        steps = 400  # a checkpoint every 40 steps: the stop comes between two
+        job = server.http.post("/v1/fine_tuning/jobs", json={
+            "model": MODEL, "training_file": up["id"],
+            "hyperparameters": {"training_steps": steps, "seq_len": 128, "lora_rank": 4}}).json()
+        events = f"/v1/fine_tuning/jobs/{job['id']}/events"
+        wait_for(lambda: [e for e in server.http.get(events).json()["data"] if e["type"] == "metrics"],
+                 lambda m: m and m[0]["data"]["step"] >= 5, timeout=120)
+        server.stop()
+        assert server.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it drained
+        stopped = _job(data, job["id"])
+        assert stopped["status"] == "QUEUED" and stopped["owner"] is None
+        ckpt = max(c["step"] for c in _checkpoints(data, job["id"]))
+        assert ckpt % 40 != 0  # saved at the stop, not one of the periodic ones
+
+        server = ServerProcess(folder, data, "", log)
+        done = wait_for(lambda: server.http.get(f"/v1/fine_tuning/jobs/{job['id']}").json(),
+                        lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=300)
+        assert done["status"] == "succeeded", done
+        steps_seen = [e["data"]["step"] for e in server.http.get(events, params={"limit": 10000}).json()["data"]
+                      if e["type"] == "metrics"]
+        assert sorted(steps_seen) == list(range(1, steps + 1))  # none lost, none trained twice
+    finally:
+        server.stop()
+        log.close()
+
+
+def _job(data, job_id: str) -> dict:
+    from galerne.platform.store import Store, default_url
+
+    store = Store(default_url(data))
+    try:
+        return store.get("jobs", job_id)
+    finally:
+        store.close()
+
+
+def _checkpoints(data, job_id: str) -> list[dict]:
+    from galerne.platform.store import Store, default_url
+
+    store = Store(default_url(data))
+    try:
+        return store.checkpoints(job_id)
+    finally:
+        store.close()

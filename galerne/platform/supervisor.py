@@ -62,7 +62,11 @@ class Supervisor:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="galerne-jobs")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop supervising; ask this server's workers to stop (each saves a checkpoint at the
+        end of its current step and puts its job back in the queue, for the next start to
+        resume) and wait up to ``grace`` seconds for them. A worker still running then dies
+        with the server, and its job resumes from its last periodic checkpoint."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -70,6 +74,20 @@ class Supervisor:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        owners = []
+        for job_id in list(self.mine):
+            job = await asyncio.to_thread(self.store.get, "jobs", job_id)
+            owner = (job or {}).get("owner") or ""
+            if owner and not owner.startswith("claim:"):
+                await asyncio.to_thread(self.launcher.stop, owner)
+                owners.append(owner)
+        deadline = time.monotonic() + grace
+        while owners and time.monotonic() < deadline:
+            owners = [o for o in owners if self.launcher.state(o) == RUNNING]
+            await asyncio.sleep(0.2)
+        if owners:
+            log.warning("%d worker(s) did not stop within %.0f s: their jobs resume from their last checkpoint",
+                        len(owners), grace)
 
     async def _run(self) -> None:
         while True:
