@@ -344,7 +344,8 @@ def test_connections_past_the_open_file_limit_do_not_lock_clients_out(tiny):
     try:
         assert started.wait(timeout=60), lines
         assert any("open-file limit (256) allows" in line for line in lines), lines
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[-1]).group(1))
+        serving = next(line for line in lines if "serving" in line)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", serving).group(1))
         for _ in range(500):
             sockets.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         for _ in range(3):
