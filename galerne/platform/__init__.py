@@ -8,7 +8,7 @@ job workers, and the base model it fine-tunes and serves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from galerne.platform.datadir import DataDir, default_data_dir
 from galerne.platform.store import Store, default_url
@@ -22,7 +22,6 @@ class Platform:
     base_path: str  # what a worker loads (a folder, or a built-in model's name)
     settings: object = None  # the ServerSettings
     launcher: object = None  # made on first use (make_launcher)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, settings, *, base_id: str, base_path: str) -> Platform:

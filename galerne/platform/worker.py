@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from galerne.platform import Platform
 from galerne.platform import jobs as J
 from galerne.platform.datadir import DataDir
 from galerne.platform.store import Store, now
@@ -46,8 +47,8 @@ HEARTBEAT_S = 2.0
 class Reporter:
     """What the worker tells the store (process 0 only)."""
 
-    def __init__(self, store: Store, data: DataDir, job: dict[str, Any]):
-        self.store, self.data, self.job = store, data, job
+    def __init__(self, store: Store, job: dict[str, Any]):
+        self.store = store
         self.id = job["id"]
         self.total = job["hyperparameters"]["training_steps"]
         self.last_loss: float | None = None
@@ -117,13 +118,13 @@ def run(job_id: str, database_url: str, data_dir: str) -> int:
     if job["status"] not in J.WORKING:
         log.error("job %s is %s, not running: nothing to do", job_id, job["status"])
         return 0
-    reporter = Reporter(store, data, job) if rank == 0 else None
+    platform = Platform(data, store, job["model"], job.get("base_path") or "")
+    reporter = Reporter(store, job) if rank == 0 else None
     try:
-        return _train(store, data, job, reporter)
+        return _train(platform, job, reporter)
     except BaseException as e:  # everything that ends a job is said in its record
         if reporter is None:
             raise
-        platform = _Platform(store, data)
         if isinstance(e, KeyboardInterrupt) and reporter.stop_reason is not None:  # asked before training began
             target = J.CANCELLED if reporter.stop_reason == J.CANCELLATION_REQUESTED else J.PAUSED
             J.move(platform, job_id, (reporter.stop_reason,), target)
@@ -138,13 +139,6 @@ def run(job_id: str, database_url: str, data_dir: str) -> int:
             reporter.close()
 
 
-class _Platform:
-    """The parts of ``Platform`` the job functions use, in a worker."""
-
-    def __init__(self, store: Store, data: DataDir, base_path: str = ""):
-        self.store, self.data, self.base_path = store, data, base_path
-
-
 def _reason(e: BaseException) -> str:
     from galerne.errors import GalerneError
 
@@ -155,10 +149,10 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _train(store: Store, data: DataDir, job: dict[str, Any], reporter: Reporter | None) -> int:
+def _train(platform: Platform, job: dict[str, Any], reporter: Reporter | None) -> int:
     from galerne.finetune.trainer import checkpoint_dirs, train
 
-    platform = _Platform(store, data, job.get("base_path") or "")
+    store = platform.store
     cfg = J.finetune_config(platform, job)
     run_dir = Path(cfg.run_dir)
     resume = bool(checkpoint_dirs(run_dir)) if run_dir.is_dir() else False
@@ -189,7 +183,7 @@ def _train(store: Store, data: DataDir, job: dict[str, Any], reporter: Reporter 
     return 0
 
 
-def _publish(platform, job: dict[str, Any], adapter: Path | None, trained: int) -> None:
+def _publish(platform: Platform, job: dict[str, Any], adapter: Path | None, trained: int) -> None:
     """The adapter into the registry, then the job SUCCESS: a server that sees the job done
     finds its model."""
     if adapter is None or not adapter.is_dir():
