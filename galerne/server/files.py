@@ -35,6 +35,7 @@ from ..platform.files import UPLOAD_PURPOSES, add_file, delete_file, file_object
 from ..platform.store import new_id
 from .auth import require_api_key
 from .errors import ClientGone
+from .protocol import id_bounds, page_of
 from .state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["files"])
@@ -200,18 +201,9 @@ async def list_files(request: Request, purpose: str | None = None, after: str | 
         return rows, len(rows)
 
     rows, total = await asyncio.to_thread(run)
-    if page is not None or page_size is not None:
-        size = page_size or 100
-        chosen = rows[(page or 0) * size:(page or 0) * size + size]
-        more = (page or 0) * size + size < total
-    else:
-        if after is not None:
-            ids = [r["id"] for r in rows]
-            rows = rows[ids.index(after) + 1:] if after in ids else []
-        chosen, more = rows[:limit], len(rows) > limit
+    chosen, more = page_of(rows, after=after, limit=limit, page=page, page_size=page_size)
     data = [file_object(r) for r in chosen]
-    return {"object": "list", "data": data, "has_more": more, "total": total,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {"object": "list", "data": data, "has_more": more, "total": total, **id_bounds(data)}
 
 
 @router.get("/v1/files/{file_id}", summary="A file's record")

@@ -33,6 +33,7 @@ from . import dialect as dialects
 from .auth import require_api_key
 from .dialect import Dialect
 from .mistral.routes import body_schema
+from .protocol import id_bounds, page_of
 from .serving import read_json, validate
 from .state import ServerState
 
@@ -308,7 +309,6 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
                     wandb_name: str | None = None, suffix: str | None = None) -> dict:
     server: ServerState = request.app.state.server
     asked = dialects.from_headers(request)
-    mistral_paging = page is not None or page_size is not None
 
     def run() -> dict:
         where: dict[str, Any] = {"kind": "fine_tune"}
@@ -321,18 +321,9 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
             rows = [r for r in rows if r.get("suffix") == suffix]
         if created_after:
             rows = [r for r in rows if r["created_at"] > _timestamp(created_after)]
-        total = len(rows)
-        if mistral_paging:
-            size = page_size or 100
-            chosen = rows[(page or 0) * size:((page or 0) + 1) * size]
-            more = ((page or 0) + 1) * size < total
-        else:
-            if after is not None:
-                ids = [r["id"] for r in rows]
-                rows = rows[ids.index(after) + 1:] if after in ids else []
-            chosen, more = rows[:limit], len(rows) > limit
+        chosen, more = page_of(rows, after=after, limit=limit, page=page, page_size=page_size)
         data = [render(server, j, asked or Dialect(j["dialect"]), details=False) for j in chosen]
-        return {"object": "list", "data": data, "has_more": more, "total": total}
+        return {"object": "list", "data": data, "has_more": more, "total": len(rows)}
 
     return await asyncio.to_thread(run)
 
@@ -406,18 +397,14 @@ async def job_checkpoints(request: Request, job_id: str, after: str | None = Non
 
     def run() -> dict:
         job = get_job(server, job_id)
-        rows = server.platform.store.checkpoints(job_id)
-        if after is not None:
-            ids = [c["id"] for c in rows]
-            rows = rows[ids.index(after) + 1:] if after in ids else []
+        chosen, more = page_of(server.platform.store.checkpoints(job_id), after=after, limit=limit)
         name = J.model_id_for(job["model"], job.get("suffix"), job["id"])
         data = [{"id": c["id"], "object": "fine_tuning.job.checkpoint", "created_at": c["created_at"],
                  "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{c['step']}", "step_number": c["step"],
                  "fine_tuning_job_id": job_id,
                  "metrics": {"step": c["step"], **{k: v for k, v in (c.get("metrics") or {}).items() if k != "step"}}}
-                for c in rows[:limit]]
-        return {"object": "list", "data": data, "has_more": len(rows) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+                for c in chosen]
+        return {"object": "list", "data": data, "has_more": more, **id_bounds(data)}
 
     return await asyncio.to_thread(run)
 

@@ -265,3 +265,28 @@ class TextRequest:
             field, asked = ("n", f"n = {n} asks") if k == 1 else ("prompt", f"{k} prompts x n = {n} ask")
             raise InvalidParameter(field, f"{asked} for {k * n} completions; this server queues at most {max_queued} "
                                           "(max_queued_requests)")
+
+
+# ------------------------------------------------------------------ lists (files, jobs, checkpoints)
+
+
+def page_of(rows: list[dict], *, limit: int, after: str | None = None, page: int | None = None,
+            page_size: int | None = None, default_page_size: int = 100) -> tuple[list[dict], bool]:
+    """One page of ``rows`` (filtered and ordered already), and whether more follow.
+    Mistral's paging when ``page`` or ``page_size`` is given (``page`` from 0); else
+    OpenAI's: the ``limit`` rows after the row whose id is ``after`` (an unknown ``after``:
+    none)."""
+    if page is not None or page_size is not None:
+        size = page_size or default_page_size
+        start = (page or 0) * size
+        return rows[start:start + size], start + size < len(rows)
+    if after is not None:
+        ids = [r["id"] for r in rows]
+        rows = rows[ids.index(after) + 1:] if after in ids else []
+    return rows[:limit], len(rows) > limit
+
+
+def id_bounds(data: list[dict]) -> dict:
+    """OpenAI's ``first_id`` and ``last_id`` of a list's page."""
+    return {"first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+

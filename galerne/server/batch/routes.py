@@ -47,6 +47,7 @@ from ..auth import require_api_key
 from ..dialect import Dialect
 from ..errors import FieldError, RequestInvalid
 from ..mistral.routes import body_schema
+from ..protocol import id_bounds
 from ..serving import read_json, read_request
 from ..state import ServerState
 from .protocol import (
@@ -84,8 +85,7 @@ async def list_openai_batches(request: Request, after: str | None = None,
     store = request.app.state.server.platform.store
     rows = await asyncio.to_thread(store.select, "jobs", where={"kind": b.KIND}, after=after, limit=limit + 1)
     data = [openai_batch(r) for r in rows[:limit]]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+    return {"object": "list", "data": data, **id_bounds(data), "has_more": len(rows) > limit}
 
 
 @router.get("/v1/batches/{batch_id}", summary="One batch job (OpenAI)")
