@@ -29,19 +29,17 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from ..config import ServerSettings
-from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
-from ..errors import GalerneError
 from ..llm import LLM
 from ..platform import Platform
 from ..platform.supervisor import Supervisor
-from ..sampling.params import MISTRAL_DEFAULT_TEMPERATURE
 from . import adapters, chat, errors, files, finetuning
 from . import dialect as dialects
 from .auth import require_api_key
 from .batch import routes as batch_routes
 from .batch.protocol import MistralBatchCreate, OpenAIBatchCreate
 from .batch.runner import BatchRunner
+from .cards import adapter_card, ft_card, model_card
 from .guards import BodyGuard, HeadAsGet, LocalGuard
 from .metrics import Metrics
 from .mistral import routes as mistral_routes
@@ -171,41 +169,6 @@ def default_model_name(llm: LLM) -> str:
 # ------------------------------------------------------------------ models, health, metrics
 
 
-def model_card(server: ServerState) -> dict:
-    """Mistral's base-model card, a superset of OpenAI's model object (made once)."""
-    if server.card is not None:
-        return server.card
-    tok = server.tokenizer
-    try:
-        tok.encode_fim("a", "b")
-        fim = True
-    except GalerneError:
-        fim = False
-    server.card = {
-        "id": server.model_id, "object": "model", "created": server.created, "owned_by": "galerne", "type": "base",
-        "name": server.model_id, "description": f"{server.model_id} served by galerne {__version__}",
-        "max_context_length": server.max_model_len, "aliases": server.model_ids[1:],
-        "capabilities": {"completion_chat": True, "completion_fim": fim,
-                         "function_calling": tok.special_token_id("[TOOL_CALLS]") is not None,
-                         "fine_tuning": False, "vision": False, "classification": False},
-        "default_model_temperature": MISTRAL_DEFAULT_TEMPERATURE, "deprecation": None,
-    }
-    return server.card
-
-
-def adapter_card(server: ServerState, info: AdapterInfo) -> dict:
-    """An adapter's card: Mistral's fine-tuned model card (``root``: the base), with
-    vLLM's ``parent`` (the base) for OpenAI-style clients."""
-    base = model_card(server)
-    return {
-        "id": info.name, "object": "model", "created": server.created, "owned_by": "galerne", "type": "fine-tuned",
-        "name": info.name, "description": f"LoRA adapter (rank {info.rank}, {info.layout} layout) on {server.model_id}",
-        "max_context_length": server.max_model_len, "aliases": [], "capabilities": dict(base["capabilities"]),
-        "default_model_temperature": MISTRAL_DEFAULT_TEMPERATURE, "deprecation": None,
-        "job": "", "root": server.model_id, "parent": server.model_id, "archived": False,
-    }
-
-
 def _models_router() -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
 
@@ -214,9 +177,9 @@ def _models_router() -> APIRouter:
     async def list_models(request: Request) -> dict:
         server: ServerState = request.app.state.server
         tuned = {r["id"]: r for r in await asyncio.to_thread(fine_tuned_rows, server)}
-        cards = [finetuning.ft_card(server, tuned.pop(a.name)) if a.name in tuned else adapter_card(server, a)
+        cards = [ft_card(server, tuned.pop(a.name)) if a.name in tuned else adapter_card(server, a)
                  for a in server.adapters()]
-        return {"object": "list", "data": [model_card(server), *cards, *(finetuning.ft_card(server, r)
+        return {"object": "list", "data": [model_card(server), *cards, *(ft_card(server, r)
                                                                          for r in tuned.values())]}
 
     @router.get("/v1/models/{model_id:path}", summary="One model's card")
@@ -226,7 +189,7 @@ def _models_router() -> APIRouter:
             return model_card(server)
         row = await asyncio.to_thread(server.platform.store.get, "models", model_id)
         if row is not None:
-            return finetuning.ft_card(server, row)
+            return ft_card(server, row)
         info = server.adapter(model_id)
         if info is None:
             raise server.not_found(model_id)

@@ -31,6 +31,7 @@ from ..errors import InvalidParameter, NotFound, WrongState
 from ..platform import jobs as J
 from . import dialect as dialects
 from .auth import require_api_key
+from .cards import ft_card
 from .dialect import Dialect
 from .mistral.routes import body_schema
 from .protocol import id_bounds, page_of
@@ -419,20 +420,6 @@ def get_model(server: ServerState, model_id: str) -> dict[str, Any]:
             raise WrongState(f"{model_id!r} is the base model, not a fine-tuned one", "not_fine_tuned", "model_id")
         raise NotFound(f"No fine-tuned model with id '{model_id}' found.", "model_not_found", "model_id")
     return row
-
-
-def ft_card(server: ServerState, row: dict[str, Any]) -> dict[str, Any]:
-    """A fine-tuned model's card (Mistral's FTModelCard; ``parent`` for OpenAI-style clients)."""
-    from .app import model_card
-
-    base = model_card(server)
-    return {
-        "id": row["id"], "object": "model", "created": row["created_at"], "owned_by": "galerne", "type": "fine-tuned",
-        "name": row.get("name") or row["id"], "description": row.get("description"),
-        "max_context_length": server.max_model_len, "aliases": [], "capabilities": dict(base["capabilities"]),
-        "default_model_temperature": base["default_model_temperature"], "deprecation": None,
-        "job": row.get("job_id") or "", "root": row["base"], "parent": row["base"], "archived": bool(row["archived"]),
-    }
 
 
 async def delete_model(request: Request, model_id: str) -> dict:
