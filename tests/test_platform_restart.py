@@ -126,13 +126,7 @@ def test_server_killed_mid_job_resumes_it(store, request, tiny_factory, tmp_path
 
 
 def _worker_pid(data, job_id: str, database_url: str) -> int:
-    from galerne.platform.store import Store, default_url
-
-    store = Store(database_url or default_url(data))
-    try:
-        owner = store.get("jobs", job_id)["owner"]
-    finally:
-        store.close()
+    owner = _job(data, job_id, database_url)["owner"]
     assert owner.startswith("local:"), owner
     return int(owner.split(":")[2])
 
@@ -166,18 +160,11 @@ def test_worker_killed_is_resumed_then_fails_after_its_attempts(tiny_factory, tm
 
 
 def _running_pid(data, job_id: str) -> int | None:
-    from galerne.platform.store import Store, default_url
-
-    store = Store(default_url(data))
-    try:
-        job = store.get("jobs", job_id)
-    finally:
-        store.close()
+    job = _job(data, job_id)
     owner = job.get("owner") or ""
     if job["status"] != "RUNNING" or not owner.startswith("local:"):
         return None
     return int(owner.split(":")[2])
-
 
 
 def test_server_stopped_gracefully_checkpoints_its_job_and_the_next_resumes_it(tiny_factory, tmp_path):
@@ -216,21 +203,20 @@ def test_server_stopped_gracefully_checkpoints_its_job_and_the_next_resumes_it(t
         log.close()
 
 
-def _job(data, job_id: str) -> dict:
+def _read(data, fn, database_url: str = ""):
+    """``fn(store)`` on the store a server over ``data`` uses (opened and closed here)."""
     from galerne.platform.store import Store, default_url
 
-    store = Store(default_url(data))
+    store = Store(database_url or default_url(data))
     try:
-        return store.get("jobs", job_id)
+        return fn(store)
     finally:
         store.close()
+
+
+def _job(data, job_id: str, database_url: str = "") -> dict:
+    return _read(data, lambda store: store.get("jobs", job_id), database_url)
 
 
 def _checkpoints(data, job_id: str) -> list[dict]:
-    from galerne.platform.store import Store, default_url
-
-    store = Store(default_url(data))
-    try:
-        return store.checkpoints(job_id)
-    finally:
-        store.close()
+    return _read(data, lambda store: store.checkpoints(job_id))
