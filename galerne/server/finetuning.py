@@ -342,7 +342,8 @@ def _timestamp(value: str) -> int:
 async def retrieve_job(request: Request, job_id: str) -> dict:
     server: ServerState = request.app.state.server
     job = await asyncio.to_thread(get_job, server, job_id)
-    if job["status"] == J.SUCCESS and job.get("fine_tuned_model") and server.jobs is not None:
+    model = job.get("fine_tuned_model")
+    if job["status"] == J.SUCCESS and model and server.adapter(model) is None and server.jobs is not None:
         await server.jobs.sync_models()  # a client that sees it done may use it at once
     return await asyncio.to_thread(render, server, job, dialect_for(request, job))
 
