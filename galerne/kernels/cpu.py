@@ -201,6 +201,16 @@ def _build(march: str = "native"):
         lock.release()
 
 
+def dequantize(q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None:
+    """(out, row_bytes) uint8 blocks of ``scheme`` (``galerne.quant.Scheme``) -> (out,
+    in_features) float32, on every thread; None where the kernel is not built (or
+    does not read this scheme): the caller dequantizes with torch ops."""
+    ext = load()
+    if ext is None or not hasattr(ext, "dequantize") or not scheme.kernel:
+        return None
+    return ext.dequantize(q.contiguous(), scheme.name, in_features, torch.get_num_threads())
+
+
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernel's order of the adapted linears
 
 
@@ -245,6 +255,8 @@ def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
         return "multi-head latent attention"
     if args.moe is not None:
         return "mixture-of-experts layers"
+    if any(hasattr(m, "qweight") for m in model.modules()):
+        return "quantized weights"
     dtype = model.output.weight.dtype
     if dtype not in (torch.float32, torch.bfloat16):
         return f"{dtype} weights (float32 and bfloat16 only)"

@@ -1,5 +1,13 @@
 """Quantized linear layers: transformations applied to a built model.
 
+``QuantLinear`` and ``QuantEmbedding`` keep a weight in one of ``galerne.quant``'s
+block schemes (q8_0, q4_0, q4_k: llama.cpp's blocks), as ``uint8`` rows in a
+buffer named ``qweight`` (out, row_bytes). On a CPU the native decode kernel reads
+those rows directly (``galerne.kernels``); everywhere else (prefill, GPUs without a
+kernel for the scheme) the layer dequantizes its weight for the call and multiplies
+in the activations' dtype, with the kernel's multi-threaded dequantizer where it is
+built. An embedding dequantizes only the rows it looks up.
+
 ``Fp8Linear`` keeps an FP8 checkpoint's weights as they are stored (float8 e4m3 with
 their scales: one per tensor, or one per 128 x 128 block as Mistral Small 4 ships),
 half the memory of bf16. Where the GPU multiplies FP8 (compute capability 8.9+:
@@ -16,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import SCHEMES, Scheme
+from ..quant import dequantize as dequantize_blocks
 from ..weights.fp8 import dequantize
 
 E4M3_MAX = 448.0
@@ -59,10 +69,65 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fp8 {kind}, {'fp8 matmul' if self.scaled_mm else 'dequantized per call'}"
 
 
+def _dequantize(q: torch.Tensor, s: Scheme, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    if q.device.type == "cpu" and s.kernel:
+        from ..kernels import cpu
+
+        fast = cpu.dequantize(q, s, in_features)  # None where the kernel is not built
+        if fast is not None:
+            return fast if dtype == torch.float32 else fast.to(dtype)
+    return dequantize_blocks(q, s, in_features, dtype)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer whose weight is stored in a block scheme.
+    ``qweight``: (out, in / block * block_bytes) uint8, ``galerne.quant``'s layout."""
+
+    def __init__(self, qweight: torch.Tensor, scheme: Scheme | str, in_features: int):
+        super().__init__()
+        self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != self.scheme.row_bytes(in_features) \
+                or in_features % self.scheme.block:
+            raise ValueError(f"QuantLinear: {self.scheme.name} rows of {in_features} weights are "
+                             f"{self.scheme.row_bytes(in_features)} bytes; got {qweight.dtype} {tuple(qweight.shape)}")
+        self.in_features, self.out_features = in_features, qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return _dequantize(self.qweight, self.scheme, self.in_features, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding stored in a block scheme: a lookup dequantizes its rows only.
+    ``dtype``: the activations' (what ``nn.Embedding`` would have returned)."""
+
+    def __init__(self, qweight: torch.Tensor, scheme: Scheme | str, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != self.scheme.row_bytes(dim):
+            raise ValueError(f"QuantEmbedding: {self.scheme.name} rows of {dim} are {self.scheme.row_bytes(dim)} bytes; "
+                             f"got {qweight.dtype} {tuple(qweight.shape)}")
+        self.num_embeddings, self.embedding_dim, self.dtype = qweight.shape[0], dim, dtype
+        self.register_buffer("qweight", qweight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.index_select(0, tokens.reshape(-1))
+        return dequantize_blocks(rows, self.scheme, self.embedding_dim, self.dtype).reshape(*tokens.shape, -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme.name}"
+
+
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight of a linear layer in ``dtype``, whatever it is stored as
     (latent attention multiplies by pieces of ``wkv_b`` directly)."""
-    if isinstance(linear, Fp8Linear):
+    if isinstance(linear, (Fp8Linear, QuantLinear)):
         return linear.dense_weight(dtype)
     return linear.weight
 

@@ -1,0 +1,87 @@
+"""Which tensors of a model a scheme quantizes, and quantizing a built model in place.
+
+A scheme applies to the matrices a decode step streams: the attention and
+feed-forward projections of every layer, the output projection and the token
+embedding. Norms stay in float, and so do the weights of layers galerne has no
+quantized path for yet (mixture-of-experts experts and routers, latent attention),
+which is logged. With a 4-bit scheme the output projection is stored in q8_0: its
+error goes straight into the logits (llama.cpp keeps it at 6 bits for the same
+reason). A row length the scheme's blocks don't divide (q4_k's 256) falls back to
+q8_0, and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from .formats import SCHEMES, Scheme, quantize
+
+log = logging.getLogger(__name__)
+
+_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
+EMBEDDING, OUTPUT = "tok_embeddings.weight", "output.weight"
+
+
+def tensor_scheme(native: str, shape: tuple[int, ...], s: Scheme) -> Scheme | None:
+    """The scheme native tensor ``native`` of ``shape`` is stored in when the model is
+    quantized with ``s``, or None: kept in float."""
+    if len(shape) != 2 or not (native in (EMBEDDING, OUTPUT) or _LINEAR.match(native)):
+        return None
+    chosen = SCHEMES["q8_0"] if native == OUTPUT and s.bits < 8 else s
+    if chosen.problem(shape[1]) is None:
+        return chosen
+    fallback = SCHEMES["q8_0"]
+    if fallback.problem(shape[1]) is None:
+        log.info("%s: rows of %d weights don't fit %s's blocks of %d; stored in q8_0", native, shape[1], chosen.name,
+                 chosen.block)
+        return fallback
+    log.info("%s: rows of %d weights fit no scheme's blocks; kept in float", native, shape[1])
+    return None
+
+
+def quantized_module(native: str, q: torch.Tensor, s: Scheme, shape: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
+    """The module that holds quantized tensor ``native`` (blocks ``q`` of a float (out, in) ``shape``)."""
+    from ..models.quant import QuantEmbedding, QuantLinear
+
+    if native == EMBEDDING:
+        return QuantEmbedding(q, s, shape[1], dtype)
+    return QuantLinear(q, s, shape[1])
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, s: Scheme | str) -> dict[str, str]:
+    """Quantize a built model (a ``Transformer`` with float weights) in place with
+    scheme ``s``; returns {native tensor name: scheme name} of what was quantized.
+    A tied output projection is quantized once, with the embedding's scheme."""
+    from .formats import scheme as find
+
+    s = find(s) if isinstance(s, str) else s
+    dtype = next(p for p in model.parameters()).dtype
+    tied = model.output.weight is model.tok_embeddings.weight
+    done: dict[str, str] = {}
+    for native, w in list(model.state_dict(keep_vars=True).items()):
+        if tied and native == OUTPUT:
+            continue
+        chosen = tensor_scheme(native, tuple(w.shape), s)
+        if chosen is None or not isinstance(w, torch.Tensor) or w.dtype == torch.uint8:
+            continue
+        q = quantize(w.detach(), chosen)
+        module = quantized_module(native, q, chosen, tuple(w.shape), dtype)
+        _replace(model, native.rpartition(".")[0], module)
+        done[native] = chosen.name
+    if tied:
+        emb = model.tok_embeddings
+        from ..models.quant import QuantLinear
+
+        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim) if hasattr(emb, "qweight") else model.output
+    return done
+
+
+def _replace(model: nn.Module, module_name: str, module: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
