@@ -1,5 +1,13 @@
 """Quantized weights: schemes (llama.cpp's block layouts), quantize and dequantize."""
 
-from .formats import SCHEMES, WRITABLE, Scheme, by_ggml_type, dequantize, quantize, scheme
+from .formats import (
+    SCHEMES,
+    WRITABLE,
+    Scheme,
+    by_ggml_type,
+    dequantize,
+    quantize,
+    scheme,
+)
 
 __all__ = ["SCHEMES", "WRITABLE", "Scheme", "by_ggml_type", "dequantize", "quantize", "scheme"]
