@@ -3,6 +3,7 @@
 from .formats import (
     SCHEMES,
     WRITABLE,
+    QTensor,
     Scheme,
     by_ggml_type,
     dequantize,
@@ -10,4 +11,4 @@ from .formats import (
     scheme,
 )
 
-__all__ = ["SCHEMES", "WRITABLE", "Scheme", "by_ggml_type", "dequantize", "quantize", "scheme"]
+__all__ = ["QTensor", "SCHEMES", "WRITABLE", "Scheme", "by_ggml_type", "dequantize", "quantize", "scheme"]

@@ -71,6 +71,23 @@ def scheme(name: str) -> Scheme:
     return s
 
 
+@dataclass
+class QTensor:
+    """A quantized tensor as a checkpoint reader yields it: ``data`` (out, row_bytes)
+    uint8 blocks of ``scheme`` for a float tensor of ``shape`` (out, in)."""
+
+    data: torch.Tensor
+    scheme: Scheme
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.data, self.scheme, self.shape[1], dtype)
+
+
 def by_ggml_type(t: int) -> Scheme | None:
     return next((s for s in SCHEMES.values() if s.ggml_type == int(t)), None)
 

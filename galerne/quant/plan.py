@@ -43,6 +43,18 @@ def tensor_scheme(native: str, shape: tuple[int, ...], s: Scheme) -> Scheme | No
     return None
 
 
+def stored_schemes(args) -> dict | None:
+    """The block-quantization config of a checkpoint galerne wrote (``galerne quantize``):
+    {"quant_method": "galerne", "scheme": NAME, "tensors": {checkpoint tensor name: NAME}},
+    under ``quantization`` (params.json) or ``quantization_config`` (config.json); None
+    for any other checkpoint."""
+    for key in ("quantization", "quantization_config"):
+        cfg = args.extra.get(key)
+        if isinstance(cfg, dict) and cfg.get("quant_method") == "galerne":
+            return cfg
+    return None
+
+
 def quantized_module(native: str, q: torch.Tensor, s: Scheme, shape: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
     """The module that holds quantized tensor ``native`` (blocks ``q`` of a float (out, in) ``shape``)."""
     from ..models.quant import QuantEmbedding, QuantLinear

@@ -43,6 +43,8 @@ class Fp8Format:
     def from_args(cls, args) -> Fp8Format | None:
         """The FP8 format ``args.extra`` describes, None for an unquantized checkpoint."""
         hf, native = args.extra.get("quantization_config"), args.extra.get("quantization")
+        if (hf or native or {}).get("quant_method") == "galerne":  # block schemes: galerne.quant
+            return None
         if hf:
             method = str(hf.get("quant_method", "")).lower()
             if method != "fp8":

@@ -29,6 +29,9 @@ from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
 from ..models.quant import Fp8Linear, fp8_matmul_supported
 from ..models.transformer import Transformer
+from ..quant import SCHEMES, QTensor, Scheme, quantize
+from ..quant import scheme as find_scheme
+from ..quant.plan import quantized_module, stored_schemes, tensor_scheme
 from .fp8 import FP8_DTYPES, Fp8Format, Fp8Weight, dequantize, is_scale
 from .names import (
     IGNORED_HF,
@@ -146,6 +149,10 @@ class Checkpoint:
         """:meth:`raw_tensors`, FP8 weights dequantized with their scales (float32),
         or with ``keep_fp8`` as they are stored (``Fp8Weight``: weight and scales),
         and the scales themselves left out (see ``weights/fp8.py``)."""
+        blocks = stored_schemes(self.args)
+        if blocks is not None:
+            yield from self._block_tensors(blocks, meta)
+            return
         fmt = Fp8Format.from_args(self.args)
         if fmt is None:
             yield from self.raw_tensors(meta)
@@ -168,6 +175,26 @@ class Checkpoint:
                     except ValueError as e:
                         raise ModelLoadError(str(e), path=str(path), tensor=name) from None
             yield path, name, t
+
+    def _block_tensors(self, cfg: dict, meta: bool) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        """A quantized checkpoint's tensors: uint8 ones as ``QTensor`` (its scheme from the
+        config's ``tensors``), the others as they are."""
+        named = cfg.get("tensors") or {}
+        for path, name, t in self.raw_tensors(meta):
+            if t.dtype != torch.uint8:
+                yield path, name, t
+                continue
+            s = SCHEMES.get(str(named.get(name, cfg.get("scheme"))))
+            if s is None or t.dim() != 2 or t.shape[1] % s.block_bytes:
+                raise ModelLoadError(f"uint8 tensor of shape {tuple(t.shape)} is not stored in a known block scheme "
+                                     f"({named.get(name, cfg.get('scheme'))!r})", path=str(path), tensor=name)
+            shape = (t.shape[0], t.shape[1] // s.block_bytes * s.block)
+            yield path, name, QTensor(t, s, shape) if not meta else torch.empty(shape, device="meta")
+
+    @property
+    def block_quantized(self) -> bool:
+        """Whether the checkpoint stores block-quantized weights (``galerne quantize``)."""
+        return stored_schemes(self.args) is not None
 
     def native_tensors(self, meta: bool = False, keep_fp8: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
@@ -199,6 +226,9 @@ def hf_to_native_items(
         if mapped is None:
             raise ModelLoadError("unexpected tensor: not part of a Mistral-family model", path=str(path), tensor=name)
         native, rotary = mapped
+        if isinstance(t, QTensor):  # rows of blocks permute as the float rows do
+            yield path, name, native, QTensor(permute_for(args, t.data, rotary, to="native"), t.scheme, t.shape)
+            continue
         if isinstance(t, Fp8Weight):
             if rotary is not None and args.mla is None:
                 t = t.permuted_rows(lambda w: permute_for(args, w, rotary, to="native"), args.head_dim)
@@ -266,8 +296,15 @@ def load_model(
     layout: str | None = None,
     progress: bool | None = None,
     keep_fp8: bool | None = None,
+    quantization: str | None = None,
 ) -> tuple[Transformer, Checkpoint]:
     """Build the model on ``meta`` and fill it from the checkpoint in ``folder``.
+
+    ``quantization``: a block scheme (``galerne.quant``: q8_0, q4_0, q4_k) the weights
+    are quantized to as they are read, one tensor at a time (peak memory: the
+    quantized model and one float tensor). A checkpoint already quantized
+    (``galerne quantize``) is loaded as stored, and ``quantization`` must be None or
+    its own scheme.
 
     An FP8 checkpoint's linear weights stay in FP8 (``models.quant.Fp8Linear``) with
     ``keep_fp8``; None: where the device multiplies FP8 (``fp8_matmul_supported``),
@@ -282,9 +319,14 @@ def load_model(
         if not keep_fp8:
             log.info("%s: FP8 weights dequantized at load on %s (kept in FP8 only on GPUs that multiply it, "
                      "compute capability 8.9+)", ckpt.folder.name, dev)
+    stored = stored_schemes(ckpt.args)
+    if quantization is not None and stored is not None and find_scheme(quantization).name != stored.get("scheme"):
+        raise ModelLoadError(f"this checkpoint is already quantized ({stored.get('scheme')}); it can't be loaded as "
+                             f"{quantization} (quantize the float checkpoint instead)", path=str(ckpt.folder))
     model = build_model(ckpt.args, ckpt.native_tensors(keep_fp8=bool(keep_fp8)), dtype=dtype, device=device,
                         config_name=ckpt.config_path.name, where=str(ckpt.folder),
-                        desc=f"loading {ckpt.folder.name}", progress=progress)
+                        desc=f"loading {ckpt.folder.name}", progress=progress,
+                        quantization=None if stored is not None else quantization)
     return model, ckpt
 
 
@@ -308,15 +350,20 @@ def build_model(
     where: str,
     desc: str,
     progress: bool | None,
+    quantization: str | Scheme | None = None,
 ) -> Transformer:
     """Fill a model built on ``meta`` from (file, checkpoint name, native name,
     tensor) items.
 
     Each tensor is checked (known name, expected shape), cast and moved on its own,
-    so that peak memory stays near the size of the model, not twice it.
+    so that peak memory stays near the size of the model, not twice it. A
+    ``QTensor`` item (quantized blocks) makes its layer a ``QuantLinear`` or
+    ``QuantEmbedding``; with ``quantization``, float weights the scheme applies to
+    (``quant.plan.tensor_scheme``) are quantized as they arrive.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    target = find_scheme(quantization) if isinstance(quantization, str) else quantization
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.named_parameters())  # tied output is listed once, as the embedding
@@ -336,7 +383,14 @@ def build_model(
                 f"shape {tuple(t.shape)} disagrees with the config ({config_name}), which implies {tuple(param.shape)}",
                 path=str(path), tensor=name,
             )
-        if isinstance(t, Fp8Weight):
+        if isinstance(t, Fp8Weight) and target is not None:
+            t = t.dense()
+        chosen = tensor_scheme(native, tuple(t.shape), target) if target is not None and not isinstance(t, QTensor) else None
+        if chosen is not None:
+            t = QTensor(quantize(t.to(dev), chosen), chosen, tuple(t.shape))
+        if isinstance(t, QTensor):
+            _set_quant(model, native, t, dev, dt)
+        elif isinstance(t, Fp8Weight):
             _set_fp8(model, native, t, dev, dt)
         else:
             _set_param(model, native, t.to(device=dev, dtype=dt))
@@ -348,9 +402,35 @@ def build_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"missing tensor(s) in the checkpoint: {shown}", path=where)
     if args.tied_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+        _tie_output(model)
     model.eval()
     return model
+
+
+def _tie_output(model: Transformer) -> None:
+    """The output projection reads the embedding's weight, quantized or not."""
+    emb = model.tok_embeddings
+    if hasattr(emb, "qweight"):
+        from ..models.quant import QuantLinear
+
+        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim)
+    else:
+        model.output.weight = emb.weight
+
+
+def _set_quant(model: torch.nn.Module, name: str, t: QTensor, device: torch.device, dtype: torch.dtype) -> None:
+    """Put a quantized weight in place: its linear layer becomes a ``QuantLinear``, the
+    embedding a ``QuantEmbedding``; any other tensor (no quantized path) is dequantized."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    kind_ok = (type(module) is torch.nn.Linear and module.bias is None) or type(module) is torch.nn.Embedding
+    if attr != "weight" or not kind_ok:
+        log.info("%s: no quantized path for this tensor (%s); dequantized to %s", name, t.scheme.name, dtype)
+        _set_param(model, name, t.dense(torch.float32).to(device=device, dtype=dtype))
+        return
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, quantized_module(name, t.data.to(device), t.scheme, t.shape, dtype))
 
 
 def _set_fp8(model: torch.nn.Module, name: str, w: Fp8Weight, device: torch.device, dtype: torch.dtype) -> None:
