@@ -109,6 +109,12 @@ def test_plan_keeps_the_output_at_8_bits_and_falls_back_where_blocks_do_not_fit(
     assert tensor_scheme("tok_embeddings.weight", (1000, 512), s).name == "q4_k"
     assert tensor_scheme("layers.0.attention_norm.weight", (512,), s) is None
     assert tensor_scheme("layers.0.feed_forward.experts.0.w1.weight", (64, 512), s) is None
+    # q4_k's mix (llama.cpp's Q4_K_S): v of the first 4 layers, w2 of the first eighth, at 8 bits.
+    assert tensor_scheme("layers.3.attention.wv.weight", (256, 512), s, 32).name == "q8_0"
+    assert tensor_scheme("layers.4.attention.wv.weight", (256, 512), s, 32).name == "q4_k"
+    assert tensor_scheme("layers.3.feed_forward.w2.weight", (256, 512), s, 32).name == "q8_0"
+    assert tensor_scheme("layers.4.feed_forward.w2.weight", (256, 512), s, 32).name == "q4_k"
+    assert tensor_scheme("layers.0.attention.wv.weight", (256, 512), SCHEMES["q4_0"], 32).name == "q4_0"
     with caplog.at_level(logging.INFO, logger="galerne.quant.plan"):
         assert tensor_scheme("layers.0.feed_forward.w2.weight", (256, 96), s).name == "q8_0"
         assert tensor_scheme("layers.0.feed_forward.w2.weight", (256, 100), s) is None

@@ -385,7 +385,7 @@ def build_model(
             )
         if isinstance(t, Fp8Weight) and target is not None:
             t = t.dense()
-        chosen = tensor_scheme(native, tuple(t.shape), target) if target is not None and not isinstance(t, QTensor) else None
+        chosen = tensor_scheme(native, tuple(t.shape), target, args.n_layers) if target is not None and not isinstance(t, QTensor) else None
         if chosen is not None:
             t = QTensor(quantize(t.to(dev), chosen), chosen, tuple(t.shape))
         if isinstance(t, QTensor):
