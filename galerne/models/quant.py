@@ -29,6 +29,7 @@ from ..quant import dequantize as dequantize_blocks
 from ..weights.fp8 import dequantize
 
 E4M3_MAX = 448.0
+DEQUANT_CHUNK = 4 << 20  # weights a QuantLinear dequantizes at once (16 MB in float32)
 
 
 class Fp8Linear(nn.Module):
@@ -100,7 +101,16 @@ class QuantLinear(nn.Module):
         return _dequantize(self.qweight, self.scheme, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype))
+        rows = max(1, DEQUANT_CHUNK // self.in_features)
+        if rows >= self.out_features:
+            return F.linear(x, self.dense_weight(x.dtype))
+        # A big matrix goes by pieces of rows: its float copy would cost as much memory as
+        # the quantized model saves (a 7B's w1 is 235 MB in float32).
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for r in range(0, self.out_features, rows):
+            w = _dequantize(self.qweight[r : r + rows], self.scheme, self.in_features, x.dtype)
+            y[..., r : r + rows] = F.linear(x, w)
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}"
