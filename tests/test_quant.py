@@ -232,3 +232,31 @@ def test_adapters_serve_unmerged_on_a_quantized_base(wide, tmp_path):
         np.testing.assert_allclose(x.outputs[0].logprobs, y.outputs[0].logprobs, rtol=1e-4, atol=1e-4)
     merged = LLM(wide, device="cpu", quantization="q8_0", adapter=path)
     assert isinstance(merged.model.layers[0].attention.wq, QuantLinear)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k"])
+def test_int4_matmul_operands_are_the_blocks(name):
+    """What the CUDA path hands torch's int4 matmul (values, scales and zeros) is the
+    scheme's weight: checked through the CPU twin of that matmul, in bfloat16."""
+    from galerne.models.quant import int4_operands
+
+    w = weights("heavy")[:, :512]
+    q = quantize(w, name)
+    vals, sz = int4_operands(q, SCHEMES[name], 512)
+    ref = dequantize(q, name, 512)
+    torch.testing.assert_close(((vals - 8) * sz[..., 0].T.repeat_interleave(32, 1) + sz[..., 1].T.repeat_interleave(32, 1)),
+                               ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, 512)
+    y = torch._weight_int4pack_mm_for_cpu(x, torch._convert_weight_to_int4pack_for_cpu(vals, 8), 32, sz)
+    torch.testing.assert_close(y, x @ ref.T, rtol=0.02, atol=0.05 * (x @ ref.T).abs().max().item() / 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["q4_0", "q4_k"])
+def test_int4_on_cuda_matches_the_dequantized_weight(name):
+    w = weights("normal")[:, :1024].cuda()
+    layer = QuantLinear(quantize(w, name), name, 1024, torch.bfloat16)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ dequantize(layer.qweight, name, 1024).T
+    torch.testing.assert_close(layer(x).float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
