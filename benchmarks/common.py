@@ -189,3 +189,59 @@ def machine() -> dict:
 def report(name: str, figures: dict) -> None:
     """The JSON line every benchmark ends with."""
     print(json.dumps({"benchmark": name, **figures, "env": machine()}))
+
+
+def random_blocks(rows: int, cols: int, scheme, g: torch.Generator) -> torch.Tensor:
+    """(rows, row_bytes) uint8 blocks: random payload, float16 scales near 0.002
+    (q4_k: its d and dmin; q8_0, q4_0: d)."""
+    n = cols // scheme.block
+    out = torch.randint(0, 256, (rows, n, scheme.block_bytes), dtype=torch.uint8, generator=g)
+    scales = 2 if scheme.name == "q4_k" else 1
+    d = (torch.rand(rows, n, scales, generator=g) * 0.002 + 0.001).to(torch.float16)
+    out[..., : 2 * scales] = d.view(torch.uint8).reshape(rows, n, 2 * scales)
+    return out.reshape(rows, -1)
+
+
+def random_quantized_checkpoint(model: str, scheme_name: str) -> Path:
+    """A folder as `galerne quantize --scheme SCHEME` writes it for shape ``model``,
+    with random blocks (random payload, scales of a trained model's size): its
+    speed and memory are those of real weights, and building it takes seconds
+    where quantizing a 7B's 29 GB of float32 would take minutes. Cached under .bench/."""
+    from galerne.models.args import ModelArgs
+    from galerne.models.transformer import Transformer
+    from galerne.quant import SCHEMES
+    from galerne.quant.plan import tensor_scheme
+    from galerne.weights.export import write_checkpoint
+
+    folder = CACHE / f"{model}-{scheme_name}-random"
+    if (folder / "params.json").exists():
+        return folder
+    config = hf_config(model).to_dict() | {"architectures": ["MistralForCausalLM"]}
+    args = ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(args).named_parameters()}
+    target = SCHEMES[scheme_name]
+    plan = {n: tensor_scheme(n, s, target, args.n_layers) for n, s in shapes.items()}
+    g = torch.Generator().manual_seed(0)
+
+    def meta(n):
+        s = plan[n]
+        if s is None:
+            return torch.empty(shapes[n], dtype=torch.float32, device="meta")
+        return torch.empty(shapes[n][0], s.row_bytes(shapes[n][1]), dtype=torch.uint8, device="meta")
+
+    def tensors():
+        for n, shape in shapes.items():
+            s = plan[n]
+            yield n, torch.ones(shape) if s is None else random_blocks(shape[0], shape[1], s, g)
+
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = {"quant_method": "galerne", "scheme": target.name,
+           "tensors": {n: s.name for n, s in plan.items() if s is not None}}
+    write_checkpoint(tmp, "mistral", args, ((n, meta(n)) for n in shapes), tensors(), companions_from=None,
+                     dtype=None, progress=True, config_extra={"quantization": cfg})
+    shutil.copy(v3_tokenizer(), tmp / "tokenizer.model.v3")
+    tmp.rename(folder)
+    return folder

@@ -1,11 +1,8 @@
 """Peak memory of `galerne serve` on a quantized 7B-shaped model: goal under 5 GB at q4.
 
 The model: Mistral 7B's shape (32 layers, dim 4096, 14336 hidden, 32 / 8 heads,
-vocab 32768) written once as a folder `galerne quantize` would write, with random
-blocks (random nibbles or bytes, scales of a trained model's size): its speed and
-memory are those of real weights, and building it takes seconds instead of
-quantizing 29 GB of float32. The embedding and every layer matrix are in the
-scheme, the output in q8_0 (as `galerne quantize` stores them).
+vocab 32768) with random blocks (``common.random_quantized_checkpoint``), laid out
+as `galerne quantize` writes it.
 
 The run: `galerne serve FOLDER --kv-cache-gb G` in a subprocess, one chat request
 with a prompt of --prompt-tokens words and --max-tokens new tokens, then the
@@ -26,64 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, SHAPES, hf_config, report, v3_tokenizer  # noqa: E402
-
-
-def random_blocks(rows: int, cols: int, scheme, g: torch.Generator) -> torch.Tensor:
-    """(rows, row_bytes) uint8 blocks: random payload, float16 scales near 0.002
-    (q4_k: its d and dmin; q8_0, q4_0: d)."""
-    n = cols // scheme.block
-    out = torch.randint(0, 256, (rows, n, scheme.block_bytes), dtype=torch.uint8, generator=g)
-    scales = 2 if scheme.name == "q4_k" else 1
-    d = (torch.rand(rows, n, scales, generator=g) * 0.002 + 0.001).to(torch.float16)
-    out[..., : 2 * scales] = d.view(torch.uint8).reshape(rows, n, 2 * scales)
-    return out.reshape(rows, -1)
-
-
-def build(model: str, scheme_name: str) -> Path:
-    from galerne.models.args import ModelArgs
-    from galerne.models.transformer import Transformer
-    from galerne.quant import SCHEMES
-    from galerne.quant.plan import tensor_scheme
-    from galerne.weights.export import write_checkpoint
-
-    folder = CACHE / f"{model}-{scheme_name}-random"
-    if (folder / "params.json").exists():
-        return folder
-    config = hf_config(model).to_dict() | {"architectures": ["MistralForCausalLM"]}
-    args = ModelArgs.from_hf_config(config)
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Transformer(args).named_parameters()}
-    target = SCHEMES[scheme_name]
-    plan = {n: tensor_scheme(n, s, target, args.n_layers) for n, s in shapes.items()}
-    g = torch.Generator().manual_seed(0)
-
-    def meta(n):
-        s = plan[n]
-        if s is None:
-            return torch.empty(shapes[n], dtype=torch.float32, device="meta")
-        return torch.empty(shapes[n][0], s.row_bytes(shapes[n][1]), dtype=torch.uint8, device="meta")
-
-    def tensors():
-        for n, shape in shapes.items():
-            s = plan[n]
-            yield n, torch.ones(shape) if s is None else random_blocks(shape[0], shape[1], s, g)
-
-    tmp = folder.with_suffix(".tmp")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cfg = {"quant_method": "galerne", "scheme": target.name,
-           "tensors": {n: s.name for n, s in plan.items() if s is not None}}
-    write_checkpoint(tmp, "mistral", args, ((n, meta(n)) for n in shapes), tensors(), companions_from=None,
-                     dtype=None, progress=True, config_extra={"quantization": cfg})
-    shutil.copy(v3_tokenizer(), tmp / "tokenizer.model.v3")
-    tmp.rename(folder)
-    return folder
+from common import SHAPES, random_quantized_checkpoint, report  # noqa: E402
 
 
 def vm_hwm_kb(pid: int) -> int:
@@ -104,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    folder = build(args.model, args.scheme)
+    folder = random_quantized_checkpoint(args.model, args.scheme)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     print(f"{folder.name}: {size / 1e9:.2f} GB of weights (built/found in {time.perf_counter() - t0:.1f} s)")
 
