@@ -241,7 +241,7 @@ def random_quantized_checkpoint(model: str, scheme_name: str) -> Path:
     cfg = {"quant_method": "galerne", "scheme": target.name,
            "tensors": {n: s.name for n, s in plan.items() if s is not None}}
     write_checkpoint(tmp, "mistral", args, ((n, meta(n)) for n in shapes), tensors(), companions_from=None,
-                     dtype=None, progress=True, config_extra={"quantization": cfg})
+                     dtype=None, progress=None, config_extra={"quantization": cfg})
     shutil.copy(v3_tokenizer(), tmp / "tokenizer.model.v3")
     tmp.rename(folder)
     return folder
