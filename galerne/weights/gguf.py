@@ -1,0 +1,340 @@
+"""GGUF (llama.cpp's single-file format) for Mistral-family models: read one as a
+checkpoint, and write one (``galerne convert SRC out.gguf --to gguf``).
+
+The container is read and written by the ``gguf`` package (llama.cpp's own
+gguf-py): a memory map of the file, metadata key/values, then tensors. What this
+module adds is the model: which metadata are which ``ModelArgs``, which tensor
+names are which native names, which tensor types galerne keeps as they are.
+
+Architectures: llama.cpp's converter writes Mistral 7B / Nemo / Small (dense,
+``MistralForCausalLM`` or Mistral-native folders) as arch ``llama``, and Ministral 3 /
+Mistral Small 3.x text models (YaRN + llama-4 query scaling: ``Ministral3ForCausalLM``,
+``Mistral3ForConditionalGeneration``, params.json with ``llama_4_scaling``) as arch
+``mistral3``, with the same tensors and two more metadata: the YaRN log multiplier
+(transformers' ``mscale_all_dim``) and ``attention.temperature_scale`` (the llama-4
+query-scaling beta, over ``rope.scaling.original_context_length`` positions).
+
+Rotary layout: llama.cpp's ``LlamaModel.permute`` undoes Hugging Face's q/k row
+permutation when it converts (``undo_permute``; Mistral-native files are taken as
+they are), so a GGUF's attn_q / attn_k rows are in Mistral's interleaved-pairs
+order, galerne's native one: nothing to permute either way.
+
+Tensor types: F32 / F16 / BF16 are floats (cast to the model's dtype at load);
+Q8_0, Q4_0 and Q4_K are galerne's own block schemes (``galerne.quant``), kept as they
+are, read from the memory map without a copy; Q5_K and Q6_K (which llama.cpp's
+Q4_K_M / Q5_K_M files put in some tensors) have no kernel yet: they are dequantized
+and stored in q8_0 at load, so that memory stays near the file's size. Anything else
+is refused, naming the tensor and its type, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from ..models.args import DEFAULT_NATIVE_CONTEXT, ModelArgs, QueryScaling, YarnArgs, yarn_mscale
+from ..quant import SCHEMES, QTensor, by_ggml_type, dequantize, quantize
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama", "mistral3")
+SUFFIX = ".gguf"
+
+# GGUF tensor name -> galerne's native name ({i}: the layer).
+_GLOBAL = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_LAYER = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+_NATIVE_TO_GGUF = {v: k for k, v in _GLOBAL.items()}
+# Old llama.cpp files carry a per-layer rotary cache: not a weight.
+_IGNORED_SUFFIX = ".attn_rot_embd"
+
+
+def gguf_to_native(name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``layers.3.attention.wq.weight``; None when unknown."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _LAYER:
+        return f"layers.{parts[1]}.{_LAYER[parts[2]]}.weight"
+    return None
+
+
+def native_to_gguf(native: str) -> str | None:
+    if native in _NATIVE_TO_GGUF:
+        return _NATIVE_TO_GGUF[native]
+    parts = native.split(".")
+    if parts[0] == "layers" and len(parts) >= 4 and parts[-1] == "weight":
+        module = ".".join(parts[2:-1])
+        for key, value in _LAYER.items():
+            if value == module:
+                return f"blk.{parts[1]}.{key}.weight"
+    return None
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file named ``*.gguf`` (the loader's test: a folder is never one)."""
+    p = Path(path)
+    return p.suffix.lower() == SUFFIX and p.is_file()
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _reader(path: Path):
+    """``gguf.GGUFReader`` of ``path``, with every tensor's extent checked against the
+    file's size first: a truncated file names the tensor that runs past its end (the
+    reader itself fails on a reshape, naming nothing)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # before the reader maps the tensors
+            size = len(self.data)
+            for f in fields:
+                _, name_data, _, dims, raw_dtype, offset = f.parts
+                name = bytes(name_data).decode("utf-8", errors="replace")
+                try:
+                    t = GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise ModelLoadError(f"unknown GGML tensor type {int(raw_dtype[0])}", path=str(path),
+                                         tensor=name) from None
+                block, type_size = GGML_QUANT_SIZES[t]
+                end = start_offs + int(offset[0]) + int(np.prod(dims, dtype=np.int64)) * type_size // block
+                if end > size:
+                    raise ModelLoadError(f"truncated file: the tensor's data ends at byte {end} but the file has "
+                                         f"{size} bytes", path=str(path), tensor=name)
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        # "c": copy-on-write pages, so torch gets writable arrays without copying them.
+        return Reader(path, mode="c")
+    except ModelLoadError:
+        raise
+    except (ValueError, IndexError, OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=str(path)) from None
+
+
+def _value(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    if isinstance(v, float):
+        # GGUF stores float32: 1e-5 reads back as 9.99999975e-06. The shortest decimal
+        # that rounds to the same float32 is what the writer was given.
+        v = float(str(np.float32(v)))
+    return v
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file opened as a checkpoint (what ``loader.Checkpoint`` is for folders).
+    ``folder`` is the file itself: the model's path everywhere a folder's would go."""
+
+    folder: Path
+    args: ModelArgs
+    arch: str
+    reader: object = field(repr=False)
+    layout: str = "gguf"
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [self.folder]
+
+    @property
+    def fp8(self) -> bool:
+        return False
+
+    @property
+    def block_quantized(self) -> bool:
+        return any(by_ggml_type(t.tensor_type) is not None for t in self.reader.tensors)
+
+    @property
+    def metadata(self) -> dict:
+        """Every key/value of the file but the GGUF header's own (its tokenizer included)."""
+        return {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
+
+    @classmethod
+    def open(cls, path: str | Path) -> GGUFCheckpoint:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError("no such GGUF file", path=str(path))
+        reader = _reader(path)
+        arch = _value(reader, "general.architecture")
+        if arch not in SUPPORTED_ARCHS:
+            raise ConfigError(f"unsupported GGUF architecture {arch!r}; galerne reads Mistral-family models of "
+                              f"architecture {', '.join(SUPPORTED_ARCHS)}", path=str(path))
+        tensors = {t.name: t for t in reader.tensors}
+        for t in reader.tensors:
+            _check_tensor(path, t)
+        args = _args(reader, arch, tensors, str(path))
+        return cls(path, args, arch, reader)
+
+    def native_tensors(self, meta: bool = False, keep_fp8: bool = False, raw: bool = False
+                       ) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+        """Yield (file, GGUF tensor name, native name, tensor): floats as torch tensors
+        on the memory map, Q8_0 / Q4_0 / Q4_K as ``QTensor`` (zero-copy), Q5_K / Q6_K
+        converted to q8_0 (``raw``: left as they are, for writing them back)."""
+        converted = 0
+        for t in self.reader.tensors:
+            if t.name.endswith(_IGNORED_SUFFIX):
+                continue
+            native = gguf_to_native(t.name)
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if meta:
+                yield self.folder, t.name, native, torch.empty(shape, dtype=torch.float32, device="meta")
+                continue
+            s = by_ggml_type(t.tensor_type)
+            if s is None:
+                yield self.folder, t.name, native, _float_tensor(t, shape)
+                continue
+            blocks = torch.from_numpy(t.data).reshape(shape[0], -1) if len(shape) == 2 else None
+            if blocks is None:
+                raise ModelLoadError(f"a quantized tensor must be 2-D, got shape {shape}", path=str(self.folder),
+                                     tensor=t.name)
+            if not s.kernel and not raw:
+                # No kernel reads it: keep memory near the file's size with q8_0 (8.5 bits a
+                # weight against q5_k's 5.5 and q6_k's 6.56), one tensor at a time.
+                blocks, s = quantize(dequantize(blocks, s, shape[1]), SCHEMES["q8_0"]), SCHEMES["q8_0"]
+                converted += 1
+            yield self.folder, t.name, native, QTensor(blocks, s, shape)
+        if converted:
+            log.info("%s: %d tensor(s) in Q5_K/Q6_K (no kernel reads them) dequantized and stored in q8_0",
+                     self.folder.name, converted)
+
+
+_FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
+
+
+def _float_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
+    dtype = _FLOAT_TYPES[int(t.tensor_type)]
+    # numpy has no bfloat16: the reader gives BF16 as bytes, viewed here.
+    return torch.from_numpy(t.data).reshape(-1).view(torch.uint8).view(dtype).reshape(shape)
+
+
+def _check_tensor(path: Path, t) -> None:
+    """Refuse, before any weight is read, a tensor galerne can't place or store."""
+    from gguf import GGMLQuantizationType
+
+    name = t.name
+    if name.endswith(_IGNORED_SUFFIX):
+        return
+    if gguf_to_native(name) is None:
+        hint = " (llama 3's rope frequency factors: not a Mistral-family model)" if name.startswith("rope_freqs") else ""
+        if ".ffn_gate_inp." in name or "_exps." in name or ".ffn_gate." in name:
+            hint = " (mixture-of-experts GGUF files are not supported yet)"
+        raise ModelLoadError(f"unexpected tensor: not part of a dense Mistral-family model{hint}", path=str(path),
+                             tensor=name)
+    if int(t.tensor_type) in _FLOAT_TYPES or by_ggml_type(t.tensor_type) is not None:
+        return
+    kind = GGMLQuantizationType(int(t.tensor_type)).name
+    readable = ["F32", "F16", "BF16"] + [s.name.upper() for s in SCHEMES.values()]
+    raise ModelLoadError(f"tensor type {kind} is not supported (galerne reads {', '.join(readable)}; "
+                         f"requantize the file, e.g. to Q4_K_M or Q8_0)", path=str(path), tensor=name)
+
+
+def _args(reader, arch: str, tensors: dict, where: str) -> ModelArgs:
+    """``ModelArgs`` from the metadata, with llama.cpp's defaults for what a file leaves out."""
+
+    def key(name: str, default=None, required: bool = False):
+        v = _value(reader, f"{arch}.{name}")
+        if v is None and required:
+            raise ConfigError(f"missing metadata {arch}.{name}", path=where)
+        return default if v is None else v
+
+    if int(key("expert_count", 0) or 0):
+        raise ConfigError("mixture-of-experts GGUF files are not supported yet", path=where)
+    dim = int(key("embedding_length", required=True))
+    n_heads = int(key("attention.head_count", required=True))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise ConfigError("attention.value_length differs from key_length: not a Mistral-family model", path=where)
+    rope_dim = int(key("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConfigError(f"rope.dimension_count {rope_dim} is not head_dim {head_dim} (partial rotary is not "
+                          "supported)", path=where)
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise ModelLoadError("missing tensor token_embd.weight", path=where)
+    vocab = int(emb.shape[1])  # ggml's dims are (in, out)
+    if int(key("vocab_size", vocab)) != vocab:
+        raise ConfigError(f"{arch}.vocab_size {key('vocab_size')} disagrees with token_embd's {vocab} rows", path=where)
+
+    orig = key("rope.scaling.original_context_length")
+    scaling = key("rope.scaling.type", "none")
+    yarn = None
+    if scaling == "yarn":
+        factor = float(key("rope.scaling.factor", required=True))
+        if orig is None:
+            raise ConfigError("YaRN needs rope.scaling.original_context_length", path=where)
+        # llama.cpp's magnitude: mscale(factor) / mscale(factor, log_mul) when the log
+        # multiplier (transformers' mscale_all_dim) is set, else mscale(factor).
+        log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0))
+        attn = key("rope.scaling.yarn_attn_factor")
+        yarn = YarnArgs(
+            factor=factor, original_max_position_embeddings=int(orig),
+            beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
+            mscale=1.0 if log_mul else None, mscale_all_dim=log_mul or None,
+            attention_factor=None if attn is None else float(attn),
+        )
+    elif scaling not in ("none", None):
+        raise ConfigError(f"rope.scaling.type {scaling!r} is not supported (none and yarn are)", path=where)
+    query_scaling = None
+    beta = key("attention.temperature_scale")
+    if beta:
+        if orig is None:
+            raise ConfigError("attention.temperature_scale needs rope.scaling.original_context_length", path=where)
+        query_scaling = QueryScaling(float(beta), int(orig))
+    window = key("attention.sliding_window")
+    return ModelArgs(
+        dim=dim,
+        n_layers=int(key("block_count", required=True)),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        hidden_dim=int(key("feed_forward_length", required=True)),
+        vocab_size=vocab,
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        yarn=yarn,
+        query_scaling=query_scaling,
+        sliding_window=int(window) if window else None,
+        tied_embeddings="output.weight" not in tensors,
+        max_seq_len=int(key("context_length", DEFAULT_NATIVE_CONTEXT)),
+        bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_value(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _yarn_log_mul(y: YarnArgs) -> float:
+    """The YaRN log multiplier that gives ``y``'s magnitude in llama.cpp (0: its default,
+    mscale(factor))."""
+    if y.factor <= 1 or math.isclose(y.magnitude, yarn_mscale(y.factor), rel_tol=1e-7):
+        return 0.0
+    # mscale(f) / mscale(f, L) = magnitude  =>  0.1 L ln f + 1 = mscale(f) / magnitude
+    return (yarn_mscale(y.factor) / y.magnitude - 1.0) / (0.1 * math.log(y.factor))
