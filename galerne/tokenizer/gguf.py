@@ -96,7 +96,9 @@ class GGUFTokenizer(HFTokenizer):
             raise TokenizerError(f"{path}: the embedded tokenizer has no eos token (tokenizer.ggml.eos_token_id)")
         self.eos_id = int(eos)
         self._config_eos = set()
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The file's tokens (transformers' byte-level class adds an <|endoftext|> of its own
+        # past them, which no text encodes to: control tokens in text stay text).
+        self.vocab_size = len(info["tokens"])
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:

@@ -1,4 +1,5 @@
-"""Write a checkpoint in either layout: ``galerne convert SRC DST --to mistral|hf``.
+"""Write a checkpoint in either layout: ``galerne convert SRC DST --to mistral|hf``
+(``--to gguf``: ``weights/gguf.py``).
 
 Tensors are renamed and q/k rows permuted by ``names.py`` only (pure re-indexing)
 and keep their dtype unless asked otherwise, so HF -> Mistral -> HF gives back
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
-from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
+from .loader import _ST_TO_TORCH, open_checkpoint, resolve_dtype
 from .names import native_to_hf, pack_experts, permute_for, to_native_file
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,24 @@ def _prepare_destination(dst: str | Path, src: Path | None) -> Path:
 
 
 def convert(
-    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None
+    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None,
+    scheme: str | None = None,
 ) -> Path:
-    """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
+    """Convert the checkpoint in ``src`` (a folder, or a GGUF file) to layout ``to``
+    ("mistral" or "hf": a folder ``dst``; "gguf": the file ``dst``, its tensors in
+    ``scheme``, see ``weights.gguf.write_gguf``)."""
+    if to == "gguf":
+        from .gguf import write_gguf
+
+        if dtype is not None:
+            raise ModelLoadError("a GGUF file's types are chosen with the scheme (f32, f16, bf16, q8_0, ...), not dtype")
+        return write_gguf(src, dst, scheme=scheme, progress=progress)
+    if scheme is not None:
+        raise ModelLoadError("a scheme applies to GGUF output only (--to gguf)")
     _check_layout(to)
-    ckpt = Checkpoint.open(src)
+    ckpt = open_checkpoint(src)
+    if ckpt.layout == "gguf" and ckpt.block_quantized:
+        raise ModelLoadError("a quantized GGUF file is written as GGUF only (--to gguf)", path=str(ckpt.folder))
     if ckpt.args.vision is not None:
         log.warning("%s: the vision encoder is not converted (image input is not supported yet); "
                     "the output holds the language model only", ckpt.folder.name)

@@ -338,3 +338,308 @@ def _yarn_log_mul(y: YarnArgs) -> float:
         return 0.0
     # mscale(f) / mscale(f, L) = magnitude  =>  0.1 L ln f + 1 = mscale(f) / magnitude
     return (yarn_mscale(y.factor) / y.magnitude - 1.0) / (0.1 * math.log(y.factor))
+
+
+# ------------------------------------------------------------------ writing
+
+FLOAT_SCHEMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
+
+
+def write_schemes() -> tuple[str, ...]:
+    from ..quant import WRITABLE
+
+    return (*FLOAT_SCHEMES, *WRITABLE)
+
+
+@dataclass
+class _Planned:
+    native: str
+    name: str  # in the GGUF
+    shape: tuple[int, ...]
+    kind: str  # "f32" | "f16" | "bf16" | a block scheme's name
+
+
+def write_gguf(src: str | Path, dst: str | Path, *, scheme: str | None = None, progress: bool | None = None) -> Path:
+    """Write the model of ``src`` (a model folder or a GGUF file) as the GGUF file ``dst``.
+
+    ``scheme``: f32, f16 or bf16 (matrices in that float type), or a block scheme (q8_0,
+    q4_0, q4_k: matrices quantized as ``quant.plan.tensor_scheme`` decides, the output
+    projection in q8_0 under a 4-bit scheme); None: the source's own types. Norms are
+    always F32 (as llama.cpp writes them). A quantized source (``galerne quantize``'s
+    folders, GGUF files) has its blocks written as they are.
+
+    Everything is read and checked first (config, tokenizer, every tensor's name, shape
+    and type); then the file is written, one tensor at a time, under a temporary name
+    renamed to ``dst`` at the end. An existing ``dst`` is never overwritten.
+    """
+    from gguf import GGUFWriter
+
+    from .loader import open_checkpoint
+
+    dst = Path(dst)
+    if dst.exists():
+        raise ModelLoadError("the destination exists; refusing to overwrite it", path=str(dst))
+    if scheme is not None and scheme.lower() not in write_schemes():
+        raise ConfigError(f"unknown GGUF scheme {scheme!r}; use one of {', '.join(write_schemes())}")
+    ckpt = open_checkpoint(src)
+    a = ckpt.args
+    _check_writable(a, str(src))
+    if a.vision is not None:
+        log.warning("%s: the vision encoder is not written (image input is not supported yet); the GGUF holds the "
+                    "language model only", Path(src).name)
+    plan = _plan(ckpt, scheme.lower() if scheme else None)
+    # The writer holds the metadata and the tensor list in memory until the header is
+    # written: everything it needs is gathered (and checked) before the file is opened.
+    w = GGUFWriter(None, "mistral3" if a.yarn is not None or a.query_scaling is not None else "llama")
+    _write_metadata(w, a, ckpt, plan)
+    _write_vocab(w, ckpt, a)
+    for p in plan:
+        _add_info(w, p)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
+    try:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _stream(w, ckpt, plan, progress)
+        w.close()
+        if dst.exists():  # appeared while we wrote
+            raise ModelLoadError("the destination exists; refusing to overwrite it", path=str(dst))
+        tmp.rename(dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _check_writable(a: ModelArgs, where: str) -> None:
+    if a.moe is not None or a.mla is not None:
+        raise ConfigError("only dense Mistral-family models are written as GGUF yet (no mixture of experts or "
+                          "latent attention)", path=where)
+    if isinstance(a.sliding_window, tuple) and len(set(a.sliding_window)) > 1:
+        raise ConfigError("per-layer sliding windows have no GGUF spelling for llama.cpp's llama architecture",
+                          path=where)
+    if a.yarn is not None and a.query_scaling is not None and \
+            a.yarn.original_max_position_embeddings != a.query_scaling.original_max_position_embeddings:
+        raise ConfigError("YaRN and llama-4 query scaling over different original contexts have no GGUF spelling "
+                          "(llama.cpp reads one original_context_length)", path=where)
+
+
+def _source_kinds(ckpt) -> Iterator[tuple[str, tuple[int, ...], torch.dtype | object]]:
+    """(native name, shape, torch dtype or block Scheme) of every tensor, from headers only."""
+    if isinstance(ckpt, GGUFCheckpoint):
+        for t in ckpt.reader.tensors:
+            if t.name.endswith(_IGNORED_SUFFIX):
+                continue
+            kind = _FLOAT_TYPES.get(int(t.tensor_type)) or by_ggml_type(t.tensor_type)
+            yield gguf_to_native(t.name), tuple(int(d) for d in reversed(t.shape.tolist())), kind
+        return
+    from ..quant.plan import stored_schemes
+
+    cfg = stored_schemes(ckpt.args)
+    raw = {name: t.dtype for _, name, t in ckpt.raw_tensors(meta=True)} if cfg else {}
+    for _, name, native, meta in ckpt.native_tensors(meta=True):
+        kind = meta.dtype
+        if cfg and raw.get(name) == torch.uint8:
+            kind = SCHEMES[str((cfg.get("tensors") or {}).get(name, cfg.get("scheme")))]
+        yield native, tuple(meta.shape), kind
+
+
+def _plan(ckpt, scheme: str | None) -> list[_Planned]:
+    from ..quant import Scheme
+    from ..quant.plan import tensor_scheme
+
+    target = None if scheme is None or scheme in FLOAT_SCHEMES else SCHEMES[scheme]
+    where = str(ckpt.folder)
+    plan = []
+    for native, shape, kind in _source_kinds(ckpt):
+        if native == "output.weight" and ckpt.args.tied_embeddings:
+            continue  # llama.cpp reads token_embd for the output when output.weight is absent
+        name = native_to_gguf(native)
+        if name is None:
+            raise ModelLoadError("no GGUF name for this tensor", path=where, tensor=native)
+        if len(shape) == 1:
+            out = "f32"
+        elif isinstance(kind, Scheme):
+            want = kind if scheme is None else tensor_scheme(native, shape, target) if target else None
+            if want is None or want.name != kind.name:
+                raise ModelLoadError(f"stored in {kind.name}: a quantized source is written as it is; leave out "
+                                     f"the scheme (asked: {scheme})", path=where, tensor=native)
+            out = kind.name
+        else:
+            source_float = next((n for n, dt in FLOAT_SCHEMES.items() if dt == kind), "f32")
+            if target is not None:
+                chosen = tensor_scheme(native, shape, target)
+                out = chosen.name if chosen is not None else source_float
+            else:
+                out = scheme or source_float
+        plan.append(_Planned(native, name, shape, out))
+    return plan
+
+
+def _add_info(w, p: _Planned) -> None:
+    from gguf import GGMLQuantizationType
+
+    if p.kind in ("f32", "f16"):
+        dt = np.float32 if p.kind == "f32" else np.float16
+        w.add_tensor_info(p.name, p.shape, np.dtype(dt), int(np.prod(p.shape)) * np.dtype(dt).itemsize)
+    elif p.kind == "bf16":  # given as its bytes: numpy has no bfloat16
+        w.add_tensor_info(p.name, (*p.shape[:-1], p.shape[-1] * 2), np.dtype(np.uint8), int(np.prod(p.shape)) * 2,
+                          raw_dtype=GGMLQuantizationType.BF16)
+    else:
+        s = SCHEMES[p.kind]
+        w.add_tensor_info(p.name, (p.shape[0], s.row_bytes(p.shape[1])), np.dtype(np.uint8),
+                          p.shape[0] * s.row_bytes(p.shape[1]), raw_dtype=GGMLQuantizationType(s.ggml_type))
+
+
+def _stream(w, ckpt, plan: list[_Planned], progress: bool | None) -> None:
+    from tqdm import tqdm
+
+    by_native = {p.native: p for p in plan}
+    items = ckpt.native_tensors(raw=True) if isinstance(ckpt, GGUFCheckpoint) else ckpt.native_tensors()
+    done = 0
+    with tqdm(total=len(plan), desc="writing gguf", unit="tensor", disable=None if progress is None else not progress,
+              leave=False) as bar:
+        for _, name, native, t in items:
+            p = by_native.get(native)
+            if p is None:  # a tied output the source still stores
+                continue
+            if plan[done].native != native:
+                raise RuntimeError(f"tensor {native} arrived out of plan (expected {plan[done].native})")
+            w.write_tensor_data(_encode(t, p))
+            done += 1
+            bar.update(1)
+    if done != len(plan):
+        raise RuntimeError(f"{len(plan) - done} planned tensors were not written")
+
+
+def _encode(t, p: _Planned) -> np.ndarray:
+    """One tensor as the bytes the plan announced."""
+    if isinstance(t, QTensor):
+        if t.scheme.name == p.kind:
+            return t.data.contiguous().cpu().numpy()
+        t = t.dense()  # (not planned: a quantized source is written as it is)
+    t = t.detach().cpu()
+    if p.kind == "f32":
+        return t.to(torch.float32).contiguous().numpy()
+    if p.kind == "f16":
+        return t.to(torch.float16).contiguous().numpy()
+    if p.kind == "bf16":
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    return quantize(t, SCHEMES[p.kind]).numpy()
+
+
+def _write_metadata(w, a: ModelArgs, ckpt, plan: list[_Planned]) -> None:
+    from gguf import GGML_QUANT_VERSION, RopeScalingType
+
+    w.add_name(Path(ckpt.folder).stem if isinstance(ckpt, GGUFCheckpoint) else Path(ckpt.folder).name)
+    w.add_vocab_size(a.vocab_size)
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_block_count(a.n_layers)
+    w.add_feed_forward_length(a.hidden_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    w.add_key_length(a.head_dim)
+    w.add_value_length(a.head_dim)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    window = a.sliding_window[0] if isinstance(a.sliding_window, tuple) else a.sliding_window
+    if window is not None:  # (llama.cpp's llama architecture does not read it: it attends to everything)
+        w.add_sliding_window(window)
+    if a.yarn is not None:
+        y = a.yarn
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(y.factor)
+        w.add_rope_scaling_orig_ctx_len(y.original_max_position_embeddings)
+        w.add_rope_scaling_yarn_beta_fast(y.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(y.beta_slow)
+        if log_mul := _yarn_log_mul(y):
+            w.add_rope_scaling_yarn_log_mul(log_mul)
+    if a.query_scaling is not None:
+        if a.yarn is None:
+            w.add_rope_scaling_orig_ctx_len(a.query_scaling.original_max_position_embeddings)
+        w.add_attn_temperature_scale(a.query_scaling.beta)
+    matrices = [p.kind for p in plan if len(p.shape) == 2]
+    main = max(set(matrices), key=matrices.count) if matrices else "f32"
+    w.add_file_type(_FILE_TYPES.get(main, 0))
+    if main not in FLOAT_SCHEMES:
+        w.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _write_vocab(w, ckpt, a: ModelArgs) -> None:
+    """The tokenizer, as llama.cpp's converter writes a Mistral one (``_set_vocab_mistral``:
+    mistral-common's tokens, scores and types; a tekken vocabulary as BPE with its
+    merges and the "tekken" pre-tokenizer), or a GGUF source's as it is."""
+    from gguf import GGUFValueType
+
+    if isinstance(ckpt, GGUFCheckpoint):
+        for key, f in ckpt.reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
+                w.add_key_value(key, f.contents(), f.types[0], sub)
+        return
+    from gguf import TokenType
+    from gguf.vocab import MistralTokenizerType, MistralVocab
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
+
+    from ..errors import TokenizerError
+    from ..tokenizer.base import _find_tokenizer_file
+
+    folder = Path(ckpt.folder)
+    try:
+        file = _find_tokenizer_file(folder)
+    except TokenizerError as e:
+        raise ModelLoadError(f"a GGUF file embeds its tokenizer, and there is none: {e}", path=str(folder)) from None
+    if not (is_tekken(file) or is_sentencepiece(file)):
+        raise ModelLoadError(f"a GGUF file embeds its tokenizer; galerne writes mistral-common's (tekken.json, "
+                             f"tokenizer.model.v*), and this folder has {file.name} only", path=str(folder))
+    inner = MistralTokenizer.from_file(str(file)).instruct_tokenizer.tokenizer
+    # gguf's MistralVocab does the conversion (llama.cpp's own code); it is built from
+    # the tokenizer already loaded rather than by searching the folder again.
+    vocab = MistralVocab.__new__(MistralVocab)
+    vocab.tokenizer = inner
+    vocab.tokenizer_type = MistralTokenizerType.tekken if isinstance(inner, Tekkenizer) else MistralTokenizerType.spm
+    vocab.vocab_size = inner.n_words
+    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+    if len(tokens) > a.vocab_size:
+        raise ModelLoadError(f"the tokenizer {file.name} has {len(tokens)} tokens but the model's vocabulary "
+                             f"{a.vocab_size}", path=str(folder))
+    for i in range(len(tokens), a.vocab_size):  # rows past the tokenizer's (as llama.cpp pads a vocabulary)
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TokenType.UNUSED)
+    w.add_tokenizer_model(vocab.gguf_tokenizer_model)
+    if vocab.tokenizer_type == MistralTokenizerType.tekken:
+        w.add_tokenizer_pre("tekken")
+        w.add_token_merges(vocab.extract_vocab_merges_from_model())
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id)
+    w.add_pad_token_id(vocab.pad_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    template = _chat_template(folder, inner, vocab.tokenizer_type == MistralTokenizerType.tekken)
+    if template is not None:
+        w.add_chat_template(template)
+
+
+def _chat_template(folder: Path, inner, tekken: bool) -> str | None:
+    """The folder's own Jinja template, else the name of llama.cpp's built-in one for the
+    tokenizer versions it has one for (what its converter writes); None otherwise."""
+    own = folder / "chat_template.jinja"
+    if own.is_file():
+        return own.read_text(encoding="utf-8")
+    version = str(inner.version.value if hasattr(inner.version, "value") else inner.version)
+    names = {"v1": "mistral-v1", "v3": "mistral-v3-tekken" if tekken else "mistral-v3",
+             "v7": "mistral-v7-tekken" if tekken else "mistral-v7"}
+    return names.get(version)
