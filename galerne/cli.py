@@ -1,4 +1,4 @@
-"""The ``galerne`` command: generate, chat, serve, convert, merge, finetune, data validate."""
+"""The ``galerne`` command: generate, chat, serve, convert, quantize, merge, finetune, data validate."""
 
 from __future__ import annotations
 
@@ -167,6 +167,17 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    from .quant import SCHEMES
+    from .weights.export import quantize_checkpoint
+
+    out = quantize_checkpoint(ns.src, ns.dst, ns.scheme, to=ns.to)
+    s = SCHEMES[ns.scheme]
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"wrote {out} ({s.name}, {s.bits:.1f} bits a weight; {size / 1e9:.2f} GB of weights)")
+    return 0
+
+
 def cmd_data_validate(ns: argparse.Namespace) -> int:
     from .finetune.validate import check_limits, check_speed, validate_files
     from .tokenizer import Tokenizer
@@ -274,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "4-bit scheme output.weight is q8_0). Default: the source's types; a quantized source is "
                         "written as it is")
     v.set_defaults(func=cmd_convert)
+
+    from .quant import WRITABLE
+
+    q = sub.add_parser("quantize", parents=[common], help="write a checkpoint with its weights quantized (q8_0, q4_0, q4_k)",
+                       description="Quantizes the attention and feed-forward matrices, the embedding and the output "
+                                   "(at 8 bits with a 4-bit scheme) in llama.cpp's block layouts; norms stay in float. "
+                                   "The folder loads with `galerne serve DST` as it is stored. See docs/quantization.md.")
+    q.add_argument("src", help="source model folder (float weights)")
+    q.add_argument("dst", help="destination folder (created; must be empty)")
+    q.add_argument("--scheme", required=True, choices=WRITABLE,
+                   help="q8_0: 8.5 bits a weight, near-lossless; q4_k: 4.5 bits, llama.cpp's K-quant; "
+                        "q4_0: 4.5 bits, the fastest 4-bit to decode")
+    q.add_argument("--to", default=None, choices=("mistral", "hf"), help="layout of the output (default: the source's)")
+    q.set_defaults(func=cmd_quantize)
 
     f = sub.add_parser("finetune", parents=[common], help="LoRA or full fine-tuning from a mistral-finetune YAML config",
                        description="Every config key is also a flag (--max-steps 10, --lora.rank 8 or --lora-rank 8); "

@@ -59,6 +59,10 @@ class ModelSettings:
     layout: str | None = setting(None, "checkpoint layout when a folder holds both (default: Mistral-native first)", choices=("mistral", "hf"))
     revision: str | None = setting(None, "Hub revision, when MODEL is a Hugging Face Hub id")
     adapter: str | None = setting(None, "LoRA adapter to apply, merged into the weights at load (PEFT folder, or Mistral lora.safetensors)")
+    quantization: str | None = setting(None, "quantize the weights at load: q8_0 (8 bits), q4_k or q4_0 (4.5 bits); "
+                                             "activations stay in --dtype (default: as stored; a folder written by "
+                                             "`galerne quantize` or a GGUF file loads as it is stored)",
+                                       choices=("q8_0", "q4_0", "q4_k"))
 
     def llm_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from .config import EngineSettings
@@ -23,6 +22,7 @@ from .engine.request import EngineRequest, Limits, validate_request
 from .errors import InvalidParameter, ModelLoadError
 from .models.attention import NoCacheAttention
 from .models.transformer import Transformer
+from .quant.plan import quantize_model_
 from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.adapters import merge_adapter
@@ -86,6 +86,7 @@ class LLM:
         adapter: str | Path | None = None,
         adapters: Mapping[str, str | Path] | None = None,
         progress: bool | None = None,
+        quantization: str | None = None,
         **engine: object,
     ):
         """``adapter``: a LoRA adapter trained on this base (PEFT's folder, or Mistral's
@@ -94,14 +95,19 @@ class LLM:
         (``generate(..., adapter=NAME)``), many in one batch; more with ``load_adapter``.
         ``engine`` takes the fields of ``EngineSettings`` (block_size, kv_cache_gb,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_loras,
-        max_lora_rank, ...)."""
+        max_lora_rank, ...). ``quantization``: a block scheme (q8_0, q4_0, q4_k) the
+        weights are quantized to as they load (``galerne.quant``)."""
         self.engine_settings = _engine_settings(engine)
         path = resolve_model_path(model, revision)
-        transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress)
+        # A merged adapter goes into float weights: then quantize (the float model is in memory once).
+        transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress,
+                                                  quantization=None if adapter is not None else quantization)
         self.adapter = Path(adapter) if adapter is not None else None
         if self.adapter is not None:
             kind, rank, targets = merge_adapter(transformer, self.adapter)
             log.info("merged %s adapter %s (rank %d, %s)", kind, self.adapter, rank, ", ".join(targets))
+            if quantization is not None:
+                quantize_model_(transformer, quantization)
         self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
         log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .quant import QuantLinear, linear_device, linear_dtype
+
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
@@ -226,13 +228,15 @@ class MultiLoRALinear(nn.Module):
     ``(x_rows @ A[s, :r].T) @ B[s, :, :r].T`` (r: the rank of the adapter in that slot,
     scaling already in B). x: (T, in), the flat batch. Layout: see MULTI_TARGETS."""
 
-    def __init__(self, base: nn.Linear, rows: LoRARows, max_loras: int, max_rank: int):
+    def __init__(self, base: nn.Module, rows: LoRARows, max_loras: int, max_rank: int):
+        """``base``: an ``nn.Linear`` or a ``QuantLinear`` (the stacks then take the
+        activations' dtype)."""
         super().__init__()
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras and max_rank must be >= 1, got {max_loras} and {max_rank}")
         self.base, self.rows = base, rows
         self.in_features, self.out_features = base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": linear_device(base), "dtype": linear_dtype(base)}
         # Not in the state dict: slots are serving state, filled from adapters, not weights.
         self.register_buffer("lora_A", torch.zeros(max_loras, max_rank, self.in_features, **factory), persistent=False)
         self.register_buffer("lora_B", torch.zeros(max_loras, self.out_features, max_rank, **factory), persistent=False)
@@ -316,7 +320,7 @@ def multi_lora_unsupported(model: nn.Module) -> str | None:
     for name, m in _multi_targets(model):
         if isinstance(m, MultiLoRALinear):
             return "adapter slots already applied"
-        if type(m) is not nn.Linear or m.bias is not None:
+        if type(m) not in (nn.Linear, QuantLinear) or getattr(m, "bias", None) is not None:
             return f"{name} is a {type(m).__name__}{' with a bias' if type(m) is nn.Linear else ''}, not a plain linear layer"
     return None
 
@@ -374,7 +378,7 @@ def multi_lora_bytes(model: nn.Module, max_loras: int, max_rank: int) -> int:
     """Bytes the adapter slots of ``apply_multi_lora`` take on the model's device."""
     total = 0
     for _, m in _multi_targets(model):
-        total += max_loras * max_rank * (m.in_features + m.out_features) * m.weight.element_size()
+        total += max_loras * max_rank * (m.in_features + m.out_features) * linear_dtype(m).itemsize
     return total
 
 

@@ -83,8 +83,11 @@ class QuantLinear(nn.Module):
     """A bias-free linear layer whose weight is stored in a block scheme.
     ``qweight``: (out, in / block * block_bytes) uint8, ``galerne.quant``'s layout."""
 
-    def __init__(self, qweight: torch.Tensor, scheme: Scheme | str, in_features: int):
+    def __init__(self, qweight: torch.Tensor, scheme: Scheme | str, in_features: int,
+                 dtype: torch.dtype = torch.float32):
+        """``dtype``: the activations' (what an adapter served on this layer is kept in)."""
         super().__init__()
+        self.dtype = dtype
         self.scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
         if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != self.scheme.row_bytes(in_features) \
                 or in_features % self.scheme.block:
@@ -122,6 +125,15 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme.name}"
+
+
+def linear_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or a quantized layer's activations'."""
+    return linear.dtype if isinstance(linear, QuantLinear) else linear.weight.dtype
+
+
+def linear_device(linear: nn.Module) -> torch.device:
+    return linear.qweight.device if isinstance(linear, QuantLinear) else linear.weight.device
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,7 @@ def quantized_module(native: str, q: torch.Tensor, s: Scheme, shape: tuple[int, 
 
     if native == EMBEDDING:
         return QuantEmbedding(q, s, shape[1], dtype)
-    return QuantLinear(q, s, shape[1])
+    return QuantLinear(q, s, shape[1], dtype)
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def quantize_model_(model: nn.Module, s: Scheme | str) -> dict[str, str]:
         emb = model.tok_embeddings
         from ..models.quant import QuantLinear
 
-        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim) if hasattr(emb, "qweight") else model.output
+        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim, dtype) if hasattr(emb, "qweight") else model.output
     return done
 
 

@@ -148,11 +148,52 @@ def _check_layout(to: str) -> None:
         raise ModelLoadError(f"unknown target layout {to!r} (use 'mistral' or 'hf')")
 
 
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, to: str | None = None,
+                        progress: bool | None = None) -> Path:
+    """Write the checkpoint in ``src`` quantized with block scheme ``scheme`` (q8_0, q4_0,
+    q4_k: ``galerne.quant``) to ``dst``, in layout ``to`` (default: the source's). The
+    tensors the scheme applies to (``quant.plan.tensor_scheme``) are stored as uint8
+    blocks, the others as they are; the config says which (``quantization`` in
+    params.json, ``quantization_config`` in config.json, ``quant_method: galerne``).
+    One tensor is in memory at a time."""
+    from ..quant import quantize
+    from ..quant import scheme as find
+    from ..quant.plan import stored_schemes, tensor_scheme
+
+    target = find(scheme)
+    ckpt = Checkpoint.open(src)
+    to = to or ckpt.layout
+    _check_layout(to)
+    if stored_schemes(ckpt.args) is not None:
+        raise ModelLoadError("this checkpoint is already quantized; quantize its float original", path=str(ckpt.folder))
+    if ckpt.args.vision is not None:
+        log.warning("%s: the vision encoder is not written (image input is not supported yet)", ckpt.folder.name)
+    dst = _prepare_destination(dst, ckpt.folder)
+    chosen: dict[str, str] = {}
+
+    def planned(native: str, meta: torch.Tensor) -> torch.Tensor:
+        s = tensor_scheme(native, tuple(meta.shape), target)
+        if s is None:
+            return meta
+        chosen[native] = s.name
+        return torch.empty(meta.shape[0], s.row_bytes(meta.shape[1]), dtype=torch.uint8, device="meta")
+
+    metas = [(native, planned(native, meta)) for _, _, native, meta in ckpt.native_tensors(meta=True)]
+    tensors = ((native, quantize(t.float(), chosen[native]) if native in chosen else t)
+               for _, _, native, t in ckpt.native_tensors())
+    names = {native: (to_native_file(native, ckpt.args) if to == "mistral" else native_to_hf(native, ckpt.args)[0])
+             for native in chosen}
+    cfg = {"quant_method": "galerne", "scheme": target.name, "tensors": {names[n]: s for n, s in chosen.items()}}
+    key = "quantization" if to == "mistral" else "quantization_config"
+    return write_checkpoint(dst, to, ckpt.args, iter(metas), tensors, companions_from=ckpt.folder, dtype=None,
+                            progress=progress, config_extra={key: cfg})
+
+
 def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: Path | None, dtype: str | None,
-                     progress: bool | None, shard_bytes: int | None = None) -> Path:
+                     progress: bool | None, shard_bytes: int | None = None, config_extra: dict | None = None) -> Path:
     """Write (native name, tensor) items in layout ``to``: ``metas`` (shape/dtype-only
     tensors, for planning the files) and ``tensors`` must list the same names in
-    the same order."""
+    the same order. ``config_extra``: keys added to the written config."""
     cast = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
 
     def target(native: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -181,11 +222,12 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
     for w in writers.values():
         w.close()
 
-    out_dtype = cast or (entries[0].dtype if entries else torch.float32)
+    out_dtype = cast or next((e.dtype for e in entries if e.dtype.is_floating_point), torch.float32)
     if to == "mistral":
-        (dst / "params.json").write_text(json.dumps(a.to_params_json(), indent=2) + "\n")
+        (dst / "params.json").write_text(json.dumps({**a.to_params_json(), **(config_extra or {})}, indent=2) + "\n")
     else:
-        (dst / "config.json").write_text(json.dumps(a.to_hf_config(str(out_dtype).removeprefix("torch.")), indent=2) + "\n")
+        config = {**a.to_hf_config(str(out_dtype).removeprefix("torch.")), **(config_extra or {})}
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": by_name}
             (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -422,7 +422,7 @@ def _tie_output(model: Transformer) -> None:
     if hasattr(emb, "qweight"):
         from ..models.quant import QuantLinear
 
-        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim)
+        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim, emb.dtype)
     else:
         model.output.weight = emb.weight
 
