@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
-from .loader import _ST_TO_TORCH, open_checkpoint, resolve_dtype
+from .loader import _ST_TO_TORCH, Checkpoint, open_checkpoint, resolve_dtype
 from .names import native_to_hf, pack_experts, permute_for, to_native_file
 
 log = logging.getLogger(__name__)
