@@ -105,9 +105,38 @@ def _reader(path: Path):
     """``gguf.GGUFReader`` of ``path``, with every tensor's extent checked against the
     file's size first: a truncated file names the tensor that runs past its end (the
     reader itself fails on a reshape, naming nothing)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
     class Reader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            """Arrays in one piece: the stock reader makes numpy views of every element,
+            seconds for a 131k-token vocabulary (tokens, scores, types, merges). A numeric
+            array is one view here, a string array one walk over its length prefixes,
+            with the parts laid out as the reader's own (``ReaderField.contents`` reads them)."""
+            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            sub, n, offs = GGUFValueType(int(itype[0])), int(alen[0]), orig_offs + 12
+            scalar = self.gguf_scalar_to_np.get(sub)
+            if scalar is not None:
+                arr = self._get(offs, scalar, n)
+                if len(arr) != n:
+                    raise ValueError("an array runs past the end of the file")
+                return 12 + int(arr.nbytes), [itype, alen, arr], [2], [GGUFValueType.ARRAY, sub]
+            if sub != GGUFValueType.STRING:
+                return super()._get_field_parts(orig_offs, raw_type)
+            buf, size = self.data.view(np.ndarray), len(self.data)  # (a memmap slices slower)
+            raw = memoryview(buf)
+            parts, idxs = [itype, alen], []
+            for _ in range(n):
+                length = int.from_bytes(raw[offs:offs + 8], "little")
+                if offs + 8 + length > size:
+                    raise ValueError("a string runs past the end of the file")
+                parts += [buf[offs:offs + 8].view(np.uint64), buf[offs + 8:offs + 8 + length]]
+                idxs.append(len(parts) - 1)
+                offs += 8 + length
+            return offs - orig_offs, parts, idxs, [GGUFValueType.ARRAY, GGUFValueType.STRING]
+
         def _build_tensors(self, start_offs, fields):  # before the reader maps the tensors
             size = len(self.data)
             for f in fields:
