@@ -90,6 +90,10 @@ def test_quantized_round_trip_keeps_the_blocks(name, tiny_mistral, tmp_path):
     types = {t.name: t.tensor_type.name for t in GGUFCheckpoint.open(out).reader.tensors}
     # A 4-bit scheme keeps the output projection at 8 bits (quant.plan.tensor_scheme).
     assert types["output.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == name.upper()
+    # A quantized file loads as stored, as a `galerne quantize` folder does.
+    assert_same_weights(back, load_model(out, dtype="float32", device="cpu", quantization=name)[0])
+    with pytest.raises(ModelLoadError, match=f"already quantized \\({name}\\)"):
+        load_model(out, device="cpu", quantization="q4_k")
 
 
 def test_q4_k_round_trip_keeps_the_blocks(wide, tmp_path):

@@ -29,6 +29,7 @@ is refused, naming the tensor and its type, before any weight is read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -221,6 +222,13 @@ class GGUFCheckpoint:
         for t in reader.tensors:
             _check_tensor(path, t)
         args = _args(reader, arch, tensors, str(path))
+        schemes = [s.name for t in reader.tensors if (s := by_ggml_type(t.tensor_type)) is not None]
+        if schemes:
+            # Said as a `galerne quantize` folder says it, so that the loader treats the file
+            # alike: loaded as stored, and `quantization=` must be its scheme (or None).
+            main = max(set(schemes), key=schemes.count)
+            args = dataclasses.replace(args, extra={**args.extra, "quantization": {
+                "quant_method": "galerne", "scheme": "q8_0" if main in ("q5_k", "q6_k") else main, "source": "gguf"}})
         return cls(path, args, arch, reader)
 
     def native_tensors(self, meta: bool = False, keep_fp8: bool = False, raw: bool = False
