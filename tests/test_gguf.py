@@ -236,17 +236,20 @@ def test_mistral_common_file_beside_the_gguf_wins(tiny_mistral, tmp_path):
     assert isinstance(Tokenizer.from_path(out), MistralCommonTokenizer)
 
 
-def test_llm_runs_a_gguf_as_its_folder(tiny_mistral, tmp_path):
+def test_llm_runs_a_gguf_as_its_folder(tiny_mistral, tmp_path, capsys):
     folder, _ = tiny_mistral
     out = alone(convert(folder, tmp_path / "m.gguf", "gguf"), tmp_path / "alone")
     llm, ref = LLM(out, dtype="float32", device="cpu"), LLM(folder, dtype="float32", device="cpu")
     assert llm.checkpoint.layout == "gguf" and isinstance(llm.tokenizer, GGUFTokenizer)
     a, b = llm.generate("Once upon a time", GREEDY)[0], ref.generate("Once upon a time", GREEDY)[0]
     assert a.token_ids == b.token_ids and a.text == b.text
+    assert main(["generate", str(out), "--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "0",
+                 "--dtype", "float32", "--device", "cpu"]) == 0
     # llama.cpp's converter names a built-in chat template for Mistral tokenizers, which
     # only llama.cpp renders: said, with the way out.
     with pytest.raises(TokenizerError, match="mistral-v3.*tokenizer.model"):
         llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert a.text in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ errors
@@ -398,3 +401,37 @@ def test_llamacpp_reads_galerne_files(scheme, tiny_mistral, tmp_path):
             break
     ours = LLM(out, dtype="float32", device="cpu").generate([PROMPT], GREEDY)[0].token_ids
     assert theirs == ours
+
+
+@pytest.mark.slow
+def test_llamacpp_q4_k_m_file_loads(wide, tmp_path, caplog):
+    """A Q4_K_M file from llama_model_quantize (Q4_K, and Q6_K for the output, some
+    attn_v and ffn_down): Q4_K read as it is, Q6_K through q8_0, and the logits those of
+    the model built from the file's exact dequantized values, within the q8_0 rounding
+    of the Q6_K tensors. (llama.cpp's own logits are farther from them: it rounds the
+    activations to 8 bits for its K-quant dot products.)"""
+    import ctypes
+
+    lb = _llamacpp_converter()
+    llama_cpp = _llama_cpp()
+    f32 = lb.convert_hf_to_gguf(wide, tmp_path / "f32.gguf", "f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
+    out = tmp_path / "q4_k_m.gguf"
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    ckpt = GGUFCheckpoint.open(out)
+    types = [t.tensor_type.name for t in ckpt.reader.tensors]
+    assert "Q4_K" in types and "Q6_K" in types
+    with caplog.at_level("INFO", logger="galerne.weights.gguf"):
+        model, _ = load_model(out, dtype="float32", device="cpu")
+    assert f"{types.count('Q6_K') + types.count('Q5_K')} tensor(s) in Q5_K/Q6_K" in caplog.text
+    assert model.layers[0].feed_forward.w1.scheme.name == "q4_k"
+    exact = build_model(ckpt.args, ((p, n, native, t.dense() if isinstance(t, QTensor) else t)
+                                    for p, n, native, t in ckpt.native_tensors(raw=True)),
+                        dtype="float32", device="cpu", config_name="gguf", where=str(out), desc="", progress=False)
+    tok = Tokenizer.from_path(wide)
+    a, b = LLM.from_model(model, tok).score(PROMPT), LLM.from_model(exact, tok).score(PROMPT)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
