@@ -4,14 +4,15 @@ embedded tokenizer, and the errors that name what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf, tekken_file
 
 from galerne import LLM, SamplingParams
 from galerne.cli import main
@@ -24,8 +25,6 @@ from galerne.tokenizer.mistral import MistralCommonTokenizer
 from galerne.weights.export import convert, quantize_checkpoint
 from galerne.weights.gguf import GGUFCheckpoint
 from galerne.weights.loader import build_model, load_model
-
-from conftest import build_hf, tekken_file
 
 gguf = pytest.importorskip("gguf")
 
@@ -75,6 +74,19 @@ def test_float_round_trip_is_bit_identical(scheme, dtype, tiny_mistral, tmp_path
     types = {t.name: t.tensor_type.name for t in g.reader.tensors}
     assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay F32, as llama.cpp writes them
     assert types["blk.0.attn_q.weight"] == (scheme or "f32").upper()
+
+
+@pytest.mark.parametrize("kind", ["tied", "head-dim", "mistral3"])
+def test_round_trip_of_other_shapes(kind, tiny_factory, tmp_path):
+    """Tied embeddings (no output.weight in the file), a head_dim that is not
+    dim / n_heads (attention.key_length), a vision-language checkpoint's language model."""
+    folder, _ = tiny_factory(kind)
+    out = convert(folder, tmp_path / "m.gguf", "gguf")
+    ref, ckpt = load_model(folder, dtype="float32", device="cpu")
+    back, g = load_model(out, dtype="float32", device="cpu")
+    assert dataclasses.replace(g.args, vision=None) == dataclasses.replace(ckpt.args, vision=None)
+    assert ("output.weight" in {t.name for t in g.reader.tensors}) == (kind != "tied")
+    assert_same_weights(ref, back)
 
 
 def test_yarn_and_query_scaling_round_trip(tiny_factory, tmp_path):

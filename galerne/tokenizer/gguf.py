@@ -33,7 +33,7 @@ from tokenizers import decoders, normalizers
 from galerne.conversation import check_text
 from galerne.errors import TokenizerError
 
-from .base import Tokenizer, _SPM_VERSIONED, _spm_version_key
+from .base import _SPM_VERSIONED, Tokenizer, _spm_version_key
 from .hf import HFTokenizer
 
 if TYPE_CHECKING:
@@ -62,8 +62,11 @@ class GGUFTokenizer(HFTokenizer):
 
     kind = "gguf"
 
-    def __init__(self, path: Path):  # noqa: super().__init__ reads a folder's files: not called
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    def __init__(self, path: Path):  # (not HFTokenizer.__init__: that one reads a folder's files)
+        from transformers.integrations.gguf import (
+            convert_gguf_tokenizer,
+            get_gguf_tokenizer,
+        )
 
         self.path = path
         try:

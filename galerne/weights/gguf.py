@@ -41,7 +41,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..models.args import DEFAULT_NATIVE_CONTEXT, ModelArgs, QueryScaling, YarnArgs, yarn_mscale
+from ..models.args import (
+    DEFAULT_NATIVE_CONTEXT,
+    ModelArgs,
+    QueryScaling,
+    YarnArgs,
+    yarn_mscale,
+)
 from ..quant import SCHEMES, QTensor, by_ggml_type, dequantize, quantize
 
 log = logging.getLogger(__name__)
