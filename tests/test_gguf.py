@@ -259,6 +259,21 @@ def _same_tokenizer(tok, ref) -> None:
     assert tok.is_special(3) and not tok.is_special(ref.encode("Hello", bos=False)[0])
 
 
+def test_embedded_jinja_chat_template(tiny_mistral, tmp_path):
+    """A folder's chat_template.jinja goes into the GGUF; the embedded tokenizer renders
+    it, the control tokens it writes becoming control tokens."""
+    folder, _ = tiny_mistral
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    (src / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }}[/INST]{% endfor %}")
+    tok = Tokenizer.from_path(alone(convert(src, tmp_path / "m.gguf", "gguf"), tmp_path / "alone"))
+    ref = Tokenizer.from_path(folder)
+    turns = ["Say hi", "there", "  Two spaces"]
+    ids = tok.encode_chat([{"role": r, "content": c} for r, c in zip(("user", "assistant", "user"), turns)])
+    assert ids == [1, *(i for c in turns for i in (3, *ref.encode(c, bos=False), 4))]
+
+
 def test_mistral_common_file_beside_the_gguf_wins(tiny_mistral, tmp_path):
     folder, _ = tiny_mistral
     out = convert(folder, tmp_path / "m.gguf", "gguf")

@@ -12,10 +12,10 @@ approximates. So :func:`gguf_tokenizer` takes, in order:
    ``tokenizers.Tokenizer``, with two corrections so that it encodes as
    mistral-common does (checked in tests/test_gguf.py):
 
-   - a SentencePiece vocabulary (``tokenizer.ggml.model`` "llama") gets the
-     normalizer of Mistral's own tokenizer.json files: always a "▁" in front, every
+   - a SentencePiece vocabulary (``tokenizer.ggml.model`` "llama") encodes text with
+     the normalizer of Mistral's own tokenizer.json files: always a "▁" in front, every
      space a "▁" (transformers' Metaspace leaves out the "▁" before text that starts
-     with a space, and merges runs of spaces);
+     with a space);
    - control tokens written in the text (``[INST]``) are plain text in ``encode``,
      as mistral-common treats them; only a chat template's own output is read with
      them.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tokenizers
-from tokenizers import decoders, normalizers
+from tokenizers import normalizers
 
 from galerne.conversation import check_text
 from galerne.errors import TokenizerError
@@ -74,18 +74,18 @@ class GGUFTokenizer(HFTokenizer):
             tok, _ = convert_gguf_tokenizer(arch, info)
         except Exception as e:  # transformers raises ValueError, KeyError, ... for what it can't read
             raise TokenizerError(f"{path}: cannot build the embedded tokenizer: {type(e).__name__}: {e}") from e
-        if info.get("tokenizer_type") == "llama":
-            # SentencePiece as Mistral's tokenizer.json files spell it (add_dummy_prefix:
-            # a "▁" before the text whatever it starts with; spaces are "▁").
-            tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-            tok.pre_tokenizer = None
-            tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(" ", 1, 0)])
         # Chat templates write control tokens as text: HFTokenizer reads their output with
-        # self._tok, which makes them. Plain text (encode) never makes one: self._plain.
+        # self._tok, which makes them, and puts a "▁" before the first piece only (as
+        # transformers' Metaspace does: "[INST] Hi" is [INST] "▁Hi"). Plain text (encode)
+        # never makes a control token: self._plain, which for SentencePiece is spelled as
+        # Mistral's tokenizer.json files are (add_dummy_prefix: a "▁" before the text
+        # whatever it starts with, where Metaspace leaves it out before a space).
         self._tok = tok
         self._plain = tokenizers.Tokenizer.from_str(tok.to_str())
         self._plain.encode_special_tokens = True
+        if info.get("tokenizer_type") == "llama":
+            self._plain.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            self._plain.pre_tokenizer = None
         template = config.get("chat_template")
         self._chat_template = template
         self._builtin_template = template if isinstance(template, str) and "{" not in template else None
