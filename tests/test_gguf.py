@@ -76,10 +76,11 @@ def test_float_round_trip_is_bit_identical(scheme, dtype, tiny_mistral, tmp_path
     assert types["blk.0.attn_q.weight"] == (scheme or "f32").upper()
 
 
-@pytest.mark.parametrize("kind", ["tied", "head-dim", "mistral3"])
+@pytest.mark.parametrize("kind", ["tied", "head-dim", "mistral3", "mixtral"])
 def test_round_trip_of_other_shapes(kind, tiny_factory, tmp_path):
     """Tied embeddings (no output.weight in the file), a head_dim that is not
-    dim / n_heads (attention.key_length), a vision-language checkpoint's language model."""
+    dim / n_heads (attention.key_length), a vision-language checkpoint's language model,
+    Mixtral (each layer's experts stacked in three tensors, as llama.cpp has them)."""
     folder, _ = tiny_factory(kind)
     out = convert(folder, tmp_path / "m.gguf", "gguf")
     ref, ckpt = load_model(folder, dtype="float32", device="cpu")
@@ -87,6 +88,33 @@ def test_round_trip_of_other_shapes(kind, tiny_factory, tmp_path):
     assert dataclasses.replace(g.args, vision=None) == dataclasses.replace(ckpt.args, vision=None)
     assert ("output.weight" in {t.name for t in g.reader.tensors}) == (kind != "tied")
     assert_same_weights(ref, back)
+    if kind == "mixtral":
+        shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in g.reader.tensors}
+        assert shapes["blk.1.ffn_down_exps.weight"] == (4, 64, 128) and shapes["blk.1.ffn_gate_inp.weight"] == (4, 64)
+
+
+def test_mixtral_experts_quantized(tiny_factory, tmp_path):
+    """A block scheme quantizes Mixtral's experts (as llama.cpp does; the router stays
+    F32); they load as QuantLinear experts, the blocks those of each expert's weight."""
+    folder, _ = tiny_factory("mixtral")
+    out = convert(folder, tmp_path / "m.gguf", "gguf", scheme="q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFCheckpoint.open(out).reader.tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == "Q8_0" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+    ref, _ = load_model(folder, dtype="float32", device="cpu")
+    back, _ = load_model(out, dtype="float32", device="cpu")
+    for e in range(4):
+        q = back.layers[1].feed_forward.experts[e].w2
+        assert isinstance(q, QuantLinear)
+        assert torch.equal(q.qweight, quantize(ref.layers[1].feed_forward.experts[e].w2.weight, "q8_0"))
+    # The QuantLinear experts compute what their dequantized weights do (the router's
+    # choices are those of the quantized model: compared with the float one, a few flip).
+    g = GGUFCheckpoint.open(out)
+    dense = build_model(g.args, ((p, n, native, t.dense() if isinstance(t, QTensor) else t)
+                                 for p, n, native, t in g.native_tensors()),
+                        dtype="float32", device="cpu", config_name="gguf", where=str(out), desc="", progress=False)
+    tok = Tokenizer.from_path(folder)
+    torch.testing.assert_close(LLM.from_model(back, tok).score(PROMPT), LLM.from_model(dense, tok).score(PROMPT),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_yarn_and_query_scaling_round_trip(tiny_factory, tmp_path):
@@ -382,10 +410,11 @@ def _prompt_logits(llm, ids) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mistral", "ministral3"])
+@pytest.mark.parametrize("kind", ["mistral", "ministral3", "mixtral"])
 def test_llamacpp_converted_file_matches_transformers(kind, tiny_factory, tmp_path):
-    """llama.cpp's own converter: arch llama for Mistral, mistral3 (YaRN + llama-4 query
-    scaling) for Ministral 3; q/k rows already in galerne's interleaved order."""
+    """llama.cpp's own converter: arch llama for Mistral and Mixtral (experts stacked),
+    mistral3 (YaRN + llama-4 query scaling) for Ministral 3; q/k rows already in
+    galerne's interleaved order."""
     lb = _llamacpp_converter()
     folder, ref = tiny_factory(kind)
     out = lb.convert_hf_to_gguf(folder, tmp_path / "f32.gguf", "f32")
@@ -429,7 +458,8 @@ def test_llamacpp_q8_0_file_matches_its_dequantized_weights(tiny_mistral, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,scheme", [("mistral", None), ("mistral", "q8_0"), ("ministral3", None)])
+@pytest.mark.parametrize("kind,scheme", [("mistral", None), ("mistral", "q8_0"), ("ministral3", None),
+                                         ("mixtral", None), ("mixtral", "q8_0")])
 def test_llamacpp_reads_galerne_files(kind, scheme, tiny_factory, tmp_path):
     """llama.cpp loads a GGUF galerne wrote (tokenizer included) and, on its weights, makes
     the greedy choices galerne makes (Ministral 3: arch mistral3, YaRN and query scaling

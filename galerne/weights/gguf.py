@@ -7,7 +7,8 @@ module adds is the model: which metadata are which ``ModelArgs``, which tensor
 names are which native names, which tensor types galerne keeps as they are.
 
 Architectures: llama.cpp's converter writes Mistral 7B / Nemo / Small (dense,
-``MistralForCausalLM`` or Mistral-native folders) as arch ``llama``, and Ministral 3 /
+``MistralForCausalLM`` or Mistral-native folders) and Mixtral (each layer's experts
+stacked in three (experts, out, in) tensors) as arch ``llama``, and Ministral 3 /
 Mistral Small 3.x text models (YaRN + llama-4 query scaling: ``Ministral3ForCausalLM``,
 ``Mistral3ForConditionalGeneration``, params.json with ``llama_4_scaling``) as arch
 ``mistral3``, with the same tensors and two more metadata: the YaRN log multiplier
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..models.args import (
     DEFAULT_NATIVE_CONTEXT,
     ModelArgs,
+    MoeArgs,
     QueryScaling,
     YarnArgs,
     yarn_mscale,
@@ -71,10 +74,18 @@ _LAYER = {
     "ffn_gate": "feed_forward.w1",
     "ffn_down": "feed_forward.w2",
     "ffn_up": "feed_forward.w3",
+    "ffn_gate_inp": "feed_forward.gate",  # Mixtral's router
 }
 _NATIVE_TO_GGUF = {v: k for k, v in _GLOBAL.items()}
 # Old llama.cpp files carry a per-layer rotary cache: not a weight.
 _IGNORED_SUFFIX = ".attn_rot_embd"
+# Mixtral's experts: llama.cpp stacks each layer's into one (experts, out, in) tensor per
+# projection (older files: one tensor per expert, ``blk.N.ffn_gate.E.weight``).
+_STACKED = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+_STACKED_NAME = re.compile(r"^blk\.(\d+)\.(ffn_gate_exps|ffn_down_exps|ffn_up_exps)\.weight$")
+_ONE_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|down|up)\.(\d+)\.weight$")
+_NATIVE_EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$")
+_W = {"gate": "w1", "down": "w2", "up": "w3"}
 
 
 def gguf_to_native(name: str) -> str | None:
@@ -84,7 +95,17 @@ def gguf_to_native(name: str) -> str | None:
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _LAYER:
         return f"layers.{parts[1]}.{_LAYER[parts[2]]}.weight"
+    if m := _ONE_EXPERT.match(name):
+        return f"layers.{m[1]}.feed_forward.experts.{m[3]}.{_W[m[2]]}.weight"
     return None
+
+
+def _expert_names(name: str, n_experts: int) -> list[str] | None:
+    """A stacked expert tensor's native names, one per expert; None for any other tensor."""
+    m = _STACKED_NAME.match(name)
+    if m is None:
+        return None
+    return [f"layers.{m[1]}.feed_forward.experts.{e}.{_STACKED[m[2]]}.weight" for e in range(n_experts)]
 
 
 def native_to_gguf(native: str) -> str | None:
@@ -243,28 +264,40 @@ class GGUFCheckpoint:
         on the memory map, Q8_0 / Q4_0 / Q4_K as ``QTensor`` (zero-copy), Q5_K / Q6_K
         converted to q8_0 (``raw``: left as they are, for writing them back)."""
         converted = 0
+        n_experts = self.args.moe.num_experts if self.args.moe else 0
         for t in self.reader.tensors:
             if t.name.endswith(_IGNORED_SUFFIX):
                 continue
-            native = gguf_to_native(t.name)
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            natives = _expert_names(t.name, n_experts)
+            if natives is None:
+                natives, shape = [gguf_to_native(t.name)], (1, *shape)  # one "expert": the tensor itself
+            elif shape[0] != n_experts:
+                raise ModelLoadError(f"{shape[0]} experts stacked, the metadata says {n_experts}",
+                                     path=str(self.folder), tensor=t.name)
+            one = shape[1:]
             if meta:
-                yield self.folder, t.name, native, torch.empty(shape, dtype=torch.float32, device="meta")
+                for native in natives:
+                    yield self.folder, t.name, native, torch.empty(one, dtype=torch.float32, device="meta")
                 continue
             s = by_ggml_type(t.tensor_type)
             if s is None:
-                yield self.folder, t.name, native, _float_tensor(t, shape)
+                whole = _float_tensor(t, shape)
+                for e, native in enumerate(natives):
+                    yield self.folder, t.name, native, whole[e]
                 continue
-            blocks = torch.from_numpy(t.data).reshape(shape[0], -1) if len(shape) == 2 else None
-            if blocks is None:
-                raise ModelLoadError(f"a quantized tensor must be 2-D, got shape {shape}", path=str(self.folder),
+            if len(one) != 2:
+                raise ModelLoadError(f"a quantized tensor must be 2-D, got shape {one}", path=str(self.folder),
                                      tensor=t.name)
-            if not s.kernel and not raw:
-                # No kernel reads it: keep memory near the file's size with q8_0 (8.5 bits a
-                # weight against q5_k's 5.5 and q6_k's 6.56), one tensor at a time.
-                blocks, s = quantize(dequantize(blocks, s, shape[1]), SCHEMES["q8_0"]), SCHEMES["q8_0"]
-                converted += 1
-            yield self.folder, t.name, native, QTensor(blocks, s, shape)
+            blocks = torch.from_numpy(t.data).reshape(shape[0], shape[1], -1)  # each expert's rows: a view
+            for e, native in enumerate(natives):
+                q, qs = blocks[e], s
+                if not s.kernel and not raw:
+                    # No kernel reads it: keep memory near the file's size with q8_0 (8.5 bits a
+                    # weight against q5_k's 5.5 and q6_k's 6.56), one tensor at a time.
+                    q, qs = quantize(dequantize(q, s, one[1]), SCHEMES["q8_0"]), SCHEMES["q8_0"]
+                    converted += 1
+                yield self.folder, t.name, native, QTensor(q, qs, one)
         if converted:
             log.info("%s: %d tensor(s) in Q5_K/Q6_K (no kernel reads them) dequantized and stored in q8_0",
                      self.folder.name, converted)
@@ -286,11 +319,9 @@ def _check_tensor(path: Path, t) -> None:
     name = t.name
     if name.endswith(_IGNORED_SUFFIX):
         return
-    if gguf_to_native(name) is None:
+    if gguf_to_native(name) is None and _STACKED_NAME.match(name) is None:
         hint = " (llama 3's rope frequency factors: not a Mistral-family model)" if name.startswith("rope_freqs") else ""
-        if ".ffn_gate_inp." in name or "_exps." in name or ".ffn_gate." in name:
-            hint = " (mixture-of-experts GGUF files are not supported yet)"
-        raise ModelLoadError(f"unexpected tensor: not part of a dense Mistral-family model{hint}", path=str(path),
+        raise ModelLoadError(f"unexpected tensor: not part of a Mistral-family model{hint}", path=str(path),
                              tensor=name)
     if int(t.tensor_type) in _FLOAT_TYPES or by_ggml_type(t.tensor_type) is not None:
         return
@@ -309,8 +340,13 @@ def _args(reader, arch: str, tensors: dict, where: str) -> ModelArgs:
             raise ConfigError(f"missing metadata {arch}.{name}", path=where)
         return default if v is None else v
 
-    if int(key("expert_count", 0) or 0):
-        raise ConfigError("mixture-of-experts GGUF files are not supported yet", path=where)
+    moe = None
+    if n_experts := int(key("expert_count", 0) or 0):
+        # Mixtral's routing (llama.cpp's llama architecture: softmax, top k renormalised).
+        if int(key("expert_shared_count", 0) or 0) or key("expert_gating_func", 1) != 1:
+            raise ConfigError("only Mixtral's mixture of experts is read from a GGUF (softmax routing, no shared "
+                              "experts)", path=where)
+        moe = MoeArgs(n_experts, int(key("expert_used_count", required=True)))
     dim = int(key("embedding_length", required=True))
     n_heads = int(key("attention.head_count", required=True))
     head_dim = int(key("attention.key_length", dim // n_heads))
@@ -368,6 +404,7 @@ def _args(reader, arch: str, tensors: dict, where: str) -> ModelArgs:
         query_scaling=query_scaling,
         sliding_window=int(window) if window else None,
         tied_embeddings="output.weight" not in tensors,
+        moe=moe,
         max_seq_len=int(key("context_length", DEFAULT_NATIVE_CONTEXT)),
         bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_value(reader, "tokenizer.ggml.eos_token_id"),
@@ -397,7 +434,7 @@ def write_schemes() -> tuple[str, ...]:
 
 @dataclass
 class _Planned:
-    native: str
+    native: str  # (a stack of experts: layers.N.feed_forward.experts.wK)
     name: str  # in the GGUF
     shape: tuple[int, ...]
     kind: str  # "f32" | "f16" | "bf16" | a block scheme's name
@@ -459,9 +496,9 @@ def write_gguf(src: str | Path, dst: str | Path, *, scheme: str | None = None, p
 
 
 def _check_writable(a: ModelArgs, where: str) -> None:
-    if a.moe is not None or a.mla is not None:
-        raise ConfigError("only dense Mistral-family models are written as GGUF yet (no mixture of experts or "
-                          "latent attention)", path=where)
+    if a.mla is not None or (a.moe is not None and not a.moe.mixtral):
+        raise ConfigError("only dense and Mixtral Mistral-family models are written as GGUF (not latent attention "
+                          "or Mistral 4's mixture of experts)", path=where)
     if isinstance(a.sliding_window, tuple) and len(set(a.sliding_window)) > 1:
         raise ConfigError("per-layer sliding windows have no GGUF spelling for llama.cpp's llama architecture",
                           path=where)
@@ -472,13 +509,18 @@ def _check_writable(a: ModelArgs, where: str) -> None:
 
 
 def _source_kinds(ckpt) -> Iterator[tuple[str, tuple[int, ...], torch.dtype | object]]:
-    """(native name, shape, torch dtype or block Scheme) of every tensor, from headers only."""
+    """(native name, shape, torch dtype or block Scheme) of every tensor (each expert on
+    its own), from headers only."""
     if isinstance(ckpt, GGUFCheckpoint):
+        n_experts = ckpt.args.moe.num_experts if ckpt.args.moe else 0
         for t in ckpt.reader.tensors:
             if t.name.endswith(_IGNORED_SUFFIX):
                 continue
             kind = _FLOAT_TYPES.get(int(t.tensor_type)) or by_ggml_type(t.tensor_type)
-            yield gguf_to_native(t.name), tuple(int(d) for d in reversed(t.shape.tolist())), kind
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            natives = _expert_names(t.name, n_experts)
+            for native in natives or [gguf_to_native(t.name)]:
+                yield native, shape[1:] if natives else shape, kind
         return
     from ..quant.plan import stored_schemes
 
@@ -491,88 +533,121 @@ def _source_kinds(ckpt) -> Iterator[tuple[str, tuple[int, ...], torch.dtype | ob
         yield native, tuple(meta.shape), kind
 
 
+def _grouped(items, a: ModelArgs, where: str):
+    """(native name, x) items -> (GGUF name, plan key, [(native name, x), ...]): one item
+    per tensor, except Mixtral's experts, gathered per layer and given as llama.cpp's
+    three stacked tensors (gate, down, up) once the layer's last expert has passed. The
+    tied output projection is left out (llama.cpp reads token_embd then)."""
+    n = a.moe.num_experts if a.moe else 0
+    pending: dict[str, dict[tuple[str, int], tuple[str, object]]] = {}
+    for native, x in items:
+        if native == "output.weight" and a.tied_embeddings:
+            continue
+        m = _NATIVE_EXPERT.match(native)
+        if m is None:
+            name = native_to_gguf(native)
+            if name is None:
+                raise ModelLoadError("no GGUF name for this tensor", path=where, tensor=native)
+            yield name, native, [(native, x)]
+            continue
+        layer = pending.setdefault(m[1], {})
+        layer[(m[3], int(m[2]))] = (native, x)
+        if len(layer) == 3 * n:
+            del pending[m[1]]
+            for stacked, w in _STACKED.items():
+                yield f"blk.{m[1]}.{stacked}.weight", f"layers.{m[1]}.feed_forward.experts.{w}", \
+                    [layer[(w, e)] for e in range(n)]
+    if pending:
+        raise ModelLoadError(f"incomplete experts in layer(s) {', '.join(sorted(pending))}", path=where)
+
+
 def _plan(ckpt, scheme: str | None) -> list[_Planned]:
+    where = str(ckpt.folder)
+    target = None if scheme is None or scheme in FLOAT_SCHEMES else SCHEMES[scheme]
+    plan = []
+    items = ((native, (shape, kind)) for native, shape, kind in _source_kinds(ckpt))
+    for name, key, parts in _grouped(items, ckpt.args, where):
+        kinds = {_out_kind(native, shape, kind, scheme, target, where) for native, (shape, kind) in parts}
+        shapes = {shape for _, (shape, _) in parts}
+        if len(kinds) != 1 or len(shapes) != 1:
+            raise ModelLoadError(f"the experts of {name} differ in shape or type ({sorted(kinds)})", path=where)
+        shape = shapes.pop()
+        plan.append(_Planned(key, name, (len(parts), *shape) if _STACKED_NAME.match(name) else shape, kinds.pop()))
+    return plan
+
+
+def _out_kind(native: str, shape: tuple[int, ...], kind, scheme: str | None, target, where: str) -> str:
+    """What tensor ``native`` (``kind``: its source dtype or block Scheme) is written as."""
     from ..quant import Scheme
     from ..quant.plan import tensor_scheme
 
-    target = None if scheme is None or scheme in FLOAT_SCHEMES else SCHEMES[scheme]
-    where = str(ckpt.folder)
-    plan = []
-    for native, shape, kind in _source_kinds(ckpt):
-        if native == "output.weight" and ckpt.args.tied_embeddings:
-            continue  # llama.cpp reads token_embd for the output when output.weight is absent
-        name = native_to_gguf(native)
-        if name is None:
-            raise ModelLoadError("no GGUF name for this tensor", path=where, tensor=native)
-        if len(shape) == 1:
-            out = "f32"
-        elif isinstance(kind, Scheme):
-            want = kind if scheme is None else tensor_scheme(native, shape, target) if target else None
-            if want is None or want.name != kind.name:
-                raise ModelLoadError(f"stored in {kind.name}: a quantized source is written as it is; leave out "
-                                     f"the scheme (asked: {scheme})", path=where, tensor=native)
-            out = kind.name
-        else:
-            source_float = next((n for n, dt in FLOAT_SCHEMES.items() if dt == kind), "f32")
-            if target is not None:
-                chosen = tensor_scheme(native, shape, target)
-                out = chosen.name if chosen is not None else source_float
-            else:
-                out = scheme or source_float
-        plan.append(_Planned(native, name, shape, out))
-    return plan
+    if len(shape) == 1 or native.endswith("feed_forward.gate.weight"):
+        return "f32"  # norms and Mixtral's router, as llama.cpp keeps them
+    # Experts are quantized as the dense feed-forward is (llama.cpp quantizes them alike).
+    as_linear = "layers.0.feed_forward.w1.weight" if _NATIVE_EXPERT.match(native) else native
+    if isinstance(kind, Scheme):
+        want = kind if scheme is None else tensor_scheme(as_linear, shape, target) if target else None
+        if want is None or want.name != kind.name:
+            raise ModelLoadError(f"stored in {kind.name}: a quantized source is written as it is; leave out "
+                                 f"the scheme (asked: {scheme})", path=where, tensor=native)
+        return kind.name
+    source_float = next((n for n, dt in FLOAT_SCHEMES.items() if dt == kind), "f32")
+    if target is not None:
+        chosen = tensor_scheme(as_linear, shape, target)
+        return chosen.name if chosen is not None else source_float
+    return scheme or source_float
 
 
 def _add_info(w, p: _Planned) -> None:
     from gguf import GGMLQuantizationType
 
+    rows = int(np.prod(p.shape[:-1]))
     if p.kind in ("f32", "f16"):
-        dt = np.float32 if p.kind == "f32" else np.float16
-        w.add_tensor_info(p.name, p.shape, np.dtype(dt), int(np.prod(p.shape)) * np.dtype(dt).itemsize)
+        dt = np.dtype(np.float32 if p.kind == "f32" else np.float16)
+        w.add_tensor_info(p.name, p.shape, dt, rows * p.shape[-1] * dt.itemsize)
     elif p.kind == "bf16":  # given as its bytes: numpy has no bfloat16
-        w.add_tensor_info(p.name, (*p.shape[:-1], p.shape[-1] * 2), np.dtype(np.uint8), int(np.prod(p.shape)) * 2,
+        w.add_tensor_info(p.name, (*p.shape[:-1], p.shape[-1] * 2), np.dtype(np.uint8), rows * p.shape[-1] * 2,
                           raw_dtype=GGMLQuantizationType.BF16)
     else:
         s = SCHEMES[p.kind]
-        w.add_tensor_info(p.name, (p.shape[0], s.row_bytes(p.shape[1])), np.dtype(np.uint8),
-                          p.shape[0] * s.row_bytes(p.shape[1]), raw_dtype=GGMLQuantizationType(s.ggml_type))
+        w.add_tensor_info(p.name, (*p.shape[:-1], s.row_bytes(p.shape[-1])), np.dtype(np.uint8),
+                          rows * s.row_bytes(p.shape[-1]), raw_dtype=GGMLQuantizationType(s.ggml_type))
 
 
 def _stream(w, ckpt, plan: list[_Planned], progress: bool | None) -> None:
     from tqdm import tqdm
 
-    by_native = {p.native: p for p in plan}
-    items = ckpt.native_tensors(raw=True) if isinstance(ckpt, GGUFCheckpoint) else ckpt.native_tensors()
+    source = ckpt.native_tensors(raw=True) if isinstance(ckpt, GGUFCheckpoint) else ckpt.native_tensors()
+    items = ((native, t) for _, _, native, t in source)
     done = 0
     with tqdm(total=len(plan), desc="writing gguf", unit="tensor", disable=None if progress is None else not progress,
               leave=False) as bar:
-        for _, name, native, t in items:
-            p = by_native.get(native)
-            if p is None:  # a tied output the source still stores
-                continue
-            if plan[done].native != native:
-                raise RuntimeError(f"tensor {native} arrived out of plan (expected {plan[done].native})")
-            w.write_tensor_data(_encode(t, p))
+        for name, key, parts in _grouped(items, ckpt.args, str(ckpt.folder)):
+            p = plan[done]
+            if (p.name, p.native) != (name, key):
+                raise RuntimeError(f"tensor {name} arrived out of plan (expected {p.name})")
+            arrays = [_encode(t, p.kind) for _, t in parts]
+            w.write_tensor_data(np.stack(arrays) if _STACKED_NAME.match(name) else arrays[0])
             done += 1
             bar.update(1)
     if done != len(plan):
         raise RuntimeError(f"{len(plan) - done} planned tensors were not written")
 
 
-def _encode(t, p: _Planned) -> np.ndarray:
+def _encode(t, kind: str) -> np.ndarray:
     """One tensor as the bytes the plan announced."""
     if isinstance(t, QTensor):
-        if t.scheme.name == p.kind:
+        if t.scheme.name == kind:
             return t.data.contiguous().cpu().numpy()
         t = t.dense()  # (not planned: a quantized source is written as it is)
     t = t.detach().cpu()
-    if p.kind == "f32":
+    if kind == "f32":
         return t.to(torch.float32).contiguous().numpy()
-    if p.kind == "f16":
+    if kind == "f16":
         return t.to(torch.float16).contiguous().numpy()
-    if p.kind == "bf16":
+    if kind == "bf16":
         return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-    return quantize(t, SCHEMES[p.kind]).numpy()
+    return quantize(t, SCHEMES[kind]).numpy()
 
 
 def _write_metadata(w, a: ModelArgs, ckpt, plan: list[_Planned]) -> None:
@@ -603,11 +678,14 @@ def _write_metadata(w, a: ModelArgs, ckpt, plan: list[_Planned]) -> None:
         w.add_rope_scaling_yarn_beta_slow(y.beta_slow)
         if log_mul := _yarn_log_mul(y):
             w.add_rope_scaling_yarn_log_mul(log_mul)
+    if a.moe is not None:
+        w.add_expert_count(a.moe.num_experts)
+        w.add_expert_used_count(a.moe.num_experts_per_tok)
     if a.query_scaling is not None:
         if a.yarn is None:
             w.add_rope_scaling_orig_ctx_len(a.query_scaling.original_max_position_embeddings)
         w.add_attn_temperature_scale(a.query_scaling.beta)
-    matrices = [p.kind for p in plan if len(p.shape) == 2]
+    matrices = [p.kind for p in plan if len(p.shape) >= 2]
     main = max(set(matrices), key=matrices.count) if matrices else "f32"
     w.add_file_type(_FILE_TYPES.get(main, 0))
     if main not in FLOAT_SCHEMES:
