@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
-from .loader import _ST_TO_TORCH, Checkpoint, open_checkpoint, resolve_dtype
+from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
 from .names import native_to_hf, pack_experts, permute_for, to_native_file
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,10 @@ def convert(
     src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None,
     scheme: str | None = None,
 ) -> Path:
-    """Convert the checkpoint in ``src`` (a folder, or a GGUF file) to layout ``to``
-    ("mistral" or "hf": a folder ``dst``; "gguf": the file ``dst``, its tensors in
-    ``scheme``, see ``weights.gguf.write_gguf``)."""
+    """Convert the checkpoint in ``src`` to layout ``to``: "mistral" or "hf", a folder
+    ``dst``; "gguf", the file ``dst``, its tensors in ``scheme`` (``weights.gguf.write_gguf``,
+    which also reads a GGUF file: a GGUF converts to GGUF only, its tokenizer being
+    inside it)."""
     if to == "gguf":
         from .gguf import write_gguf
 
@@ -114,9 +115,9 @@ def convert(
     if scheme is not None:
         raise ModelLoadError("a scheme applies to GGUF output only (--to gguf)")
     _check_layout(to)
-    ckpt = open_checkpoint(src)
-    if ckpt.layout == "gguf" and ckpt.block_quantized:
-        raise ModelLoadError("a quantized GGUF file is written as GGUF only (--to gguf)", path=str(ckpt.folder))
+    if Path(src).is_file() and Path(src).suffix.lower() == ".gguf":
+        raise ModelLoadError("a GGUF file converts to GGUF only (--to gguf): its tokenizer is inside it", path=str(src))
+    ckpt = Checkpoint.open(src)
     if ckpt.args.vision is not None:
         log.warning("%s: the vision encoder is not converted (image input is not supported yet); "
                     "the output holds the language model only", ckpt.folder.name)
