@@ -74,6 +74,12 @@ class EngineSettings:
 
     block_size: int = setting(16, "tokens per KV-cache block")
     kv_cache_gb: float | None = setting(None, "KV cache size in GB (default: 2 GB on CPU, from --gpu-memory-utilization on GPU)")
+    kv_cache_dtype: str = setting("auto", "what the KV cache stores: auto (the model's dtype), float32, bfloat16, float16, "
+                                          "fp8 (e4m3; fp8_e5m2 for more range), int8 (with a scale per token and head): "
+                                          "8 bits hold 2x (bf16 models) or 4x (float32) the tokens in the same memory. "
+                                          "Converted caches are read through torch ops (no CPU decode kernel, no "
+                                          "Triton kernel or CUDA graphs): slower steps",
+                                  choices=("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8"))
     gpu_memory_utilization: float = setting(0.90, "fraction of the GPU's memory galerne may use (weights + activations + KV cache)")
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")

@@ -109,6 +109,12 @@ def test_plan_keeps_the_output_at_8_bits_and_falls_back_where_blocks_do_not_fit(
     assert tensor_scheme("tok_embeddings.weight", (1000, 512), s).name == "q4_k"
     assert tensor_scheme("layers.0.attention_norm.weight", (512,), s) is None
     assert tensor_scheme("layers.0.feed_forward.experts.0.w1.weight", (64, 512), s) is None
+    # q4_k's mix (llama.cpp's Q4_K_S): v of the first 4 layers, w2 of the first eighth, at 8 bits.
+    assert tensor_scheme("layers.3.attention.wv.weight", (256, 512), s, 32).name == "q8_0"
+    assert tensor_scheme("layers.4.attention.wv.weight", (256, 512), s, 32).name == "q4_k"
+    assert tensor_scheme("layers.3.feed_forward.w2.weight", (256, 512), s, 32).name == "q8_0"
+    assert tensor_scheme("layers.4.feed_forward.w2.weight", (256, 512), s, 32).name == "q4_k"
+    assert tensor_scheme("layers.0.attention.wv.weight", (256, 512), SCHEMES["q4_0"], 32).name == "q4_0"
     with caplog.at_level(logging.INFO, logger="galerne.quant.plan"):
         assert tensor_scheme("layers.0.feed_forward.w2.weight", (256, 96), s).name == "q8_0"
         assert tensor_scheme("layers.0.feed_forward.w2.weight", (256, 100), s) is None
@@ -226,3 +232,31 @@ def test_adapters_serve_unmerged_on_a_quantized_base(wide, tmp_path):
         np.testing.assert_allclose(x.outputs[0].logprobs, y.outputs[0].logprobs, rtol=1e-4, atol=1e-4)
     merged = LLM(wide, device="cpu", quantization="q8_0", adapter=path)
     assert isinstance(merged.model.layers[0].attention.wq, QuantLinear)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k"])
+def test_int4_matmul_operands_are_the_blocks(name):
+    """What the CUDA path hands torch's int4 matmul (values, scales and zeros) is the
+    scheme's weight: checked through the CPU twin of that matmul, in bfloat16."""
+    from galerne.models.quant import int4_operands
+
+    w = weights("heavy")[:, :512]
+    q = quantize(w, name)
+    vals, sz = int4_operands(q, SCHEMES[name], 512)
+    ref = dequantize(q, name, 512)
+    torch.testing.assert_close(((vals - 8) * sz[..., 0].T.repeat_interleave(32, 1) + sz[..., 1].T.repeat_interleave(32, 1)),
+                               ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, 512)
+    y = torch._weight_int4pack_mm_for_cpu(x, torch._convert_weight_to_int4pack_for_cpu(vals, 8), 32, sz)
+    torch.testing.assert_close(y, x @ ref.T, rtol=0.02, atol=0.05 * (x @ ref.T).abs().max().item() / 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["q4_0", "q4_k"])
+def test_int4_on_cuda_matches_the_dequantized_weight(name):
+    w = weights("normal")[:, :1024].cuda()
+    layer = QuantLinear(quantize(w, name), name, 1024, torch.bfloat16)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ dequantize(layer.qweight, name, 1024).T
+    torch.testing.assert_close(layer(x).float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())

@@ -26,7 +26,7 @@ from ..sampling.sampler import (
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .adapters import AdapterInfo, AdapterManager
 from .block_manager import BlockManager
-from .paged import PagedKVCache
+from .paged import PagedKVCache, kv_storage
 from .request import EngineRequest, Limits
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -127,13 +127,14 @@ class Engine:
         self.settings = s = settings or EngineSettings()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.kv_dtype = kv_storage(s.kv_cache_dtype, self.dtype)
         args = model.args
         self.limits = limits or Limits(tokenizer.vocab_size, args.max_seq_len)
         self.max_model_len = self.limits.max_model_len
         num_blocks = self._num_blocks()
         # One block more than the manager owns: a scratch block that CUDA-graph
         # padding rows write into.
-        self.cache = PagedKVCache(args, num_blocks + 1, s.block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(args, num_blocks + 1, s.block_size, self.dtype, self.device, storage=self.kv_dtype)
         windows = [args.window(i) for i in range(args.n_layers)]
         # Blocks can be released only when every layer forgets them.
         window = max(windows) if all(w is not None for w in windows) else None
@@ -151,14 +152,15 @@ class Engine:
         # to score only while there are some (no per-sequence check on the hot path).
         self._scoring: set[int] = set()
         self._eos = frozenset(tokenizer.stop_token_ids())
-        log.info("KV cache: %d blocks of %d tokens (%.2f GB)", num_blocks, s.block_size,
-                 num_blocks * PagedKVCache.bytes_per_block(args, s.block_size, self.dtype) / 1e9)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GB, %s)", num_blocks, s.block_size,
+                 num_blocks * PagedKVCache.bytes_per_block(args, s.block_size, self.kv_dtype) / 1e9,
+                 str(self.kv_dtype).removeprefix("torch."))
 
     # ----------------------------------------------------------------- sizing
 
     def _num_blocks(self) -> int:
         s, args = self.settings, self.model.args
-        per_block = PagedKVCache.bytes_per_block(args, s.block_size, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(args, s.block_size, self.kv_dtype)
         if s.kv_cache_gb is not None:
             budget = s.kv_cache_gb * 1e9
         elif self.device.type == "cuda":

@@ -24,32 +24,70 @@ from ..models.args import ModelArgs
 from ..models.attention import allowed_mask, sdpa
 
 
+# --kv-cache-dtype: what the cache stores, when not the model's dtype.
+KV_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8,
+}
+
+
+def kv_storage(name: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cache stores for ``--kv-cache-dtype name`` ("auto"/None: the model's ``dtype``)."""
+    return dtype if name in (None, "auto") else KV_DTYPES[name]
+
+
 class PagedKVCache:
     """Keys and values of every layer, in blocks.
 
     A model with multi-head latent attention (``args.mla``) caches one latent per
     token instead (``latent``): ``k`` is ``(layers, num_blocks, block_size, 1,
     kv_lora_rank + qk_rope_head_dim)`` (the normalised latent, then the rotated
-    rotary key) and ``v`` a view of its first kv_lora_rank columns, stored once."""
+    rotary key) and ``v`` a view of its first kv_lora_rank columns, stored once.
 
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    ``storage``: the dtype stored when it is not ``dtype`` (``--kv-cache-dtype``),
+    for half or a quarter of the memory, so twice or four times the tokens:
+    float8 (e4m3 or e5m2) as the values are, clipped to the format's range, or int8
+    with one float32 scale per token and head (``k_scale``, ``v_scale``: its
+    largest magnitude / 127). Attention reads them back in ``dtype``
+    (``write``/``read``)."""
+
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 storage: torch.dtype | None = None):
+        self.dtype, self.storage = dtype, storage or dtype
         self.latent = args.mla is not None
+        st = self.storage
         if self.latent:
             m = args.mla
-            self.k = torch.zeros((args.n_layers, num_blocks, block_size, 1, m.latent_dim), dtype=dtype, device=device)
+            self.k = torch.zeros((args.n_layers, num_blocks, block_size, 1, m.latent_dim), dtype=st, device=device)
             self.v = self.k[..., : m.kv_lora_rank]
         else:
             shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.k = torch.zeros(shape, dtype=st, device=device)
+            self.v = torch.zeros(shape, dtype=st, device=device)
+        self.k_scale = self.v_scale = None
+        if st == torch.int8:  # one scale per (token, head); a latent's values share its keys'
+            self.k_scale = torch.zeros(self.k.shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = self.k_scale if self.latent else torch.zeros(self.v.shape[:-1], dtype=torch.float32, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+
+    @property
+    def _float8(self) -> bool:
+        return self.storage.is_floating_point and self.storage.itemsize == 1
+
+    @property
+    def converted(self) -> bool:
+        """Whether the stored dtype is not the model's (attention converts on read and write)."""
+        return self.storage != self.dtype
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-        """Cache bytes one token takes, all layers."""
+        """Cache bytes one token takes, all layers (int8: with its scales)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        per_layer = args.mla.latent_dim if args.mla else 2 * args.n_kv_heads * args.head_dim
-        return args.n_layers * per_layer * elem
+        if args.mla:
+            per_layer = args.mla.latent_dim * elem + (4 if dtype == torch.int8 else 0)
+        else:
+            per_layer = 2 * args.n_kv_heads * (args.head_dim * elem + (4 if dtype == torch.int8 else 0))
+        return args.n_layers * per_layer
 
     @staticmethod
     def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
@@ -59,6 +97,40 @@ class PagedKVCache:
         """(slots, K, hd) views of one layer's keys and values."""
         k, v = self.k[layer], self.v[layer]
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_scale[layer].view(-1, self.k.shape[3]), self.v_scale[layer].view(-1, self.v.shape[3])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Store the new tokens' keys and values (T, K, hd) at ``slots`` (v None: a latent cache)."""
+        k_slots, v_slots = self.layer_slots(layer)
+        pairs = [(k_slots, k, 0)] + ([(v_slots, v, 1)] if v is not None else [])
+        for dst, x, which in pairs:
+            if self.storage == torch.int8:
+                scale = x.float().abs().amax(-1) / 127  # (T, K)
+                q = torch.round(x.float() / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-127, 127)
+                dst.index_copy_(0, slots, q.to(torch.int8))
+                self._scales(layer)[which].index_copy_(0, slots, scale)
+            elif self._float8:
+                fmax = torch.finfo(self.storage).max  # float8 has no infinity: clip, never NaN
+                x8 = x.float().clamp(-fmax, fmax).to(self.storage)
+                dst.view(torch.uint8).index_copy_(0, slots, x8.view(torch.uint8))  # (no float8 index ops on CPU)
+            else:
+                dst.index_copy_(0, slots, x.to(self.storage))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (L, K, hd) at ``slots``, in the model's dtype."""
+        k_slots, v_slots = self.layer_slots(layer)
+        if self._float8:
+            k_slots, v_slots = k_slots.view(torch.uint8), v_slots.view(torch.uint8)
+        keys, values = k_slots.index_select(0, slots), v_slots.index_select(0, slots)
+        if self._float8:
+            keys, values = keys.view(self.storage), values.view(self.storage)
+        if self.storage == torch.int8:
+            ks, vs = self._scales(layer)
+            keys = keys.float() * ks.index_select(0, slots).unsqueeze(-1)
+            values = values.float() * vs.index_select(0, slots).unsqueeze(-1)
+        return keys.to(self.dtype), values.to(self.dtype)
 
 
 @dataclass
@@ -138,16 +210,14 @@ class TorchPagedAttention:
         return self.cache.latent
 
     def attend(self, layer: int, q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
-        k_slots, v_slots = self.cache.layer_slots(layer)
-        k_slots.index_copy_(0, self.meta.slot_mapping, k)
-        if not self.cache.latent:  # a latent cache's values are part of its keys: stored with them
-            v_slots.index_copy_(0, self.meta.slot_mapping, v)
+        # A latent cache's values are part of its keys: stored with them.
+        self.cache.write(layer, self.meta.slot_mapping, k, None if self.cache.latent else v)
         out = q.new_empty(q.shape[:2] + v.shape[-1:])  # (T, H, vd)
         start = 0
         for (slots, lo), q_len, ctx in zip(self._slots(window), self.meta.q_lens, self.meta.ctx_lens):
             qs = q[start : start + q_len].transpose(0, 1)  # (H, q_len, hd)
-            keys = k_slots.index_select(0, slots).transpose(0, 1)  # (K, L, hd)
-            values = v_slots.index_select(0, slots).transpose(0, 1)
+            keys, values = self.cache.read(layer, slots)
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # (K, L, hd)
             if q_len == 1:
                 o = sdpa(qs, keys, values, scale=scale)
             elif q_len == ctx and (window is None or window >= ctx):

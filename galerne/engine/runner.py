@@ -41,10 +41,12 @@ class ModelRunner:
         self.on_cuda = self.device.type == "cuda"
         # A latent (MLA) cache goes through the same Triton kernel: keys of
         # kv_lora_rank + qk_rope_head_dim, values the first kv_lora_rank of them.
-        self.attention = TritonPagedAttention if self.on_cuda else TorchPagedAttention
+        # The Triton kernel reads caches in the model's dtype; a converted one (--kv-cache-dtype
+        # fp8, int8) goes through torch ops, which convert as they read.
+        self.attention = TritonPagedAttention if self.on_cuda and not cache.converted else TorchPagedAttention
         self.graphs = None
         # MoE routing picks token subsets with data-dependent shapes: not capturable.
-        if self.on_cuda and use_cuda_graphs and model.args.moe is None and not cache.latent:
+        if self.attention is TritonPagedAttention and use_cuda_graphs and model.args.moe is None and not cache.latent:
             from .cuda_graphs import DecodeGraphs
 
             max_blocks = -(-model.args.max_seq_len // self.block_size)

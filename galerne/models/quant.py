@@ -29,6 +29,7 @@ from ..quant import dequantize as dequantize_blocks
 from ..weights.fp8 import dequantize
 
 E4M3_MAX = 448.0
+DEQUANT_CHUNK = 4 << 20  # weights a QuantLinear dequantizes at once (16 MB in float32)
 
 
 class Fp8Linear(nn.Module):
@@ -100,10 +101,64 @@ class QuantLinear(nn.Module):
         return _dequantize(self.qweight, self.scheme, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype))
+        if x.is_cuda and self.scheme.name in INT4_GROUP32 and self.in_features % 1024 == 0 and self.out_features % 8 == 0:
+            return self._int4_mm(x)
+        rows = max(1, DEQUANT_CHUNK // self.in_features)
+        if rows >= self.out_features:
+            return F.linear(x, self.dense_weight(x.dtype))
+        # A big matrix goes by pieces of rows: its float copy would cost as much memory as
+        # the quantized model saves (a 7B's w1 is 235 MB in float32).
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for r in range(0, self.out_features, rows):
+            w = _dequantize(self.qweight[r : r + rows], self.scheme, self.in_features, x.dtype)
+            y[..., r : r + rows] = F.linear(x, w)
+        return y
+
+    def _int4_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA, q4_0 and q4_k through torch's int4 weight-only matmul (tinygemm, as
+        gpt-fast uses it), bf16 activations. Its operands are made on first use and kept
+        beside the blocks (4.5 more bits a weight: the blocks stay the model's weights)."""
+        if getattr(self, "_int4", None) is None:
+            vals, sz = int4_operands(self.qweight, self.scheme, self.in_features)
+            packed = torch._convert_weight_to_int4pack((vals[:, ::2] << 4 | vals[:, 1::2]).to(torch.uint8), 8)
+            self._int4 = (packed, sz.to(torch.bfloat16))
+        packed, sz = self._int4
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm(rows, packed, 32, sz)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}"
+
+
+INT4_GROUP32 = ("q4_0", "q4_k")  # 4-bit schemes whose groups of 32 are (q - 8) * scale + zero
+
+
+def int4_operands(q: torch.Tensor, scheme: Scheme, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A q4_0 or q4_k weight as torch's int4 matmuls take it: the 4-bit values (out,
+    in) int32 in [0, 15], and per group of 32 a scale and a zero, (in / 32, out, 2)
+    float32, with w = (q - 8) * scale + zero. q4_0: scale d, zero 0; q4_k: scale
+    d * sc, zero 8 d sc - dmin m."""
+    n = q.shape[0]
+    if scheme.name == "q4_0":
+        b = q.reshape(n, in_features // 32, 18)
+        scale = b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+        qs = b[..., 2:]
+        vals = torch.cat([qs & 0xF, qs >> 4], -1)
+        zero = torch.zeros_like(scale)
+    elif scheme.name == "q4_k":
+        from ..quant.formats import _f16, _scale_min_k4
+
+        b = q.reshape(n, in_features // 256, 144)
+        d, dmin = _f16(b[..., 0:2]).unsqueeze(-1), _f16(b[..., 2:4]).unsqueeze(-1)
+        sc, m = _scale_min_k4(b[..., 4:16])
+        scale, zero = (d * sc).reshape(n, -1), (8 * d * sc - dmin * m).reshape(n, -1)
+        qs = b[..., 16:].reshape(n, in_features // 256, 4, 32)
+        vals = torch.stack([qs & 0xF, qs >> 4], -2)
+    else:
+        raise ValueError(f"{scheme.name} is not a 4-bit scheme of groups of 32")
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    return vals.reshape(n, in_features).to(torch.int32), sz
 
 
 class QuantEmbedding(nn.Module):

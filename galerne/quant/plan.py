@@ -6,8 +6,10 @@ embedding. Norms stay in float, and so do the weights of layers galerne has no
 quantized path for yet (mixture-of-experts experts and routers, latent attention),
 which is logged. With a 4-bit scheme the output projection is stored in q8_0: its
 error goes straight into the logits (llama.cpp keeps it at 6 bits for the same
-reason). A row length the scheme's blocks don't divide (q4_k's 256) falls back to
-q8_0, and is logged.
+reason). q4_k is a mix, as llama.cpp's Q4_K_S is: the value projections of the first
+4 layers and the down projections of the first eighth of the layers, where 4 bits
+cost the most, are stored in q8_0 (llama.cpp: q5_k). A row length the scheme's
+blocks don't divide (q4_k's 256) falls back to q8_0, and is logged.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ from .formats import SCHEMES, Scheme, quantize
 
 log = logging.getLogger(__name__)
 
-_LINEAR = re.compile(r"^layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
+_LINEAR = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
 EMBEDDING, OUTPUT = "tok_embeddings.weight", "output.weight"
 
 
-def tensor_scheme(native: str, shape: tuple[int, ...], s: Scheme) -> Scheme | None:
-    """The scheme native tensor ``native`` of ``shape`` is stored in when the model is
-    quantized with ``s``, or None: kept in float."""
-    if len(shape) != 2 or not (native in (EMBEDDING, OUTPUT) or _LINEAR.match(native)):
+def tensor_scheme(native: str, shape: tuple[int, ...], s: Scheme, n_layers: int | None = None) -> Scheme | None:
+    """The scheme native tensor ``native`` of ``shape`` is stored in when a model of
+    ``n_layers`` layers is quantized with ``s``, or None: kept in float."""
+    linear = _LINEAR.match(native)
+    if len(shape) != 2 or not (native in (EMBEDDING, OUTPUT) or linear):
         return None
     chosen = SCHEMES["q8_0"] if native == OUTPUT and s.bits < 8 else s
+    if s.name == "q4_k" and linear and n_layers:
+        layer, kind = int(linear[1]), linear[2]
+        if (kind == "attention.wv" and layer < 4) or (kind == "feed_forward.w2" and layer < n_layers // 8):
+            chosen = SCHEMES["q8_0"]
     if chosen.problem(shape[1]) is None:
         return chosen
     fallback = SCHEMES["q8_0"]
@@ -78,7 +85,7 @@ def quantize_model_(model: nn.Module, s: Scheme | str) -> dict[str, str]:
     for native, w in list(model.state_dict(keep_vars=True).items()):
         if tied and native == OUTPUT:
             continue
-        chosen = tensor_scheme(native, tuple(w.shape), s)
+        chosen = tensor_scheme(native, tuple(w.shape), s, model.args.n_layers)
         if chosen is None or not isinstance(w, torch.Tensor) or w.dtype == torch.uint8:
             continue
         q = quantize(w.detach(), chosen)

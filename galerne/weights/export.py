@@ -173,7 +173,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, to: st
     chosen: dict[str, str] = {}
 
     def planned(native: str, meta: torch.Tensor) -> torch.Tensor:
-        s = tensor_scheme(native, tuple(meta.shape), target)
+        s = tensor_scheme(native, tuple(meta.shape), target, ckpt.args.n_layers)
         if s is None:
             return meta
         chosen[native] = s.name

@@ -135,9 +135,17 @@ class Checkpoint:
             if path.suffix == ".safetensors":
                 try:
                     with safe_open(str(path), framework="pt") as f:
+                        mapped = None
                         for name in f.keys():
-                            if wanted(name):
-                                yield path, name, _meta_of(f.get_slice(name)) if meta else f.get_tensor(name)
+                            if not wanted(name):
+                                continue
+                            if meta:
+                                yield path, name, _meta_of(f.get_slice(name))
+                            elif f.get_slice(name).get_dtype() == "U8":  # quantized blocks: mapped, not copied
+                                mapped = mapped or _map_safetensors(path)
+                                yield path, name, mapped(name)
+                            else:
+                                yield path, name, f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise ModelLoadError(f"cannot read safetensors file: {e}", path=str(path)) from None
             else:
@@ -244,6 +252,31 @@ _ST_TO_TORCH = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _map_safetensors(path: Path):
+    """name -> a tensor viewing the file's bytes in place, without a copy: a private
+    (copy-on-write) memory map, so that a quantized model takes its file's pages
+    from the page cache as llama.cpp's mmap does, and loading it does not hold the
+    file and a copy at once. safetensors' API copies every tensor it returns; the
+    layout read here is its documented one: 8 bytes of header length, the JSON
+    header (dtype, shape, data offsets), then the data."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + size
+
+    def view(name: str) -> torch.Tensor:
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype = _ST_TO_TORCH[entry["dtype"]]
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=start + begin)
+        return t.view(dtype).reshape(entry["shape"])
+
+    return view
 
 
 def _meta_of(sl) -> torch.Tensor:
@@ -394,7 +427,7 @@ def build_model(
             )
         if isinstance(t, Fp8Weight) and target is not None:
             t = t.dense()
-        chosen = tensor_scheme(native, tuple(t.shape), target) if target is not None and not isinstance(t, QTensor) else None
+        chosen = tensor_scheme(native, tuple(t.shape), target, args.n_layers) if target is not None and not isinstance(t, QTensor) else None
         if chosen is not None:
             t = QTensor(quantize(t.to(dev), chosen), chosen, tuple(t.shape))
         if isinstance(t, QTensor):
