@@ -423,7 +423,9 @@ def _yarn_log_mul(y: YarnArgs) -> float:
 # ------------------------------------------------------------------ writing
 
 FLOAT_SCHEMES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
+# llama.cpp's general.file_type of the matrices' most common type (galerne's q4_k mix is
+# its Q4_K_S: quant.plan.tensor_scheme).
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 14, "q5_k": 17, "q6_k": 18, "bf16": 32}
 
 
 def write_schemes() -> tuple[str, ...]:
@@ -567,7 +569,8 @@ def _plan(ckpt, scheme: str | None) -> list[_Planned]:
     plan = []
     items = ((native, (shape, kind)) for native, shape, kind in _source_kinds(ckpt))
     for name, key, parts in _grouped(items, ckpt.args, where):
-        kinds = {_out_kind(native, shape, kind, scheme, target, where) for native, (shape, kind) in parts}
+        kinds = {_out_kind(native, shape, kind, scheme, target, ckpt.args.n_layers, where)
+                 for native, (shape, kind) in parts}
         shapes = {shape for _, (shape, _) in parts}
         if len(kinds) != 1 or len(shapes) != 1:
             raise ModelLoadError(f"the experts of {name} differ in shape or type ({sorted(kinds)})", path=where)
@@ -576,24 +579,27 @@ def _plan(ckpt, scheme: str | None) -> list[_Planned]:
     return plan
 
 
-def _out_kind(native: str, shape: tuple[int, ...], kind, scheme: str | None, target, where: str) -> str:
+def _out_kind(native: str, shape: tuple[int, ...], kind, scheme: str | None, target, n_layers: int,
+              where: str) -> str:
     """What tensor ``native`` (``kind``: its source dtype or block Scheme) is written as."""
     from ..quant import Scheme
     from ..quant.plan import tensor_scheme
 
     if len(shape) == 1 or native.endswith("feed_forward.gate.weight"):
         return "f32"  # norms and Mixtral's router, as llama.cpp keeps them
-    # Experts are quantized as the dense feed-forward is (llama.cpp quantizes them alike).
-    as_linear = "layers.0.feed_forward.w1.weight" if _NATIVE_EXPERT.match(native) else native
+    # Experts are quantized as the dense feed-forward of their layer is (llama.cpp
+    # quantizes them alike).
+    expert = _NATIVE_EXPERT.match(native)
+    as_linear = f"layers.{expert[1]}.feed_forward.{expert[3]}.weight" if expert else native
     if isinstance(kind, Scheme):
-        want = kind if scheme is None else tensor_scheme(as_linear, shape, target) if target else None
+        want = kind if scheme is None else tensor_scheme(as_linear, shape, target, n_layers) if target else None
         if want is None or want.name != kind.name:
             raise ModelLoadError(f"stored in {kind.name}: a quantized source is written as it is; leave out "
                                  f"the scheme (asked: {scheme})", path=where, tensor=native)
         return kind.name
     source_float = next((n for n, dt in FLOAT_SCHEMES.items() if dt == kind), "f32")
     if target is not None:
-        chosen = tensor_scheme(as_linear, shape, target)
+        chosen = tensor_scheme(as_linear, shape, target, n_layers)
         return chosen.name if chosen is not None else source_float
     return scheme or source_float
 
