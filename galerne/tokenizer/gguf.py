@@ -84,7 +84,10 @@ class GGUFTokenizer(HFTokenizer):
         self._plain = tokenizers.Tokenizer.from_str(tok.to_str())
         self._plain.encode_special_tokens = True
         if info.get("tokenizer_type") == "llama":
-            self._plain.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            spaces = [normalizers.Replace(" ", "▁")]
+            if info.get("add_prefix_space", True):  # (tokenizer.ggml.add_space_prefix; absent: llama.cpp's default)
+                spaces.insert(0, normalizers.Prepend("▁"))
+            self._plain.normalizer = normalizers.Sequence(spaces)
             self._plain.pre_tokenizer = None
         template = config.get("chat_template")
         self._chat_template = template

@@ -373,6 +373,8 @@ def _args(reader, arch: str, tensors: dict, where: str) -> ModelArgs:
         # llama.cpp's magnitude: mscale(factor) / mscale(factor, log_mul) when the log
         # multiplier (transformers' mscale_all_dim) is set, else mscale(factor).
         log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0))
+        # transformers' attention_factor, which llama.cpp's converter copies here when a
+        # config has one: it wins, as in transformers (llama.cpp itself recomputes it).
         attn = key("rope.scaling.yarn_attn_factor")
         yarn = YarnArgs(
             factor=factor, original_max_position_embeddings=int(orig),
