@@ -141,7 +141,7 @@ def _reader(path: Path):
             seconds for a 131k-token vocabulary (tokens, scores, types, merges). A numeric
             array is one view here, a string array one walk over its length prefixes,
             with the parts laid out as the reader's own (``ReaderField.contents`` reads them)."""
-            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":  # (big-endian: refused after)
                 return super()._get_field_parts(orig_offs, raw_type)
             itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
             sub, n, offs = GGUFValueType(int(itype[0])), int(alen[0]), orig_offs + 12
@@ -241,6 +241,9 @@ class GGUFCheckpoint:
         if not path.is_file():
             raise ModelLoadError("no such GGUF file", path=str(path))
         reader = _reader(path)
+        if reader.byte_order != "I":
+            raise ModelLoadError("a big-endian GGUF file: galerne reads little-endian ones (llama.cpp's default)",
+                                 path=str(path))
         arch = _value(reader, "general.architecture")
         if arch not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported GGUF architecture {arch!r}; galerne reads Mistral-family models of "
