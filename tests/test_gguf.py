@@ -437,6 +437,9 @@ def test_llamacpp_converted_file_matches_transformers(kind, tiny_factory, tmp_pa
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(_prompt_logits(llm, ids), expected, atol=1e-4, rtol=1e-4)
+    # Its embedded tokenizer (nothing beside the file) encodes as mistral-common.
+    assert isinstance(llm.tokenizer, GGUFTokenizer)
+    _same_tokenizer(llm.tokenizer, Tokenizer.from_path(folder))
     if kind == "ministral3":
         a = ckpt.args
         assert a.yarn is not None and a.query_scaling is not None and a.query_scaling.beta == pytest.approx(0.1)
