@@ -185,7 +185,7 @@ def test_a_quantized_source_is_written_as_it_is(small, tmp_path):
     again = convert(out, tmp_path / "again.gguf", "gguf")
     a, b = GGUFCheckpoint.open(out).reader.tensors, GGUFCheckpoint.open(again).reader.tensors
     assert [(t.name, t.tensor_type) for t in a] == [(t.name, t.tensor_type) for t in b]
-    assert all(np.array_equal(x.data, y.data) for x, y in zip(a, b))
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a, b, strict=True))
     assert GGUFCheckpoint.open(again).metadata["tokenizer.ggml.tokens"][:4] == ["<unk>", "<s>", "</s>", "[INST]"]
     with pytest.raises(ModelLoadError, match="stored in q4_0"):
         convert(q, tmp_path / "q8.gguf", "gguf", scheme="q8_0")
@@ -310,7 +310,7 @@ def test_embedded_jinja_chat_template(tiny_mistral, tmp_path):
     tok = Tokenizer.from_path(alone(convert(src, tmp_path / "m.gguf", "gguf"), tmp_path / "alone"))
     ref = Tokenizer.from_path(folder)
     turns = ["Say hi", "there", "  Two spaces"]
-    ids = tok.encode_chat([{"role": r, "content": c} for r, c in zip(("user", "assistant", "user"), turns)])
+    ids = tok.encode_chat([{"role": r, "content": c} for r, c in zip(("user", "assistant", "user"), turns, strict=True)])
     assert ids == [1, *(i for c in turns for i in (3, *ref.encode(c, bos=False), 4))]
 
 

@@ -739,7 +739,7 @@ def _write_vocab(w, ckpt, a: ModelArgs) -> None:
     vocab.tokenizer = inner
     vocab.tokenizer_type = MistralTokenizerType.tekken if isinstance(inner, Tekkenizer) else MistralTokenizerType.spm
     vocab.vocab_size = inner.n_words
-    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
     if len(tokens) > a.vocab_size:
         raise ModelLoadError(f"the tokenizer {file.name} has {len(tokens)} tokens but the model's vocabulary "
                              f"{a.vocab_size}", path=str(folder))
