@@ -162,7 +162,7 @@ def _url_host(host: str) -> str:
 def cmd_convert(ns: argparse.Namespace) -> int:
     from .weights.export import convert
 
-    out = convert(ns.src, ns.dst, ns.to, dtype=ns.dtype)
+    out = convert(ns.src, ns.dst, ns.to, dtype=ns.dtype, scheme=ns.scheme)
     print(f"wrote {ns.to} checkpoint to {out}")
     return 0
 
@@ -270,11 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base's)")
     m.set_defaults(func=cmd_merge)
 
-    v = sub.add_parser("convert", parents=[common], help="write a checkpoint in the other layout")
-    v.add_argument("src", help="source model folder")
-    v.add_argument("dst", help="destination folder (created; must be empty)")
-    v.add_argument("--to", required=True, choices=("mistral", "hf"), help="target layout")
-    v.add_argument("--dtype", default=None, help="cast the weights (default: keep their dtype)")
+    from .weights.gguf import write_schemes
+
+    v = sub.add_parser("convert", parents=[common], help="write a checkpoint in another layout, or as a GGUF file",
+                       description="mistral / hf: a checkpoint folder in Mistral's or Hugging Face's layout. gguf: "
+                                   "one GGUF file (llama.cpp's format, its tokenizer embedded), in the source's "
+                                   "types or --scheme. The source: a model folder, or a GGUF file.")
+    v.add_argument("src", help="source model folder or .gguf file")
+    v.add_argument("dst", help="destination folder (created; must be empty), or the .gguf file (must not exist)")
+    v.add_argument("--to", required=True, choices=("mistral", "hf", "gguf"), help="target layout")
+    v.add_argument("--dtype", default=None, help="mistral / hf: cast the weights (default: keep their dtype)")
+    v.add_argument("--scheme", default=None, choices=write_schemes(),
+                   help="gguf: the matrices' type: f32, f16, bf16, or a block scheme (norms stay F32; under a "
+                        "4-bit scheme output.weight is q8_0). Default: the source's types; a quantized source is "
+                        "written as it is")
     v.set_defaults(func=cmd_convert)
 
     from .quant import WRITABLE

@@ -35,8 +35,14 @@ class Tokenizer(ABC):
         In a folder, in order: tekken.json, tokenizer.model.v* (highest version),
         tokenizer.model, tokenizer.json. Mistral folders on the HF hub ship the Mistral file
         next to tokenizer.json, so the Mistral file wins: it carries the real prompt format.
+        A GGUF file: mistral-common's file beside it, else its embedded tokenizer
+        (``tokenizer.gguf``).
         """
         path = Path(path)
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from .gguf import gguf_tokenizer
+
+            return gguf_tokenizer(path)
         if path.is_dir():
             file = _find_tokenizer_file(path)
         elif path.is_file():

@@ -1,4 +1,5 @@
-"""Write a checkpoint in either layout: ``galerne convert SRC DST --to mistral|hf``.
+"""Write a checkpoint in either layout: ``galerne convert SRC DST --to mistral|hf``
+(``--to gguf``: ``weights/gguf.py``).
 
 Tensors are renamed and q/k rows permuted by ``names.py`` only (pure re-indexing)
 and keep their dtype unless asked otherwise, so HF -> Mistral -> HF gives back
@@ -98,10 +99,24 @@ def _prepare_destination(dst: str | Path, src: Path | None) -> Path:
 
 
 def convert(
-    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None
+    src: str | Path, dst: str | Path, to: str, *, dtype: str | None = None, progress: bool | None = None,
+    scheme: str | None = None,
 ) -> Path:
-    """Convert the checkpoint in ``src`` to layout ``to`` ("mistral" or "hf") in ``dst``."""
+    """Convert the checkpoint in ``src`` to layout ``to``: "mistral" or "hf", a folder
+    ``dst``; "gguf", the file ``dst``, its tensors in ``scheme`` (``weights.gguf.write_gguf``,
+    which also reads a GGUF file: a GGUF converts to GGUF only, its tokenizer being
+    inside it)."""
+    if to == "gguf":
+        from .gguf import write_gguf
+
+        if dtype is not None:
+            raise ModelLoadError("a GGUF file's types are chosen with the scheme (f32, f16, bf16, q8_0, ...), not dtype")
+        return write_gguf(src, dst, scheme=scheme, progress=progress)
+    if scheme is not None:
+        raise ModelLoadError("a scheme applies to GGUF output only (--to gguf)")
     _check_layout(to)
+    if Path(src).is_file() and Path(src).suffix.lower() == ".gguf":
+        raise ModelLoadError("a GGUF file converts to GGUF only (--to gguf): its tokenizer is inside it", path=str(src))
     ckpt = Checkpoint.open(src)
     if ckpt.args.vision is not None:
         log.warning("%s: the vision encoder is not converted (image input is not supported yet); "

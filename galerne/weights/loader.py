@@ -321,6 +321,15 @@ def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:
         raise ModelLoadError(f"cannot download {model!r} from the Hugging Face Hub: {e}") from None
 
 
+def open_checkpoint(path: str | Path, layout: str | None = None):
+    """A model folder's ``Checkpoint``, or a GGUF file's ``weights.gguf.GGUFCheckpoint``."""
+    from .gguf import GGUFCheckpoint, is_gguf
+
+    if layout == "gguf" or (layout is None and is_gguf(path)):
+        return GGUFCheckpoint.open(path)
+    return Checkpoint.open(path, layout)
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -342,7 +351,7 @@ def load_model(
     An FP8 checkpoint's linear weights stay in FP8 (``models.quant.Fp8Linear``) with
     ``keep_fp8``; None: where the device multiplies FP8 (``fp8_matmul_supported``),
     else they are dequantized to ``dtype`` at load."""
-    ckpt = Checkpoint.open(folder, layout)
+    ckpt = open_checkpoint(folder, layout)
     if ckpt.args.vision is not None:
         log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
                     ckpt.folder.name)
