@@ -108,7 +108,9 @@ def test_plan_keeps_the_output_at_8_bits_and_falls_back_where_blocks_do_not_fit(
     assert tensor_scheme("output.weight", (1000, 512), s).name == "q8_0"
     assert tensor_scheme("tok_embeddings.weight", (1000, 512), s).name == "q4_k"
     assert tensor_scheme("layers.0.attention_norm.weight", (512,), s) is None
-    assert tensor_scheme("layers.0.feed_forward.experts.0.w1.weight", (64, 512), s) is None
+    assert tensor_scheme("layers.0.feed_forward.experts.0.w1.weight", (64, 512), s).name == "q4_k"
+    assert tensor_scheme("layers.0.feed_forward.gate.weight", (8, 512), s) is None
+    assert tensor_scheme("layers.0.attention.wq_a.weight", (64, 512), s) is None
     # q4_k's mix (llama.cpp's Q4_K_S): v of the first 4 layers, w2 of the first eighth, at 8 bits.
     assert tensor_scheme("layers.3.attention.wv.weight", (256, 512), s, 32).name == "q8_0"
     assert tensor_scheme("layers.4.attention.wv.weight", (256, 512), s, 32).name == "q4_k"

@@ -1,10 +1,10 @@
 """Which tensors of a model a scheme quantizes, and quantizing a built model in place.
 
 A scheme applies to the matrices a decode step streams: the attention and
-feed-forward projections of every layer, the output projection and the token
-embedding. Norms stay in float, and so do the weights of layers galerne has no
-quantized path for yet (mixture-of-experts experts and routers, latent attention),
-which is logged. With a 4-bit scheme the output projection is stored in q8_0: its
+feed-forward projections of every layer (a mixture of experts' experts too, as
+llama.cpp quantizes them), the output projection and the token embedding. Norms
+and routers stay in float, and so do latent attention's projections (no quantized
+path for them yet). With a 4-bit scheme the output projection is stored in q8_0: its
 error goes straight into the logits (llama.cpp keeps it at 6 bits for the same
 reason). q4_k is a mix, as llama.cpp's Q4_K_S is: the value projections of the first
 4 layers and the down projections of the first eighth of the layers, where 4 bits
@@ -24,7 +24,7 @@ from .formats import SCHEMES, Scheme, quantize
 
 log = logging.getLogger(__name__)
 
-_LINEAR = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")
+_LINEAR = re.compile(r"^layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.(?:experts\.\d+\.|shared_experts\.)?w[123])\.weight$")
 EMBEDDING, OUTPUT = "tok_embeddings.weight", "output.weight"
 
 
