@@ -201,6 +201,10 @@ def test_quantize_refusals(wide, tmp_path):
     with pytest.raises(ModelLoadError, match="not empty"):
         quantize_checkpoint(wide, tmp_path / "full", "q8_0")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelLoadError, match="--to gguf --scheme q4_0"):
+        quantize_checkpoint(gguf_file, tmp_path / "from-gguf", "q4_0")
     from galerne.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown quantization scheme 'q3'"):

@@ -162,6 +162,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, to: st
     from ..quant.plan import stored_schemes, tensor_scheme
 
     target = find(scheme)
+    from .gguf import is_gguf
+
+    if is_gguf(src):
+        raise ModelLoadError(f"a GGUF file: its tokenizer lives inside it, so quantize it into another GGUF file: "
+                             f"galerne convert {src} OUT.gguf --to gguf --scheme {target.name}", path=str(src))
     ckpt = Checkpoint.open(src)
     to = to or ckpt.layout
     _check_layout(to)
