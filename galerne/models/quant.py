@@ -96,12 +96,19 @@ class QuantLinear(nn.Module):
                              f"{self.scheme.row_bytes(in_features)} bytes; got {qweight.dtype} {tuple(qweight.shape)}")
         self.in_features, self.out_features = in_features, qweight.shape[0]
         self.register_buffer("qweight", qweight)
+        self._int4 = None
+        if qweight.is_cuda and self._int4_ok:  # made now, not inside a CUDA graph's capture
+            self._int4_operands()
+
+    @property
+    def _int4_ok(self) -> bool:
+        return self.scheme.name in INT4_GROUP32 and self.in_features % 1024 == 0 and self.out_features % 8 == 0
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _dequantize(self.qweight, self.scheme, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.scheme.name in INT4_GROUP32 and self.in_features % 1024 == 0 and self.out_features % 8 == 0:
+        if x.is_cuda and self._int4_ok:
             return self._int4_mm(x)
         rows = max(1, DEQUANT_CHUNK // self.in_features)
         if rows >= self.out_features:
@@ -118,14 +125,16 @@ class QuantLinear(nn.Module):
         """On CUDA, q4_0 and q4_k through torch's int4 weight-only matmul (tinygemm, as
         gpt-fast uses it), bf16 activations. Its operands are made on first use and kept
         beside the blocks (4.5 more bits a weight: the blocks stay the model's weights)."""
-        if getattr(self, "_int4", None) is None:
-            vals, sz = int4_operands(self.qweight, self.scheme, self.in_features)
-            packed = torch._convert_weight_to_int4pack((vals[:, ::2] << 4 | vals[:, 1::2]).to(torch.uint8), 8)
-            self._int4 = (packed, sz.to(torch.bfloat16))
-        packed, sz = self._int4
+        packed, sz = self._int4 if self._int4 is not None else self._int4_operands()
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch._weight_int4pack_mm(rows, packed, 32, sz)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, sz = int4_operands(self.qweight, self.scheme, self.in_features)
+        packed = torch._convert_weight_to_int4pack((vals[:, ::2] << 4 | vals[:, 1::2]).to(torch.uint8), 8)
+        self._int4 = (packed, sz.to(torch.bfloat16))
+        return self._int4
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}"
