@@ -19,7 +19,8 @@ that dies with its process): another process waits for it (saying so, up to
 ``BUILD_WAIT_S``, Ctrl-C stops it), and a build killed halfway leaves nothing that
 stops the next one. Where it cannot be built (no compiler, no OpenMP, a wait that ran
 out) galerne says why once and decodes with torch ops, which give the same tokens more
-slowly. ``GALERNE_CPU_KERNELS=0`` turns it off.
+slowly. ``GALERNE_CPU_KERNELS=0`` turns it off; ``GALERNE_CPU_MARCH`` builds it for another
+``-march`` than native (``x86-64-v3``: the AVX2 code, for benchmarks).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def load():
             return _built["ext"]
         ext = None
         try:
-            ext = _build()
+            # GALERNE_CPU_MARCH: another -march than native (benchmarks time the AVX2 code,
+            # x86-64-v3, on AVX512 machines).
+            ext = _build(march=os.environ.get("GALERNE_CPU_MARCH") or "native")
         except Exception as e:  # no compiler, no ninja, no OpenMP: decode with torch ops instead
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             log.warning("CPU decode kernel unavailable (%s); decoding with torch ops, which is slower", reason)
