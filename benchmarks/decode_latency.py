@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
     ap.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
                     help="quantize the weights (float32 activations); llama.cpp at the same precision")
+    ap.add_argument("--wait-idle", type=float, default=120.0,
+                    help="CPU: before each run, wait up to this many seconds for other processes to go idle (0: don't)")
     ap.add_argument("--kernel-march", default=None,
                     help="build galerne's CPU kernel for this -march (x86-64-v3: the AVX2 code) instead of native")
     args = ap.parse_args()
@@ -140,11 +142,20 @@ def main() -> None:
                 contenders[f"llama.cpp {precision}"] = run_llamacpp
                 closers.append(close)
 
+    def quiet() -> None:  # the CPU box is shared: a run next to another job's is worth nothing
+        if device.type == "cpu" and args.wait_idle > 0:
+            from llamacpp_baseline import wait_for_idle
+
+            other = wait_for_idle(0.08, 1.0, args.wait_idle)
+            if other >= 0.08:
+                print(f"  (other processes used {other:.0%} of the CPUs before this run)")
+
     for fn in contenders.values():
         fn()  # warm-up (allocator, kernels, caches)
     runs: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
         for name, fn in contenders.items():
+            quiet()
             runs[name].append(fn())
     for close in closers:
         close()

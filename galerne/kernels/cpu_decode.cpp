@@ -164,10 +164,24 @@ inline float h2f(uint16_t h) {  // IEEE half to float, exactly
 #endif
 }
 
+// Every half's float, looked up (256 KB): a block's scale read this way costs two
+// loads (its bits, then a broadcast straight from the table) and no vector
+// instruction, where a conversion in registers takes three, on the shuffle port
+// that the nibble lookups (vpermps) and widenings (vpmovzx) already saturate.
+// (llama.cpp's ggml_table_f32_f16, for the same reason.) Only the scales that
+// occur are touched: a few KB of it stay in L2.
+float kHalf[65536];
+const bool kHalfReady = [] {
+  for (uint32_t h = 0; h < 65536; ++h) kHalf[h] = h2f(static_cast<uint16_t>(h));
+  return true;
+}();
+
+inline float half_at(const uint8_t* p) { return kHalf[load_u16(p)]; }
+
 // A q4_k super-block's 8 sub-block scales and mins, multiplied by d and dmin
 // (llama.cpp's get_scale_min_k4).
 inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
-  const float d = h2f(load_u16(blk)), dmin = h2f(load_u16(blk + 2));
+  const float d = half_at(blk), dmin = half_at(blk + 2);
   const uint8_t* q = blk + 4;
   for (int j = 0; j < 8; ++j) {
     int sc, m;
@@ -185,10 +199,10 @@ inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
 template <Kind K>
 inline void block_scalar(const uint8_t* b, float* out) {
   if constexpr (K == Q8_0) {
-    const float d = h2f(load_u16(b));
+    const float d = half_at(b);
     for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
   } else if constexpr (K == Q4_0) {
-    const float d = h2f(load_u16(b));
+    const float d = half_at(b);
     for (int i = 0; i < 16; ++i) {
       out[i] = d * static_cast<float>((b[2 + i] & 0xF) - 8);
       out[i + 16] = d * static_cast<float>((b[2 + i] >> 4) - 8);
@@ -222,7 +236,7 @@ template <>
 struct Unit<Q8_0> {
   __m512 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(h2f(load_u16(blk))), q = blk + 2; }
+  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {
     return vmul(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * p)))));
   }
@@ -234,7 +248,7 @@ struct Unit<Q4_0> {
   __m512i idx;
   void begin(const uint8_t* blk, int, float, float) {
     const __m512 k8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    tab = vmul(vset1(h2f(load_u16(blk))), k8);  // d (k - 8), as torch's d * (q - 8)
+    tab = vmul(vset1(half_at(blk)), k8);  // d (k - 8), as torch's d * (q - 8)
     idx = bytes16(blk + 2);
   }
   vec piece(int p) const { return _mm512_permutexvar_ps(p ? _mm512_srli_epi32(idx, 4) : idx, tab); }
@@ -261,7 +275,7 @@ template <>
 struct Unit<Q8_0> {
   __m256 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(h2f(load_u16(blk))), q = blk + 2; }
+  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {
     return vmul(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * p)))));
   }
@@ -271,7 +285,7 @@ template <>
 struct Unit<Q4_0> {
   __m256 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(h2f(load_u16(blk))), q = blk + 2; }
+  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {  // pieces 0, 1: low nibbles of bytes 0-7, 8-15; 2, 3: their high nibbles
     const __m256i b = bytes8(q + 8 * (p & 1));
     const __m256i n = p < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(0xF)) : _mm256_srli_epi32(b, 4);
@@ -708,7 +722,9 @@ void gemv_rows(const std::vector<Mat>& mats, int64_t M, const float* x, const bf
 
 // Rows per group. One float32 sequence is bound by memory bandwidth: more row
 // streams help. Otherwise 4 rows x 4 sequences of accumulators fit AVX512's 32
-// vector registers; AVX2 has 16, so 2 rows there.
+// vector registers; AVX2 has 16, so 2 rows there. Quantized rows are decoded
+// into registers too: 8 of them spill, and one sequence ran 20% slower with 8
+// (q4_0, cpu-125m, one thread) than with 4.
 #if defined(GALERNE_VW) && GALERNE_VW == 8
 constexpr int ROWS = 2, ROWS_ONE = 4;
 #else
@@ -721,7 +737,7 @@ constexpr int ROWS = 4, ROWS_ONE = 8;
 void gemv(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y, int64_t ldy,
           bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
   bool wide = M == 1;
-  for (const Mat& m : mats) wide = wide && m.wt.kind != BF16;
+  for (const Mat& m : mats) wide = wide && m.wt.kind == F32;
   if (wide)
     gemv_rows<ROWS_ONE>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
   else
