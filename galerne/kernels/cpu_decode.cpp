@@ -9,15 +9,20 @@
 // barrier between stages.
 //
 // Layouts are the Python side's (galerne/engine/paged.py):
-//   k_cache, v_cache: (layers, num_blocks, block_size, K, hd), the weights' dtype
+//   k_cache, v_cache: (layers, num_blocks, block_size, K, hd), the activations'
+//            dtype (float32 or bf16, that of the norms)
 //   weights: nn.Linear's (out, in), row-major, untouched (no repacking: LoRA
-//            merges, exports and the torch path see the same tensors)
+//            merges, exports and the torch path see the same tensors); each
+//            matrix float32, bf16, or QuantLinear's uint8 blocks (q8_0, q4_0,
+//            q4_k: see "quantized weights")
 //   rotary: Mistral's interleaved pairs (HF checkpoints are permuted at load)
 // Batched LoRA (MultiLoRALinear's slot stacks): each row of a step may carry an
 // adapter slot; see lora_deltas.
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
-// bf16 matmul reads bf16 activations).
+// bf16 matmul reads bf16 activations); quantized weights multiply them in float32.
+// The vector code is AVX512 (and AVX512-BF16), or AVX2 + FMA; portable loops
+// elsewhere.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -124,8 +129,10 @@ inline float mul_sub(float a, float b, float c) {
 // dequantize gives (same operations, same roundings) and multiply it as the
 // float32 GEMV does, so a quantized model's logits are those of "dequantize, then
 // matmul" up to the order of the sums. Weights are decoded by units of 32 (a
-// q8_0 / q4_0 block, a q4_k sub-block) in registers, and each decoded vector
-// serves the MB sequences of a tile.
+// q8_0 / q4_0 block; 64 for q4_k, two sub-blocks) in registers, and each decoded
+// vector serves the MB sequences of a tile. (Per-block sums of x, to take q4_0's
+// offset of 8 or q4_k's mins out of the inner loop, are not needed: the lookup
+// table of a unit holds its 16 weights, offset or min included.)
 enum Kind : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_K = 4 };
 
 constexpr int64_t kBlock[] = {1, 1, 32, 32, 256};       // weights per block
@@ -179,20 +186,29 @@ const bool kHalfReady = [] {
 inline float half_at(const uint8_t* p) { return kHalf[load_u16(p)]; }
 
 // A q4_k super-block's 8 sub-block scales and mins, multiplied by d and dmin
-// (llama.cpp's get_scale_min_k4).
+// (llama.cpp's get_scale_min_k4). The 6-bit fields are unpacked 4 at a time in
+// 32-bit words (llama.cpp's kmask trick): byte by byte, the unpacking cost more
+// scalar instructions than the super-block's 256 weights cost vector ones, on
+// the same ports.
 inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
   const float d = half_at(blk), dmin = half_at(blk + 2);
-  const uint8_t* q = blk + 4;
-  for (int j = 0; j < 8; ++j) {
-    int sc, m;
-    if (j < 4) {
-      sc = q[j] & 63, m = q[j + 4] & 63;
-    } else {
-      sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-      m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-    ds[j] = d * static_cast<float>(sc), dm[j] = dmin * static_cast<float>(m);
-  }
+  uint32_t u[4];  // -> bytes: 8 scales, then 8 mins
+  std::memcpy(u, blk + 4, 12);
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);  // mins 4-7
+  const uint32_t m03 = u[1] & low6;
+  u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);  // scales 4-7
+  u[2] = m03;
+  u[0] &= low6;  // scales 0-3
+#if defined(__AVX2__)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
+  _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)))));
+#else
+  uint8_t b[16];
+  std::memcpy(b, u, 16);
+  for (int j = 0; j < 8; ++j) ds[j] = d * static_cast<float>(b[j]), dm[j] = dmin * static_cast<float>(b[8 + j]);
+#endif
 }
 
 // One block's weights into out (32, or 256 for q4_k), in plain C++.
@@ -221,10 +237,13 @@ inline void block_scalar(const uint8_t* b, float* out) {
 }
 
 #if defined(GALERNE_VW)
-// Unit decoders: begin() at unit u of a block (ds, dm: the unit's q4_k scale and
-// min), then piece(p) gives its weights p * VW .. p * VW + VW - 1 as floats.
+// Unit decoders: begin() at unit u of a block (ds, dm: the block's q4_k scales and
+// mins), then piece(p) gives the unit's weights p * VW .. p * VW + VW - 1 as
+// floats. A unit is 32 weights; 64 for q4_k: a chunk of 32 bytes, whose low
+// nibbles are one sub-block and high nibbles the next, widened once for both.
 template <Kind K>
 struct Unit;
+template <Kind K> constexpr int kUnit = K == Q4_K ? 64 : 32;
 
 #if GALERNE_VW == 16
 // With AVX512 a nibble becomes its weight in one instruction: vpermps looks up a
@@ -236,7 +255,7 @@ template <>
 struct Unit<Q8_0> {
   __m512 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {
     return vmul(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * p)))));
   }
@@ -246,7 +265,7 @@ template <>
 struct Unit<Q4_0> {
   __m512 tab;
   __m512i idx;
-  void begin(const uint8_t* blk, int, float, float) {
+  void begin(const uint8_t* blk, int, const float*, const float*) {
     const __m512 k8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     tab = vmul(vset1(half_at(blk)), k8);  // d (k - 8), as torch's d * (q - 8)
     idx = bytes16(blk + 2);
@@ -256,15 +275,18 @@ struct Unit<Q4_0> {
 
 template <>
 struct Unit<Q4_K> {
-  __m512 tab;
-  const uint8_t* q;
-  unsigned shift;
-  void begin(const uint8_t* blk, int u, float ds, float dm) {
+  __m512 lo, hi;  // the two sub-blocks' tables
+  __m512i i0, i1;  // bytes 0-15 and 16-31 of the chunk, widened
+  void begin(const uint8_t* blk, int u, const float* ds, const float* dm) {
     const __m512 k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    tab = vmul_sub(vset1(ds), k, vset1(dm));  // as torch's (d sc) q - dmin m
-    q = blk + 16 + 32 * (u / 2), shift = 4 * (u & 1);
+    lo = vmul_sub(vset1(ds[2 * u]), k, vset1(dm[2 * u]));  // as torch's (d sc) q - dmin m
+    hi = vmul_sub(vset1(ds[2 * u + 1]), k, vset1(dm[2 * u + 1]));
+    i0 = bytes16(blk + 16 + 32 * u), i1 = bytes16(blk + 32 + 32 * u);
   }
-  vec piece(int p) const { return _mm512_permutexvar_ps(_mm512_srli_epi32(bytes16(q + 16 * p), shift), tab); }
+  vec piece(int p) const {
+    const __m512i i = p & 1 ? i1 : i0;
+    return p < 2 ? _mm512_permutexvar_ps(i, lo) : _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), hi);
+  }
 };
 #else  // AVX2: 8 weights a piece, through integers
 inline __m256i bytes8(const uint8_t* p) {
@@ -275,7 +297,7 @@ template <>
 struct Unit<Q8_0> {
   __m256 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {
     return vmul(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * p)))));
   }
@@ -285,7 +307,7 @@ template <>
 struct Unit<Q4_0> {
   __m256 d;
   const uint8_t* q;
-  void begin(const uint8_t* blk, int, float, float) { d = vset1(half_at(blk)), q = blk + 2; }
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
   vec piece(int p) const {  // pieces 0, 1: low nibbles of bytes 0-7, 8-15; 2, 3: their high nibbles
     const __m256i b = bytes8(q + 8 * (p & 1));
     const __m256i n = p < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(0xF)) : _mm256_srli_epi32(b, 4);
@@ -295,15 +317,16 @@ struct Unit<Q4_0> {
 
 template <>
 struct Unit<Q4_K> {
-  __m256 ds, dm;
+  __m256 s0, m0, s1, m1;  // the two sub-blocks' scales and mins
   const uint8_t* q;
-  int shift;
-  void begin(const uint8_t* blk, int u, float s, float m) {
-    ds = vset1(s), dm = vset1(m), q = blk + 16 + 32 * (u / 2), shift = 4 * (u & 1);
+  void begin(const uint8_t* blk, int u, const float* ds, const float* dm) {
+    s0 = vset1(ds[2 * u]), m0 = vset1(dm[2 * u]), s1 = vset1(ds[2 * u + 1]), m1 = vset1(dm[2 * u + 1]);
+    q = blk + 16 + 32 * u;
   }
-  vec piece(int p) const {
-    const __m256i n = _mm256_and_si256(_mm256_srli_epi32(bytes8(q + 8 * p), shift), _mm256_set1_epi32(0xF));
-    return vmul_sub(ds, _mm256_cvtepi32_ps(n), dm);
+  vec piece(int p) const {  // pieces 0-3: low nibbles of bytes 0-31; 4-7: their high nibbles
+    const __m256i b = bytes8(q + 8 * (p & 3));
+    if (p < 4) return vmul_sub(s0, _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF))), m0);
+    return vmul_sub(s1, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), m1);
   }
 };
 #endif
@@ -329,10 +352,10 @@ inline void dequant_row(Kind k, const uint8_t* src, int64_t n, float* out) {
 #if defined(GALERNE_VW)
       float ds[8] = {}, dm[8] = {};
       if constexpr (K == Q4_K) q4_k_scales(blk, ds, dm);
-      for (int u = 0; u < kBlock[K] / 32; ++u) {
+      for (int u = 0; u < kBlock[K] / kUnit<K>; ++u) {
         Unit<K> dec;
-        dec.begin(blk, u, ds[u], dm[u]);
-        for (int p = 0; p < 32 / GALERNE_VW; ++p) vstore(o + 32 * u + GALERNE_VW * p, dec.piece(p));
+        dec.begin(blk, u, ds, dm);
+        for (int p = 0; p < kUnit<K> / GALERNE_VW; ++p) vstore(o + kUnit<K> * u + GALERNE_VW * p, dec.piece(p));
       }
 #else
       block_scalar<K>(blk, o);
@@ -467,7 +490,7 @@ inline void qtile(const uint8_t* w, int64_t ld, const float* x, int64_t ldx, int
                   const uint8_t* pf) {
   constexpr int64_t BLOCK = kBlock[K], BYTES = kBlockBytes[K];
 #if defined(GALERNE_VW)
-  constexpr int UNITS = BLOCK / 32, PIECES = 32 / GALERNE_VW;
+  constexpr int UNIT = kUnit<K>, UNITS = BLOCK / UNIT, PIECES = UNIT / GALERNE_VW;
   vec a[MB][R];
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) a[mb][r] = vzero();
@@ -483,13 +506,13 @@ inline void qtile(const uint8_t* w, int64_t ld, const float* x, int64_t ldx, int
       Unit<K> dec[R];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        dec[r].begin(w + r * ld + b * BYTES, u, K == Q4_K ? ds[r][u] : 0.0f, K == Q4_K ? dm[r][u] : 0.0f);
+        dec[r].begin(w + r * ld + b * BYTES, u, ds[r], dm[r]);
 #pragma GCC unroll 4
       for (int p = 0; p < PIECES; ++p) {
         vec wv[R];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) wv[r] = dec[r].piece(p);
-        const float* xp = x + b * BLOCK + 32 * u + GALERNE_VW * p;
+        const float* xp = x + b * BLOCK + UNIT * u + GALERNE_VW * p;
 #pragma GCC unroll 4
         for (int mb = 0; mb < MB; ++mb) {
           const vec xv = vload(xp + mb * ldx);
