@@ -109,9 +109,22 @@ def test_quant_linear_dequantizes_through_the_kernel(monkeypatch):
     calls = []
     real = cpu_kernels.dequantize
     monkeypatch.setattr(cpu_kernels, "dequantize", lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(3, 256)
+    x = torch.randn(40, 256)  # past GEMV_MAX_ROWS: a prefill's chunk
     torch.testing.assert_close(layer(x), x @ dequantize(q, "q4_k", 256).T, rtol=1e-5, atol=1e-5)
     assert calls and calls[0][0] is q
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_multiplies_a_few_rows_by_the_kernels_gemv(scheme, monkeypatch):
+    q = quantize(_weights(77, 512, seed=3), scheme)
+    layer = QuantLinear(q, scheme, 512)
+    dense = dequantize(q, scheme, 512)
+    monkeypatch.setattr(cpu_kernels, "dequantize", lambda *a: pytest.fail("a few rows need no dense weight"))
+    for shape in ((1, 512), (2, 3, 512), (32, 512)):
+        x = torch.randn(shape)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 77)
+        torch.testing.assert_close(y, x @ dense.T, rtol=1e-5, atol=1e-5 * (x @ dense.T).abs().max().item())
 
 
 # ------------------------------------------------------------------ one decode step

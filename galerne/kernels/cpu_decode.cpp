@@ -701,11 +701,11 @@ void group_rows(const Mat& mat, int64_t r0, int64_t M, const float* x, const bf1
       if (M == 1)
         tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf);
       else if constexpr (R <= 4)  // wider groups only serve M == 1
-        tile_dispatch<R, K>(mb, w, ld, n, x + m0 * n, xb + m0 * n, s, pf);
+        tile_dispatch<R, K>(mb, w, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, s, pf);
     } else {  // the matrix's last rows, one at a time
       for (int64_t r = 0; r < rows; ++r) {
         float t[MB];
-        tile_dispatch<1, K>(mb, w + r * ld, ld, n, x + m0 * n, xb + m0 * n, t, nullptr);
+        tile_dispatch<1, K>(mb, w + r * ld, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, t, nullptr);
         for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
       }
     }
@@ -1269,18 +1269,25 @@ class Decoder {
   mutable torch::Tensor logits_ = torch::empty({0, 0});
 };
 
-// Prefill multiplies by the dense weight: a quantized matrix decoded on every
-// thread, row by row (writing the float32 result is most of the time).
-torch::Tensor dequantize(torch::Tensor q, const std::string& scheme, int64_t in_features, int64_t threads) {
-  Kind k;
+namespace {
+Kind checked_blocks(const torch::Tensor& q, const std::string& scheme, int64_t in_features, const char* what) {
+  Kind k = F32;
   if (scheme == "q8_0") k = Q8_0;
   else if (scheme == "q4_0") k = Q4_0;
   else if (scheme == "q4_k") k = Q4_K;
-  else TORCH_CHECK(false, "dequantize: no kernel for scheme ", scheme);
-  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "dequantize: 2-D contiguous uint8");
+  else TORCH_CHECK(false, what, ": no kernel for scheme ", scheme);
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), what, ": 2-D contiguous uint8");
   TORCH_CHECK(in_features > 0 && in_features % kBlock[k] == 0 && q.size(1) == row_bytes(k, in_features),
-              "dequantize: ", scheme, " rows of ", in_features, " weights are ", row_bytes(k, in_features), " bytes, got ",
+              what, ": ", scheme, " rows of ", in_features, " weights are ", row_bytes(k, in_features), " bytes, got ",
               q.size(1));
+  return k;
+}
+}  // namespace
+
+// Prefill multiplies by the dense weight: a quantized matrix decoded on every
+// thread, row by row (writing the float32 result is most of the time).
+torch::Tensor dequantize(torch::Tensor q, const std::string& scheme, int64_t in_features, int64_t threads) {
+  const Kind k = checked_blocks(q, scheme, in_features, "dequantize");
   const int64_t rows = q.size(0), ld = q.size(1);
   torch::Tensor out = torch::empty({rows, in_features}, torch::TensorOptions().dtype(torch::kFloat32));
   const uint8_t* src = q.data_ptr<uint8_t>();
@@ -1288,6 +1295,27 @@ torch::Tensor dequantize(torch::Tensor q, const std::string& scheme, int64_t in_
   pybind11::gil_scoped_release no_gil;
 #pragma omp parallel for num_threads(std::max<int64_t>(1, threads)) schedule(static)
   for (int64_t r = 0; r < rows; ++r) dequant_row(k, src + r * ld, in_features, dst + r * in_features);
+  return out;
+}
+
+// x (M, in) float32 times a quantized matrix's transpose, by the decode step's
+// GEMV: for a few rows (the logits of a prefill's last tokens) this reads the
+// blocks once where dequantize-then-matmul writes and reads the whole float32
+// matrix (100 MB for a 32768 x 768 output projection).
+torch::Tensor linear(torch::Tensor x, torch::Tensor q, const std::string& scheme, int64_t in_features,
+                     int64_t threads) {
+  const Kind k = checked_blocks(q, scheme, in_features, "linear");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == in_features,
+              "linear: x must be contiguous float32 (rows, ", in_features, ")");
+  const int64_t M = x.size(0), rows = q.size(0);
+  torch::Tensor out = torch::empty({M, rows}, torch::TensorOptions().dtype(torch::kFloat32));
+  if (M == 0) return out;
+  const std::vector<Mat> mats{{{q.data_ptr<uint8_t>(), k, q.size(1)}, rows, 0}};
+  const float* xp = x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+#pragma omp parallel num_threads(std::max<int64_t>(1, threads))
+  gemv(mats, M, xp, nullptr, in_features, y, rows, false);
   return out;
 }
 
@@ -1308,4 +1336,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(rows, row bytes) uint8 blocks of a scheme (q8_0, q4_0, q4_k) -> (rows, in_features) float32, as "
         "galerne.quant.dequantize gives them",
         pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("threads"));
+  m.def("linear", &linear, "x (rows, in) float32 @ W.T for W in uint8 blocks of a scheme: float32 (rows, out)",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"),
+        pybind11::arg("threads"));
 }
