@@ -92,7 +92,8 @@ def load():
         try:
             # GALERNE_CPU_MARCH: another -march than native (benchmarks time the AVX2 code,
             # x86-64-v3, on AVX512 machines).
-            ext = _build(march=os.environ.get("GALERNE_CPU_MARCH") or "native")
+            march = os.environ.get("GALERNE_CPU_MARCH")
+            ext = _build(march=march) if march else _build()
         except Exception as e:  # no compiler, no ninja, no OpenMP: decode with torch ops instead
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             log.warning("CPU decode kernel unavailable (%s); decoding with torch ops, which is slower", reason)
