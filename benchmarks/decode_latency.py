@@ -9,11 +9,19 @@ and prompt in the same run: transformers ``generate`` and, where
     python benchmarks/decode_latency.py                       # cpu-125m, fp32, CPU
     python benchmarks/decode_latency.py --model mistral-7b --device cuda --dtype bfloat16
     python benchmarks/decode_latency.py --arch ministral3   # Ministral 3's YaRN + query scaling
+    python benchmarks/decode_latency.py --quantization q4_0 # galerne's q4_0 vs llama.cpp's Q4_0
+    python benchmarks/decode_latency.py --kernel-march x86-64-v3  # galerne's kernel built for AVX2
+
+``--quantization`` quantizes the same random weights (galerne: ``quantize_model_``,
+as a load with ``quantization=`` does; llama.cpp: ``llama-quantize`` of the f32 GGUF).
+The schemes differ on the output projection: galerne keeps it at q8_0 with 4-bit
+schemes, llama.cpp at Q6_K; q4_k is llama.cpp's Q4_K_S (a few tensors at Q5_K).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -72,7 +80,15 @@ def main() -> None:
     ap.add_argument("--baseline-new-tokens", type=int, default=None,
                     help="fewer new tokens for the slow baselines (tokens/s hardly depends on it at this length)")
     ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
+    ap.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
+                    help="quantize the weights (float32 activations); llama.cpp at the same precision")
+    ap.add_argument("--wait-idle", type=float, default=120.0,
+                    help="CPU: before each run, wait up to this many seconds for other processes to go idle (0: don't)")
+    ap.add_argument("--kernel-march", default=None,
+                    help="build galerne's CPU kernel for this -march (x86-64-v3: the AVX2 code) instead of native")
     args = ap.parse_args()
+    if args.kernel_march:
+        os.environ["GALERNE_CPU_MARCH"] = args.kernel_march  # read by galerne.kernels.cpu.load
 
     from galerne import LLM
     from galerne.tokenizer import Tokenizer
@@ -85,13 +101,22 @@ def main() -> None:
     # cached HF folder, which llama.cpp converts from.
     folder = random_checkpoint(args.model, dtype, args.arch) if device.type == "cpu" else None
     hf, ours = models(args.model, device, dtype, args.arch, keep_hf="transformers" in baselines)
+    if args.quantization:
+        from galerne.quant.plan import quantize_model_
+
+        quantize_model_(ours, args.quantization)
     llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()))
+    if device.type == "cpu":
+        decoder = llm.engine.runner.cpu_decoder
+        print(f"  galerne's CPU decode kernel: {'on' if decoder is not None else 'off (torch ops)'}"
+              f"{', -march=' + os.environ.get('GALERNE_CPU_MARCH', 'native') if decoder is not None else ''}")
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, SHAPES[args.model]["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
     wbytes = weight_bytes(ours, active=True)  # of a mixture of experts, the k experts a token reads
+    wbytes += sum(b.numel() for name, b in ours.named_buffers() if name.endswith("qweight"))  # blocks, uint8
     bw = peak_bandwidth(device, gib=2.0 if device.type == "cuda" else 1.0)
-    print(f"{args.model} ({args.arch}) {dtype} on {device}: {wbytes / 1e9:.3f} GB of weights read per token, peak copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{args.model} ({args.arch}) {dtype}{' ' + args.quantization if args.quantization else ''} on {device}: {wbytes / 1e9:.3f} GB of weights read per token, peak copy bandwidth {bw / 1e9:.1f} GB/s")
 
     # Every contender runs once per round, rounds interleaved (galerne, transformers,
     # llama.cpp, galerne, ...): the shared host's bandwidth drifts by several percent
@@ -108,7 +133,7 @@ def main() -> None:
         except ImportError as e:
             print(f"  llama.cpp skipped: {e}")
         else:
-            precision = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
+            precision = args.quantization or {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
             if precision:
                 gguf = folder / f"model-{precision}.gguf"
                 if not gguf.exists():
@@ -117,11 +142,20 @@ def main() -> None:
                 contenders[f"llama.cpp {precision}"] = run_llamacpp
                 closers.append(close)
 
+    def quiet() -> None:  # the CPU box is shared: a run next to another job's is worth nothing
+        if device.type == "cpu" and args.wait_idle > 0:
+            from llamacpp_baseline import wait_for_idle
+
+            other = wait_for_idle(0.08, 1.0, args.wait_idle)
+            if other >= 0.08:
+                print(f"  (other processes used {other:.0%} of the CPUs before this run)")
+
     for fn in contenders.values():
         fn()  # warm-up (allocator, kernels, caches)
     runs: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
         for name, fn in contenders.items():
+            quiet()
             runs[name].append(fn())
     for close in closers:
         close()
@@ -139,6 +173,7 @@ def main() -> None:
         print(f"  galerne / transformers: {figures['galerne'] / base:.2f}x")
     report("decode_latency", {
         "model": args.model, "arch": args.arch, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
+        "quantization": args.quantization, "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
         "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
         "tokens_per_s": figures, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},

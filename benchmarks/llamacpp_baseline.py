@@ -2,7 +2,7 @@
 
 Functions
 ---------
-convert_hf_to_gguf(hf_dir, out_path, precision)      precision in f32 | bf16 | q8_0 | q4_0
+convert_hf_to_gguf(hf_dir, out_path, precision)      precision in f32 | bf16 | q8_0 | q4_0 | q4_k
 decode_tokens_per_s(gguf_path, prompt_ids, new_tokens, threads=2) -> float
 logits_parity(hf_dir, gguf_path, prompt_ids) -> dict   (llama.cpp vs transformers, f32)
 
@@ -102,7 +102,7 @@ def _run_converter(hf_dir: Path, out_path: Path, outtype: str) -> None:
 
 def quantize_gguf(in_path, out_path, precision: str, nthread: int = 2, verbose: bool = False) -> None:
     import llama_cpp
-    # q4_k: llama.cpp's Q4_K_S, its "all q4_k" mix (output at Q6_K, a few tensors at Q5_K).
+    # q4_k: llama-quantize's Q4_K_S (Q4_K almost everywhere, a few ffn_down / attn_v at Q5_K, output Q6_K).
     ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
              "q4_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
              "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, "f32": llama_cpp.LLAMA_FTYPE_ALL_F32}[precision]
@@ -120,7 +120,7 @@ def convert_hf_to_gguf(hf_dir, out_path, precision: str) -> Path:
     """Convert a HF Mistral/Llama folder (config.json + *.safetensors + tokenizer) to GGUF.
 
     f32/bf16: llama.cpp convert_hf_to_gguf.py --outtype f32|bf16.
-    q8_0/q4_0/q4_k: convert to f32 first, then llama_model_quantize (as `llama-quantize f32.gguf out
+    q8_0/q4_0/q4_k: convert to f32 first, then llama_model_quantize (same as `llama-quantize f32.gguf out
     Q8_0|Q4_0|Q4_K_S`).
     """
     precision = precision.lower()

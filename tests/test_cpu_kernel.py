@@ -63,7 +63,7 @@ def one_step(model, lens: list[int], seed: int = 0, ext=None, slots=None, lora=N
     ``slots``: each sequence's adapter slot, passed to the kernel and to the model's
     SlotLoRA wrappers; ``lora``: stacks given to the decoder explicitly."""
     args = model.args
-    dtype = model.output.weight.dtype
+    dtype = model.norm.weight.dtype  # the activations' (and cache's), quantized or not
     g = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-(n + 1) // BLOCK) for n in lens]
     num_blocks = sum(blocks_needed) + 3

@@ -19,7 +19,8 @@ that dies with its process): another process waits for it (saying so, up to
 ``BUILD_WAIT_S``, Ctrl-C stops it), and a build killed halfway leaves nothing that
 stops the next one. Where it cannot be built (no compiler, no OpenMP, a wait that ran
 out) galerne says why once and decodes with torch ops, which give the same tokens more
-slowly. ``GALERNE_CPU_KERNELS=0`` turns it off.
+slowly. ``GALERNE_CPU_KERNELS=0`` turns it off; ``GALERNE_CPU_MARCH`` builds it for another
+``-march`` than native (``x86-64-v3``: the AVX2 code, for benchmarks).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from ..models.layers import rotary_inv_freq
+from ..models.quant import QuantEmbedding, QuantLinear
 from ..models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 # still saves the rest of the step at 64 (measured on cpu-125m, 2 cores, at
 # batch 1..64).
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 8}
+# Quantized weights: the torch path dequantizes every matrix at every step, so the
+# kernel stays ahead up to 64 (kernel / torch step time on cpu-125m, 2 cores, batch
+# 1 -> 64: q4_0 0.06 -> 0.54, q8_0 -> 0.58, q4_k 0.16 -> 0.84).
+MAX_BATCH_QUANTIZED = 64
 CFLAGS = ("-O3", "-fopenmp")  # and -march=<march>
 LDFLAGS = ("-fopenmp",)
 BUILD_WAIT_S = 600.0  # the longest wait for another process's build of the same kernel
@@ -86,7 +92,10 @@ def load():
             return _built["ext"]
         ext = None
         try:
-            ext = _build()
+            # GALERNE_CPU_MARCH: another -march than native (benchmarks time the AVX2 code,
+            # x86-64-v3, on AVX512 machines).
+            march = os.environ.get("GALERNE_CPU_MARCH")
+            ext = _build(march=march) if march else _build()
         except Exception as e:  # no compiler, no ninja, no OpenMP: decode with torch ops instead
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             log.warning("CPU decode kernel unavailable (%s); decoding with torch ops, which is slower", reason)
@@ -211,6 +220,16 @@ def dequantize(q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None
     return ext.dequantize(q.contiguous(), scheme.name, in_features, torch.get_num_threads())
 
 
+def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None:
+    """x (rows, in_features) float32 @ W.T, W the (out, row_bytes) uint8 blocks of
+    ``scheme``, by the decode kernel's GEMV (no dense copy of W): float32 (rows, out);
+    None where the kernel is not built (or does not read this scheme)."""
+    ext = load()
+    if ext is None or not hasattr(ext, "linear") or not scheme.kernel:
+        return None
+    return ext.linear(x.contiguous(), q.contiguous(), scheme.name, in_features, torch.get_num_threads())
+
+
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernel's order of the adapted linears
 
 
@@ -221,10 +240,10 @@ def _linears(layer) -> dict[str, nn.Module]:
 
 def _lora_stacks(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A, B) of a batched-adapter wrapper (galerne.models.lora's MultiLoRALinear: the
-    base nn.Linear at ``.base``, every slot's stacks at ``.lora_A`` (S, R, in) and
-    ``.lora_B`` (S, out, R)), or None for any other module."""
+    base nn.Linear or QuantLinear at ``.base``, every slot's stacks at ``.lora_A``
+    (S, R, in) and ``.lora_B`` (S, out, R)), or None for any other module."""
     base, a, b = getattr(module, "base", None), getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-    if not (isinstance(base, nn.Linear) and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+    if not (isinstance(base, (nn.Linear, QuantLinear)) and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None
     return a, b
 
@@ -236,42 +255,75 @@ def _base_linear(module: nn.Module) -> nn.Module:
 def _lora_problem(module: nn.Module, dtype: torch.dtype) -> str | None:
     """Why the kernel can't take a wrapper's stacks, or None."""
     a, b = _lora_stacks(module)
-    w = module.base.weight
+    shape = (module.base.out_features, module.base.in_features)
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2] \
-            or a.shape[2] != w.shape[1] or b.shape[1] != w.shape[0]:
-        return f"adapter stacks of shapes {tuple(a.shape)} and {tuple(b.shape)} for a {tuple(w.shape)} weight"
+            or a.shape[2] != shape[1] or b.shape[1] != shape[0]:
+        return f"adapter stacks of shapes {tuple(a.shape)} and {tuple(b.shape)} for a {shape} weight"
     if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in (a, b)):
         return "adapter stacks of another dtype, non-contiguous or off the CPU"
+    return None
+
+
+# The kernel's code of each matrix format (cpu_decode.cpp's Decoder: schemes).
+SCHEME_CODES = {"q8_0": 1, "q4_0": 2, "q4_k": 3}
+
+
+def activation_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the model's norms: its activations' and its KV cache's."""
+    return model.norm.weight.dtype
+
+
+def _matrix(module: nn.Module) -> tuple[torch.Tensor, int]:
+    """A linear's (or an embedding's) weight as the kernel reads it, and its scheme code (0: dense)."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        return module.qweight.detach(), SCHEME_CODES[module.scheme.name]
+    return module.weight.detach(), 0
+
+
+def _matrix_problem(module: nn.Module) -> str | None:
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        if module.scheme.name not in SCHEME_CODES:
+            return f"{module.scheme.name} weights (the kernel reads {', '.join(SCHEME_CODES)})"
+        t = module.qweight
+    elif isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None:
+        t = module.weight
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            return f"{t.dtype} weights (float32, bfloat16 and {', '.join(SCHEME_CODES)} only)"
+    else:
+        return "adapters or biases on the linear layers"
+    if not t.is_contiguous() or t.device.type != "cpu":
+        return "weights non-contiguous or off the CPU"
     return None
 
 
 def unsupported(model: Transformer, cache_dtype: torch.dtype) -> str | None:
     """Why the kernel can't run this model, or None when it can. The kernel knows
     what ``galerne.models`` builds today (RoPE plain or YaRN, llama-4 query scaling,
-    RMSNorm, SwiGLU, grouped heads, sliding windows); a feature added there must be
-    added here or listed."""
+    RMSNorm, SwiGLU, grouped heads, sliding windows; each matrix float32, bfloat16,
+    q8_0, q4_0 or q4_k); a feature added there must be added here or listed."""
     args = model.args
     if args.mla is not None:
         return "multi-head latent attention"
     if args.moe is not None:
         return "mixture-of-experts layers"
-    if any(hasattr(m, "qweight") for m in model.modules()):
-        return "quantized weights"
-    dtype = model.output.weight.dtype
+    dtype = activation_dtype(model)
     if dtype not in (torch.float32, torch.bfloat16):
         return f"{dtype} weights (float32 and bfloat16 only)"
     if cache_dtype != dtype:
         return "a KV cache dtype other than the weights'"
-    # Batched adapters (MultiLoRALinear: a base nn.Linear and slot stacks) run in the
-    # kernel; any other wrapper (LoRALinear's training modules) or a bias does not.
+    # Batched adapters (MultiLoRALinear: a base nn.Linear or QuantLinear and slot
+    # stacks) run in the kernel; any other wrapper (LoRALinear's training modules) or
+    # a bias does not.
     wrapped = [m for layer in model.layers for m in _linears(layer).values()]
-    if any(type(_base_linear(m)) is not nn.Linear or _base_linear(m).bias is not None for m in wrapped):
-        return "adapters or biases on the linear layers"
+    for m in [*(_base_linear(m) for m in wrapped), model.output, model.tok_embeddings]:
+        if (problem := _matrix_problem(m)) is not None:
+            return problem
     for m in wrapped:
         if _lora_stacks(m) is not None and (problem := _lora_problem(m, dtype)) is not None:
             return problem
-    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in model.parameters()):
-        return "weights of mixed dtypes, non-contiguous or off the CPU"
+    norms = [model.norm.weight] + [w for layer in model.layers for w in (layer.attention_norm.weight, layer.ffn_norm.weight)]
+    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in norms):
+        return "norms of mixed dtypes, non-contiguous or off the CPU"
     return None
 
 
@@ -294,13 +346,15 @@ class CpuDecoder:
         ``.base.weight``) are taken. The kernel reads the stacks in place: an adapter
         loaded into a slot's rows is seen by the next step."""
         args = model.args
-        self.max_batch = MAX_BATCH[model.output.weight.dtype]
-        weights, stacks = [], []
+        quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+        self.max_batch = MAX_BATCH_QUANTIZED if quantized else MAX_BATCH[activation_dtype(model)]
+        weights, schemes, stacks = [], [], []
         for i, layer in enumerate(model.layers):
             m = _linears(layer)
-            w = {t: _base_linear(m[t]).weight for t in TARGETS}
-            weights += [layer.attention_norm.weight, w["wq"], w["wk"], w["wv"], w["wo"],
-                        layer.ffn_norm.weight, w["w1"], w["w3"], w["w2"]]
+            w = {t: _matrix(_base_linear(m[t])) for t in TARGETS}
+            for x in [(layer.attention_norm.weight.detach(), 0), w["wq"], w["wk"], w["wv"], w["wo"],
+                      (layer.ffn_norm.weight.detach(), 0), w["w1"], w["w3"], w["w2"]]:
+                weights.append(x[0]), schemes.append(x[1])
             given = (lora[i] or {}) if lora is not None else {t: _lora_stacks(m[t]) for t in TARGETS}
             unknown = set(given) - set(TARGETS)
             if unknown:
@@ -316,13 +370,14 @@ class CpuDecoder:
         windows = [args.window(i) or 0 for i in range(args.n_layers)]
         inv_freq, rope_scale = rotary_inv_freq(args.head_dim, args.rope_theta, args.yarn)
         qs = args.query_scaling
+        out, out_code = _matrix(model.output)
+        emb, emb_code = _matrix(model.tok_embeddings)
         # The C++ decoder holds references to these tensors (no copies).
-        self._decoder = ext.Decoder([w.detach() for w in weights], model.norm.weight.detach(),
-                                    model.output.weight.detach(), model.tok_embeddings.weight.detach(),
+        self._decoder = ext.Decoder(weights, model.norm.weight.detach(), out, emb,
                                     k_cache, v_cache, windows, args.n_heads, args.n_kv_heads, args.head_dim,
                                     float(args.norm_eps), inv_freq.contiguous(), float(rope_scale),
                                     float(qs.beta) if qs else 0.0, int(qs.original_max_position_embeddings) if qs else 0,
-                                    stacks)
+                                    stacks, [*schemes, out_code, emb_code])
 
     @classmethod
     def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):

@@ -9,15 +9,20 @@
 // barrier between stages.
 //
 // Layouts are the Python side's (galerne/engine/paged.py):
-//   k_cache, v_cache: (layers, num_blocks, block_size, K, hd), the weights' dtype
+//   k_cache, v_cache: (layers, num_blocks, block_size, K, hd), the activations'
+//            dtype (float32 or bf16, that of the norms)
 //   weights: nn.Linear's (out, in), row-major, untouched (no repacking: LoRA
-//            merges, exports and the torch path see the same tensors)
+//            merges, exports and the torch path see the same tensors); each
+//            matrix float32, bf16, or QuantLinear's uint8 blocks (q8_0, q4_0,
+//            q4_k: see "quantized weights")
 //   rotary: Mistral's interleaved pairs (HF checkpoints are permuted at load)
 // Batched LoRA (MultiLoRALinear's slot stacks): each row of a step may carry an
 // adapter slot; see lora_deltas.
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
-// bf16 matmul reads bf16 activations).
+// bf16 matmul reads bf16 activations); quantized weights multiply them in float32.
+// The vector code is AVX512 (and AVX512-BF16), or AVX2 + FMA; portable loops
+// elsewhere.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -26,9 +31,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -58,6 +65,308 @@ template <typename T> inline T from_f(float v);
 template <> inline float from_f<float>(float v) { return v; }
 template <> inline bf16 from_f<bf16>(float v) { return f2bf(v); }
 
+// --------------------------------------------------------------- vector width
+// The GEMVs of quantized weights are written once over `vec`: 16 floats with
+// AVX512, 8 with AVX2 + FMA (most laptops and AMD servers before Zen 4), and
+// plain loops (vectorised by the compiler, or not) elsewhere.
+#if defined(__AVX512F__)
+#define GALERNE_VW 16
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset1(float v) { return _mm512_set1_ps(v); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+// a * b - c rounded twice, as torch computes it: the compiler contracts a separate
+// multiply and subtract into one fused multiply-add (one rounding) unless the
+// product goes through an opaque statement first.
+inline vec vmul_sub(vec a, vec b, vec c) {
+  vec p = _mm512_mul_ps(a, b);
+  __asm__("" : "+v"(p));
+  return _mm512_sub_ps(p, c);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GALERNE_VW 8
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset1(float v) { return _mm256_set1_ps(v); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline vec vmul_sub(vec a, vec b, vec c) {
+  vec p = _mm256_mul_ps(a, b);
+  __asm__("" : "+x"(p));
+  return _mm256_sub_ps(p, c);
+}
+#endif
+
+// Scalar a * b - c with two roundings (see vmul_sub).
+inline float mul_sub(float a, float b, float c) {
+  float p = a * b;
+  __asm__("" : "+m"(p));
+  return p - c;
+}
+
+// ---------------------------------------------------------- quantized weights
+// A matrix is float32, bf16, or one of galerne.quant's block schemes, which are
+// llama.cpp's blocks byte for byte (galerne/quant/formats.py), one row of blocks
+// per output row:
+//   q8_0: 34 bytes per 32 weights: fp16 d, 32 int8; w = d q
+//   q4_0: 18 bytes per 32: fp16 d, 16 bytes of nibbles (weight j low nibble of
+//         byte j, weight j + 16 its high nibble); w = d (q - 8)
+//   q4_k: 144 bytes per 256: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+//         mins, 4 chunks of 32 bytes (chunk c: sub-block 2c in the low nibbles,
+//         2c + 1 in the high ones); w = d sc q - dmin m
+// Activations stay float32: the GEMVs decode each weight to the float torch's
+// dequantize gives (same operations, same roundings) and multiply it as the
+// float32 GEMV does, so a quantized model's logits are those of "dequantize, then
+// matmul" up to the order of the sums. Weights are decoded by units of 32 (a
+// q8_0 / q4_0 block; 64 for q4_k, two sub-blocks) in registers, and each decoded
+// vector serves the MB sequences of a tile. (Per-block sums of x, to take q4_0's
+// offset of 8 or q4_k's mins out of the inner loop, are not needed: the lookup
+// table of a unit holds its 16 weights, offset or min included.)
+enum Kind : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_K = 4 };
+
+constexpr int64_t kBlock[] = {1, 1, 32, 32, 256};       // weights per block
+constexpr int64_t kBlockBytes[] = {4, 2, 34, 18, 144};  // bytes per block
+
+inline int64_t row_bytes(Kind k, int64_t n) { return n / kBlock[k] * kBlockBytes[k]; }
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline float h2f(uint16_t h) {  // IEEE half to float, exactly
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (e == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (e == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      e = 113;
+      while (!(man & 0x400u)) man <<= 1, --e;
+      u = sign | (e << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((e + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// Every half's float, looked up (256 KB): a block's scale read this way costs two
+// loads (its bits, then a broadcast straight from the table) and no vector
+// instruction, where a conversion in registers takes three, on the shuffle port
+// that the nibble lookups (vpermps) and widenings (vpmovzx) already saturate.
+// (llama.cpp's ggml_table_f32_f16, for the same reason.) Only the scales that
+// occur are touched: a few KB of it stay in L2.
+float kHalf[65536];
+const bool kHalfReady = [] {
+  for (uint32_t h = 0; h < 65536; ++h) kHalf[h] = h2f(static_cast<uint16_t>(h));
+  return true;
+}();
+
+inline float half_at(const uint8_t* p) { return kHalf[load_u16(p)]; }
+
+// A q4_k super-block's 8 sub-block scales and mins, multiplied by d and dmin
+// (llama.cpp's get_scale_min_k4). The 6-bit fields are unpacked 4 at a time in
+// 32-bit words (llama.cpp's kmask trick): byte by byte, the unpacking cost more
+// scalar instructions than the super-block's 256 weights cost vector ones, on
+// the same ports.
+inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
+  const float d = half_at(blk), dmin = half_at(blk + 2);
+  uint32_t u[4];  // -> bytes: 8 scales, then 8 mins
+  std::memcpy(u, blk + 4, 12);
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);  // mins 4-7
+  const uint32_t m03 = u[1] & low6;
+  u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);  // scales 4-7
+  u[2] = m03;
+  u[0] &= low6;  // scales 0-3
+#if defined(__AVX2__)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
+  _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)))));
+#else
+  uint8_t b[16];
+  std::memcpy(b, u, 16);
+  for (int j = 0; j < 8; ++j) ds[j] = d * static_cast<float>(b[j]), dm[j] = dmin * static_cast<float>(b[8 + j]);
+#endif
+}
+
+// One block's weights into out (32, or 256 for q4_k), in plain C++.
+template <Kind K>
+inline void block_scalar(const uint8_t* b, float* out) {
+  if constexpr (K == Q8_0) {
+    const float d = half_at(b);
+    for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+  } else if constexpr (K == Q4_0) {
+    const float d = half_at(b);
+    for (int i = 0; i < 16; ++i) {
+      out[i] = d * static_cast<float>((b[2 + i] & 0xF) - 8);
+      out[i + 16] = d * static_cast<float>((b[2 + i] >> 4) - 8);
+    }
+  } else {
+    float ds[8], dm[8], lo[16], hi[16];
+    q4_k_scales(b, ds, dm);
+    for (int c = 0; c < 4; ++c) {
+      for (int k = 0; k < 16; ++k)
+        lo[k] = mul_sub(ds[2 * c], static_cast<float>(k), dm[2 * c]),
+        hi[k] = mul_sub(ds[2 * c + 1], static_cast<float>(k), dm[2 * c + 1]);
+      const uint8_t* q = b + 16 + 32 * c;
+      for (int i = 0; i < 32; ++i) out[64 * c + i] = lo[q[i] & 0xF], out[64 * c + 32 + i] = hi[q[i] >> 4];
+    }
+  }
+}
+
+#if defined(GALERNE_VW)
+// Unit decoders: begin() at unit u of a block (ds, dm: the block's q4_k scales and
+// mins), then piece(p) gives the unit's weights p * VW .. p * VW + VW - 1 as
+// floats. A unit is 32 weights; 64 for q4_k: a chunk of 32 bytes, whose low
+// nibbles are one sub-block and high nibbles the next, widened once for both.
+template <Kind K>
+struct Unit;
+template <Kind K> constexpr int kUnit = K == Q4_K ? 64 : 32;
+
+#if GALERNE_VW == 16
+// With AVX512 a nibble becomes its weight in one instruction: vpermps looks up a
+// 16-entry table (it reads the low 4 bits of each index), and the table holds the
+// unit's 16 possible weights, scale and offset (or min) folded in.
+inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <>
+struct Unit<Q8_0> {
+  __m512 d;
+  const uint8_t* q;
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
+  vec piece(int p) const {
+    return vmul(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * p)))));
+  }
+};
+
+template <>
+struct Unit<Q4_0> {
+  __m512 tab;
+  __m512i idx;
+  void begin(const uint8_t* blk, int, const float*, const float*) {
+    const __m512 k8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    tab = vmul(vset1(half_at(blk)), k8);  // d (k - 8), as torch's d * (q - 8)
+    idx = bytes16(blk + 2);
+  }
+  vec piece(int p) const { return _mm512_permutexvar_ps(p ? _mm512_srli_epi32(idx, 4) : idx, tab); }
+};
+
+template <>
+struct Unit<Q4_K> {
+  __m512 lo, hi;  // the two sub-blocks' tables
+  __m512i i0, i1;  // bytes 0-15 and 16-31 of the chunk, widened
+  void begin(const uint8_t* blk, int u, const float* ds, const float* dm) {
+    const __m512 k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    lo = vmul_sub(vset1(ds[2 * u]), k, vset1(dm[2 * u]));  // as torch's (d sc) q - dmin m
+    hi = vmul_sub(vset1(ds[2 * u + 1]), k, vset1(dm[2 * u + 1]));
+    i0 = bytes16(blk + 16 + 32 * u), i1 = bytes16(blk + 32 + 32 * u);
+  }
+  vec piece(int p) const {
+    const __m512i i = p & 1 ? i1 : i0;
+    return p < 2 ? _mm512_permutexvar_ps(i, lo) : _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), hi);
+  }
+};
+#else  // AVX2: 8 weights a piece, through integers
+inline __m256i bytes8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <>
+struct Unit<Q8_0> {
+  __m256 d;
+  const uint8_t* q;
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
+  vec piece(int p) const {
+    return vmul(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * p)))));
+  }
+};
+
+template <>
+struct Unit<Q4_0> {
+  __m256 d;
+  const uint8_t* q;
+  void begin(const uint8_t* blk, int, const float*, const float*) { d = vset1(half_at(blk)), q = blk + 2; }
+  vec piece(int p) const {  // pieces 0, 1: low nibbles of bytes 0-7, 8-15; 2, 3: their high nibbles
+    const __m256i b = bytes8(q + 8 * (p & 1));
+    const __m256i n = p < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(0xF)) : _mm256_srli_epi32(b, 4);
+    return vmul(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8))));
+  }
+};
+
+template <>
+struct Unit<Q4_K> {
+  __m256 s0, m0, s1, m1;  // the two sub-blocks' scales and mins
+  const uint8_t* q;
+  void begin(const uint8_t* blk, int u, const float* ds, const float* dm) {
+    s0 = vset1(ds[2 * u]), m0 = vset1(dm[2 * u]), s1 = vset1(ds[2 * u + 1]), m1 = vset1(dm[2 * u + 1]);
+    q = blk + 16 + 32 * u;
+  }
+  vec piece(int p) const {  // pieces 0-3: low nibbles of bytes 0-31; 4-7: their high nibbles
+    const __m256i b = bytes8(q + 8 * (p & 3));
+    if (p < 4) return vmul_sub(s0, _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF))), m0);
+    return vmul_sub(s1, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), m1);
+  }
+};
+#endif
+#endif  // GALERNE_VW
+
+// A row of n weights of kind k into out, as torch's dequantize gives them.
+inline void dequant_row(Kind k, const uint8_t* src, int64_t n, float* out) {
+  if (k == F32) {
+    std::memcpy(out, src, n * sizeof(float));
+    return;
+  }
+  if (k == BF16) {
+    const bf16* s = reinterpret_cast<const bf16*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = bf2f(s[i]);
+    return;
+  }
+  auto run = [&](auto kind) {
+    constexpr Kind K = decltype(kind)::value;
+    for (int64_t b = 0; b < n / kBlock[K]; ++b) {
+      const uint8_t* blk = src + b * kBlockBytes[K];
+      float* o = out + b * kBlock[K];
+#if defined(GALERNE_VW)
+      float ds[8] = {}, dm[8] = {};
+      if constexpr (K == Q4_K) q4_k_scales(blk, ds, dm);
+      for (int u = 0; u < kBlock[K] / kUnit<K>; ++u) {
+        Unit<K> dec;
+        dec.begin(blk, u, ds, dm);
+        for (int p = 0; p < kUnit<K> / GALERNE_VW; ++p) vstore(o + kUnit<K> * u + GALERNE_VW * p, dec.piece(p));
+      }
+#else
+      block_scalar<K>(blk, o);
+#endif
+    }
+  };
+  if (k == Q8_0) run(std::integral_constant<Kind, Q8_0>{});
+  else if (k == Q4_0) run(std::integral_constant<Kind, Q4_0>{});
+  else run(std::integral_constant<Kind, Q4_K>{});
+}
+
 // ---------------------------------------------------------------- dot products
 // tile<R, MB>: R weight rows (stride ld) against MB input vectors (stride ldx) of
 // length n; out[mb * R + r]. xf holds the float32 inputs, xb their bf16 copies
@@ -74,23 +383,23 @@ template <int R, int MB>
 inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64_t ldx, int64_t n, float* out,
                  const float*) {  // float32 streams fill the bandwidth without prefetches (measured)
   int64_t i0 = 0;
-#if defined(__AVX512F__)
-  __m512 a[MB][R];
+#if defined(GALERNE_VW)
+  vec a[MB][R];
   for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
-  for (; i0 + 16 <= n; i0 += 16) {
-    __m512 wv[R];
+    for (int r = 0; r < R; ++r) a[mb][r] = vzero();
+  for (; i0 + GALERNE_VW <= n; i0 += GALERNE_VW) {
+    vec wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * ld + i0);
+    for (int r = 0; r < R; ++r) wv[r] = vload(w + r * ld + i0);
 #pragma GCC unroll 4
     for (int mb = 0; mb < MB; ++mb) {
-      const __m512 x = _mm512_loadu_ps(xf + mb * ldx + i0);
+      const vec x = vload(xf + mb * ldx + i0);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[mb][r] = _mm512_fmadd_ps(wv[r], x, a[mb][r]);
+      for (int r = 0; r < R; ++r) a[mb][r] = vfma(wv[r], x, a[mb][r]);
     }
   }
   for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r) out[mb * R + r] = _mm512_reduce_add_ps(a[mb][r]);
+    for (int r = 0; r < R; ++r) out[mb * R + r] = vsum(a[mb][r]);
 #else
   for (int k = 0; k < MB * R; ++k) out[k] = 0;
 #endif
@@ -106,9 +415,9 @@ inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64
 template <int R, int MB>
 inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int64_t ldx, int64_t n, float* out,
                  const bf16* pf) {
+  int64_t i0 = 0;
 #if defined(__AVX512BF16__)
   (void)xf;
-  int64_t i0 = 0;
   __m512 a[MB][R];
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
@@ -134,13 +443,101 @@ inline void tile(const bf16* w, int64_t ld, const float* xf, const bf16* xb, int
       out[mb * R + r] = _mm512_reduce_add_ps(a[mb][r]) + s;
     }
 #else
-  (void)xb, (void)pf;
+  (void)xb;
+#if defined(GALERNE_VW) && GALERNE_VW == 8
+  // AVX2: widening bf16 is a shift into the high half of each 32-bit lane.
+  __m256 a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = _mm256_setzero_ps();
+  for (; i0 + 8 <= n; i0 += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (pf && (i0 & 31) == 0) __builtin_prefetch(pf + r * ld + i0);
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ld + i0));
+      wv[r] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+#pragma GCC unroll 4
+    for (int mb = 0; mb < MB; ++mb) {
+      const __m256 x = _mm256_loadu_ps(xf + mb * ldx + i0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[mb][r] = _mm256_fmadd_ps(wv[r], x, a[mb][r]);
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) out[mb * R + r] = vsum(a[mb][r]);
+#else
+  (void)pf;
+  for (int k = 0; k < MB * R; ++k) out[k] = 0;
+#endif
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) {  // widening bf16 is a shift: this vectorises
       float s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < n; ++i) s += bf2f(w[r * ld + i]) * xf[mb * ldx + i];
-      out[mb * R + r] = s;
+      for (int64_t i = i0; i < n; ++i) s += bf2f(w[r * ld + i]) * xf[mb * ldx + i];
+      out[mb * R + r] += s;
+    }
+#endif
+}
+
+// Quantized rows (ld bytes apart) against float32 inputs: n is a multiple of the
+// block (the Decoder checks). Per unit of 32 weights, the R rows' weights are
+// decoded once and each piece serves the MB sequences from a register. pf: as the
+// bf16 tile's, one prefetch per block and row (a few per cache line: cheaper than
+// a test of whether the block starts a new line).
+template <int R, int MB, Kind K>
+inline void qtile(const uint8_t* w, int64_t ld, const float* x, int64_t ldx, int64_t n, float* out,
+                  const uint8_t* pf) {
+  constexpr int64_t BLOCK = kBlock[K], BYTES = kBlockBytes[K];
+#if defined(GALERNE_VW)
+  constexpr int UNIT = kUnit<K>, UNITS = BLOCK / UNIT, PIECES = UNIT / GALERNE_VW;
+  vec a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = vzero();
+  for (int64_t b = 0; b < n / BLOCK; ++b) {
+    float ds[R][8], dm[R][8];  // q4_k: the block's scales and mins
+    for (int r = 0; r < R; ++r) {
+      if (pf)
+        for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pf + r * ld + b * BYTES + o);
+      if constexpr (K == Q4_K) q4_k_scales(w + r * ld + b * BYTES, ds[r], dm[r]);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < UNITS; ++u) {
+      Unit<K> dec[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        dec[r].begin(w + r * ld + b * BYTES, u, ds[r], dm[r]);
+#pragma GCC unroll 4
+      for (int p = 0; p < PIECES; ++p) {
+        vec wv[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) wv[r] = dec[r].piece(p);
+        const float* xp = x + b * BLOCK + UNIT * u + GALERNE_VW * p;
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {
+          const vec xv = vload(xp + mb * ldx);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) a[mb][r] = vfma(wv[r], xv, a[mb][r]);
+        }
+      }
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) out[mb * R + r] = vsum(a[mb][r]);
+#else
+  (void)pf;
+  float wf[BLOCK];
+  for (int k = 0; k < MB * R; ++k) out[k] = 0;
+  for (int r = 0; r < R; ++r)
+    for (int64_t b = 0; b < n / BLOCK; ++b) {
+      block_scalar<K>(w + r * ld + b * BYTES, wf);
+      for (int mb = 0; mb < MB; ++mb) {
+        const float* xp = x + mb * ldx + b * BLOCK;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < BLOCK; ++i) s += wf[i] * xp[i];
+        out[mb * R + r] += s;
+      }
     }
 #endif
 }
@@ -202,6 +599,30 @@ inline void softmax(float* row, int64_t n) {
     acc = _mm512_add_ps(acc, e);
   }
   denom = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The same in 8 lanes; 2^k built in the exponent bits (x >= -87: k >= -126, a
+  // normal float), AVX2 having no scalef.
+  const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmx), lo);
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, x));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
+    _mm256_storeu_ps(row + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  denom = vsum(acc);
 #endif
   for (; j < n; ++j) denom += (row[j] = std::exp(row[j] - mx));
   const float inv = 1.0f / denom;
@@ -217,56 +638,100 @@ inline void softmax(float* row, int64_t n) {
 
 constexpr int MB = 4;
 
-template <typename W>
+// A matrix of the step: w, rows of ld bytes in its kind.
+struct Weight {
+  const uint8_t* w = nullptr;
+  Kind kind = F32;
+  int64_t ld = 0;
+};
+
 struct Mat {
-  const W* w;
+  Weight wt;
   int64_t rows;
   int64_t col0;  // first output column in y
 };
 
 constexpr int64_t PREFETCH_GROUPS = 2;
 
-template <int R, typename W>
-inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, const bf16* xb, float* s, const W* pf) {
+template <int R, int MBT, Kind K>
+inline void tile_k(const uint8_t* w, int64_t ld, const float* x, const bf16* xb, int64_t ldx, int64_t n, float* out,
+                   const uint8_t* pf) {
+  if constexpr (K == F32)
+    tile<R, MBT>(reinterpret_cast<const float*>(w), ld / 4, x, xb, ldx, n, out, reinterpret_cast<const float*>(pf));
+  else if constexpr (K == BF16)
+    tile<R, MBT>(reinterpret_cast<const bf16*>(w), ld / 2, x, xb, ldx, n, out, reinterpret_cast<const bf16*>(pf));
+  else
+    qtile<R, MBT, K>(w, ld, x, ldx, n, out, pf);
+}
+
+template <int R, Kind K>
+inline void tile_dispatch(int64_t mb, const uint8_t* w, int64_t ld, int64_t n, const float* x, const bf16* xb,
+                          float* s, const uint8_t* pf) {
   switch (mb) {  // the tile sizes are template arguments: registers, not memory
-    case 1: tile<R, 1>(w, n, x, xb, n, n, s, pf); break;
-    case 2: tile<R, 2>(w, n, x, xb, n, n, s, pf); break;
-    case 3: tile<R, 3>(w, n, x, xb, n, n, s, pf); break;
-    default: tile<R, MB>(w, n, x, xb, n, n, s, pf); break;
+    case 1: tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf); break;
+    case 2: tile_k<R, 2, K>(w, ld, x, xb, n, n, s, pf); break;
+    case 3: tile_k<R, 3, K>(w, ld, x, xb, n, n, s, pf); break;
+    default: tile_k<R, MB, K>(w, ld, x, xb, n, n, s, pf); break;
   }
 }
 
+template <typename W> constexpr Kind kind_of = std::is_same_v<W, float> ? F32 : BF16;
+
+// A dense matrix in the activations' dtype (LoRA's A): rows n elements apart.
 template <int R, typename W>
-void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
+inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, const bf16* xb, float* s) {
+  tile_dispatch<R, kind_of<W>>(mb, reinterpret_cast<const uint8_t*>(w), n * static_cast<int64_t>(sizeof(W)), n, x, xb,
+                               s, nullptr);
+}
+
+// Rows r0 .. r0 + R - 1 of one matrix (fewer at its end) for the M sequences.
+// One sequence (RM: R rows for M == 1, more streams) takes only 1-wide tiles.
+template <int R, Kind K>
+void group_rows(const Mat& mat, int64_t r0, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
+                int64_t ldy, bool accumulate, const int64_t* rowmap) {
+  const int64_t rows = std::min<int64_t>(R, mat.rows - r0), ld = mat.wt.ld;
+  const uint8_t* w = mat.wt.w + r0 * ld;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t mb = std::min<int64_t>(MB, M - m0);
+    float s[MB * R];
+    // Prefetch once per group, with the first tile of sequences. Past the
+    // matrix's end it is a hint about memory nobody reads: harmless.
+    const uint8_t* pf = m0 == 0 ? w + PREFETCH_GROUPS * R * ld : nullptr;
+    if (rows == R) {
+      if (M == 1)
+        tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf);
+      else if constexpr (R <= 4)  // wider groups only serve M == 1
+        tile_dispatch<R, K>(mb, w, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, s, pf);
+    } else {  // the matrix's last rows, one at a time
+      for (int64_t r = 0; r < rows; ++r) {
+        float t[MB];
+        tile_dispatch<1, K>(mb, w + r * ld, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, t, nullptr);
+        for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
+      }
+    }
+    for (int64_t k = 0; k < mb; ++k) {
+      float* out = y + (rowmap ? rowmap[m0 + k] : m0 + k) * ldy + mat.col0 + r0;
+      for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[k * R + r] : s[k * R + r];
+    }
+  }
+}
+
+template <int R>
+void gemv_rows(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
                int64_t ldy, bool accumulate, const int64_t* rowmap, bool nowait) {
   int64_t groups[4], total = 0;
   for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + R - 1) / R, groups[j] = total;
   auto group = [&](int64_t g) {
     size_t j = 0;
     while (g >= groups[j]) ++j;
-    const Mat<W>& mat = mats[j];
+    const Mat& mat = mats[j];
     const int64_t r0 = (g - (j ? groups[j - 1] : 0)) * R;
-    const int64_t rows = std::min<int64_t>(R, mat.rows - r0);
-    const W* w = mat.w + r0 * n;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t mb = std::min<int64_t>(MB, M - m0);
-      float s[MB * R];
-      // Prefetch once per group, with the first tile of sequences. Past the
-      // matrix's end it is a hint about memory nobody reads: harmless.
-      const W* pf = m0 == 0 ? w + PREFETCH_GROUPS * R * n : nullptr;
-      if (rows == R) {
-        tile_dispatch<R>(mb, w, n, x + m0 * n, xb + m0 * n, s, pf);
-      } else {  // the matrix's last rows, one at a time
-        for (int64_t r = 0; r < rows; ++r) {
-          float t[MB];
-          tile_dispatch<1>(mb, w + r * n, n, x + m0 * n, xb + m0 * n, t, static_cast<const W*>(nullptr));
-          for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
-        }
-      }
-      for (int64_t k = 0; k < mb; ++k) {
-        float* out = y + (rowmap ? rowmap[m0 + k] : m0 + k) * ldy + mat.col0 + r0;
-        for (int64_t r = 0; r < rows; ++r) out[r] = accumulate ? out[r] + s[k * R + r] : s[k * R + r];
-      }
+    switch (mat.wt.kind) {
+      case F32: group_rows<R, F32>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
+      case BF16: group_rows<R, BF16>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
+      case Q8_0: group_rows<R, Q8_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
+      case Q4_0: group_rows<R, Q4_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
+      case Q4_K: group_rows<R, Q4_K>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
     }
   };
   if (nowait) {
@@ -278,18 +743,28 @@ void gemv_rows(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const
   }
 }
 
+// Rows per group. One float32 sequence is bound by memory bandwidth: more row
+// streams help. Otherwise 4 rows x 4 sequences of accumulators fit AVX512's 32
+// vector registers; AVX2 has 16, so 2 rows there. Quantized rows are decoded
+// into registers too: 8 of them spill, and one sequence ran 20% slower with 8
+// (q4_0, cpu-125m, one thread) than with 4.
+#if defined(GALERNE_VW) && GALERNE_VW == 8
+constexpr int ROWS = 2, ROWS_ONE = 4;
+#else
+constexpr int ROWS = 4, ROWS_ONE = 8;
+#endif
+
 // rowmap, where not null, says which row of y each input row's outputs go to.
 // nowait: no barrier at the end (the caller's next work-shared loop has one, and
 // does not touch y before it: lora_deltas).
-template <typename W>
-void gemv(const std::vector<Mat<W>>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-          int64_t ldy, bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
-  // One float32 sequence is bound by memory bandwidth: more row streams help.
-  // Otherwise 4 rows x 4 sequences of accumulators fit the 32 vector registers.
-  if (M == 1 && std::is_same_v<W, float>)
-    gemv_rows<8>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
+void gemv(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y, int64_t ldy,
+          bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
+  bool wide = M == 1;
+  for (const Mat& m : mats) wide = wide && m.wt.kind == F32;
+  if (wide)
+    gemv_rows<ROWS_ONE>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
   else
-    gemv_rows<4>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
+    gemv_rows<ROWS>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
 }
 
 // ----------------------------------------------------------------------- LoRA
@@ -418,11 +893,11 @@ void lora_deltas(const std::vector<Lora<W>>& mats, const std::vector<Group>& gro
       const int64_t mb = std::min<int64_t>(MB, g.m0 + g.cnt - m0);
       float s[MB * 4];
       if (rows == 4) {
-        tile_dispatch<4>(mb, a, n, x + m0 * n, xb + m0 * n, s, static_cast<const W*>(nullptr));
+        tile_dispatch<4>(mb, a, n, x + m0 * n, xb + m0 * n, s);
       } else {
         for (int64_t r = 0; r < rows; ++r) {
           float t[MB];
-          tile_dispatch<1>(mb, a + r * n, n, x + m0 * n, xb + m0 * n, t, static_cast<const W*>(nullptr));
+          tile_dispatch<1>(mb, a + r * n, n, x + m0 * n, xb + m0 * n, t);
           for (int64_t i = 0; i < mb; ++i) s[i * 4 + r] = t[i];
         }
       }
@@ -459,6 +934,8 @@ struct Model {
   int64_t q_orig;                      // (q_beta 0: none)
   std::vector<torch::Tensor> lora;     // 14 per layer or none: A, B of wq, wk, wv, wo, w1, w3, w2 (undefined: none)
   int64_t slots;                       // adapter slots of every stack (0 without LoRA)
+  std::vector<Weight> mats;            // 9 per layer, as weights (the norms' entries unused)
+  Weight out, embed;                   // the output projection, the embedding
 };
 
 template <typename W>
@@ -470,7 +947,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
   const int64_t H = model.H, K = model.K, hd = model.hd;
   const double eps = model.eps;
   const torch::Tensor &final_norm = model.final_norm, &out_w = model.out_w;
-  const int64_t M = static_cast<int64_t>(tokens_in.size()), D = model.emb.size(1);
+  const int64_t M = static_cast<int64_t>(tokens_in.size()), D = final_norm.size(0);
   const int64_t L = static_cast<int64_t>(windows.size());
   const int64_t F = weights[6].size(0);  // w1's rows: the hidden size
   const int64_t V = out_w.size(0);
@@ -507,9 +984,8 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
 
   std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F), h(M * D);
   std::vector<bf16> xb(M * widest);
-  const W* emb = reinterpret_cast<const W*>(model.emb.data_ptr());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < D; ++i) h[m * D + i] = to_f(emb[tokens[m] * D + i]);
+  for (int64_t m = 0; m < M; ++m)  // a quantized embedding: the token's row only, decoded
+    dequant_row(model.embed.kind, model.embed.w + tokens[m] * model.embed.ld, D, h.data() + m * D);
   const int64_t max_ctx = *std::max_element(pos.begin(), pos.end()) + 1;  // a token sees itself
   std::vector<float> scores(static_cast<size_t>(threads) * group * max_ctx);
   W* kc = reinterpret_cast<W*>(model.k_cache.data_ptr());
@@ -530,7 +1006,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
     }
   }
 
-  auto wp = [&](int64_t l, int j) { return reinterpret_cast<const W*>(weights[l * 9 + j].data_ptr()); };
+  auto wp = [&](int64_t l, int j) { return model.mats[l * 9 + j]; };
 
   // The adapted matrices of each layer, by the input they read: wq wk wv, wo, w1 w3, w2.
   std::vector<std::vector<Lora<W>>> lqkv(L), lo(L), l13(L), l2(L);
@@ -578,7 +1054,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
     for (int64_t l = 0; l < L; ++l) {
       // weights per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
       rms_norm(norm_w(weights[l * 9 + 0]));
-      gemv<W>({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
+      gemv({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
               xb.data(), D, xq.data(), qkv_w, false, nullptr, !lqkv[l].empty());
       lora_deltas<W>(lqkv[l], groups, xn.data(), xb.data(), D, u.data(), xq.data(), qkv_w);  // before rotary
 
@@ -641,10 +1117,10 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
         }
       }
 
-      gemv<W>({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
+      gemv({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
       lora_deltas<W>(lo[l], groups, att.data(), xb.data(), H * hd, u.data(), h.data(), D);
       rms_norm(norm_w(weights[l * 9 + 5]));
-      gemv<W>({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false, nullptr,
+      gemv({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false, nullptr,
               !l13[l].empty());
       lora_deltas<W>(l13[l], groups, xn.data(), xb.data(), D, u.data(), ff.data(), 2 * F);
 
@@ -658,11 +1134,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
           xb[m * F + i] = f2bf(v);
         }
       }
-      gemv<W>({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
+      gemv({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
       lora_deltas<W>(l2[l], groups, xn.data(), xb.data(), F, u.data(), h.data(), D);
     }
     rms_norm(norm_w(final_norm));
-    gemv<W>({{reinterpret_cast<const W*>(out_w.data_ptr()), V, 0}}, M, xn.data(), xb.data(), D,
+    gemv({{model.out, V, 0}}, M, xn.data(), xb.data(), D,
             logits, V, false, rowmap);
   }
 }
@@ -674,16 +1150,20 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
 //   weights: 9 tensors per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
 //   windows: per layer, 0 for none
 //   lora: empty, or 14 per layer: A, B of wq, wk, wv, wo, w1, w3, w2, each
-//         (S, R, in) and (S, out, R) in the weights' dtype, or empty where the
-//         matrix has no adapter (see lora_deltas); step()'s slots pick one per row
+//         (S, R, in) and (S, out, R) in the activations' dtype, or empty where
+//         the matrix has no adapter (see lora_deltas); step()'s slots pick one per row
+//   schemes: empty (every matrix dense), or one code per weight then out_w, emb
+//         (9 L + 2): 0 dense (float32 or bfloat16, whatever the activations),
+//         1 q8_0, 2 q4_0, 3 q4_k: (rows, row bytes) uint8 blocks
+// The norms and the cache are in the activations' dtype (float32 or bfloat16).
 // The caller (galerne/kernels/cpu.py) checks that the model qualifies: contiguous
-// CPU tensors, one dtype (float32 or bfloat16) for weights and cache, no biases.
+// CPU tensors, no biases.
 class Decoder {
  public:
   Decoder(std::vector<torch::Tensor> weights, torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor emb,
           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
           int64_t n_kv_heads, int64_t head_dim, double eps, torch::Tensor inv_freq, double rope_scale, double q_beta,
-          int64_t q_orig, std::vector<torch::Tensor> lora)
+          int64_t q_orig, std::vector<torch::Tensor> lora, std::vector<int64_t> schemes)
       : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
            n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2), static_cast<float>(rope_scale),
            q_beta, q_orig, {}, 0} {
@@ -694,12 +1174,26 @@ class Decoder {
     TORCH_CHECK(q_beta == 0.0 || q_orig > 0, "Decoder: query scaling needs a positive original context");
     TORCH_CHECK(m_.weights.size() == 9 * m_.windows.size(), "Decoder: 9 weights per layer");
     TORCH_CHECK(n_heads % n_kv_heads == 0 && head_dim % 2 == 0, "Decoder: bad head shape");
-    const auto dtype = out_w.scalar_type();
-    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "Decoder: float32 or bfloat16 weights");
-    for (const auto& t : m_.weights) TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: weights");
-    for (const auto& t : {final_norm, emb, k_cache, v_cache})
-      TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: one dtype, contiguous");
+    const auto dtype = final_norm.scalar_type();  // the activations'
+    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "Decoder: float32 or bfloat16 norms");
     const int64_t L = static_cast<int64_t>(m_.windows.size());
+    for (int64_t l = 0; l < L; ++l)
+      for (int j : {0, 5}) TORCH_CHECK(m_.weights[l * 9 + j].scalar_type() == dtype, "Decoder: norms of one dtype");
+    for (const auto& t : {final_norm, k_cache, v_cache})
+      TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "Decoder: norms and cache of one dtype, contiguous");
+    TORCH_CHECK(schemes.empty() || static_cast<int64_t>(schemes.size()) == 9 * L + 2,
+                "Decoder: schemes: one per weight, then the output's and the embedding's");
+    if (schemes.empty()) schemes.assign(9 * L + 2, 0);
+    const int64_t D = final_norm.size(0), HD = n_heads * head_dim, KD = n_kv_heads * head_dim;
+    const int64_t F = m_.weights.empty() ? 0 : m_.weights[6].size(0);
+    // Each matrix's (rows, in features), by its index in a layer's nine.
+    const int64_t rows[9] = {0, HD, KD, KD, D, 0, F, F, D}, ins[9] = {0, D, D, D, HD, 0, D, D, F};
+    m_.mats.resize(9 * L);
+    for (int64_t l = 0; l < L; ++l)
+      for (int j : {1, 2, 3, 4, 6, 7, 8})
+        m_.mats[l * 9 + j] = weight(m_.weights[l * 9 + j], schemes[l * 9 + j], rows[j], ins[j]);
+    m_.out = weight(out_w, schemes[9 * L], out_w.size(0), D);
+    m_.embed = weight(emb, schemes[9 * L + 1], emb.size(0), D);
     TORCH_CHECK(lora.empty() || static_cast<int64_t>(lora.size()) == 14 * L, "Decoder: lora: 14 tensors per layer");
     int64_t slots = -1;
     for (int64_t l = 0; l < L && !lora.empty(); ++l) {
@@ -713,7 +1207,7 @@ class Decoder {
         }
         const torch::Tensor& w = m_.weights[l * 9 + (j < 4 ? 1 + j : 2 + j)];
         TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(2) &&
-                        a.size(2) == w.size(1) && b.size(1) == w.size(0),
+                        a.size(2) == ins[j < 4 ? 1 + j : 2 + j] && b.size(1) == w.size(0),
                     "Decoder: lora: A (S, R, in) and B (S, out, R) of the matrix's shape");
         TORCH_CHECK(a.scalar_type() == dtype && b.scalar_type() == dtype && a.is_contiguous() && b.is_contiguous(),
                     "Decoder: lora: contiguous, in the weights' dtype");
@@ -745,7 +1239,7 @@ class Decoder {
     // faults on every step. The rows returned are valid until the next step.
     if (logits_.size(0) < M) logits_ = torch::empty({M, vocab}, torch::TensorOptions().dtype(torch::kFloat32));
     float* out = logits_.data_ptr<float>();
-    if (m_.out_w.scalar_type() == torch::kBFloat16)
+    if (m_.final_norm.scalar_type() == torch::kBFloat16)
       step_impl<bf16>(m_, tokens, positions, block_tables, slots, threads, out);
     else
       step_impl<float>(m_, tokens, positions, block_tables, slots, threads, out);
@@ -753,16 +1247,96 @@ class Decoder {
   }
 
  private:
+  // A matrix of `rows` rows of n weights, as the kernel reads it; checked.
+  static Weight weight(const torch::Tensor& t, int64_t scheme, int64_t rows, int64_t n) {
+    TORCH_CHECK(scheme >= 0 && scheme <= 3, "Decoder: scheme code ", scheme, " (0 dense, 1 q8_0, 2 q4_0, 3 q4_k)");
+    Kind k = F32;
+    if (scheme == 0) {
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16,
+                  "Decoder: a dense weight is float32 or bfloat16");
+      k = t.scalar_type() == torch::kFloat32 ? F32 : BF16;
+    } else {
+      TORCH_CHECK(t.scalar_type() == torch::kUInt8, "Decoder: a quantized weight is uint8 blocks");
+      k = static_cast<Kind>(Q8_0 + scheme - 1);
+      TORCH_CHECK(n % kBlock[k] == 0, "Decoder: rows of ", n, " weights are not whole blocks of ", kBlock[k]);
+    }
+    TORCH_CHECK(t.is_contiguous() && t.dim() == 2 && t.size(0) == rows && t.size(1) == (k <= BF16 ? n : row_bytes(k, n)),
+                "Decoder: a weight of shape ", t.sizes(), " where ", rows, " rows of ", n, " weights were expected");
+    return {static_cast<const uint8_t*>(t.data_ptr()), k, row_bytes(k, n)};
+  }
+
   Model m_;
   mutable torch::Tensor logits_ = torch::empty({0, 0});
 };
+
+namespace {
+Kind checked_blocks(const torch::Tensor& q, const std::string& scheme, int64_t in_features, const char* what) {
+  Kind k = F32;
+  if (scheme == "q8_0") k = Q8_0;
+  else if (scheme == "q4_0") k = Q4_0;
+  else if (scheme == "q4_k") k = Q4_K;
+  else TORCH_CHECK(false, what, ": no kernel for scheme ", scheme);
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), what, ": 2-D contiguous uint8");
+  TORCH_CHECK(in_features > 0 && in_features % kBlock[k] == 0 && q.size(1) == row_bytes(k, in_features),
+              what, ": ", scheme, " rows of ", in_features, " weights are ", row_bytes(k, in_features), " bytes, got ",
+              q.size(1));
+  return k;
+}
+}  // namespace
+
+// Prefill multiplies by the dense weight: a quantized matrix decoded on every
+// thread, row by row (writing the float32 result is most of the time).
+torch::Tensor dequantize(torch::Tensor q, const std::string& scheme, int64_t in_features, int64_t threads) {
+  const Kind k = checked_blocks(q, scheme, in_features, "dequantize");
+  const int64_t rows = q.size(0), ld = q.size(1);
+  torch::Tensor out = torch::empty({rows, in_features}, torch::TensorOptions().dtype(torch::kFloat32));
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+#pragma omp parallel for num_threads(std::max<int64_t>(1, threads)) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) dequant_row(k, src + r * ld, in_features, dst + r * in_features);
+  return out;
+}
+
+// x (M, in) float32 times a quantized matrix's transpose, by the decode step's
+// GEMV: for a few rows (the logits of a prefill's last tokens) this reads the
+// blocks once where dequantize-then-matmul writes and reads the whole float32
+// matrix (100 MB for a 32768 x 768 output projection).
+torch::Tensor linear(torch::Tensor x, torch::Tensor q, const std::string& scheme, int64_t in_features,
+                     int64_t threads) {
+  const Kind k = checked_blocks(q, scheme, in_features, "linear");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == in_features,
+              "linear: x must be contiguous float32 (rows, ", in_features, ")");
+  const int64_t M = x.size(0), rows = q.size(0);
+  torch::Tensor out = torch::empty({M, rows}, torch::TensorOptions().dtype(torch::kFloat32));
+  if (M == 0) return out;
+  const std::vector<Mat> mats{{{q.data_ptr<uint8_t>(), k, q.size(1)}, rows, 0}};
+  const float* xp = x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+#pragma omp parallel num_threads(std::max<int64_t>(1, threads))
+  gemv(mats, M, xp, nullptr, in_features, y, rows, false);
+  return out;
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, torch::Tensor, double,
-                          double, int64_t, std::vector<torch::Tensor>>())
+                          double, int64_t, std::vector<torch::Tensor>, std::vector<int64_t>>(),
+           pybind11::arg("weights"), pybind11::arg("final_norm"), pybind11::arg("out_w"), pybind11::arg("emb"),
+           pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("windows"), pybind11::arg("n_heads"),
+           pybind11::arg("n_kv_heads"), pybind11::arg("head_dim"), pybind11::arg("eps"), pybind11::arg("inv_freq"),
+           pybind11::arg("rope_scale"), pybind11::arg("q_beta"), pybind11::arg("q_orig"), pybind11::arg("lora"),
+           pybind11::arg("schemes") = std::vector<int64_t>{})
       .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)",
            pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("block_tables"),
            pybind11::arg("threads"), pybind11::arg("slots") = std::vector<int64_t>{});
+  m.def("dequantize", &dequantize,
+        "(rows, row bytes) uint8 blocks of a scheme (q8_0, q4_0, q4_k) -> (rows, in_features) float32, as "
+        "galerne.quant.dequantize gives them",
+        pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("threads"));
+  m.def("linear", &linear, "x (rows, in) float32 @ W.T for W in uint8 blocks of a scheme: float32 (rows, out)",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"),
+        pybind11::arg("threads"));
 }
