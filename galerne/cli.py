@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         """A command that loads a model: [MODEL], then the model and engine flags."""
         cmd = sub.add_parser(name, parents=[common], help=help)
         cmd.add_argument("model", nargs="?", default=None,
-                         help="model folder (Hugging Face or Mistral-native layout), Hub id, or galerne-mini "
+                         help="model folder (Hugging Face or Mistral-native layout), a .gguf file, Hub id, or galerne-mini "
                               "(the built-in model, also the default)")
         for cls in (ModelSettings, EngineSettings, *settings):
             add_arguments(cmd, cls)
