@@ -210,24 +210,26 @@ def _build(march: str = "native"):
         lock.release()
 
 
+def _ext_reading(scheme):
+    """The extension, where it is built and reads ``scheme`` (``galerne.quant.Scheme``); else None."""
+    return load() if scheme.kernel else None
+
+
 def dequantize(q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None:
-    """(out, row_bytes) uint8 blocks of ``scheme`` (``galerne.quant.Scheme``) -> (out,
-    in_features) float32, on every thread; None where the kernel is not built (or
-    does not read this scheme): the caller dequantizes with torch ops."""
-    ext = load()
-    if ext is None or not hasattr(ext, "dequantize") or not scheme.kernel:
-        return None
-    return ext.dequantize(q.contiguous(), scheme.name, in_features, torch.get_num_threads())
+    """(out, row_bytes) uint8 blocks of ``scheme`` -> (out, in_features) float32, on every
+    thread; None where the kernel is not built (or does not read this scheme): the
+    caller dequantizes with torch ops."""
+    ext = _ext_reading(scheme)
+    return None if ext is None else ext.dequantize(q.contiguous(), scheme.name, in_features, torch.get_num_threads())
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None:
     """x (rows, in_features) float32 @ W.T, W the (out, row_bytes) uint8 blocks of
     ``scheme``, by the decode kernel's GEMV (no dense copy of W): float32 (rows, out);
     None where the kernel is not built (or does not read this scheme)."""
-    ext = load()
-    if ext is None or not hasattr(ext, "linear") or not scheme.kernel:
-        return None
-    return ext.linear(x.contiguous(), q.contiguous(), scheme.name, in_features, torch.get_num_threads())
+    ext = _ext_reading(scheme)
+    return None if ext is None else ext.linear(x.contiguous(), q.contiguous(), scheme.name, in_features,
+                                                torch.get_num_threads())
 
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernel's order of the adapted linears

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..quant import SCHEMES, Scheme
 from ..quant import dequantize as dequantize_blocks
+from ..quant.formats import int4_operands
 from ..weights.fp8 import dequantize
 
 E4M3_MAX = 448.0
@@ -158,33 +159,6 @@ class QuantLinear(nn.Module):
 
 
 INT4_GROUP32 = ("q4_0", "q4_k")  # 4-bit schemes whose groups of 32 are (q - 8) * scale + zero
-
-
-def int4_operands(q: torch.Tensor, scheme: Scheme, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A q4_0 or q4_k weight as torch's int4 matmuls take it: the 4-bit values (out,
-    in) int32 in [0, 15], and per group of 32 a scale and a zero, (in / 32, out, 2)
-    float32, with w = (q - 8) * scale + zero. q4_0: scale d, zero 0; q4_k: scale
-    d * sc, zero 8 d sc - dmin m."""
-    n = q.shape[0]
-    if scheme.name == "q4_0":
-        b = q.reshape(n, in_features // 32, 18)
-        scale = b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
-        qs = b[..., 2:]
-        vals = torch.cat([qs & 0xF, qs >> 4], -1)
-        zero = torch.zeros_like(scale)
-    elif scheme.name == "q4_k":
-        from ..quant.formats import _f16, _scale_min_k4
-
-        b = q.reshape(n, in_features // 256, 144)
-        d, dmin = _f16(b[..., 0:2]).unsqueeze(-1), _f16(b[..., 2:4]).unsqueeze(-1)
-        sc, m = _scale_min_k4(b[..., 4:16])
-        scale, zero = (d * sc).reshape(n, -1), (8 * d * sc - dmin * m).reshape(n, -1)
-        qs = b[..., 16:].reshape(n, in_features // 256, 4, 32)
-        vals = torch.stack([qs & 0xF, qs >> 4], -2)
-    else:
-        raise ValueError(f"{scheme.name} is not a 4-bit scheme of groups of 32")
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-    return vals.reshape(n, in_features).to(torch.int32), sz
 
 
 class QuantEmbedding(nn.Module):

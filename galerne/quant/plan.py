@@ -86,21 +86,29 @@ def quantize_model_(model: nn.Module, s: Scheme | str) -> dict[str, str]:
         if tied and native == OUTPUT:
             continue
         chosen = tensor_scheme(native, tuple(w.shape), s, model.args.n_layers)
-        if chosen is None or not isinstance(w, torch.Tensor) or w.dtype == torch.uint8:
+        if chosen is None:
             continue
-        q = quantize(w.detach(), chosen)
-        module = quantized_module(native, q, chosen, tuple(w.shape), dtype)
-        _replace(model, native.rpartition(".")[0], module)
+        module = quantized_module(native, quantize(w.detach(), chosen), chosen, tuple(w.shape), dtype)
+        replace_module(model, native.rpartition(".")[0], module)
         done[native] = chosen.name
     if tied:
-        emb = model.tok_embeddings
-        from ..models.quant import QuantLinear
-
-        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim, dtype) if hasattr(emb, "qweight") else model.output
+        tie_output(model)
     return done
 
 
-def _replace(model: nn.Module, module_name: str, module: nn.Module) -> None:
+def tie_output(model: nn.Module) -> None:
+    """The output projection reads the embedding's weight, quantized or not."""
+    emb = model.tok_embeddings
+    if hasattr(emb, "qweight"):
+        from ..models.quant import QuantLinear
+
+        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim, emb.dtype)
+    else:
+        model.output.weight = emb.weight
+
+
+def replace_module(model: nn.Module, module_name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``module_name`` of ``model`` is."""
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

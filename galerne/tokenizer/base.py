@@ -39,7 +39,9 @@ class Tokenizer(ABC):
         (``tokenizer.gguf``).
         """
         path = Path(path)
-        if path.is_file() and path.suffix.lower() == ".gguf":
+        from ..weights.gguf import is_gguf
+
+        if is_gguf(path):
             from .gguf import gguf_tokenizer
 
             return gguf_tokenizer(path)

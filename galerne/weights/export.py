@@ -115,7 +115,9 @@ def convert(
     if scheme is not None:
         raise ModelLoadError("a scheme applies to GGUF output only (--to gguf)")
     _check_layout(to)
-    if Path(src).is_file() and Path(src).suffix.lower() == ".gguf":
+    from .gguf import is_gguf
+
+    if is_gguf(src):
         raise ModelLoadError("a GGUF file converts to GGUF only (--to gguf): its tokenizer is inside it", path=str(src))
     ckpt = Checkpoint.open(src)
     if ckpt.args.vision is not None:

@@ -227,10 +227,6 @@ class GGUFCheckpoint:
         return False
 
     @property
-    def block_quantized(self) -> bool:
-        return any(by_ggml_type(t.tensor_type) is not None for t in self.reader.tensors)
-
-    @property
     def metadata(self) -> dict:
         """Every key/value of the file but the GGUF header's own (its tokenizer included)."""
         return {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}

@@ -31,7 +31,13 @@ from ..models.quant import Fp8Linear, fp8_matmul_supported
 from ..models.transformer import Transformer
 from ..quant import SCHEMES, QTensor, Scheme, quantize
 from ..quant import scheme as find_scheme
-from ..quant.plan import quantized_module, stored_schemes, tensor_scheme
+from ..quant.plan import (
+    quantized_module,
+    replace_module,
+    stored_schemes,
+    tensor_scheme,
+    tie_output,
+)
 from .fp8 import FP8_DTYPES, Fp8Format, Fp8Weight, dequantize, is_scale
 from .names import (
     IGNORED_HF,
@@ -198,11 +204,6 @@ class Checkpoint:
                                      f"({named.get(name, cfg.get('scheme'))!r})", path=str(path), tensor=name)
             shape = (t.shape[0], t.shape[1] // s.block_bytes * s.block)
             yield path, name, QTensor(t, s, shape) if not meta else torch.empty(shape, device="meta")
-
-    @property
-    def block_quantized(self) -> bool:
-        """Whether the checkpoint stores block-quantized weights (``galerne quantize``)."""
-        return stored_schemes(self.args) is not None
 
     def native_tensors(self, meta: bool = False, keep_fp8: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
         """Yield (file, checkpoint name, native name, tensor in native layout)."""
@@ -444,20 +445,9 @@ def build_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"missing tensor(s) in the checkpoint: {shown}", path=where)
     if args.tied_embeddings:
-        _tie_output(model)
+        tie_output(model)
     model.eval()
     return model
-
-
-def _tie_output(model: Transformer) -> None:
-    """The output projection reads the embedding's weight, quantized or not."""
-    emb = model.tok_embeddings
-    if hasattr(emb, "qweight"):
-        from ..models.quant import QuantLinear
-
-        model.output = QuantLinear(emb.qweight, emb.scheme, emb.embedding_dim, emb.dtype)
-    else:
-        model.output.weight = emb.weight
 
 
 def _set_quant(model: torch.nn.Module, name: str, t: QTensor, device: torch.device, dtype: torch.dtype) -> None:
@@ -470,9 +460,7 @@ def _set_quant(model: torch.nn.Module, name: str, t: QTensor, device: torch.devi
         log.info("%s: no quantized path for this tensor (%s); dequantized to %s", name, t.scheme.name, dtype)
         _set_param(model, name, t.dense(torch.float32).to(device=device, dtype=dtype))
         return
-    parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, quantized_module(name, t.data.to(device), t.scheme, t.shape, dtype))
+    replace_module(model, module_name, quantized_module(name, t.data.to(device), t.scheme, t.shape, dtype))
 
 
 def _set_fp8(model: torch.nn.Module, name: str, w: Fp8Weight, device: torch.device, dtype: torch.dtype) -> None:
@@ -483,9 +471,7 @@ def _set_fp8(model: torch.nn.Module, name: str, w: Fp8Weight, device: torch.devi
     if attr != "weight" or type(module) is not torch.nn.Linear or module.bias is not None:
         _set_param(model, name, w.dense().to(device=device, dtype=dtype))
         return
-    parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, Fp8Linear(w.data.to(device), w.scale.to(device), w.block))
+    replace_module(model, module_name, Fp8Linear(w.data.to(device), w.scale.to(device), w.block))
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
