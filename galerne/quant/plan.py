@@ -36,8 +36,9 @@ def tensor_scheme(native: str, shape: tuple[int, ...], s: Scheme, n_layers: int 
         return None
     chosen = SCHEMES["q8_0"] if native == OUTPUT and s.bits < 8 else s
     if s.name == "q4_k" and linear and n_layers:
+        # Every down projection, an expert's too (llama.cpp matches "ffn_down" in any name).
         layer, kind = int(linear[1]), linear[2]
-        if (kind == "attention.wv" and layer < 4) or (kind == "feed_forward.w2" and layer < n_layers // 8):
+        if (kind == "attention.wv" and layer < 4) or (kind.endswith("w2") and layer < n_layers // 8):
             chosen = SCHEMES["q8_0"]
     if chosen.problem(shape[1]) is None:
         return chosen

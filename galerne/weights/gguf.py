@@ -588,19 +588,15 @@ def _out_kind(native: str, shape: tuple[int, ...], kind, scheme: str | None, tar
 
     if len(shape) == 1 or native.endswith("feed_forward.gate.weight"):
         return "f32"  # norms and Mixtral's router, as llama.cpp keeps them
-    # Experts are quantized as the dense feed-forward of their layer is (llama.cpp
-    # quantizes them alike).
-    expert = _NATIVE_EXPERT.match(native)
-    as_linear = f"layers.{expert[1]}.feed_forward.{expert[3]}.weight" if expert else native
     if isinstance(kind, Scheme):
-        want = kind if scheme is None else tensor_scheme(as_linear, shape, target, n_layers) if target else None
+        want = kind if scheme is None else tensor_scheme(native, shape, target, n_layers) if target else None
         if want is None or want.name != kind.name:
             raise ModelLoadError(f"stored in {kind.name}: a quantized source is written as it is; leave out "
                                  f"the scheme (asked: {scheme})", path=where, tensor=native)
         return kind.name
     source_float = next((n for n, dt in FLOAT_SCHEMES.items() if dt == kind), "f32")
     if target is not None:
-        chosen = tensor_scheme(as_linear, shape, target, n_layers)
+        chosen = tensor_scheme(native, shape, target, n_layers)
         return chosen.name if chosen is not None else source_float
     return scheme or source_float
 
