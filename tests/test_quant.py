@@ -116,6 +116,8 @@ def test_plan_keeps_the_output_at_8_bits_and_falls_back_where_blocks_do_not_fit(
     assert tensor_scheme("layers.4.attention.wv.weight", (256, 512), s, 32).name == "q4_k"
     assert tensor_scheme("layers.3.feed_forward.w2.weight", (256, 512), s, 32).name == "q8_0"
     assert tensor_scheme("layers.4.feed_forward.w2.weight", (256, 512), s, 32).name == "q4_k"
+    assert tensor_scheme("layers.3.feed_forward.experts.5.w2.weight", (256, 512), s, 32).name == "q8_0"
+    assert tensor_scheme("layers.3.feed_forward.experts.5.w1.weight", (256, 512), s, 32).name == "q4_k"
     assert tensor_scheme("layers.0.attention.wv.weight", (256, 512), SCHEMES["q4_0"], 32).name == "q4_0"
     with caplog.at_level(logging.INFO, logger="galerne.quant.plan"):
         assert tensor_scheme("layers.0.feed_forward.w2.weight", (256, 96), s).name == "q8_0"
