@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--baselines", default="transformers,llamacpp", help="comma list: transformers, llamacpp, none")
     ap.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k"],
                     help="quantize the weights (float32 activations); llama.cpp at the same precision")
+    ap.add_argument("--activations", default="int8",
+                    help="with a q4 --quantization on CPU: comma list of --quantized-activations to time "
+                         "(int8, float; both: 'int8,float'), each a galerne contender")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="CPU: before each run, wait up to this many seconds for other processes to go idle (0: don't)")
     ap.add_argument("--kernel-march", default=None,
@@ -105,7 +108,13 @@ def main() -> None:
         from galerne.quant.plan import quantize_model_
 
         quantize_model_(ours, args.quantization)
-    llm = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()))
+    modes = [m.strip() for m in args.activations.split(",") if m.strip()]
+    if not (args.quantization in ("q4_0", "q4_k") and device.type == "cpu"):
+        modes = modes[:1]  # only q4 weights on the CPU tell the two apart
+    # One engine per mode over the same weights (the last made sets QuantLinear's mode,
+    # which only the prefill's last rows read: the decode kernel holds its own).
+    llms = {m: LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), quantized_activations=m) for m in modes}
+    llm = llms[modes[0]]
     if device.type == "cpu":
         decoder = llm.engine.runner.cpu_decoder
         print(f"  galerne's CPU decode kernel: {'on' if decoder is not None else 'off (torch ops)'}"
@@ -122,6 +131,8 @@ def main() -> None:
     # llama.cpp, galerne, ...): the shared host's bandwidth drifts by several percent
     # within minutes, and interleaving spreads that drift over everyone alike.
     contenders: dict[str, object] = {"galerne": lambda: galerne_decode(llm, prompt, args.new_tokens, device)}
+    for m in modes[1:]:
+        contenders[f"galerne {m}"] = lambda e=llms[m]: galerne_decode(e, prompt, args.new_tokens, device)
     slow_tokens = args.baseline_new_tokens or args.new_tokens
     if "transformers" in baselines:
         contenders["transformers"] = lambda: hf_decode(hf, prompt, slow_tokens, device)
@@ -165,15 +176,17 @@ def main() -> None:
         print(f"  {name:<22} {tps:8.1f} tokens/s   MBU {tps * wbytes / bw:6.1%}   (runs: {spread})")
     for name in figures:
         if name.startswith("llama.cpp"):
-            wins = sum(g > b for g, b in zip(runs["galerne"], runs[name]))
-            print(f"  galerne / {name}: {figures['galerne'] / figures[name]:.2f}x (ahead in {wins} of {args.repeats} rounds)")
+            for ours_name in (n for n in figures if n.startswith("galerne")):
+                wins = sum(g > b for g, b in zip(runs[ours_name], runs[name]))
+                print(f"  {ours_name} / {name}: {figures[ours_name] / figures[name]:.2f}x "
+                      f"(ahead in {wins} of {args.repeats} rounds)")
 
     base = figures.get("transformers")
     if base:
         print(f"  galerne / transformers: {figures['galerne'] / base:.2f}x")
     report("decode_latency", {
         "model": args.model, "arch": args.arch, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
-        "quantization": args.quantization, "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
+        "quantization": args.quantization, "activations": modes, "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
         "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
         "tokens_per_s": figures, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},

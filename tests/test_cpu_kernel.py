@@ -57,11 +57,12 @@ def test_the_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-def one_step(model, lens: list[int], seed: int = 0, ext=None, slots=None, lora=None):
+def one_step(model, lens: list[int], seed: int = 0, ext=None, slots=None, lora=None, int8_dot: bool = False):
     """Decode one token for sequences whose contexts (random keys/values in the
     cache) have ``lens`` tokens; returns (kernel logits, torch logits, the two caches).
     ``slots``: each sequence's adapter slot, passed to the kernel and to the model's
-    SlotLoRA wrappers; ``lora``: stacks given to the decoder explicitly."""
+    SlotLoRA wrappers; ``lora``: stacks given to the decoder explicitly; ``int8_dot``:
+    the kernel's q4 matrices take int8-rounded inputs (the torch side is the model's)."""
     args = model.args
     dtype = model.norm.weight.dtype  # the activations' (and cache's), quantized or not
     g = torch.Generator().manual_seed(seed)
@@ -81,9 +82,9 @@ def one_step(model, lens: list[int], seed: int = 0, ext=None, slots=None, lora=N
     entries = [(t, n, 1) for t, n in zip(tables, lens)]
 
     if ext is None and lora is None:
-        decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v)
+        decoder = cpu_kernels.CpuDecoder.create(model, ours.k, ours.v, int8_dot=int8_dot)
     else:
-        decoder = cpu_kernels.CpuDecoder(ext or cpu_kernels.load(), model, ours.k, ours.v, lora=lora)
+        decoder = cpu_kernels.CpuDecoder(ext or cpu_kernels.load(), model, ours.k, ours.v, lora=lora, int8_dot=int8_dot)
     assert decoder is not None
     for m in model.modules():
         if isinstance(m, SlotLoRA):

@@ -1,10 +1,11 @@
 """Quantized weights (q8_0, q4_0, q4_k) in galerne's native CPU decode kernel.
 
 The kernel reads each matrix in its block scheme and multiplies float32
-activations by the weights it decodes (no quantization of the activations): its
-logits must be those of the torch path, which dequantizes the weight
-(``galerne.quant.dequantize``) and multiplies in float32, up to the order of the
-sums. The shapes mix the formats on purpose: with hidden 256 and an intermediate
+activations by the weights it decodes: its logits must be those of the torch path,
+which dequantizes the weight (``galerne.quant.dequantize``) and multiplies in
+float32, up to the order of the sums. With int8_dot (``--quantized-activations
+int8``), q4 matrices take inputs rounded to int8 per block of 32: the reference is
+then ``cpu.int8_reference`` in torch ops. The shapes mix the formats on purpose: with hidden 256 and an intermediate
 size of 288, q4_k's w2 (rows of 288) falls back to q8_0, and a head size of 18
 leaves wo's rows (108) to no scheme at all: float32 next to blocks in one step.
 """
@@ -205,6 +206,125 @@ def test_bad_quantized_shapes_are_refused(mixed_folder):
         one_step(model, [3])
 
 
+# ------------------------------------------------------------------ int8 activations
+
+Q4 = ("q4_0", "q4_k")
+
+
+def _inputs(m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g) * torch.rand(m, 1, generator=g) * 3
+    x[0, :32] = 0  # a block of zeros: dx is 0
+    x[-1, 32:64] = 1e-3
+    x[-1, 40] = 50  # one large value among small ones: they round to 0
+    return x
+
+
+def test_rounding_the_inputs():
+    x = _inputs(3, 128, seed=1)
+    q, dx = cpu_kernels.round_activations(x)
+    assert q.shape == (3, 4, 32) and dx.shape == (3, 4, 1)
+    assert torch.equal(q[0, 0], torch.zeros(32, dtype=q.dtype)) and dx[0, 0].item() == 0
+    assert q.abs().max() == 127 and (q.abs().amax(-1) == 127).sum() == 11  # every block but the zero one
+    assert ((q * dx - x.reshape(3, 4, 32)).abs() <= dx / 2 * (1 + 1e-6)).all()  # within half a step
+    assert (q[2, 1] != 0).sum() == 1  # the small values next to 50
+
+
+@pytest.mark.parametrize("scheme", Q4)
+def test_int8_gemv_equals_rounded_inputs_times_the_dequantized_weights(scheme):
+    """What --quantized-activations int8 computes: the inputs rounded per block of 32,
+    times the dequantized weights, in float64 torch ops, to float32's rounding. The
+    float path differs from it by far more: the test tells the two apart."""
+    ext = cpu_kernels.load()
+    sizes = (96, 512, 768) if scheme == "q4_0" else (256, 768)  # 3 blocks: an odd one alone
+    for n in sizes:
+        q = quantize(_weights(77, n, seed=n), scheme)
+        for m in (1, 2, 3, 5, 9):  # tiles of 1, 2, 3 and 4 sequences
+            x = _inputs(m, n, seed=m)
+            ref = cpu_kernels.int8_reference(x, q, scheme, n)
+            got = ext.linear(x, q, scheme, n, 2, True)
+            tol = 1e-5 * ref.abs().max().item()
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=tol)
+            assert (ext.linear(x, q, scheme, n, 2, False).double() - ref).abs().max() > 20 * tol
+
+
+@pytest.fixture
+def int8_torch_layers(monkeypatch):
+    """QuantLinear's q4 layers computing cpu.int8_reference (torch ops): the torch side
+    of one_step then computes what the kernel's int8 path should, independently."""
+    real = QuantLinear.forward
+
+    def forward(self, x):
+        if self.scheme.name not in Q4:
+            return real(self, x)
+        rows = x.reshape(-1, self.in_features)
+        y = cpu_kernels.int8_reference(rows, self.qweight, self.scheme, self.in_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    monkeypatch.setattr(QuantLinear, "forward", forward)
+
+
+@pytest.mark.parametrize("scheme", Q4)
+def test_int8_step_equals_the_torch_path_on_rounded_inputs(mixed_folder, scheme, int8_torch_layers):
+    """One sequence. (Rounding to int8 is not continuous: a value the kernel and torch
+    compute 1 ulp apart can round to neighbouring integers, and that moves this tiny
+    random model's logits by 1-4%, as a 3e-7 relative nudge of torch's own inputs does.
+    These contexts have no such tie; the batch is checked against them below.)"""
+    model, _ = quantized(mixed_folder, scheme)
+    for n, seed in ((5, 3), (37, 4)):
+        got, expected, ours, ref = one_step(model, [n], seed=seed, int8_dot=True)
+        assert_logits_close(got, expected)
+        assert_kv_close(ours, ref)
+
+
+@pytest.mark.parametrize("scheme", Q4)
+def test_int8_batch_rows_equal_each_sequence_alone(mixed_folder, scheme):
+    """The tiles of 4, 3, 2 and 1 sequences (q4_0's of 4 go as two of 2) compute each
+    row as a batch of one does, to the bit: the integer sums are exact and every row
+    takes its float operations in the same order."""
+    from galerne.engine.paged import PagedKVCache
+
+    model, _ = quantized(mixed_folder, scheme)
+    lens = LENS["ten"] + [15]  # 11: tiles of 4, 4, 3
+    g = torch.Generator().manual_seed(9)
+    per = -(-(max(lens) + 1) // BLOCK)  # blocks per sequence
+    cache = PagedKVCache(model.args, per * len(lens), BLOCK, torch.float32, torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    entries = [(list(range(per * i, per * (i + 1))), n, 1) for i, n in enumerate(lens)]
+    tokens = torch.randint(3, model.args.vocab_size, (len(lens),), generator=g).tolist()
+    decoder = cpu_kernels.CpuDecoder.create(model, cache.k, cache.v, int8_dot=True)
+    batch = decoder(tokens, entries).clone()
+    for i in range(len(lens)):
+        assert torch.equal(decoder([tokens[i]], [entries[i]])[0], batch[i]), i
+
+
+@pytest.mark.parametrize("scheme", Q4)
+def test_int8_inputs_stay_within_half_a_step(scheme):
+    """Against float32 inputs, an output moves by at most half of each block's step dx
+    times the block's sum of |w| (what rounding each input costs), and by less on
+    average: the errors of 32 inputs cancel."""
+    ext = cpu_kernels.load()
+    n = 768
+    q = quantize(_weights(77, n, seed=5), scheme)
+    w = dequantize(q, scheme, n).double()
+    x = _inputs(9, n, seed=6)
+    _, dx = cpu_kernels.round_activations(x)
+    bound = (dx[..., 0].double() / 2) @ w.abs().reshape(77, n // 32, 32).sum(-1).T  # (9, 77)
+    err = (ext.linear(x, q, scheme, n, 2, True).double() - ext.linear(x, q, scheme, n, 2, False).double()).abs()
+    assert (err <= bound * (1 + 1e-4) + 1e-5).all()
+    assert err.mean() < 0.1 * bound.mean()
+
+
+def test_quantized_activations_setting():
+    from galerne.config import EngineSettings
+    from galerne.errors import InvalidParameter
+
+    assert EngineSettings().quantized_activations == "int8"
+    with pytest.raises(InvalidParameter, match="quantized_activations.*int8 or float"):
+        EngineSettings(quantized_activations="int4")
+
+
 # ------------------------------------------------------------------ the AVX2 build
 
 
@@ -224,25 +344,42 @@ def test_the_avx2_build(mixed_folder, scheme):
     add_quant_lora(model)
     got, expected, _, _ = one_step(model, LENS["ten"], seed=6, ext=ext, slots=[2, -1, 0, 0, 1, -1, 2, 0, 1, 0])
     assert_logits_close(got, expected)
+    if scheme in Q4:  # the AVX2 integer dot products (vpmaddubsw)
+        for n, m in ((512, 1), (768, 5)):
+            q = quantize(_weights(77, n, seed=n), scheme)
+            x = _inputs(m, n, seed=m)
+            ref = cpu_kernels.int8_reference(x, q, scheme, n)
+            torch.testing.assert_close(ext.linear(x, q, scheme, n, 2, True).double(), ref, rtol=1e-5,
+                                       atol=1e-5 * ref.abs().max().item())
 
 
 # ------------------------------------------------------------------ end to end
 
 
-def test_quantized_generation_equals_the_torch_path(mixed_folder):
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_quantized_generation_equals_the_torch_path(mixed_folder, activations):
+    """The kernel's steps against the torch path's (QuantLinear, whose few-row products
+    round the inputs to int8 as the kernel does when --quantized-activations is int8).
+    With int8, a tie that rounds apart (see above) sends this random model's greedy
+    paths apart for good, and moves a logprob by a few percent: with int8, the first
+    decode step's token (the second) is compared, its logprobs to 0.1."""
     model, _ = load_model(mixed_folder, dtype="float32", device="cpu", quantization="q4_0")  # quantized at load
 
     def llm(**engine):
         return LLM.from_model(copy.deepcopy(model), Tokenizer.from_path(mixed_folder / "tokenizer.model.v3"),
-                              block_size=BLOCK, **engine)
+                              block_size=BLOCK, quantized_activations=activations, **engine)
 
     fast, eager = llm(), llm(enforce_eager=True)
+    assert fast.engine.runner.int8_dot == (activations == "int8")
+    assert eager.engine.runner.cpu_decoder is None  # (the engine is made on first use)
+    assert all(m.int8_dot == (activations == "int8") for m in eager.model.modules() if isinstance(m, QuantLinear))
     assert fast.engine.runner.cpu_decoder is not None and eager.engine.runner.cpu_decoder is None
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 32768, (n,), generator=g).tolist() for n in (5, 23, 11)]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+    params = SamplingParams(temperature=0, max_tokens=16 if activations == "float" else 2, ignore_eos=True, logprobs=3)
     a, b = fast.generate(prompts, params), eager.generate(prompts, params)
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
+        tol = 1e-4 if activations == "float" else 0.1
         torch.testing.assert_close(torch.tensor(x.outputs[0].logprobs), torch.tensor(y.outputs[0].logprobs),
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=tol, atol=tol)

@@ -143,7 +143,8 @@ class Engine:
                                    max_num_batched_tokens=s.max_num_batched_tokens, max_adapters=s.max_loras,
                                    max_background_seqs=background_cap(s.max_background_seqs, self.device))
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
-                                   max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager)
+                                   max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager,
+                                   int8_dot=s.quantized_activations == "int8")
         # Adapters served unmerged: load_adapter / unload_adapter, and a request's adapter.
         self.adapters = AdapterManager(self.runner, s.max_loras, s.max_lora_rank)
         self._requests: dict[str, _Request] = {}

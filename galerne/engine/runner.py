@@ -23,6 +23,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from ..models.lora import MultiLoRA, apply_multi_lora
+from ..models.quant import QuantLinear
 from ..models.transformer import Transformer
 from .paged import BatchMetadata, PagedKVCache, TorchPagedAttention, TritonPagedAttention
 from .scheduler import ScheduledSeq
@@ -34,8 +35,14 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 use_cpu_kernel: bool = True):
+                 use_cpu_kernel: bool = True, int8_dot: bool = True):
+        """``int8_dot``: on the CPU, q4_0 / q4_k weights multiply inputs rounded to int8
+        (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV."""
         self.model, self.cache = model, cache
+        self.int8_dot = int8_dot and cache.k.device.type == "cpu"
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.int8_dot = self.int8_dot
         self.device = cache.k.device
         self.block_size = cache.block_size
         self.on_cuda = self.device.type == "cuda"
@@ -56,7 +63,7 @@ class ModelRunner:
         if self.device.type == "cpu" and use_cpu_kernel:
             from ..kernels.cpu import CpuDecoder
 
-            self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v)
+            self.cpu_decoder = CpuDecoder.create(model, cache.k, cache.v, int8_dot=self.int8_dot)
         self.lora: MultiLoRA | None = None
 
     def enable_adapters(self, max_loras: int, max_rank: int) -> MultiLoRA:
@@ -67,7 +74,7 @@ class ModelRunner:
             if self.cpu_decoder is not None:  # the same weights, now with the slots' stacks
                 from ..kernels.cpu import CpuDecoder
 
-                self.cpu_decoder = CpuDecoder.create(self.model, self.cache.k, self.cache.v)
+                self.cpu_decoder = CpuDecoder.create(self.model, self.cache.k, self.cache.v, int8_dot=self.int8_dot)
         return self.lora
 
     @torch.inference_mode()

@@ -223,13 +223,36 @@ def dequantize(q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None
     return None if ext is None else ext.dequantize(q.contiguous(), scheme.name, in_features, torch.get_num_threads())
 
 
-def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None:
+def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int, int8_dot: bool = False) -> torch.Tensor | None:
     """x (rows, in_features) float32 @ W.T, W the (out, row_bytes) uint8 blocks of
     ``scheme``, by the decode kernel's GEMV (no dense copy of W): float32 (rows, out);
-    None where the kernel is not built (or does not read this scheme)."""
+    None where the kernel is not built (or does not read this scheme). ``int8_dot``: a
+    q4_0 / q4_k W multiplies x rounded to int8 per block of 32 (:func:`int8_reference`)."""
     ext = _ext_reading(scheme)
     return None if ext is None else ext.linear(x.contiguous(), q.contiguous(), scheme.name, in_features,
-                                                torch.get_num_threads())
+                                                torch.get_num_threads(), int8_dot)
+
+
+def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows, n) float32 rounded as the kernel's int8_dot rounds a GEMV's input: per
+    block of 32, dx = max |x| / 127 and q = round(x / dx) (ties to even). Returns q
+    (rows, n / 32, 32) int64 and dx (rows, n / 32, 1) float32."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    dx = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
+    return torch.round(b * inv).clamp(-127, 127).long(), dx
+
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor:
+    """What ``linear(..., int8_dot=True)`` computes, in float64 torch ops: x rounded by
+    :func:`round_activations` times the dequantized weights (for q4_0 and q4_k, whose
+    weights are a scale times an integer, minus an offset, per block of 32)."""
+    from ..quant.formats import dequantize
+
+    qx, dx = round_activations(x)
+    xr = (qx.double() * dx.double()).reshape(x.shape[0], in_features)
+    w = dequantize(q, scheme, in_features).double()
+    return xr @ w.T
 
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the kernel's order of the adapted linears
@@ -340,13 +363,15 @@ class CpuDecoder:
     """
 
     def __init__(self, ext, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 lora: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None):
+                 lora: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None, int8_dot: bool = False):
         """``lora``: per layer, {target: (A, B)} (targets among TARGETS; A (S, R, in) and
         B (S, out, R), every slot's adapter, R the largest rank with lower ones
         zero-padded, alpha / r folded into B), or None. Without it, the stacks of the
         model's MultiLoRALinear wrappers (``.lora_A``, ``.lora_B``; the weight at
         ``.base.weight``) are taken. The kernel reads the stacks in place: an adapter
-        loaded into a slot's rows is seen by the next step."""
+        loaded into a slot's rows is seen by the next step. ``int8_dot``: q4_0 and q4_k
+        matrices multiply their inputs rounded to int8 per block of 32 (llama.cpp's
+        way; :func:`int8_reference`); float32 inputs otherwise."""
         args = model.args
         quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
         self.max_batch = MAX_BATCH_QUANTIZED if quantized else MAX_BATCH[activation_dtype(model)]
@@ -379,17 +404,17 @@ class CpuDecoder:
                                     k_cache, v_cache, windows, args.n_heads, args.n_kv_heads, args.head_dim,
                                     float(args.norm_eps), inv_freq.contiguous(), float(rope_scale),
                                     float(qs.beta) if qs else 0.0, int(qs.original_max_position_embeddings) if qs else 0,
-                                    stacks, [*schemes, out_code, emb_code])
+                                    stacks, [*schemes, out_code, emb_code], int8_dot)
 
     @classmethod
-    def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def create(cls, model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, int8_dot: bool = False):
         """A decoder, or None (with the reason logged at info) when the kernel can't serve this model."""
         reason = unsupported(model, k_cache.dtype)
         if reason is not None:
             log.info("CPU decode kernel not used: %s", reason)
             return None
         ext = load()
-        return None if ext is None else cls(ext, model, k_cache, v_cache)
+        return None if ext is None else cls(ext, model, k_cache, v_cache, int8_dot=int8_dot)
 
     def __call__(self, tokens: list[int], entries: list[tuple[list[int], int, int]],
                  slots: list[int] | None = None) -> torch.Tensor:

@@ -20,7 +20,8 @@
 // adapter slot; see lora_deltas.
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
-// bf16 matmul reads bf16 activations); quantized weights multiply them in float32.
+// bf16 matmul reads bf16 activations); quantized weights multiply them in float32,
+// or, for q4_0 and q4_k with int8_dot, rounded to int8 per block of 32 (see Q8x).
 // The vector code is AVX512 (and AVX512-BF16), or AVX2 + FMA; portable loops
 // elsewhere.
 #include <torch/extension.h>
@@ -125,7 +126,7 @@ inline float mul_sub(float a, float b, float c) {
 //   q4_k: 144 bytes per 256: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
 //         mins, 4 chunks of 32 bytes (chunk c: sub-block 2c in the low nibbles,
 //         2c + 1 in the high ones); w = d sc q - dmin m
-// Activations stay float32: the GEMVs decode each weight to the float torch's
+// Activations stay float32 (but see Q8x below): the GEMVs decode each weight to the float torch's
 // dequantize gives (same operations, same roundings) and multiply it as the
 // float32 GEMV does, so a quantized model's logits are those of "dequantize, then
 // matmul" up to the order of the sums. Weights are decoded by units of 32 (a
@@ -653,9 +654,278 @@ struct Mat {
 
 constexpr int64_t PREFETCH_GROUPS = 2;
 
+// ------------------------------------------- int8 activations for 4-bit weights
+// llama.cpp's way for q4_0 and q4_k, when the Decoder (or linear) is asked for it
+// (int8_dot): the input of a GEMV is rounded to int8 per block of 32 (x ~ dx q,
+// dx = max |x| / 127, q = round(x / dx), ties to even), and each block's dot
+// product is an integer one, unsigned nibbles times signed q: 64 products per
+// AVX512-VNNI vpdpbusd, 32 per AVX2 vpmaddubsw. That is about half the
+// instructions of decoding every weight to float, for the rounding of the
+// activations (half a step, 0.4% of a block's largest value, per input);
+// benchmarks/quality.py measures what it does to perplexity. The offsets come out
+// of the integer sums: q4_0's w = d (k - 8) gives d dx (sum k q - 8 sum q), the
+// 8 sum q folded into the vpdpbusd accumulator's start; q4_k's w = d sc k - dmin m
+// gives, per sub-block of 32, d sc dx sum k q - dmin m dx sum q. q8_0 weights keep
+// the float path: it is already ahead, and a signed-by-signed product costs more.
+struct Q8x {
+  int8_t* q;      // (M, n): the rounded inputs
+  int32_t* corr;  // (M, n / 4): per 4 inputs (one 32-bit lane of products), -sum q over their block
+  float* dxe;     // (M, n / 4): per 4 inputs, their block's dx
+  float* dxsx;    // (M, n / 32): per block, dx sum q
+};
+
+inline void quantize_row8(const float* x, int64_t n, int8_t* q, int32_t* corr, float* dxe, float* dxsx) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0;
+#pragma omp simd reduction(max : amax)
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.0f, id = d > 0 && std::isfinite(d) ? 1.0f / d : 0.0f;
+    int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < 32; ++i) {
+      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xb[i] * id)));
+      q[32 * b + i] = static_cast<int8_t>(v);
+      s += static_cast<int32_t>(v);
+    }
+    for (int j = 0; j < 8; ++j) corr[8 * b + j] = -s, dxe[8 * b + j] = d;
+    dxsx[b] = d * static_cast<float>(s);
+  }
+}
+
+// Inside a parallel region: the M rows of x (n apart) rounded into buf, when int8
+// and mats hold a q4 matrix; otherwise nothing (nullptr: the float path).
+inline const Q8x* quantize_for(const std::vector<Mat>& mats, bool int8, int64_t M, const float* x, int64_t n,
+                               const Q8x& buf) {
+  bool any = false;
+  for (const Mat& m : mats) any = any || m.wt.kind == Q4_0 || m.wt.kind == Q4_K;
+  if (!int8 || !any) return nullptr;
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row8(x + m * n, n, buf.q + m * n, buf.corr + m * n / 4, buf.dxe + m * n / 4, buf.dxsx + m * n / 32);
+  return &buf;
+}
+
+#if GALERNE_VW == 16 && defined(__AVX512BW__)
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else  // two products summed into int16 (15 x 127 x 2 < 32767), then pairs into int32
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+#endif
+
+// R quantized rows (ld bytes apart) against the rounded inputs m0 .. m0 + MB - 1 of
+// x: out[mb * R + r]. AVX512 takes 64 weights a step (two q4_0 blocks, or a q4_k
+// chunk: two sub-blocks), lanes 0-7 of the products one block and 8-15 the other.
+template <int R, int MB, Kind K>
+inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, int64_t n, float* out, int ldo,
+                        const uint8_t* pf) {
+  static_assert(K == Q4_0 || K == Q4_K, "int8 activations serve q4_0 and q4_k");
+  constexpr int64_t BLOCK = kBlock[K], BYTES = kBlockBytes[K];
+  const int64_t nb = n / BLOCK, ld4 = n / 4, ld32 = n / 32;
+  const int8_t* xq = x.q + m0 * n;
+  const int32_t* xc = x.corr + m0 * ld4;
+  const float* xd = x.dxe + m0 * ld4;
+  const float* xs = x.dxsx + m0 * ld32;
+#if GALERNE_VW == 16 && defined(__AVX512BW__)
+  __m512 a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  if constexpr (K == Q4_0) {
+    // Two blocks A, B a step: [A, A, B, B] (16 bytes of nibbles each), the second and
+    // fourth shifted, are A's 32 weights in order, then B's. A row's odd last block
+    // goes alone, lanes 8-15 zero.
+    constexpr __mmask32 high = 0xFF00FF00u;
+    const uint8_t* pfr = pf ? pf : w;  // (without one, a redundant prefetch: no branch in the loop)
+    auto step = [&](int64_t b, __mmask64 k64, __mmask16 k16, bool two) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        __builtin_prefetch(pfr + r * ld + b * BYTES);
+        const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+        const __m256i hi = two ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + BYTES + 2)))
+                               : _mm256_setzero_si256();
+        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        v = _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 4), m4);
+        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(half_at(blk)), _mm256_set1_ps(two ? half_at(blk + BYTES) : 0.0f), 1);
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {  // the inputs from L1 (in registers they would spill)
+          const __m512i qx = _mm512_maskz_loadu_epi8(k64, xq + mb * n + 32 * b);
+          const __m512i cr = _mm512_maskz_loadu_epi32(k16, xc + mb * ld4 + 8 * b);
+          const __m512 dx = _mm512_maskz_loadu_ps(k16, xd + mb * ld4 + 8 * b);
+          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dpbusd(cr, v, qx)), _mm512_mul_ps(dw, dx), a[mb][r]);
+        }
+      }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) step(b, ~0ull, 0xFFFF, true);
+    if (b < nb) step(b, 0xFFFFFFFFull, 0x00FF, false);
+  } else {
+    constexpr __mmask32 high = 0xFFFF0000u;  // [chunk, chunk >> 4]: sub-block 2c, then 2c + 1
+    for (int64_t b = 0; b < nb; ++b) {
+      float ds[R][8], dm[R][8];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (pf)
+          for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pf + r * ld + b * BYTES + o);
+        q4_k_scales(w + r * ld + b * BYTES, ds[r], dm[r]);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * c)), _mm256_set1_epi32(2 * c + 1), 1);
+        __m512i qx[MB];
+        __m512 dx[MB];
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {
+          qx[mb] = _mm512_loadu_si512(xq + mb * n + BLOCK * b + 64 * c);
+          dx[mb] = _mm512_loadu_ps(xd + mb * ld4 + 64 * b + 16 * c);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b * BYTES + 16 + 32 * c)));
+          v = _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 4), m4);
+          const __m512 sc = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(ds[r])));
+#pragma GCC unroll 4
+          for (int mb = 0; mb < MB; ++mb)
+            a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dpbusd(_mm512_setzero_si512(), v, qx[mb])), _mm512_mul_ps(sc, dx[mb]),
+                                       a[mb][r]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int mb = 0; mb < MB; ++mb) {
+        const __m512 mins = _mm512_zextps256_ps512(_mm256_loadu_ps(xs + mb * ld32 + 8 * b));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          a[mb][r] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_loadu_ps(dm[r])), mins, a[mb][r]);
+      }
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) out[mb * ldo + r] = _mm512_reduce_add_ps(a[mb][r]);
+#elif GALERNE_VW == 8
+  __m256 a[MB][R];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) a[mb][r] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  auto dot = [&](__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones); };
+  if constexpr (K == Q4_0) {
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i qx[MB], cr[MB];
+      __m256 dx[MB];
+#pragma GCC unroll 4
+      for (int mb = 0; mb < MB; ++mb) {
+        qx[mb] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + mb * n + 32 * b));
+        cr[mb] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + mb * ld4 + 8 * b));
+        dx[mb] = _mm256_loadu_ps(xd + mb * ld4 + 8 * b);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        if (pf) __builtin_prefetch(pf + r * ld + b * BYTES);
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+        const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), m4);
+        const __m256 dw = _mm256_set1_ps(half_at(blk));
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb)
+          a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot(v, qx[mb]), cr[mb])), _mm256_mul_ps(dw, dx[mb]),
+                                     a[mb][r]);
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      float ds[R][8], dm[R][8];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (pf)
+          for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pf + r * ld + b * BYTES + o);
+        q4_k_scales(w + r * ld + b * BYTES, ds[r], dm[r]);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b * BYTES + 16 + 32 * c));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          const __m256 slo = _mm256_set1_ps(ds[r][2 * c]), shi = _mm256_set1_ps(ds[r][2 * c + 1]);
+#pragma GCC unroll 4
+          for (int mb = 0; mb < MB; ++mb) {
+            const int8_t* q = xq + mb * n + BLOCK * b + 64 * c;
+            const float* d = xd + mb * ld4 + 64 * b + 16 * c;
+            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+            const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+            a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(lo, q0)), _mm256_mul_ps(slo, _mm256_loadu_ps(d)), a[mb][r]);
+            a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(hi, q1)), _mm256_mul_ps(shi, _mm256_loadu_ps(d + 8)), a[mb][r]);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int mb = 0; mb < MB; ++mb) {
+        const __m256 mins = _mm256_loadu_ps(xs + mb * ld32 + 8 * b);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) a[mb][r] = _mm256_fnmadd_ps(_mm256_loadu_ps(dm[r]), mins, a[mb][r]);
+      }
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) out[mb * ldo + r] = vsum(a[mb][r]);
+#else  // portable: the same integer sums, one block at a time
+  (void)pf;
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) {
+      const int8_t* q = xq + mb * n;
+      float s = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        if constexpr (K == Q4_0) {
+          int32_t acc = 8 * xc[mb * ld4 + 8 * b];
+          for (int i = 0; i < 16; ++i) acc += (blk[2 + i] & 0xF) * q[32 * b + i] + (blk[2 + i] >> 4) * q[32 * b + 16 + i];
+          s += half_at(blk) * xd[mb * ld4 + 8 * b] * static_cast<float>(acc);
+        } else {
+          float ds[8], dm[8];
+          q4_k_scales(blk, ds, dm);
+          for (int c = 0; c < 4; ++c) {
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < 32; ++i)
+              lo += (blk[16 + 32 * c + i] & 0xF) * q[BLOCK * b + 64 * c + i],
+              hi += (blk[16 + 32 * c + i] >> 4) * q[BLOCK * b + 64 * c + 32 + i];
+            s += ds[2 * c] * xd[mb * ld4 + 64 * b + 16 * c] * static_cast<float>(lo) +
+                 ds[2 * c + 1] * xd[mb * ld4 + 64 * b + 16 * c + 8] * static_cast<float>(hi);
+          }
+          for (int j = 0; j < 8; ++j) s -= dm[j] * xs[mb * ld32 + 8 * b + j];
+        }
+      }
+      out[mb * ldo + r] = s;
+    }
+#endif
+}
+
+// A q4_0 tile of more than 2 sequences goes as two (4 rows x 4 sequences of
+// accumulators, the inputs and a decoded row spill the 32 AVX512 registers; its
+// rows decode in a few instructions): 2.6-2.9 ms instead of 2.9-3.2 for cpu-125m's
+// output projection at 4 sequences, one thread. q4_k's rows cost more to decode:
+// one tile. (Past one sequence, a
+// product costs 4 instructions per 64 weights and sequence, as the float path's
+// 4 FMAs, plus the loads of the rounded inputs: the int8 path's gain is at 1.)
+template <int R, int MB, Kind K>
+inline void qtile8(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, int64_t n, float* out, const uint8_t* pf) {
+  if constexpr (MB > 2 && K == Q4_0) {
+    qtile8_rows<R, 2, K>(w, ld, x, m0, n, out, R, pf);
+    qtile8_rows<R, MB - 2, K>(w, ld, x, m0 + 2, n, out + 2 * R, R, nullptr);
+  } else {
+    qtile8_rows<R, MB, K>(w, ld, x, m0, n, out, R, pf);
+  }
+}
+
+// q8: the rounded inputs where the q4 matrices take them (then x, xb and ldx are
+// not read; m0: the tile's first input row), or nullptr.
 template <int R, int MBT, Kind K>
 inline void tile_k(const uint8_t* w, int64_t ld, const float* x, const bf16* xb, int64_t ldx, int64_t n, float* out,
-                   const uint8_t* pf) {
+                   const uint8_t* pf, const Q8x* q8 = nullptr, int64_t m0 = 0) {
+  if constexpr (K == Q4_0 || K == Q4_K)
+    if (q8) return qtile8<R, MBT, K>(w, ld, *q8, m0, n, out, pf);
   if constexpr (K == F32)
     tile<R, MBT>(reinterpret_cast<const float*>(w), ld / 4, x, xb, ldx, n, out, reinterpret_cast<const float*>(pf));
   else if constexpr (K == BF16)
@@ -666,12 +936,12 @@ inline void tile_k(const uint8_t* w, int64_t ld, const float* x, const bf16* xb,
 
 template <int R, Kind K>
 inline void tile_dispatch(int64_t mb, const uint8_t* w, int64_t ld, int64_t n, const float* x, const bf16* xb,
-                          float* s, const uint8_t* pf) {
+                          float* s, const uint8_t* pf, const Q8x* q8 = nullptr, int64_t m0 = 0) {
   switch (mb) {  // the tile sizes are template arguments: registers, not memory
-    case 1: tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf); break;
-    case 2: tile_k<R, 2, K>(w, ld, x, xb, n, n, s, pf); break;
-    case 3: tile_k<R, 3, K>(w, ld, x, xb, n, n, s, pf); break;
-    default: tile_k<R, MB, K>(w, ld, x, xb, n, n, s, pf); break;
+    case 1: tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf, q8, m0); break;
+    case 2: tile_k<R, 2, K>(w, ld, x, xb, n, n, s, pf, q8, m0); break;
+    case 3: tile_k<R, 3, K>(w, ld, x, xb, n, n, s, pf, q8, m0); break;
+    default: tile_k<R, MB, K>(w, ld, x, xb, n, n, s, pf, q8, m0); break;
   }
 }
 
@@ -688,7 +958,7 @@ inline void tile_dispatch(int64_t mb, const W* w, int64_t n, const float* x, con
 // One sequence (RM: R rows for M == 1, more streams) takes only 1-wide tiles.
 template <int R, Kind K>
 void group_rows(const Mat& mat, int64_t r0, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-                int64_t ldy, bool accumulate, const int64_t* rowmap) {
+                int64_t ldy, bool accumulate, const int64_t* rowmap, const Q8x* q8) {
   const int64_t rows = std::min<int64_t>(R, mat.rows - r0), ld = mat.wt.ld;
   const uint8_t* w = mat.wt.w + r0 * ld;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
@@ -699,13 +969,13 @@ void group_rows(const Mat& mat, int64_t r0, int64_t M, const float* x, const bf1
     const uint8_t* pf = m0 == 0 ? w + PREFETCH_GROUPS * R * ld : nullptr;
     if (rows == R) {
       if (M == 1)
-        tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf);
+        tile_k<R, 1, K>(w, ld, x, xb, n, n, s, pf, q8, 0);
       else if constexpr (R <= 4)  // wider groups only serve M == 1
-        tile_dispatch<R, K>(mb, w, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, s, pf);
+        tile_dispatch<R, K>(mb, w, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, s, pf, q8, m0);
     } else {  // the matrix's last rows, one at a time
       for (int64_t r = 0; r < rows; ++r) {
         float t[MB];
-        tile_dispatch<1, K>(mb, w + r * ld, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, t, nullptr);
+        tile_dispatch<1, K>(mb, w + r * ld, ld, n, x + m0 * n, xb ? xb + m0 * n : nullptr, t, nullptr, q8, m0);
         for (int64_t k = 0; k < mb; ++k) s[k * R + r] = t[k];
       }
     }
@@ -718,7 +988,7 @@ void group_rows(const Mat& mat, int64_t r0, int64_t M, const float* x, const bf1
 
 template <int R>
 void gemv_rows(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y,
-               int64_t ldy, bool accumulate, const int64_t* rowmap, bool nowait) {
+               int64_t ldy, bool accumulate, const int64_t* rowmap, bool nowait, const Q8x* q8) {
   int64_t groups[4], total = 0;
   for (size_t j = 0; j < mats.size(); ++j) total += (mats[j].rows + R - 1) / R, groups[j] = total;
   auto group = [&](int64_t g) {
@@ -727,11 +997,11 @@ void gemv_rows(const std::vector<Mat>& mats, int64_t M, const float* x, const bf
     const Mat& mat = mats[j];
     const int64_t r0 = (g - (j ? groups[j - 1] : 0)) * R;
     switch (mat.wt.kind) {
-      case F32: group_rows<R, F32>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
-      case BF16: group_rows<R, BF16>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
-      case Q8_0: group_rows<R, Q8_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
-      case Q4_0: group_rows<R, Q4_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
-      case Q4_K: group_rows<R, Q4_K>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap); break;
+      case F32: group_rows<R, F32>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap, q8); break;
+      case BF16: group_rows<R, BF16>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap, q8); break;
+      case Q8_0: group_rows<R, Q8_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap, q8); break;
+      case Q4_0: group_rows<R, Q4_0>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap, q8); break;
+      case Q4_K: group_rows<R, Q4_K>(mat, r0, M, x, xb, n, y, ldy, accumulate, rowmap, q8); break;
     }
   };
   if (nowait) {
@@ -757,14 +1027,15 @@ constexpr int ROWS = 4, ROWS_ONE = 8;
 // rowmap, where not null, says which row of y each input row's outputs go to.
 // nowait: no barrier at the end (the caller's next work-shared loop has one, and
 // does not touch y before it: lora_deltas).
+// q8: x rounded to int8 for the q4 matrices (quantize_for), or nullptr.
 void gemv(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y, int64_t ldy,
-          bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false) {
+          bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false, const Q8x* q8 = nullptr) {
   bool wide = M == 1;
-  for (const Mat& m : mats) wide = wide && m.wt.kind == F32;
+  for (const Mat& m : mats) wide = wide && (m.wt.kind == F32 || (q8 && (m.wt.kind == Q4_0 || m.wt.kind == Q4_K)));
   if (wide)
-    gemv_rows<ROWS_ONE>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
+    gemv_rows<ROWS_ONE>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait, q8);
   else
-    gemv_rows<ROWS>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait);
+    gemv_rows<ROWS>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait, q8);
 }
 
 // ----------------------------------------------------------------------- LoRA
@@ -936,6 +1207,7 @@ struct Model {
   int64_t slots;                       // adapter slots of every stack (0 without LoRA)
   std::vector<Weight> mats;            // 9 per layer, as weights (the norms' entries unused)
   Weight out, embed;                   // the output projection, the embedding
+  bool int8_dot = false;               // q4 matrices against int8-rounded inputs (see Q8x)
 };
 
 template <typename W>
@@ -984,6 +1256,18 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
 
   std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F), h(M * D);
   std::vector<bf16> xb(M * widest);
+  // The inputs rounded to int8 for q4 matrices (empty unless int8_dot).
+  const int64_t q8n = model.int8_dot ? M * widest : 0;
+  std::vector<int8_t> q8q(q8n);
+  std::vector<int32_t> q8c(q8n / 4);
+  std::vector<float> q8d(q8n / 4), q8s(q8n / 32);
+  const Q8x q8buf{q8q.data(), q8c.data(), q8d.data(), q8s.data()};
+  // A GEMV of the step: its input rounded first where the matrices take int8.
+  auto mm = [&](const std::vector<Mat>& mats, const float* x, int64_t n, float* y, int64_t ldy, bool accumulate,
+                const int64_t* rows, bool nowait) {
+    const Q8x* q8 = quantize_for(mats, model.int8_dot, M, x, n, q8buf);
+    gemv(mats, M, x, xb.data(), n, y, ldy, accumulate, rows, nowait, q8);
+  };
   for (int64_t m = 0; m < M; ++m)  // a quantized embedding: the token's row only, decoded
     dequant_row(model.embed.kind, model.embed.w + tokens[m] * model.embed.ld, D, h.data() + m * D);
   const int64_t max_ctx = *std::max_element(pos.begin(), pos.end()) + 1;  // a token sees itself
@@ -1054,8 +1338,8 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
     for (int64_t l = 0; l < L; ++l) {
       // weights per layer: attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2
       rms_norm(norm_w(weights[l * 9 + 0]));
-      gemv({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, M, xn.data(),
-              xb.data(), D, xq.data(), qkv_w, false, nullptr, !lqkv[l].empty());
+      mm({{wp(l, 1), H * hd, 0}, {wp(l, 2), K * hd, H * hd}, {wp(l, 3), K * hd, (H + K) * hd}}, xn.data(), D, xq.data(),
+         qkv_w, false, nullptr, !lqkv[l].empty());
       lora_deltas<W>(lqkv[l], groups, xn.data(), xb.data(), D, u.data(), xq.data(), qkv_w);  // before rotary
 
       // Rotary on the q and k heads; k and v heads into the cache at this token's slot.
@@ -1117,11 +1401,10 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
         }
       }
 
-      gemv({{wp(l, 4), D, 0}}, M, att.data(), xb.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
+      mm({{wp(l, 4), D, 0}}, att.data(), H * hd, h.data(), D, true, nullptr, !lo[l].empty());
       lora_deltas<W>(lo[l], groups, att.data(), xb.data(), H * hd, u.data(), h.data(), D);
       rms_norm(norm_w(weights[l * 9 + 5]));
-      gemv({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, M, xn.data(), xb.data(), D, ff.data(), 2 * F, false, nullptr,
-              !l13[l].empty());
+      mm({{wp(l, 6), F, 0}, {wp(l, 7), F, F}}, xn.data(), D, ff.data(), 2 * F, false, nullptr, !l13[l].empty());
       lora_deltas<W>(l13[l], groups, xn.data(), xb.data(), D, u.data(), ff.data(), 2 * F);
 
       // SwiGLU: silu(gate) * up, the input of w2 (and its bf16 copy).
@@ -1134,12 +1417,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
           xb[m * F + i] = f2bf(v);
         }
       }
-      gemv({{wp(l, 8), D, 0}}, M, xn.data(), xb.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
+      mm({{wp(l, 8), D, 0}}, xn.data(), F, h.data(), D, true, nullptr, !l2[l].empty());
       lora_deltas<W>(l2[l], groups, xn.data(), xb.data(), F, u.data(), h.data(), D);
     }
     rms_norm(norm_w(final_norm));
-    gemv({{model.out, V, 0}}, M, xn.data(), xb.data(), D,
-            logits, V, false, rowmap);
+    mm({{model.out, V, 0}}, xn.data(), D, logits, V, false, rowmap, false);
   }
 }
 
@@ -1163,10 +1445,10 @@ class Decoder {
   Decoder(std::vector<torch::Tensor> weights, torch::Tensor final_norm, torch::Tensor out_w, torch::Tensor emb,
           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<int64_t> windows, int64_t n_heads,
           int64_t n_kv_heads, int64_t head_dim, double eps, torch::Tensor inv_freq, double rope_scale, double q_beta,
-          int64_t q_orig, std::vector<torch::Tensor> lora, std::vector<int64_t> schemes)
+          int64_t q_orig, std::vector<torch::Tensor> lora, std::vector<int64_t> schemes, bool int8_dot)
       : m_{std::move(weights), final_norm, out_w, emb, k_cache, v_cache, std::move(windows),
            n_heads, n_kv_heads, head_dim, eps, std::vector<float>(head_dim / 2), static_cast<float>(rope_scale),
-           q_beta, q_orig, {}, 0} {
+           q_beta, q_orig, {}, 0, {}, {}, {}, int8_dot} {
     // Computed by galerne.models.layers.rotary_inv_freq (plain or YaRN), float32.
     TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.is_contiguous() && inv_freq.numel() == head_dim / 2,
                 "Decoder: inv_freq must be head_dim / 2 contiguous float32 values");
@@ -1303,7 +1585,7 @@ torch::Tensor dequantize(torch::Tensor q, const std::string& scheme, int64_t in_
 // blocks once where dequantize-then-matmul writes and reads the whole float32
 // matrix (100 MB for a 32768 x 768 output projection).
 torch::Tensor linear(torch::Tensor x, torch::Tensor q, const std::string& scheme, int64_t in_features,
-                     int64_t threads) {
+                     int64_t threads, bool int8_dot) {
   const Kind k = checked_blocks(q, scheme, in_features, "linear");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) == in_features,
               "linear: x must be contiguous float32 (rows, ", in_features, ")");
@@ -1313,9 +1595,17 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor q, const std::string& scheme
   const std::vector<Mat> mats{{{q.data_ptr<uint8_t>(), k, q.size(1)}, rows, 0}};
   const float* xp = x.data_ptr<float>();
   float* y = out.data_ptr<float>();
+  const int64_t q8n = int8_dot ? M * in_features : 0;
+  std::vector<int8_t> q8q(q8n);
+  std::vector<int32_t> q8c(q8n / 4);
+  std::vector<float> q8d(q8n / 4), q8s(q8n / 32);
+  const Q8x q8buf{q8q.data(), q8c.data(), q8d.data(), q8s.data()};
   pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(std::max<int64_t>(1, threads))
-  gemv(mats, M, xp, nullptr, in_features, y, rows, false);
+  {
+    const Q8x* q8 = quantize_for(mats, int8_dot, M, xp, in_features, q8buf);
+    gemv(mats, M, xp, nullptr, in_features, y, rows, false, nullptr, false, q8);
+  }
   return out;
 }
 
@@ -1323,12 +1613,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor, std::vector<int64_t>, int64_t, int64_t, int64_t, double, torch::Tensor, double,
-                          double, int64_t, std::vector<torch::Tensor>, std::vector<int64_t>>(),
+                          double, int64_t, std::vector<torch::Tensor>, std::vector<int64_t>, bool>(),
            pybind11::arg("weights"), pybind11::arg("final_norm"), pybind11::arg("out_w"), pybind11::arg("emb"),
            pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("windows"), pybind11::arg("n_heads"),
            pybind11::arg("n_kv_heads"), pybind11::arg("head_dim"), pybind11::arg("eps"), pybind11::arg("inv_freq"),
            pybind11::arg("rope_scale"), pybind11::arg("q_beta"), pybind11::arg("q_orig"), pybind11::arg("lora"),
-           pybind11::arg("schemes") = std::vector<int64_t>{})
+           pybind11::arg("schemes") = std::vector<int64_t>{}, pybind11::arg("int8_dot") = false)
       .def("step", &Decoder::step, "One decode step of every layer; float32 logits (M, vocab)",
            pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("block_tables"),
            pybind11::arg("threads"), pybind11::arg("slots") = std::vector<int64_t>{});
@@ -1338,5 +1628,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"), pybind11::arg("threads"));
   m.def("linear", &linear, "x (rows, in) float32 @ W.T for W in uint8 blocks of a scheme: float32 (rows, out)",
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scheme"), pybind11::arg("in_features"),
-        pybind11::arg("threads"));
+        pybind11::arg("threads"), pybind11::arg("int8_dot") = false);
 }

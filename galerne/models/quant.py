@@ -104,6 +104,9 @@ class QuantLinear(nn.Module):
                              f"{self.scheme.row_bytes(in_features)} bytes; got {qweight.dtype} {tuple(qweight.shape)}")
         self.in_features, self.out_features = in_features, qweight.shape[0]
         self.register_buffer("qweight", qweight)
+        # On the CPU, q4_0 / q4_k against int8-rounded inputs in the kernel's GEMV (set by
+        # the engine from --quantized-activations; galerne.kernels.cpu.int8_reference).
+        self.int8_dot = False
         self._int4 = None
         if qweight.is_cuda and self._int4_ok:  # made now, not inside a CUDA graph's capture
             self._int4_operands()
@@ -125,7 +128,8 @@ class QuantLinear(nn.Module):
             # reads the blocks, where a dense copy would write and read the whole matrix.
             from ..kernels import cpu
 
-            y = cpu.linear(x.reshape(rows, self.in_features), self.qweight, self.scheme, self.in_features)
+            y = cpu.linear(x.reshape(rows, self.in_features), self.qweight, self.scheme, self.in_features,
+                           self.int8_dot)
             if y is not None:
                 return y.reshape(*x.shape[:-1], self.out_features)
         rows = max(1, DEQUANT_CHUNK // self.in_features)
