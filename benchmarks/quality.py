@@ -18,10 +18,11 @@ Q6_K, galerne keeps it at q8_0). The goal: each scheme within llama.cpp's
 same-scheme perplexity + 1%.
 
 galerne scores a window in one prefill, whose 4-bit matmuls take float32 inputs.
-Decoding, the CPU kernel multiplies q4 weights by inputs rounded to int8
-(``--quantized-activations int8``, the default): the rows ``q4_k/int8`` and
-``q4_0/int8`` score every window token by token through the decode kernel, as
-generation computes them (``q4_0/float``: the same with float32 inputs).
+Decoding, the CPU kernel multiplies block weights by inputs rounded to int8
+(``--quantized-activations int8``, the default): the rows ``q8_0/int8``,
+``q4_k/int8`` and ``q4_0/int8`` score every window token by token through the
+decode kernel, as generation computes them (``q4_0/float``: the same with float32
+inputs).
 
     python benchmarks/quality.py                      # both texts, every row, llama.cpp beside
     python benchmarks/quality.py --texts random --windows 2 --no-llamacpp
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_checkpoint, report, v3_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("float32", "bfloat16", "q8_0", "q4_k", "q4_0", "q4_k/int8", "q4_0/int8")
+ROWS = ("float32", "bfloat16", "q8_0", "q4_k", "q4_0", "q8_0/int8", "q4_k/int8", "q4_0/int8")
 LLAMACPP = {"float32": "f32", "bfloat16": "bf16", "q8_0": "q8_0", "q4_k": "q4_k", "q4_0": "q4_0"}
 
 

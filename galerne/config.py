@@ -80,10 +80,10 @@ class EngineSettings:
                                           "Converted caches are read through torch ops (no CPU decode kernel, no "
                                           "Triton kernel or CUDA graphs): slower steps",
                                   choices=("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8"))
-    quantized_activations: str = setting("int8", "how 4-bit weights (q4_0, q4_k) multiply on the CPU: int8 (the inputs "
-                                                 "rounded to 8 bits per block of 32, integer dot products: llama.cpp's "
-                                                 "way, about 1.5x faster decode) or float (float32 inputs: exactly the "
-                                                 "dequantized weights' products)", choices=("int8", "float"))
+    quantized_activations: str = setting("int8", "how block-quantized weights (q8_0, q4_0, q4_k) multiply on the CPU: "
+                                                 "int8 (the inputs rounded to 8 bits per block of 32, integer dot "
+                                                 "products: llama.cpp's way, faster decode) or float (float32 inputs: "
+                                                 "exactly the dequantized weights' products)", choices=("int8", "float"))
     gpu_memory_utilization: float = setting(0.90, "fraction of the GPU's memory galerne may use (weights + activations + KV cache)")
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")

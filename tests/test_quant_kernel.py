@@ -4,7 +4,7 @@ The kernel reads each matrix in its block scheme and multiplies float32
 activations by the weights it decodes: its logits must be those of the torch path,
 which dequantizes the weight (``galerne.quant.dequantize``) and multiplies in
 float32, up to the order of the sums. With int8_dot (``--quantized-activations
-int8``), q4 matrices take inputs rounded to int8 per block of 32: the reference is
+int8``), block matrices take inputs rounded to int8 per block of 32: the reference is
 then ``cpu.int8_reference`` in torch ops. The shapes mix the formats on purpose: with hidden 256 and an intermediate
 size of 288, q4_k's w2 (rows of 288) falls back to q8_0, and a head size of 18
 leaves wo's rows (108) to no scheme at all: float32 next to blocks in one step.
@@ -208,7 +208,7 @@ def test_bad_quantized_shapes_are_refused(mixed_folder):
 
 # ------------------------------------------------------------------ int8 activations
 
-Q4 = ("q4_0", "q4_k")
+INT8 = ("q8_0", "q4_0", "q4_k")
 
 
 def _inputs(m: int, n: int, seed: int) -> torch.Tensor:
@@ -230,13 +230,13 @@ def test_rounding_the_inputs():
     assert (q[2, 1] != 0).sum() == 1  # the small values next to 50
 
 
-@pytest.mark.parametrize("scheme", Q4)
+@pytest.mark.parametrize("scheme", INT8)
 def test_int8_gemv_equals_rounded_inputs_times_the_dequantized_weights(scheme):
     """What --quantized-activations int8 computes: the inputs rounded per block of 32,
     times the dequantized weights, in float64 torch ops, to float32's rounding. The
     float path differs from it by far more: the test tells the two apart."""
     ext = cpu_kernels.load()
-    sizes = (96, 512, 768) if scheme == "q4_0" else (256, 768)  # 3 blocks: an odd one alone
+    sizes = (256, 768) if scheme == "q4_k" else (96, 512, 768)  # 3 blocks: an odd one alone
     for n in sizes:
         q = quantize(_weights(77, n, seed=n), scheme)
         for m in (1, 2, 3, 5, 9):  # tiles of 1, 2, 3 and 4 sequences
@@ -250,12 +250,12 @@ def test_int8_gemv_equals_rounded_inputs_times_the_dequantized_weights(scheme):
 
 @pytest.fixture
 def int8_torch_layers(monkeypatch):
-    """QuantLinear's q4 layers computing cpu.int8_reference (torch ops): the torch side
+    """QuantLinear's block layers computing cpu.int8_reference (torch ops): the torch side
     of one_step then computes what the kernel's int8 path should, independently."""
     real = QuantLinear.forward
 
     def forward(self, x):
-        if self.scheme.name not in Q4:
+        if self.scheme.name not in INT8:
             return real(self, x)
         rows = x.reshape(-1, self.in_features)
         y = cpu_kernels.int8_reference(rows, self.qweight, self.scheme, self.in_features)
@@ -264,7 +264,7 @@ def int8_torch_layers(monkeypatch):
     monkeypatch.setattr(QuantLinear, "forward", forward)
 
 
-@pytest.mark.parametrize("scheme", Q4)
+@pytest.mark.parametrize("scheme", INT8)
 def test_int8_step_equals_the_torch_path_on_rounded_inputs(mixed_folder, scheme, int8_torch_layers):
     """One sequence. (Rounding to int8 is not continuous: a value the kernel and torch
     compute 1 ulp apart can round to neighbouring integers, and that moves this tiny
@@ -277,7 +277,7 @@ def test_int8_step_equals_the_torch_path_on_rounded_inputs(mixed_folder, scheme,
         assert_kv_close(ours, ref)
 
 
-@pytest.mark.parametrize("scheme", Q4)
+@pytest.mark.parametrize("scheme", INT8)
 def test_int8_batch_rows_equal_each_sequence_alone(mixed_folder, scheme):
     """The tiles of 4, 3, 2 and 1 sequences (q4_0's of 4 go as two of 2) compute each
     row as a batch of one does, to the bit: the integer sums are exact and every row
@@ -299,7 +299,7 @@ def test_int8_batch_rows_equal_each_sequence_alone(mixed_folder, scheme):
         assert torch.equal(decoder([tokens[i]], [entries[i]])[0], batch[i]), i
 
 
-@pytest.mark.parametrize("scheme", Q4)
+@pytest.mark.parametrize("scheme", INT8)
 def test_int8_inputs_stay_within_half_a_step(scheme):
     """Against float32 inputs, an output moves by at most half of each block's step dx
     times the block's sum of |w| (what rounding each input costs), and by less on
@@ -344,7 +344,7 @@ def test_the_avx2_build(mixed_folder, scheme):
     add_quant_lora(model)
     got, expected, _, _ = one_step(model, LENS["ten"], seed=6, ext=ext, slots=[2, -1, 0, 0, 1, -1, 2, 0, 1, 0])
     assert_logits_close(got, expected)
-    if scheme in Q4:  # the AVX2 integer dot products (vpmaddubsw)
+    if scheme in INT8:  # the AVX2 integer dot products (vpmaddubsw)
         for n, m in ((512, 1), (768, 5)):
             q = quantize(_weights(77, n, seed=n), scheme)
             x = _inputs(m, n, seed=m)

@@ -36,7 +36,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
                  use_cpu_kernel: bool = True, int8_dot: bool = True):
-        """``int8_dot``: on the CPU, q4_0 / q4_k weights multiply inputs rounded to int8
+        """``int8_dot``: on the CPU, block-quantized weights multiply inputs rounded to int8
         (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV."""
         self.model, self.cache = model, cache
         self.int8_dot = int8_dot and cache.k.device.type == "cpu"

@@ -226,8 +226,8 @@ def dequantize(q: torch.Tensor, scheme, in_features: int) -> torch.Tensor | None
 def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int, int8_dot: bool = False) -> torch.Tensor | None:
     """x (rows, in_features) float32 @ W.T, W the (out, row_bytes) uint8 blocks of
     ``scheme``, by the decode kernel's GEMV (no dense copy of W): float32 (rows, out);
-    None where the kernel is not built (or does not read this scheme). ``int8_dot``: a
-    q4_0 / q4_k W multiplies x rounded to int8 per block of 32 (:func:`int8_reference`)."""
+    None where the kernel is not built (or does not read this scheme). ``int8_dot``: W
+    multiplies x rounded to int8 per block of 32 (:func:`int8_reference`)."""
     ext = _ext_reading(scheme)
     return None if ext is None else ext.linear(x.contiguous(), q.contiguous(), scheme.name, in_features,
                                                 torch.get_num_threads(), int8_dot)
@@ -245,8 +245,8 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor:
     """What ``linear(..., int8_dot=True)`` computes, in float64 torch ops: x rounded by
-    :func:`round_activations` times the dequantized weights (for q4_0 and q4_k, whose
-    weights are a scale times an integer, minus an offset, per block of 32)."""
+    :func:`round_activations` times the dequantized weights (q8_0, q4_0, q4_k: a scale
+    times an integer, minus an offset, per block of 32 weights)."""
     from ..quant.formats import dequantize
 
     qx, dx = round_activations(x)
@@ -369,8 +369,8 @@ class CpuDecoder:
         zero-padded, alpha / r folded into B), or None. Without it, the stacks of the
         model's MultiLoRALinear wrappers (``.lora_A``, ``.lora_B``; the weight at
         ``.base.weight``) are taken. The kernel reads the stacks in place: an adapter
-        loaded into a slot's rows is seen by the next step. ``int8_dot``: q4_0 and q4_k
-        matrices multiply their inputs rounded to int8 per block of 32 (llama.cpp's
+        loaded into a slot's rows is seen by the next step. ``int8_dot``: q8_0, q4_0 and
+        q4_k matrices multiply their inputs rounded to int8 per block of 32 (llama.cpp's
         way; :func:`int8_reference`); float32 inputs otherwise."""
         args = model.args
         quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())

@@ -21,7 +21,7 @@
 // Activations stay float32 from the embedding to the logits; with bf16 weights
 // the GEMV inputs are rounded to bf16 for the AVX512-BF16 dot products (as torch's
 // bf16 matmul reads bf16 activations); quantized weights multiply them in float32,
-// or, for q4_0 and q4_k with int8_dot, rounded to int8 per block of 32 (see Q8x).
+// or, with int8_dot, rounded to int8 per block of 32 (see Q8x).
 // The vector code is AVX512 (and AVX512-BF16), or AVX2 + FMA; portable loops
 // elsewhere.
 #include <torch/extension.h>
@@ -654,8 +654,8 @@ struct Mat {
 
 constexpr int64_t PREFETCH_GROUPS = 2;
 
-// ------------------------------------------- int8 activations for 4-bit weights
-// llama.cpp's way for q4_0 and q4_k, when the Decoder (or linear) is asked for it
+// ------------------------------------------ int8 activations for block weights
+// llama.cpp's way for q8_0, q4_0 and q4_k, when the Decoder (or linear) asks for it
 // (int8_dot): the input of a GEMV is rounded to int8 per block of 32 (x ~ dx q,
 // dx = max |x| / 127, q = round(x / dx), ties to even), and each block's dot
 // product is an integer one, unsigned nibbles times signed q: 64 products per
@@ -665,8 +665,8 @@ constexpr int64_t PREFETCH_GROUPS = 2;
 // benchmarks/quality.py measures what it does to perplexity. The offsets come out
 // of the integer sums: q4_0's w = d (k - 8) gives d dx (sum k q - 8 sum q), the
 // 8 sum q folded into the vpdpbusd accumulator's start; q4_k's w = d sc k - dmin m
-// gives, per sub-block of 32, d sc dx sum k q - dmin m dx sum q. q8_0 weights keep
-// the float path: it is already ahead, and a signed-by-signed product costs more.
+// gives, per sub-block of 32, d sc dx sum k q - dmin m dx sum q. q8_0's signed
+// weights: see qtile8_rows.
 struct Q8x {
   int8_t* q;      // (M, n): the rounded inputs
   int32_t* corr;  // (M, n / 4): per 4 inputs (one 32-bit lane of products), -sum q over their block
@@ -694,11 +694,11 @@ inline void quantize_row8(const float* x, int64_t n, int8_t* q, int32_t* corr, f
 }
 
 // Inside a parallel region: the M rows of x (n apart) rounded into buf, when int8
-// and mats hold a q4 matrix; otherwise nothing (nullptr: the float path).
+// and mats hold a block-quantized matrix; otherwise nothing (nullptr: the float path).
 inline const Q8x* quantize_for(const std::vector<Mat>& mats, bool int8, int64_t M, const float* x, int64_t n,
                                const Q8x& buf) {
   bool any = false;
-  for (const Mat& m : mats) any = any || m.wt.kind == Q4_0 || m.wt.kind == Q4_K;
+  for (const Mat& m : mats) any = any || m.wt.kind == Q8_0 || m.wt.kind == Q4_0 || m.wt.kind == Q4_K;
   if (!int8 || !any) return nullptr;
 #pragma omp for schedule(static)
   for (int64_t m = 0; m < M; ++m)
@@ -722,7 +722,7 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
 template <int R, int MB, Kind K>
 inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, int64_t n, float* out, int ldo,
                         const uint8_t* pf) {
-  static_assert(K == Q4_0 || K == Q4_K, "int8 activations serve q4_0 and q4_k");
+  static_assert(K == Q8_0 || K == Q4_0 || K == Q4_K, "int8 activations serve the block schemes");
   constexpr int64_t BLOCK = kBlock[K], BYTES = kBlockBytes[K];
   const int64_t nb = n / BLOCK, ld4 = n / 4, ld32 = n / 32;
   const int8_t* xq = x.q + m0 * n;
@@ -734,7 +734,47 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  if constexpr (K == Q4_0) {
+  if constexpr (K == Q8_0) {
+    // Signed weights times signed inputs: vpdpbusd takes the inputs as unsigned
+    // q + 128 (a flipped sign bit) and the weights as they are, which adds 128 sum w
+    // to each lane; the accumulator starts at -128 sum w, one vpdpbusd of the
+    // weights by 128s. Two blocks a step, as q4_0. (q8_0 weights are -127 .. 127, as
+    // llama.cpp's quantizer and galerne's write them.)
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+    const uint8_t* pfr = pf ? pf : w;
+    auto step = [&](int64_t b, __mmask64 k64, __mmask16 k16, bool two) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        __builtin_prefetch(pfr + r * ld + b * BYTES);
+        __builtin_prefetch(pfr + r * ld + b * BYTES + 63);
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BYTES + 2)) : _mm256_setzero_si256();
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(half_at(blk)), _mm256_set1_ps(two ? half_at(blk + BYTES) : 0.0f), 1);
+#if defined(__AVX512VNNI__)
+        const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), dpbusd(_mm512_setzero_si512(), bias, v));
+#else  // vpmaddubsw's int16 pairs would overflow on (q + 128) w: |w| times q with w's sign
+        const __m512i av = _mm512_abs_epi8(v);
+        const __mmask64 neg = _mm512_movepi8_mask(v);
+#endif
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {
+          const __m512i qx = _mm512_maskz_loadu_epi8(k64, xq + mb * n + 32 * b);
+          const __m512 dx = _mm512_maskz_loadu_ps(k16, xd + mb * ld4 + 8 * b);
+#if defined(__AVX512VNNI__)
+          const __m512i isum = dpbusd(corr, _mm512_xor_si512(qx, bias), v);
+#else
+          const __m512i isum = dpbusd(_mm512_setzero_si512(), av, _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx));
+#endif
+          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), a[mb][r]);
+        }
+      }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) step(b, ~0ull, 0xFFFF, true);
+    if (b < nb) step(b, 0xFFFFFFFFull, 0x00FF, false);
+  } else if constexpr (K == Q4_0) {
     // Two blocks A, B a step: [A, A, B, B] (16 bytes of nibbles each), the second and
     // fourth shifted, are A's 32 weights in order, then B's. A row's odd last block
     // goes alone, lanes 8-15 zero.
@@ -811,7 +851,25 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
     for (int r = 0; r < R; ++r) a[mb][r] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   auto dot = [&](__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones); };
-  if constexpr (K == Q4_0) {
+  if constexpr (K == Q8_0) {
+    // Signed by signed through vpmaddubsw: |w| times q with w's sign (llama.cpp's way).
+    for (int64_t b = 0; b < nb; ++b) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        if (pf) __builtin_prefetch(pf + r * ld + b * BYTES);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        const __m256i av = _mm256_sign_epi8(v, v);
+        const __m256 dw = _mm256_set1_ps(half_at(blk));
+#pragma GCC unroll 4
+        for (int mb = 0; mb < MB; ++mb) {
+          const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + mb * n + 32 * b));
+          const __m256 dx = _mm256_loadu_ps(xd + mb * ld4 + 8 * b);
+          a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(av, _mm256_sign_epi8(qx, v))), _mm256_mul_ps(dw, dx), a[mb][r]);
+        }
+      }
+    }
+  } else if constexpr (K == Q4_0) {
     for (int64_t b = 0; b < nb; ++b) {
       __m256i qx[MB], cr[MB];
       __m256 dx[MB];
@@ -879,7 +937,11 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
       float s = 0;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = w + r * ld + b * BYTES;
-        if constexpr (K == Q4_0) {
+        if constexpr (K == Q8_0) {
+          int32_t acc = 0;
+          for (int i = 0; i < 32; ++i) acc += static_cast<int8_t>(blk[2 + i]) * q[32 * b + i];
+          s += half_at(blk) * xd[mb * ld4 + 8 * b] * static_cast<float>(acc);
+        } else if constexpr (K == Q4_0) {
           int32_t acc = 8 * xc[mb * ld4 + 8 * b];
           for (int i = 0; i < 16; ++i) acc += (blk[2 + i] & 0xF) * q[32 * b + i] + (blk[2 + i] >> 4) * q[32 * b + 16 + i];
           s += half_at(blk) * xd[mb * ld4 + 8 * b] * static_cast<float>(acc);
@@ -919,12 +981,12 @@ inline void qtile8(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, int64
   }
 }
 
-// q8: the rounded inputs where the q4 matrices take them (then x, xb and ldx are
+// q8: the rounded inputs where the block matrices take them (then x, xb and ldx are
 // not read; m0: the tile's first input row), or nullptr.
 template <int R, int MBT, Kind K>
 inline void tile_k(const uint8_t* w, int64_t ld, const float* x, const bf16* xb, int64_t ldx, int64_t n, float* out,
                    const uint8_t* pf, const Q8x* q8 = nullptr, int64_t m0 = 0) {
-  if constexpr (K == Q4_0 || K == Q4_K)
+  if constexpr (K == Q8_0 || K == Q4_0 || K == Q4_K)
     if (q8) return qtile8<R, MBT, K>(w, ld, *q8, m0, n, out, pf);
   if constexpr (K == F32)
     tile<R, MBT>(reinterpret_cast<const float*>(w), ld / 4, x, xb, ldx, n, out, reinterpret_cast<const float*>(pf));
@@ -1027,11 +1089,11 @@ constexpr int ROWS = 4, ROWS_ONE = 8;
 // rowmap, where not null, says which row of y each input row's outputs go to.
 // nowait: no barrier at the end (the caller's next work-shared loop has one, and
 // does not touch y before it: lora_deltas).
-// q8: x rounded to int8 for the q4 matrices (quantize_for), or nullptr.
+// q8: x rounded to int8 for the block matrices (quantize_for), or nullptr.
 void gemv(const std::vector<Mat>& mats, int64_t M, const float* x, const bf16* xb, int64_t n, float* y, int64_t ldy,
           bool accumulate, const int64_t* rowmap = nullptr, bool nowait = false, const Q8x* q8 = nullptr) {
   bool wide = M == 1;
-  for (const Mat& m : mats) wide = wide && (m.wt.kind == F32 || (q8 && (m.wt.kind == Q4_0 || m.wt.kind == Q4_K)));
+  for (const Mat& m : mats) wide = wide && (m.wt.kind == F32 || (q8 && m.wt.kind != BF16));
   if (wide)
     gemv_rows<ROWS_ONE>(mats, M, x, xb, n, y, ldy, accumulate, rowmap, nowait, q8);
   else
@@ -1207,7 +1269,7 @@ struct Model {
   int64_t slots;                       // adapter slots of every stack (0 without LoRA)
   std::vector<Weight> mats;            // 9 per layer, as weights (the norms' entries unused)
   Weight out, embed;                   // the output projection, the embedding
-  bool int8_dot = false;               // q4 matrices against int8-rounded inputs (see Q8x)
+  bool int8_dot = false;               // block matrices against int8-rounded inputs (see Q8x)
 };
 
 template <typename W>
@@ -1256,7 +1318,7 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
 
   std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F), h(M * D);
   std::vector<bf16> xb(M * widest);
-  // The inputs rounded to int8 for q4 matrices (empty unless int8_dot).
+  // The inputs rounded to int8 for block matrices (empty unless int8_dot).
   const int64_t q8n = model.int8_dot ? M * widest : 0;
   std::vector<int8_t> q8q(q8n);
   std::vector<int32_t> q8c(q8n / 4);

@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
                              f"{self.scheme.row_bytes(in_features)} bytes; got {qweight.dtype} {tuple(qweight.shape)}")
         self.in_features, self.out_features = in_features, qweight.shape[0]
         self.register_buffer("qweight", qweight)
-        # On the CPU, q4_0 / q4_k against int8-rounded inputs in the kernel's GEMV (set by
+        # On the CPU, the blocks against int8-rounded inputs in the kernel's GEMV (set by
         # the engine from --quantized-activations; galerne.kernels.cpu.int8_reference).
         self.int8_dot = False
         self._int4 = None
