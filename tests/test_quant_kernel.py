@@ -228,6 +228,8 @@ def test_rounding_the_inputs():
     assert q.abs().max() == 127 and (q.abs().amax(-1) == 127).sum() == 11  # every block but the zero one
     assert ((q * dx - x.reshape(3, 4, 32)).abs() <= dx / 2 * (1 + 1e-6)).all()  # within half a step
     assert (q[2, 1] != 0).sum() == 1  # the small values next to 50
+    q, dx = cpu_kernels.round_activations(torch.cat([x, x], 1), 256)  # q4_k's: one scale per 256
+    assert q.shape == (3, 1, 256) and (q.abs().amax(-1) == 127).all() and torch.equal(dx[:, 0], x.abs().amax(1, keepdim=True) / 127)
 
 
 @pytest.mark.parametrize("scheme", INT8)
@@ -303,14 +305,15 @@ def test_int8_batch_rows_equal_each_sequence_alone(mixed_folder, scheme):
 def test_int8_inputs_stay_within_half_a_step(scheme):
     """Against float32 inputs, an output moves by at most half of each block's step dx
     times the block's sum of |w| (what rounding each input costs), and by less on
-    average: the errors of 32 inputs cancel."""
+    average: the errors of a block's inputs cancel."""
     ext = cpu_kernels.load()
     n = 768
     q = quantize(_weights(77, n, seed=5), scheme)
     w = dequantize(q, scheme, n).double()
     x = _inputs(9, n, seed=6)
-    _, dx = cpu_kernels.round_activations(x)
-    bound = (dx[..., 0].double() / 2) @ w.abs().reshape(77, n // 32, 32).sum(-1).T  # (9, 77)
+    block = cpu_kernels.input_block(scheme)  # q4_k's inputs share a scale per 256
+    _, dx = cpu_kernels.round_activations(x, block)
+    bound = (dx[..., 0].double() / 2) @ w.abs().reshape(77, n // block, block).sum(-1).T  # (9, 77)
     err = (ext.linear(x, q, scheme, n, 2, True).double() - ext.linear(x, q, scheme, n, 2, False).double()).abs()
     assert (err <= bound * (1 + 1e-4) + 1e-5).all()
     assert err.mean() < 0.1 * bound.mean()

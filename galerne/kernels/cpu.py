@@ -233,14 +233,20 @@ def linear(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int, int8_dot:
                                                 torch.get_num_threads(), int8_dot)
 
 
-def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def round_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """x (rows, n) float32 rounded as the kernel's int8_dot rounds a GEMV's input: per
-    block of 32, dx = max |x| / 127 and q = round(x / dx) (ties to even). Returns q
-    (rows, n / 32, 32) int64 and dx (rows, n / 32, 1) float32."""
-    b = x.float().reshape(x.shape[0], -1, 32)
+    ``block`` inputs (32; 256 for q4_k's super-blocks, llama.cpp's q8_K), dx = max |x| /
+    127 and q = round(x / dx) (ties to even). Returns q (rows, n / block, block) int64
+    and dx (rows, n / block, 1) float32."""
+    b = x.float().reshape(x.shape[0], -1, block)
     dx = b.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
     return torch.round(b * inv).clamp(-127, 127).long(), dx
+
+
+def input_block(scheme) -> int:
+    """How many inputs share a rounding scale under int8_dot: 256 for q4_k, else 32."""
+    return 256 if getattr(scheme, "name", scheme) == "q4_k" else 32
 
 
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -> torch.Tensor:
@@ -249,7 +255,7 @@ def int8_reference(x: torch.Tensor, q: torch.Tensor, scheme, in_features: int) -
     times an integer, minus an offset, per block of 32 weights)."""
     from ..quant.formats import dequantize
 
-    qx, dx = round_activations(x)
+    qx, dx = round_activations(x, input_block(scheme))
     xr = (qx.double() * dx.double()).reshape(x.shape[0], in_features)
     w = dequantize(q, scheme, in_features).double()
     return xr @ w.T

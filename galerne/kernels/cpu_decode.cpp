@@ -191,9 +191,8 @@ inline float half_at(const uint8_t* p) { return kHalf[load_u16(p)]; }
 // 32-bit words (llama.cpp's kmask trick): byte by byte, the unpacking cost more
 // scalar instructions than the super-block's 256 weights cost vector ones, on
 // the same ports.
-inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
-  const float d = half_at(blk), dmin = half_at(blk + 2);
-  uint32_t u[4];  // -> bytes: 8 scales, then 8 mins
+// The 6-bit fields as 16 bytes: the 8 scales, then the 8 mins.
+inline void q4_k_scale_bytes(const uint8_t* blk, uint32_t u[4]) {
   std::memcpy(u, blk + 4, 12);
   constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
   u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);  // mins 4-7
@@ -201,6 +200,12 @@ inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
   u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);  // scales 4-7
   u[2] = m03;
   u[0] &= low6;  // scales 0-3
+}
+
+inline void q4_k_scales(const uint8_t* blk, float ds[8], float dm[8]) {
+  const float d = half_at(blk), dmin = half_at(blk + 2);
+  uint32_t u[4];  // -> bytes: 8 scales, then 8 mins
+  q4_k_scale_bytes(blk, u);
 #if defined(__AVX2__)
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
   _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
@@ -668,41 +673,73 @@ constexpr int64_t PREFETCH_GROUPS = 2;
 // gives, per sub-block of 32, d sc dx sum k q - dmin m dx sum q. q8_0's signed
 // weights: see qtile8_rows.
 struct Q8x {
+  // q8_0 and q4_0: one scale per block of 32 inputs.
   int8_t* q;      // (M, n): the rounded inputs
   int32_t* corr;  // (M, n / 4): per 4 inputs (one 32-bit lane of products), -sum q over their block
   float* dxe;     // (M, n / 4): per 4 inputs, their block's dx
-  float* dxsx;    // (M, n / 32): per block, dx sum q
+  // q4_k: one scale per super-block of 256 (llama.cpp's q8_K), so that the 6-bit
+  // sub-block scales multiply integer sums (vpdpwssd), one float multiply a super-block.
+  int8_t* qk;     // (M, n)
+  float* dk;      // (M, n / 256)
+  int32_t* bk;    // (M, n / 32): sum of qk over each sub-block of 32 (for the mins)
 };
 
-inline void quantize_row8(const float* x, int64_t n, int8_t* q, int32_t* corr, float* dxe, float* dxsx) {
-  for (int64_t b = 0; b < n / 32; ++b) {
-    const float* xb = x + 32 * b;
+// Room for the rounded inputs of `size` values (M rows of the widest input).
+struct Q8Buffers {
+  std::vector<int8_t> q, qk;
+  std::vector<int32_t> corr, bk;
+  std::vector<float> dxe, dk;
+  Q8x x;
+  explicit Q8Buffers(int64_t size)
+      : q(size), qk(size), corr(size / 4), bk(size / 32), dxe(size / 4), dk(size / 256 + 1),
+        x{q.data(), corr.data(), dxe.data(), qk.data(), dk.data(), bk.data()} {}
+};
+
+// x[0 .. 32 k) rounded with one scale per `block` inputs (32 or 256) into q; d[j]
+// the j-th block's scale, sums[i] the sum of q over the i-th run of 32.
+inline void round_blocks(const float* x, int64_t n, int64_t block, int8_t* q, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < n / block; ++b) {
+    const float* xb = x + block * b;
     float amax = 0;
 #pragma omp simd reduction(max : amax)
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float d = amax / 127.0f, id = d > 0 && std::isfinite(d) ? 1.0f / d : 0.0f;
-    int32_t s = 0;
+    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float db = amax / 127.0f, id = db > 0 && std::isfinite(db) ? 1.0f / db : 0.0f;
+    d[b] = db;
+    for (int64_t k = 0; k < block / 32; ++k) {
+      int32_t s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < 32; ++i) {
-      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xb[i] * id)));
-      q[32 * b + i] = static_cast<int8_t>(v);
-      s += static_cast<int32_t>(v);
+      for (int i = 0; i < 32; ++i) {
+        const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xb[32 * k + i] * id)));
+        q[block * b + 32 * k + i] = static_cast<int8_t>(v);
+        s += static_cast<int32_t>(v);
+      }
+      sums[block / 32 * b + k] = s;
     }
-    for (int j = 0; j < 8; ++j) corr[8 * b + j] = -s, dxe[8 * b + j] = d;
-    dxsx[b] = d * static_cast<float>(s);
   }
 }
 
-// Inside a parallel region: the M rows of x (n apart) rounded into buf, when int8
-// and mats hold a block-quantized matrix; otherwise nothing (nullptr: the float path).
+// Inside a parallel region: the M rows of x (n apart) rounded into buf as the
+// block matrices among mats read them, when int8; otherwise nothing (nullptr: the
+// float path).
 inline const Q8x* quantize_for(const std::vector<Mat>& mats, bool int8, int64_t M, const float* x, int64_t n,
                                const Q8x& buf) {
-  bool any = false;
-  for (const Mat& m : mats) any = any || m.wt.kind == Q8_0 || m.wt.kind == Q4_0 || m.wt.kind == Q4_K;
-  if (!int8 || !any) return nullptr;
+  bool by32 = false, by256 = false;
+  for (const Mat& m : mats) by32 = by32 || m.wt.kind == Q8_0 || m.wt.kind == Q4_0, by256 = by256 || m.wt.kind == Q4_K;
+  if (!int8 || !(by32 || by256)) return nullptr;
 #pragma omp for schedule(static)
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row8(x + m * n, n, buf.q + m * n, buf.corr + m * n / 4, buf.dxe + m * n / 4, buf.dxsx + m * n / 32);
+  for (int64_t m = 0; m < M; ++m) {
+    if (by32) {
+      int32_t* corr = buf.corr + m * n / 4;
+      float* dxe = buf.dxe + m * n / 4;
+      round_blocks(x + m * n, n, 32, buf.q + m * n, dxe, corr);  // d and sums at each block's first entry
+      for (int64_t b = n / 32 - 1; b >= 0; --b) {  // then spread over the block's 8 lanes (in place: backwards)
+        const float d = dxe[b];
+        const int32_t s = corr[b];
+        for (int j = 7; j >= 0; --j) corr[8 * b + j] = -s, dxe[8 * b + j] = d;
+      }
+    }
+    if (by256) round_blocks(x + m * n, n, 256, buf.qk + m * n, buf.dk + m * n / 256, buf.bk + m * n / 32);
+  }
   return &buf;
 }
 
@@ -712,6 +749,15 @@ inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
   return _mm512_dpbusd_epi32(acc, u, s);
 #else  // two products summed into int16 (15 x 127 x 2 < 32767), then pairs into int32
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+// acc + a.lo16 b.lo16 + a.hi16 b.hi16 in each 32-bit lane.
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
 }
 #endif
@@ -728,7 +774,9 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
   const int8_t* xq = x.q + m0 * n;
   const int32_t* xc = x.corr + m0 * ld4;
   const float* xd = x.dxe + m0 * ld4;
-  const float* xs = x.dxsx + m0 * ld32;
+  const int8_t* kq = x.qk + m0 * n;  // q4_k's inputs
+  const float* kd = x.dk + m0 * (n / 256);
+  const int32_t* kb = x.bk + m0 * ld32;
 #if GALERNE_VW == 16 && defined(__AVX512BW__)
   __m512 a[MB][R];
   for (int mb = 0; mb < MB; ++mb)
@@ -804,42 +852,46 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
     for (; b + 2 <= nb; b += 2) step(b, ~0ull, 0xFFFF, true);
     if (b < nb) step(b, 0xFFFFFFFFull, 0x00FF, false);
   } else {
+    // A super-block: per chunk c (sub-blocks 2c and 2c + 1 in lanes 0-7 and 8-15),
+    // vpdpbusd's sums of nibbles times inputs, times the sub-blocks' 6-bit scales by
+    // vpdpwssd (each sum fits 16 bits: 4 x 15 x 127), into one integer sum; the mins
+    // times the inputs' sub-block sums likewise; then d dk and dmin dk, in float.
     constexpr __mmask32 high = 0xFFFF0000u;  // [chunk, chunk >> 4]: sub-block 2c, then 2c + 1
+    __m512i idx[4];
+    for (int c = 0; c < 4; ++c)
+      idx[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * c)), _mm256_set1_epi32(2 * c + 1), 1);
+    const uint8_t* pfr = pf ? pf : w;
     for (int64_t b = 0; b < nb; ++b) {
-      float ds[R][8], dm[R][8];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        if (pf)
-          for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pf + r * ld + b * BYTES + o);
-        q4_k_scales(w + r * ld + b * BYTES, ds[r], dm[r]);
-      }
+        const uint8_t* blk = w + r * ld + b * BYTES;
+        for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pfr + r * ld + b * BYTES + o);
+        uint32_t u[4];
+        q4_k_scale_bytes(blk, u);
+        const __m512i sm = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));  // scales, mins
+        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + 2)));  // mins, 0s
+        __m512i v[4], sc[4];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * c)), _mm256_set1_epi32(2 * c + 1), 1);
-        __m512i qx[MB];
-        __m512 dx[MB];
+        for (int c = 0; c < 4; ++c) {
+          v[c] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c)));
+          v[c] = _mm512_and_si512(_mm512_mask_srli_epi16(v[c], high, v[c], 4), m4);
+          sc[c] = _mm512_permutexvar_epi32(idx[c], sm);
+        }
+        const float d = half_at(blk), dmin = half_at(blk + 2);
 #pragma GCC unroll 4
         for (int mb = 0; mb < MB; ++mb) {
-          qx[mb] = _mm512_loadu_si512(xq + mb * n + BLOCK * b + 64 * c);
-          dx[mb] = _mm512_loadu_ps(xd + mb * ld4 + 64 * b + 16 * c);
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b * BYTES + 16 + 32 * c)));
-          v = _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 4), m4);
-          const __m512 sc = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(ds[r])));
+          const int8_t* q = kq + mb * n + BLOCK * b;
+          __m512i acc = _mm512_setzero_si512();
 #pragma GCC unroll 4
-          for (int mb = 0; mb < MB; ++mb)
-            a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dpbusd(_mm512_setzero_si512(), v, qx[mb])), _mm512_mul_ps(sc, dx[mb]),
-                                       a[mb][r]);
+          for (int c = 0; c < 4; ++c)
+            acc = dpwssd(acc, dpbusd(_mm512_setzero_si512(), v[c], _mm512_loadu_si512(q + 64 * c)), sc[c]);
+          // lanes 0-7: the mins times the sub-blocks' sums of inputs (each fits 16 bits)
+          const __m512i bs = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + mb * ld32 + 8 * b)));
+          const __m512i mins = dpwssd(_mm512_setzero_si512(), mn, bs);
+          const float dx = kd[mb * (n / 256) + b];
+          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(d * dx), a[mb][r]);
+          a[mb][r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_set1_ps(dmin * dx), a[mb][r]);
         }
-      }
-#pragma GCC unroll 4
-      for (int mb = 0; mb < MB; ++mb) {
-        const __m512 mins = _mm512_zextps256_ps512(_mm256_loadu_ps(xs + mb * ld32 + 8 * b));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
-          a[mb][r] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(_mm256_loadu_ps(dm[r])), mins, a[mb][r]);
       }
     }
   }
@@ -893,37 +945,39 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
       }
     }
   } else {
+    // As AVX512's: vpmaddubsw's pairs (3810 at most) times the sub-block's scale in
+    // both 16-bit halves of a lane (vpmaddwd), summed in integers over the super-block.
     for (int64_t b = 0; b < nb; ++b) {
-      float ds[R][8], dm[R][8];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
+        const uint8_t* blk = w + r * ld + b * BYTES;
         if (pf)
           for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(pf + r * ld + b * BYTES + o);
-        q4_k_scales(w + r * ld + b * BYTES, ds[r], dm[r]);
-      }
+        uint32_t u[4];
+        q4_k_scale_bytes(blk, u);
+        uint8_t sb[16];
+        std::memcpy(sb, u, 16);
+        const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sb + 8)));
+        const float d = half_at(blk), dmin = half_at(blk + 2);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b * BYTES + 16 + 32 * c));
-          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          const __m256 slo = _mm256_set1_ps(ds[r][2 * c]), shi = _mm256_set1_ps(ds[r][2 * c + 1]);
+        for (int mb = 0; mb < MB; ++mb) {
+          const int8_t* q = kq + mb * n + BLOCK * b;
+          __m256i acc = _mm256_setzero_si256();
 #pragma GCC unroll 4
-          for (int mb = 0; mb < MB; ++mb) {
-            const int8_t* q = xq + mb * n + BLOCK * b + 64 * c;
-            const float* d = xd + mb * ld4 + 64 * b + 16 * c;
-            const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-            const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-            a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(lo, q0)), _mm256_mul_ps(slo, _mm256_loadu_ps(d)), a[mb][r]);
-            a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(hi, q1)), _mm256_mul_ps(shi, _mm256_loadu_ps(d + 8)), a[mb][r]);
+          for (int c = 0; c < 4; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)));
+            const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p0, _mm256_set1_epi16(static_cast<int16_t>(sb[2 * c]))));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p1, _mm256_set1_epi16(static_cast<int16_t>(sb[2 * c + 1]))));
           }
+          const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + mb * ld32 + 8 * b));
+          const __m256i mins = _mm256_madd_epi16(mn, bs);  // the mins' upper halves are 0
+          const float dx = kd[mb * (n / 256) + b];
+          a[mb][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(d * dx), a[mb][r]);
+          a[mb][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * dx), a[mb][r]);
         }
-      }
-#pragma GCC unroll 4
-      for (int mb = 0; mb < MB; ++mb) {
-        const __m256 mins = _mm256_loadu_ps(xs + mb * ld32 + 8 * b);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) a[mb][r] = _mm256_fnmadd_ps(_mm256_loadu_ps(dm[r]), mins, a[mb][r]);
       }
     }
   }
@@ -946,17 +1000,21 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
           for (int i = 0; i < 16; ++i) acc += (blk[2 + i] & 0xF) * q[32 * b + i] + (blk[2 + i] >> 4) * q[32 * b + 16 + i];
           s += half_at(blk) * xd[mb * ld4 + 8 * b] * static_cast<float>(acc);
         } else {
-          float ds[8], dm[8];
-          q4_k_scales(blk, ds, dm);
+          uint32_t u[4];
+          q4_k_scale_bytes(blk, u);
+          uint8_t sb[16];
+          std::memcpy(sb, u, 16);
+          const int8_t* qk = kq + mb * n + BLOCK * b;
+          int32_t acc = 0, mins = 0;
           for (int c = 0; c < 4; ++c) {
             int32_t lo = 0, hi = 0;
             for (int i = 0; i < 32; ++i)
-              lo += (blk[16 + 32 * c + i] & 0xF) * q[BLOCK * b + 64 * c + i],
-              hi += (blk[16 + 32 * c + i] >> 4) * q[BLOCK * b + 64 * c + 32 + i];
-            s += ds[2 * c] * xd[mb * ld4 + 64 * b + 16 * c] * static_cast<float>(lo) +
-                 ds[2 * c + 1] * xd[mb * ld4 + 64 * b + 16 * c + 8] * static_cast<float>(hi);
+              lo += (blk[16 + 32 * c + i] & 0xF) * qk[64 * c + i], hi += (blk[16 + 32 * c + i] >> 4) * qk[64 * c + 32 + i];
+            acc += sb[2 * c] * lo + sb[2 * c + 1] * hi;
           }
-          for (int j = 0; j < 8; ++j) s -= dm[j] * xs[mb * ld32 + 8 * b + j];
+          for (int j = 0; j < 8; ++j) mins += sb[8 + j] * kb[mb * ld32 + 8 * b + j];
+          const float dx = kd[mb * (n / 256) + b];
+          s += half_at(blk) * dx * static_cast<float>(acc) - half_at(blk + 2) * dx * static_cast<float>(mins);
         }
       }
       out[mb * ldo + r] = s;
@@ -1319,15 +1377,11 @@ void step_impl(const Model& model, const std::vector<int64_t>& tokens_in, const 
   std::vector<float> xn(M * widest), xq(M * qkv_w), att(M * H * hd), ff(M * 2 * F), h(M * D);
   std::vector<bf16> xb(M * widest);
   // The inputs rounded to int8 for block matrices (empty unless int8_dot).
-  const int64_t q8n = model.int8_dot ? M * widest : 0;
-  std::vector<int8_t> q8q(q8n);
-  std::vector<int32_t> q8c(q8n / 4);
-  std::vector<float> q8d(q8n / 4), q8s(q8n / 32);
-  const Q8x q8buf{q8q.data(), q8c.data(), q8d.data(), q8s.data()};
+  Q8Buffers q8buf(model.int8_dot ? M * widest : 0);
   // A GEMV of the step: its input rounded first where the matrices take int8.
   auto mm = [&](const std::vector<Mat>& mats, const float* x, int64_t n, float* y, int64_t ldy, bool accumulate,
                 const int64_t* rows, bool nowait) {
-    const Q8x* q8 = quantize_for(mats, model.int8_dot, M, x, n, q8buf);
+    const Q8x* q8 = quantize_for(mats, model.int8_dot, M, x, n, q8buf.x);
     gemv(mats, M, x, xb.data(), n, y, ldy, accumulate, rows, nowait, q8);
   };
   for (int64_t m = 0; m < M; ++m)  // a quantized embedding: the token's row only, decoded
@@ -1657,15 +1711,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor q, const std::string& scheme
   const std::vector<Mat> mats{{{q.data_ptr<uint8_t>(), k, q.size(1)}, rows, 0}};
   const float* xp = x.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  const int64_t q8n = int8_dot ? M * in_features : 0;
-  std::vector<int8_t> q8q(q8n);
-  std::vector<int32_t> q8c(q8n / 4);
-  std::vector<float> q8d(q8n / 4), q8s(q8n / 32);
-  const Q8x q8buf{q8q.data(), q8c.data(), q8d.data(), q8s.data()};
+  Q8Buffers q8buf(int8_dot ? M * in_features : 0);
   pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(std::max<int64_t>(1, threads))
   {
-    const Q8x* q8 = quantize_for(mats, int8_dot, M, xp, in_features, q8buf);
+    const Q8x* q8 = quantize_for(mats, int8_dot, M, xp, in_features, q8buf.x);
     gemv(mats, M, xp, nullptr, in_features, y, rows, false, nullptr, false, q8);
   }
   return out;
