@@ -295,9 +295,28 @@ def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tupl
     for p in model.parameters():
         if p.requires_grad and p.dtype != train_dtype:
             p.data = p.data.to(train_dtype)
-    if cfg.checkpoint:
-        checkpoint_blocks(model)
+    blocks = checkpointed_blocks(cfg, model, device)
+    if blocks:
+        checkpoint_blocks(model, blocks)
     return model, ckpt
+
+
+def checkpointed_blocks(cfg: FinetuneConfig, model: nn.Module, device: torch.device) -> int:
+    """How many transformer blocks run under activation checkpointing: ``checkpoint``
+    true: all, false: none, auto: :func:`~galerne.finetune.memory.choose_checkpointing`'s
+    plan for a micro-batch of ``batch_size x seq_len`` tokens, logged with its reason."""
+    n = len(model.layers)
+    if cfg.checkpoint != "auto":
+        return n if cfg.checkpoint == "true" else 0
+    from galerne.finetune.memory import choose_checkpointing
+
+    load_dtype, train_dtype, amp_dtype = _precision(cfg, device)
+    plan = choose_checkpointing(model, device, cfg.seq_len * cfg.batch_size, amp_dtype or load_dtype,
+                                lora_rank=cfg.lora.rank if cfg.lora.enable else 0,
+                                amp_copies=amp_dtype is not None and not cfg.lora.enable,
+                                limit_bytes=int(cfg.max_memory_gb * 1e9) if cfg.max_memory_gb else None)
+    log.info("checkpoint: auto: checkpointing %d of %d blocks on %s: %s", plan.blocks, n, device, plan.reason)
+    return plan.blocks
 
 
 # --------------------------------------------------------------------------- checkpoints
