@@ -164,7 +164,11 @@ def optimizer_step(
         loss_sum += part.item()
     if all_reduce is not None:
         loss_sum = float(all_reduce(torch.tensor([loss_sum], dtype=torch.float64, device=device))[0])
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip else None
+    grad_norm = None
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # FSDP2: the norm of DTensor gradients is a replicated DTensor
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     lr = opt.param_groups[0]["lr"]
     opt.step()
     sched.step()
