@@ -301,7 +301,8 @@ def _shard(loss_module: nn.Module, amp_dtype: torch.dtype | None) -> tuple[nn.Mo
     root = fully_shard(loss_module, mp_policy=mp)
     for unit in (*units, root):
         unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):  # torch 2.12+
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
 
     @contextlib.contextmanager
     def no_sync():

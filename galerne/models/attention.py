@@ -24,7 +24,9 @@ one of three kernels, all equal up to rounding:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +61,15 @@ def allowed_mask(
 KERNELS = ("auto", "dense", "documents", "varlen")
 
 
-def _varlen_attn():
+@functools.cache
+def _varlen_attn() -> tuple[Callable | None, frozenset[str]]:
+    """(torch's varlen_attn or None, the names of its parameters). It came in torch 2.10
+    with ``is_causal``; 2.11+ has ``window_size`` instead, and GQA as ``enable_gqa``."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch before 2.9
-        return None
-    return varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 class NoCacheAttention:
@@ -118,13 +123,15 @@ class NoCacheAttention:
             return "dense"
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
         hd = q.shape[-1]
+        fn, params = _varlen_attn()
         fits = dtype in (torch.float16, torch.bfloat16) and hd == v.shape[-1] and hd % 8 == 0 and hd <= 256
-        return "varlen" if fits and _varlen_attn() is not None else "documents"
+        gqa = q.shape[1] == v.shape[1] or "enable_gqa" in params
+        return "varlen" if fits and gqa and fn is not None else "documents"
 
     def _varlen(self, q, k, v, window: int | None, scale: float | None) -> torch.Tensor:
-        varlen_attn = _varlen_attn()
+        varlen_attn, params = _varlen_attn()
         if varlen_attn is None:
-            raise RuntimeError(f"kernel 'varlen' needs torch.nn.attention.varlen (torch >= 2.9), not in torch {torch.__version__}")
+            raise RuntimeError(f"kernel 'varlen' needs torch.nn.attention.varlen (torch >= 2.10), not in torch {torch.__version__}")
         if self._cu_seqlens is None:
             self._cu_seqlens = torch.tensor([0] + [e for _, e in self.bounds], dtype=torch.int32, device=q.device)
         if torch.is_autocast_enabled(q.device.type):  # a custom op: autocast does not cast its inputs
@@ -133,9 +140,16 @@ class NoCacheAttention:
         # FlashAttention's window (left, right) lets token i see i - left .. i + right:
         # galerne's window W (W tokens, itself included) is (W - 1, 0); (-1, 0) is causal.
         left = -1 if window is None or window >= self.max_len else window - 1
+        if "window_size" in params:
+            kwargs = {"window_size": (left, 0)}
+        elif left == -1:
+            kwargs = {"is_causal": True}
+        else:  # torch 2.10: no window
+            return self._documents(q, k, v, window, scale)
+        if q.shape[1] != k.shape[1]:
+            kwargs["enable_gqa"] = True
         cu = self._cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, self.max_len, self.max_len, scale=scale, window_size=(left, 0),
-                           enable_gqa=q.shape[1] != k.shape[1])
+        return varlen_attn(q, k, v, cu, cu, self.max_len, self.max_len, scale=scale, **kwargs)
 
     def _documents(self, q, k, v, window: int | None, scale: float | None) -> torch.Tensor:
         outs = []
