@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--max-memory-gb", type=float, default=None,
                     help="memory galerne's checkpointing plan may use (default: 24 on GPU, free memory on CPU)")
     ap.add_argument("--baseline", choices=("peft", "none"), default="peft", help="run transformers + PEFT too")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every side this many times, interleaved (A B C A B C), and keep each side's fastest "
+                         "round: a shared machine's load then disturbs every side alike or is left out")
     ap.add_argument("--side", choices=("galerne", "hf"), help=argparse.SUPPRESS)
     ap.add_argument("--loss", choices=("chunked", "full"), default="chunked", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,8 +217,8 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, dtype)
     flops = model_flops(SHAPES[args.model], n_params, args.seq_len)
     runs = [("galerne", v, f"galerne-{v}") for v in variants] + ([("hf", "chunked", "hf")] if args.baseline == "peft" else [])
-    out = {}
-    for side, loss, name in runs:
+    out: dict[str, dict] = {}
+    for side, loss, name in [r for _ in range(max(1, args.rounds)) for r in runs]:
         cmd = [sys.executable, __file__, "--side", side, "--loss", loss, "--model", args.model, "--device", args.device,
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
         if args.max_memory_gb:
@@ -227,12 +230,17 @@ def main() -> None:
                 print("  " + line, file=sys.stderr, flush=True)
         if proc.returncode != 0:
             print(f"  {name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}", file=sys.stderr, flush=True)
-            out[name] = {"error": f"exit {proc.returncode}"}
+            out.setdefault(name, {"error": f"exit {proc.returncode}"})
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         tps = args.seq_len / res["step_s"]
+        print(f"  {name}: {tps:.1f} trained tok/s, peak {res['peak_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+        if "step_s" in out.get(name, {}) and out[name]["step_s"] <= res["step_s"]:
+            out[name]["rounds_s"].append(round(res["step_s"], 3))
+            continue
         out[name] = {"trained_tok_s": round(tps, 1), "step_s": round(res["step_s"], 3),
-                     "mfu": round(flops / res["step_s"] / peak, 4), "peak_gb": round(res["peak_bytes"] / 1e9, 2)}
+                     "mfu": round(flops / res["step_s"] / peak, 4), "peak_gb": round(res["peak_bytes"] / 1e9, 2),
+                     "rounds_s": out.get(name, {}).get("rounds_s", []) + [round(res["step_s"], 3)]}
     base = out.get("hf", {})
     for name, f in out.items():
         if name != "hf" and "trained_tok_s" in f and "trained_tok_s" in base:
