@@ -57,7 +57,8 @@ seq_len: 32
 batch_size: 2
 max_steps: 3
 ckpt_freq: 3
-""")
+checkpoint: {str(not lora).lower()}
+""")  # full weights: FSDP2 units recompute their checkpointed activations after the all-gather
     # One process, global batch = 2 sequences x 2 micro-batches.
     one = train(load_config(yaml, {"run_dir": str(tmp_path / "one"), "num_microbatches": "2"}))
     # Two processes, 2 sequences x 1 micro-batch each.
