@@ -16,7 +16,9 @@ same run (CPU) or from ``--peak-tflops`` (GPU: e.g. 989 for an H100/H200's dense
 galerne's loss (``--variants``, each in its own subprocess): ``chunked``, the fused chunked
 cross-entropy (:mod:`galerne.finetune.loss`, 1024 rows at a time); ``full``, the same
 ``weighted_loss`` with ``chunk=None``: the whole (T, vocab) float32 logits in one autograd
-piece, kept for the backward (the state before the chunked loss).
+piece, kept for the backward (the state before the chunked loss); ``checkpointed``,
+``fused_loss=False``: 1024-row chunks each under activation checkpointing, the logits
+computed again in the backward (the chunked loss before it was fused).
 
 Activation checkpointing on galerne's side is ``checkpoint: auto``'s plan
 (:mod:`galerne.finetune.memory`) under ``--max-memory-gb`` (GPU default 24, the issue's
@@ -62,6 +64,9 @@ def loss_chunk(loss: str) -> int | None:
     return None if loss == "full" else 1024
 
 
+VARIANTS = ("chunked", "full", "checkpointed")
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -105,6 +110,7 @@ def run_galerne(model_name, folder, seqs, device, dtype, lr, loss="chunked", max
     sync(device)
     stamps.append(time.perf_counter())
     train_steps(model, batches, lr=lr, max_steps=len(seqs), grad_clip=1.0, log=log, chunk=loss_chunk(loss),
+                fused_loss=loss != "checkpointed",
                 amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -164,6 +170,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 409
 
 
 def child(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     folder = random_checkpoint(args.model, dtype) if device.type == "cpu" else None
@@ -184,15 +192,18 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: measured matmul)")
     ap.add_argument("--variants", default="chunked",
                     help="galerne's loss variants to run, comma-separated: chunked (fused, 1024 rows at a time), "
-                         "full (the whole logits in one piece)")
+                         "full (the whole logits in one piece), checkpointed (1024-row chunks recomputed in the backward)")
     ap.add_argument("--max-memory-gb", type=float, default=None,
                     help="memory galerne's checkpointing plan may use (default: 24 on GPU, free memory on CPU)")
     ap.add_argument("--baseline", choices=("peft", "none"), default="peft", help="run transformers + PEFT too")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every side this many times, interleaved (A B C A B C), and keep each side's fastest "
                          "round: a shared machine's load then disturbs every side alike or is left out")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of every side (default: torch's); 1 leaves a shared 2-core machine's other "
+                         "core to whoever else runs there")
     ap.add_argument("--side", choices=("galerne", "hf"), help=argparse.SUPPRESS)
-    ap.add_argument("--loss", choices=("chunked", "full"), default="chunked", help=argparse.SUPPRESS)
+    ap.add_argument("--loss", choices=VARIANTS, default="chunked", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.seq_len is None:
         args.seq_len = 512 if args.device == "cpu" else 4096
@@ -201,8 +212,8 @@ def main() -> None:
     if args.side:
         return child(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or any(v not in ("chunked", "full") for v in variants):
-        ap.error(f"--variants: chunked and/or full, got {args.variants!r}")
+    if not variants or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants: any of {', '.join(VARIANTS)}, got {args.variants!r}")
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -214,6 +225,8 @@ def main() -> None:
         hf = MistralForCausalLM(__import__("common").hf_config(args.model))
         # matmul parameters: the embedding is a lookup, not a matmul
         n_params = sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul peak too: MFU against the threads used
     peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, dtype)
     flops = model_flops(SHAPES[args.model], n_params, args.seq_len)
     runs = [("galerne", v, f"galerne-{v}") for v in variants] + ([("hf", "chunked", "hf")] if args.baseline == "peft" else [])
@@ -223,6 +236,8 @@ def main() -> None:
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
         if args.max_memory_gb:
             cmd += ["--max-memory-gb", str(args.max_memory_gb)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         print(f"running {name} ({args.warmup} warm-up + {args.steps} steps of {args.seq_len} tokens)...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         for line in proc.stderr.splitlines():
@@ -255,6 +270,7 @@ def main() -> None:
         vs = f"   {f['speed_vs_hf']:.2f}x speed, {f['memory_vs_hf']:.2f}x memory of transformers+peft" if "speed_vs_hf" in f else ""
         print(f"  {name:16s} {f['trained_tok_s']:>9.1f} trained tok/s   MFU {f['mfu']:.1%}   peak {f['peak_gb']:.2f} GB{vs}")
     report("finetune_lora", {"model": args.model, "device": args.device, "seq_len": args.seq_len, "rank": RANK,
+                             "threads": torch.get_num_threads(),
                              "peak_tflops": round(peak / 1e12, 3), "max_memory_gb": args.max_memory_gb, **out})
 
 

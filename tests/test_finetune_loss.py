@@ -88,12 +88,13 @@ def test_weighted_loss_fused_equals_one_piece_full_weights(tiny):
     tokens = torch.randint(3, model.args.vocab_size, (40,), generator=g)
     weights = (torch.rand(40, generator=g) > 0.3).float()
     grads = []
-    for chunk in (None, 6):
+    for chunk, fused in ((None, True), (6, True), (6, False)):  # one piece, fused chunks, checkpointed chunks
         model.zero_grad(set_to_none=True)
         backend = NoCacheAttention([25, 15])
         hidden = model(tokens, backend.positions, backend)
-        loss, total = weighted_loss(model, hidden, tokens, weights, chunk=chunk)
+        loss, total = weighted_loss(model, hidden, tokens, weights, chunk=chunk, fused=fused)
         (loss / total).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    for other in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(other[n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -33,7 +33,8 @@ def _chunk_loss(model, hidden: torch.Tensor, targets: torch.Tensor, weights: tor
 
 
 def weighted_loss(
-    model, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, chunk: int | None = 1024
+    model, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, chunk: int | None = 1024,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted sum of the cross-entropies, sum of the weights) for one sequence.
 
@@ -44,8 +45,8 @@ def weighted_loss(
     time, so the (T, vocab) logits never exist at once, neither in the forward nor kept for
     the backward. With a plain ``nn.Linear`` output the projection is fused into the loss
     (:mod:`galerne.finetune.loss`: the gradients are taken while each chunk's logits are
-    there); another output (LoRA or quantized) runs each chunk under activation
-    checkpointing instead. ``chunk=None``: one piece, plain autograd: the whole (rows, vocab)
+    there); another output (LoRA or quantized), or ``fused=False``, runs each chunk under
+    activation checkpointing instead (the logits computed again in the backward). ``chunk=None``: one piece, plain autograd: the whole (rows, vocab)
     float32 logits and their log-softmax are kept for the backward (the reference, and the
     "before" of ``benchmarks/finetune_lora.py --loss full``).
     """
@@ -58,7 +59,7 @@ def weighted_loss(
     h, t, w = hidden[:-1].index_select(0, rows), tokens[1:].index_select(0, rows), w_all.index_select(0, rows)
     if chunk is None:
         return _chunk_loss(model, h, t, w), w_all.sum()
-    if type(model.output) is torch.nn.Linear and model.output.bias is None:
+    if fused and type(model.output) is torch.nn.Linear and model.output.bias is None:
         return linear_cross_entropy(h, model.output.weight, t, w, chunk), w_all.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     checkpointed = torch.is_grad_enabled() and hidden.requires_grad and h.shape[0] > chunk
@@ -72,7 +73,7 @@ def weighted_loss(
     return total, w_all.sum()
 
 
-def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``weighted_loss`` of one packed sequence (document masking, per-document positions)."""
     device = next(model.parameters()).device
     tokens = torch.tensor(batch.tokens, device=device)
@@ -80,7 +81,7 @@ def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024) -> tuple[tor
     seqlens = batch.seqlens or [len(batch.tokens)]
     backend = NoCacheAttention(seqlens, device)
     hidden = model(tokens, backend.positions, backend)
-    return weighted_loss(model, hidden, tokens, weights, chunk=chunk)
+    return weighted_loss(model, hidden, tokens, weights, chunk=chunk, fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -196,6 +197,7 @@ def train_steps(
     num_microbatches: int = 1,
     seed: int = 0,
     chunk: int | None = 1024,
+    fused_loss: bool = True,
     log: Callable[[dict], None] | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> list[float]:
@@ -231,7 +233,7 @@ def train_steps(
             break
         if step_weight(micro) <= 0:
             raise ValueError(f"step {step}: no token with a positive weight in its batches")
-        stats = optimizer_step(lambda b: batch_loss(model, b, chunk=chunk), micro, params, opt, sched,
+        stats = optimizer_step(lambda b: batch_loss(model, b, chunk=chunk, fused=fused_loss), micro, params, opt, sched,
                                grad_clip=grad_clip, amp_dtype=amp_dtype)
         losses.append(stats.loss)
         if log is not None:
