@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from galerne.models.attention import NoCacheAttention
+from galerne.models.attention import NoCacheAttention, _varlen_attn
 from galerne.models.lora import apply_lora
 from galerne.weights.loader import load_model
 
@@ -97,10 +97,18 @@ def test_cpu_default_is_the_dense_mask_and_bad_kernel_is_refused():
         NoCacheAttention(SEQLENS, kernel="flash")
 
 
+def cuda_heads() -> tuple[int, int]:
+    """Grouped KV heads where this torch's varlen_attn takes them (2.11+), else as many as q's."""
+    fn, params = _varlen_attn()
+    if fn is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    return (8, 2) if "enable_gqa" in params else (8, 8)
+
+
 @cuda
 @pytest.mark.parametrize("window", [None, 4, 17], ids=lambda w: f"window{w}")
 def test_varlen_equals_dense_on_cuda_bf16(window):
-    q, k, v = qkv(8, 2, hd=64, dtype=torch.bfloat16, device="cuda")
+    q, k, v = qkv(*cuda_heads(), hd=64, dtype=torch.bfloat16, device="cuda")
     assert NoCacheAttention(SEQLENS, "cuda")._pick(q, v) == "varlen"
     want, want_grads = run("dense", q, k, v, window)
     got, got_grads = run("varlen", q, k, v, window)
@@ -111,7 +119,7 @@ def test_varlen_equals_dense_on_cuda_bf16(window):
 
 @cuda
 def test_varlen_under_autocast_takes_float32_inputs():
-    q, k, v = qkv(8, 2, hd=64, device="cuda")
+    q, k, v = qkv(*cuda_heads(), hd=64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         backend = NoCacheAttention(SEQLENS, "cuda")
         assert backend._pick(q, v) == "varlen"
