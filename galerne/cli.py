@@ -212,6 +212,16 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group the trainer joined, every process together
+    (gloo's threads still alive at interpreter exit can abort a process that succeeded)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cmd_finetune(ns: argparse.Namespace) -> int:
     """Train a LoRA adapter (or every weight) from a mistral-finetune YAML config."""
     import os
@@ -224,6 +234,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         result = train(cfg, resume=ns.resume)
     except OSError as e:  # a file that cannot be written or read (a full disk, a file where a folder goes)
         raise GalerneError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
+    _leave_process_group()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
     if result.skipped_lines:

@@ -318,6 +318,8 @@ def coerce(value: Any, hint: Any, key: str, source: str | None = None, *, text: 
     elif hint is str:
         if isinstance(value, str):
             out = value
+        elif isinstance(value, bool) and choices is not None and {"true", "false"} <= set(choices):
+            out = "true" if value else "false"  # YAML's `checkpoint: true` for a field of words
         elif isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML: `run_dir: 2024`
             out = str(value)
         else:

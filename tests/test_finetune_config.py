@@ -51,7 +51,7 @@ def test_mistral_finetune_example_keys(tmp_path):
     assert cfg.lora.rank == 64 and cfg.lora.enable and cfg.optim.lr == 6e-5
     assert cfg.seq_len == 32768 and cfg.eval_freq == 100 and cfg.save_adapters
     assert cfg.lora.targets == ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]  # default: every linear layer
-    assert cfg.dtype == "auto" and cfg.checkpoint and not cfg.skip_bad_lines
+    assert cfg.dtype == "auto" and cfg.checkpoint == "auto" and cfg.max_memory_gb == 0 and not cfg.skip_bad_lines
     assert cfg.warmup_steps == 15
 
 

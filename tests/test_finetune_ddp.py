@@ -1,5 +1,5 @@
-"""galerne finetune under torchrun: 2 CPU processes (gloo, DDP) train exactly like 1 process
-with the same global batch."""
+"""galerne finetune under torchrun: 2 CPU processes (gloo; DDP for LoRA, FSDP2 for full
+weights) train exactly like 1 process with the same global batch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from galerne.finetune.config import load_config
 from galerne.finetune.trainer import train
@@ -56,7 +57,8 @@ seq_len: 32
 batch_size: 2
 max_steps: 3
 ckpt_freq: 3
-""")
+checkpoint: {str(not lora).lower()}
+""")  # full weights: FSDP2 units recompute their checkpointed activations after the all-gather
     # One process, global batch = 2 sequences x 2 micro-batches.
     one = train(load_config(yaml, {"run_dir": str(tmp_path / "one"), "num_microbatches": "2"}))
     # Two processes, 2 sequences x 1 micro-batch each.
@@ -78,16 +80,31 @@ ckpt_freq: 3
     assert ckpts == ["checkpoint_000003"]
     state = json.loads((tmp_path / "two" / "checkpoints" / "checkpoint_000003" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["sequences"] == 12
+    assert state["fsdp"] is (not lora)  # full weights: sharded with FSDP2; LoRA: DDP
     assert (tmp_path / "two" / ("adapter" if lora else "model")).is_dir()
+    if not lora:  # the shards gathered into the base's layout: the weights of one process
+        from safetensors.torch import load_file
+
+        for sub in ("model", "checkpoints/checkpoint_000003"):
+            a, b = (sorted((tmp_path / run / sub).glob("*.safetensors")) for run in ("one", "two"))
+            assert [f.name for f in a] == [f.name for f in b] and a
+            for fa, fb in zip(a, b):
+                ta, tb = load_file(fa), load_file(fb)
+                assert ta.keys() == tb.keys()
+                for k in ta:
+                    torch.testing.assert_close(tb[k].float(), ta[k].float(), rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_two_processes_resume_exactly(tiny_factory, tmp_path):
-    """Per-process RNG states (dropout) and the data position survive a resume under torchrun."""
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_two_processes_resume_exactly(tiny_factory, tmp_path, lora):
+    """Per-process RNG states (dropout), the data position and (full weights, FSDP2) the
+    sharded weights and AdamW state survive a resume under torchrun."""
     tiny = tiny_factory("mistral")[0]
     (tmp_path / "train.jsonl").write_text("".join(conversation(r, c) + "\n" for r, c in CAPITALS))
     yaml = tmp_path / "config.yaml"
+    adapter = "lora:\n  rank: 4\n  dropout: 0.1\noptim:\n  lr: 0.01\n" if lora else "lora:\n  enable: false\noptim:\n  lr: 0.001\n"
     yaml.write_text(f"model_id_or_path: {tiny}\nrun_dir: {tmp_path / 'run'}\ndata:\n  instruct_data: {tmp_path / 'train.jsonl'}\n"
-                    "lora:\n  rank: 4\n  dropout: 0.1\noptim:\n  lr: 0.01\nseq_len: 32\nmax_steps: 4\nckpt_freq: 2\n")
+                    f"{adapter}seq_len: 32\nmax_steps: 4\nckpt_freq: 2\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "galerne.cli", "finetune", str(yaml)]

@@ -71,7 +71,12 @@ class FinetuneConfig:
     save_adapters: bool = setting(True, "write the final adapter (LoRA) or model (full) into run_dir")
     skip_bad_lines: bool = setting(False, "skip (and count) invalid data lines instead of refusing the data")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
-    checkpoint: bool = setting(True, "activation checkpointing of the transformer blocks (less memory, ~30% more compute)")
+    checkpoint: str = setting("auto", "activation checkpointing of the transformer blocks (less memory, ~30% more "
+                                      "compute for each checkpointed block): auto (the fewest blocks that make a step "
+                                      "fit in the device's free memory, or max_memory_gb; logged), true (every block), "
+                                      "false (none)", choices=("auto", "true", "false"))
+    max_memory_gb: float = setting(0.0, "memory the run may hold on its device, for checkpoint: auto (0: the device's "
+                                        "free memory: CUDA's free memory, the system's available memory on CPU)")
     dtype: str = setting("auto", "auto (bfloat16 autocast on CUDA with float32 trainable weights; float32 on CPU), float32, bfloat16")
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N (under torchrun: the local rank's GPU)")
 
@@ -102,6 +107,8 @@ class FinetuneConfig:
             raise InvalidParameter("optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
         if self.lora.scaling <= 0:
             raise InvalidParameter("lora.scaling", f"must be positive, got {self.lora.scaling}")
+        if self.max_memory_gb < 0:
+            raise InvalidParameter("max_memory_gb", f"must be >= 0, got {self.max_memory_gb}")
         if self.grad_clip < 0:
             raise InvalidParameter("grad_clip", f"must be >= 0, got {self.grad_clip}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):

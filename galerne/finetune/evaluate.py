@@ -27,10 +27,12 @@ class EvalResult:
 
 @torch.no_grad()
 def loss_sums(model, batches: Iterable[PackedBatch], *, chunk: int = 1024,
-              amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+              amp_dtype: torch.dtype | None = None, loss_fn=None) -> tuple[float, float]:
     """(weighted sum of the cross-entropies, total weight) of ``model`` over packed
     ``batches``; the model is put in eval mode for the pass, then restored. Processes of a
-    distributed run each sum their shard, then add the pairs up."""
+    distributed run each sum their shard, then add the pairs up. ``loss_fn(batch)``: what
+    computes a batch's (loss sum, weight) (default: ``batch_loss(model, batch, chunk)``;
+    the trainer's FSDP root module under FSDP)."""
     was_training = model.training
     model.eval()
     device_type = next(model.parameters()).device.type
@@ -38,7 +40,7 @@ def loss_sums(model, batches: Iterable[PackedBatch], *, chunk: int = 1024,
     try:
         for b in batches:
             with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss_sum, w = batch_loss(model, b, chunk=chunk)
+                loss_sum, w = loss_fn(b) if loss_fn is not None else batch_loss(model, b, chunk=chunk)
             total += float(loss_sum)
             weight += float(w)
     finally:

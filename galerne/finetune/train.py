@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from galerne.finetune.data import PackedBatch
+from galerne.finetune.loss import linear_cross_entropy
 from galerne.models.attention import NoCacheAttention
 
 
@@ -32,7 +33,8 @@ def _chunk_loss(model, hidden: torch.Tensor, targets: torch.Tensor, weights: tor
 
 
 def weighted_loss(
-    model, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, chunk: int = 1024
+    model, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, chunk: int | None = 1024,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted sum of the cross-entropies, sum of the weights) for one sequence.
 
@@ -40,17 +42,25 @@ def weighted_loss(
     Row ``i - 1`` of ``hidden`` predicts ``tokens[i]`` with weight ``weights[i]`` (so
     ``weights[0]`` is unused). Logits are computed only for the rows that predict a token of
     non-zero weight (prompts, padding and tool results cost nothing), ``chunk`` rows at a
-    time. When those rows span several chunks, each chunk runs under activation
-    checkpointing, so the (T, vocab) logits never exist at once, neither in the forward
-    nor kept for the backward; a single chunk's logits are small enough to keep.
+    time, so the (T, vocab) logits never exist at once, neither in the forward nor kept for
+    the backward. With a plain ``nn.Linear`` output the projection is fused into the loss
+    (:mod:`galerne.finetune.loss`: the gradients are taken while each chunk's logits are
+    there); another output (LoRA or quantized), or ``fused=False``, runs each chunk under
+    activation checkpointing instead (the logits computed again in the backward). ``chunk=None``: one piece, plain autograd: the whole (rows, vocab)
+    float32 logits and their log-softmax are kept for the backward (the reference, and the
+    "before" of ``benchmarks/finetune_lora.py --loss full``).
     """
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be positive, not {chunk}")
     weights = weights.to(device=hidden.device, dtype=torch.float32)
     tokens = tokens.to(hidden.device)
     w_all = weights[1:]
     rows = torch.nonzero(w_all).squeeze(1)
     h, t, w = hidden[:-1].index_select(0, rows), tokens[1:].index_select(0, rows), w_all.index_select(0, rows)
+    if chunk is None:
+        return _chunk_loss(model, h, t, w), w_all.sum()
+    if fused and type(model.output) is torch.nn.Linear and model.output.bias is None:
+        return linear_cross_entropy(h, model.output.weight, t, w, chunk), w_all.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     checkpointed = torch.is_grad_enabled() and hidden.requires_grad and h.shape[0] > chunk
     for start in range(0, h.shape[0], chunk):
@@ -63,7 +73,7 @@ def weighted_loss(
     return total, w_all.sum()
 
 
-def batch_loss(model, batch: PackedBatch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``weighted_loss`` of one packed sequence (document masking, per-document positions)."""
     device = next(model.parameters()).device
     tokens = torch.tensor(batch.tokens, device=device)
@@ -71,7 +81,7 @@ def batch_loss(model, batch: PackedBatch, chunk: int = 1024) -> tuple[torch.Tens
     seqlens = batch.seqlens or [len(batch.tokens)]
     backend = NoCacheAttention(seqlens, device)
     hidden = model(tokens, backend.positions, backend)
-    return weighted_loss(model, hidden, tokens, weights, chunk=chunk)
+    return weighted_loss(model, hidden, tokens, weights, chunk=chunk, fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -155,7 +165,11 @@ def optimizer_step(
         loss_sum += part.item()
     if all_reduce is not None:
         loss_sum = float(all_reduce(torch.tensor([loss_sum], dtype=torch.float64, device=device))[0])
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip else None
+    grad_norm = None
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # FSDP2: the norm of DTensor gradients is a replicated DTensor
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     lr = opt.param_groups[0]["lr"]
     opt.step()
     sched.step()
@@ -182,7 +196,8 @@ def train_steps(
     grad_clip: float | None = 1.0,
     num_microbatches: int = 1,
     seed: int = 0,
-    chunk: int = 1024,
+    chunk: int | None = 1024,
+    fused_loss: bool = True,
     log: Callable[[dict], None] | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> list[float]:
@@ -218,7 +233,7 @@ def train_steps(
             break
         if step_weight(micro) <= 0:
             raise ValueError(f"step {step}: no token with a positive weight in its batches")
-        stats = optimizer_step(lambda b: batch_loss(model, b, chunk=chunk), micro, params, opt, sched,
+        stats = optimizer_step(lambda b: batch_loss(model, b, chunk=chunk, fused=fused_loss), micro, params, opt, sched,
                                grad_clip=grad_clip, amp_dtype=amp_dtype)
         losses.append(stats.loss)
         if log is not None:
@@ -226,11 +241,12 @@ def train_steps(
     return losses
 
 
-def checkpoint_blocks(model) -> None:
-    """Activation checkpointing of each transformer block: in training, a block keeps only
-    its input and recomputes its activations in the backward. The blocks' state-dict
-    names do not change (their ``forward`` is wrapped, the modules are not). Idempotent."""
-    for block in model.layers:
+def checkpoint_blocks(model, blocks: int | None = None) -> None:
+    """Activation checkpointing of the first ``blocks`` transformer blocks (None: all): in
+    training, such a block keeps only its input and recomputes its activations in the
+    backward. The blocks' state-dict names do not change (their ``forward`` is wrapped,
+    the modules are not). Idempotent."""
+    for block in list(model.layers)[:blocks]:
         if getattr(block, "_galerne_checkpointed", False):
             continue
         inner = block.forward

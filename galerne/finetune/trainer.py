@@ -32,6 +32,7 @@ Run folder (``run_dir``), written by process 0 only:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -265,16 +266,59 @@ def _sum_hook(state, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-def _wrap(module: nn.Module, d: Dist, device: torch.device, *, find_unused: bool) -> tuple[nn.Module, Callable | None]:
-    """(the module, or DDP around it under torchrun; DDP's ``no_sync``). MoE models leave
-    the experts no token was routed to without gradient: DDP must look for them."""
+def _wrap(module: nn.Module, d: Dist, device: torch.device, *, find_unused: bool, shard: bool = False,
+          amp_dtype: torch.dtype | None = None) -> tuple[nn.Module, Callable | None]:
+    """(the module, or its distributed form under torchrun; its ``no_sync``).
+
+    LoRA: DDP (every process holds the frozen base; only the adapter's gradients are
+    all-reduced). MoE models leave the experts no token was routed to without gradient:
+    DDP must look for them. ``shard`` (full-weight training): FSDP2, see :func:`_shard`.
+    """
     if not d.on:
         return module, None
+    if shard:
+        return _shard(module, amp_dtype)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp, ddp.no_sync
+
+
+def _shard(loss_module: nn.Module, amp_dtype: torch.dtype | None) -> tuple[nn.Module, Callable]:
+    """FSDP2 (``fully_shard``) for full-weight training: each transformer block is one
+    unit (its weights all-gathered just before its forward and backward, resharded after),
+    and the root is the loss module, whose own parameters (embeddings, final norm, output)
+    stay gathered through the whole loss, the chunked logits included. Each process then
+    holds 1/world of the weights, gradients and AdamW state. Gradients are summed, not
+    averaged, over processes (the losses are already divided by the global weight), as
+    DDP's hook does. With an autocast dtype (CUDA), the weights are gathered in that dtype
+    and the gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+    units = [fully_shard(block, mp_policy=mp) for block in loss_module.model.layers]
+    root = fully_shard(loss_module, mp_policy=mp)
+    for unit in (*units, root):
+        unit.set_gradient_divide_factor(1.0)
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):  # torch 2.12+
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+
+    @contextlib.contextmanager
+    def no_sync():
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+
+    return root, no_sync
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
@@ -295,9 +339,28 @@ def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tupl
     for p in model.parameters():
         if p.requires_grad and p.dtype != train_dtype:
             p.data = p.data.to(train_dtype)
-    if cfg.checkpoint:
-        checkpoint_blocks(model)
+    blocks = checkpointed_blocks(cfg, model, device)
+    if blocks:
+        checkpoint_blocks(model, blocks)
     return model, ckpt
+
+
+def checkpointed_blocks(cfg: FinetuneConfig, model: nn.Module, device: torch.device) -> int:
+    """How many transformer blocks run under activation checkpointing: ``checkpoint``
+    true: all, false: none, auto: :func:`~galerne.finetune.memory.choose_checkpointing`'s
+    plan for a micro-batch of ``batch_size x seq_len`` tokens, logged with its reason."""
+    n = len(model.layers)
+    if cfg.checkpoint != "auto":
+        return n if cfg.checkpoint == "true" else 0
+    from galerne.finetune.memory import choose_checkpointing
+
+    load_dtype, train_dtype, amp_dtype = _precision(cfg, device)
+    plan = choose_checkpointing(model, device, cfg.seq_len * cfg.batch_size, amp_dtype or load_dtype,
+                                lora_rank=cfg.lora.rank if cfg.lora.enable else 0,
+                                amp_copies=amp_dtype is not None and not cfg.lora.enable,
+                                limit_bytes=int(cfg.max_memory_gb * 1e9) if cfg.max_memory_gb else None)
+    log.info("checkpoint: auto: checkpointing %d of %d blocks on %s: %s", plan.blocks, n, device, plan.reason)
+    return plan.blocks
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -419,16 +482,22 @@ class Run:
 
             states = [None] * self.d.world
             dist.all_gather_object(states, _rng_state())
+        weights = opt_state = None
+        if self.sharded:  # every process takes part in gathering the shards
+            if not gather:
+                log.warning("interrupted: FSDP shards cannot be gathered without every process; no checkpoint saved")
+                return None
+            weights, opt_state = self._full_state(), self._full_optimizer_state()
         if not self.d.main:
             return None
         p = self.progress
         rel = f"{CHECKPOINTS}/{_CKPT_PREFIX}{p.step:06d}"
         with self.dir.staged(rel) as tmp:  # written aside, then renamed
-            self._save_weights(tmp)
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            self._save_weights(tmp, weights)
+            torch.save(opt_state if opt_state is not None else self.opt.state_dict(), tmp / "optimizer.pt")
             torch.save({"scheduler": self.sched.state_dict(), "rng": states}, tmp / "trainer_state.pt")
             info = {"step": p.step, "sequences": p.sequences, "tokens": p.tokens, "elapsed": p.elapsed,
-                    "world_size": self.d.world, "lora": self.cfg.lora.enable}
+                    "world_size": self.d.world, "lora": self.cfg.lora.enable, "fsdp": self.sharded}
             (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
             (tmp / CONFIG).write_text(config_yaml(self.cfg))
         for old in self._own_checkpoints()[:-self.cfg.num_ckpt_keep]:
@@ -446,16 +515,36 @@ class Run:
                  if kind == "dir" and k.startswith(prefix) and k[len(prefix):].isdigit() and self.dir.exists(k)]
         return sorted(found, key=lambda k: int(k[len(prefix):]))
 
-    def _save_weights(self, folder: Path) -> None:
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the weights and optimizer state are DTensor shards, one per process."""
+        return _is_sharded(self.model)
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict, gathered on the CPU of process 0 (a collective:
+        every process calls it; the others get an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _full_optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state gathered on process 0, keyed by parameter name (a collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _save_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         from galerne.weights.adapters import save_mistral_adapter
         from galerne.weights.export import save_model
 
         if self.cfg.lora.enable:
             save_mistral_adapter(self.model, folder)
         else:  # the trained dtype, for an exact resume; ``folder`` is still empty
-            save_model(self.model, folder, "mistral", companions_from=self.base, progress=False)
+            save_model(self.model, folder, "mistral", companions_from=self.base, progress=False, state_dict=state)
 
     def save_outputs(self) -> Path | None:
+        state = self._full_state() if self.sharded and self.cfg.save_adapters else None  # every process
         if not (self.d.main and self.cfg.save_adapters):
             return None
         if self.cfg.lora.enable:
@@ -470,7 +559,7 @@ class Run:
         stored = next(t for _, _, t in self.ckpt_info.tensors(meta=True)).dtype  # the base's dtype
         with self.dir.staged(MODEL_DIR) as out:
             save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
-                       dtype=str(stored).removeprefix("torch."))
+                       dtype=str(stored).removeprefix("torch."), state_dict=state)
         return self.run_dir / MODEL_DIR
 
     # -- loading
@@ -484,7 +573,12 @@ class Run:
         opt_state = _load_pt(folder / "optimizer.pt")
         state = _load_pt(folder / "trainer_state.pt")
         try:
-            self.opt.load_state_dict(opt_state)
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model, self.opt, opt_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.opt.load_state_dict(opt_state)
             self.sched.load_state_dict(state["scheduler"])
             rngs = state["rng"]
             _set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
@@ -514,6 +608,12 @@ class Run:
             return
         from galerne.weights.loader import Checkpoint
 
+        if self.sharded:  # each process reads the whole file and keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = {native: t for _, _, native, t in Checkpoint.open(folder, "mistral").native_tensors()}
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
+            return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for _, _, native, t in Checkpoint.open(folder, "mistral").native_tensors():
@@ -606,11 +706,22 @@ class StopRequest:
 # --------------------------------------------------------------------------- the run
 
 
-def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None,
+             loss_module: nn.Module | None = None) -> dict[str, float]:
     """Weighted loss over every trained token of the eval set (sharded over processes), and
-    its perplexity exp(loss)."""
+    its perplexity exp(loss). Under FSDP the forward goes through ``loss_module`` (the root
+    gathers the embeddings and output) and every process runs the same number of forwards
+    (each one all-gathers every block's weights): a process short of a batch runs its first
+    one again and drops the result."""
     device = next(model.parameters()).device
-    total = torch.tensor(loss_sums(model, batches[d.rank::d.world], amp_dtype=amp_dtype), dtype=torch.float64, device=device)
+    mine = list(batches[d.rank::d.world])
+    if loss_module is not None and _is_sharded(model):
+        sums = loss_sums(loss_module, mine, amp_dtype=amp_dtype, loss_fn=loss_module)
+        short = -(-len(batches) // d.world) - len(mine)
+        loss_sums(loss_module, batches[:1] * short, amp_dtype=amp_dtype, loss_fn=loss_module)  # the collectives only
+    else:
+        sums = loss_sums(model, mine, amp_dtype=amp_dtype)
+    total = torch.tensor(sums, dtype=torch.float64, device=device)
     d.all_reduce(total)
     r = eval_result(float(total[0]), float(total[1]))
     return {"eval_loss": r.loss, "eval_perplexity": r.perplexity}
@@ -651,6 +762,10 @@ def train(
     sources, eval_batches, skipped = load_data(cfg, tokenizer, pad_id)
 
     model, ckpt_info = build_model(cfg, base, device)
+    _, _, amp_dtype = _precision(cfg, device)
+    # Wrapped before the optimizer is made: FSDP2 replaces the parameters by their shards.
+    loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None,
+                                 shard=not cfg.lora.enable, amp_dtype=amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
@@ -664,7 +779,6 @@ def train(
         run_dir.open()
         run_dir.write_text(CONFIG, config_yaml(cfg))
 
-    loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None)
     p = run.progress
     result = TrainResult(run_dir.path, p.step, skipped_lines=skipped, checkpoint=run.last_checkpoint)
     metrics = Metrics(run_dir, d.main, p.step if resume_from is not None else None)
@@ -672,7 +786,6 @@ def train(
     for _ in range(p.sequences):  # data position: continue with exactly the next batch
         next(stream)
     per_step = cfg.batch_size * cfg.num_microbatches * d.world
-    _, _, amp_dtype = _precision(cfg, device)
     bar = tqdm(total=cfg.max_steps, initial=p.step, unit="step", desc="finetune", dynamic_ncols=True,
                disable=(None if progress_bar is None else not progress_bar) if d.main else True)
 
@@ -699,7 +812,7 @@ def train(
                     emit({"step": p.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                           "tokens": p.tokens, "tokens_per_s": tok_s, "elapsed": p.elapsed})
                 if eval_batches and _due(p.step, cfg.eval_freq, cfg.max_steps):
-                    result.eval = evaluate(model, eval_batches, d, amp_dtype)
+                    result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module)
                     emit({"step": p.step, **result.eval})
                 if cfg.ckpt_freq and _due(p.step, cfg.ckpt_freq, cfg.max_steps):
                     run.save_checkpoint()
@@ -722,7 +835,7 @@ def train(
     result.checkpoint = run.last_checkpoint
     if not result.interrupted:
         if eval_batches and result.eval is None and p.step == cfg.max_steps and not result.losses:
-            result.eval = evaluate(model, eval_batches, d, amp_dtype)  # resumed at the end: evaluate anyway
+            result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module)  # resumed at the end: evaluate anyway
         result.output = run.save_outputs()
     return result
 

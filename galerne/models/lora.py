@@ -53,7 +53,9 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+        # The scaling multiplies the (T, r) intermediate, not the (T, out) product: the
+        # same numbers, out/r times fewer multiplies (in training, in the backward too).
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, computed in float32: (out, in)."""
