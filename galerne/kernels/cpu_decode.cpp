@@ -661,17 +661,17 @@ constexpr int64_t PREFETCH_GROUPS = 2;
 
 // ------------------------------------------ int8 activations for block weights
 // llama.cpp's way for q8_0, q4_0 and q4_k, when the Decoder (or linear) asks for it
-// (int8_dot): the input of a GEMV is rounded to int8 per block of 32 (x ~ dx q,
-// dx = max |x| / 127, q = round(x / dx), ties to even), and each block's dot
-// product is an integer one, unsigned nibbles times signed q: 64 products per
-// AVX512-VNNI vpdpbusd, 32 per AVX2 vpmaddubsw. That is about half the
-// instructions of decoding every weight to float, for the rounding of the
+// (int8_dot): the input of a GEMV is rounded to int8 per block of 32 inputs (256
+// for q4_k; x ~ dx q, dx = max |x| / 127, q = round(x / dx), ties to even), and
+// each block's dot product is an integer one, unsigned nibbles times signed q: 64
+// products per AVX512-VNNI vpdpbusd, 32 per AVX2 vpmaddubsw. That is about half
+// the instructions of decoding every weight to float, for the rounding of the
 // activations (half a step, 0.4% of a block's largest value, per input);
 // benchmarks/quality.py measures what it does to perplexity. The offsets come out
 // of the integer sums: q4_0's w = d (k - 8) gives d dx (sum k q - 8 sum q), the
 // 8 sum q folded into the vpdpbusd accumulator's start; q4_k's w = d sc k - dmin m
-// gives, per sub-block of 32, d sc dx sum k q - dmin m dx sum q. q8_0's signed
-// weights: see qtile8_rows.
+// gives, with one dx a super-block, d dx sum_j sc_j sum k q - dmin dx sum_j m_j
+// sum q over its sub-blocks j. q8_0's signed weights: see qtile8_rows.
 struct Q8x {
   // q8_0 and q4_0: one scale per block of 32 inputs.
   int8_t* q;      // (M, n): the rounded inputs
@@ -782,69 +782,59 @@ inline void qtile8_rows(const uint8_t* w, int64_t ld, const Q8x& x, int64_t m0, 
   for (int mb = 0; mb < MB; ++mb)
     for (int r = 0; r < R; ++r) a[mb][r] = _mm512_setzero_ps();
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  if constexpr (K == Q8_0) {
-    // Signed weights times signed inputs: vpdpbusd takes the inputs as unsigned
-    // q + 128 (a flipped sign bit) and the weights as they are, which adds 128 sum w
-    // to each lane; the accumulator starts at -128 sum w, one vpdpbusd of the
-    // weights by 128s. Two blocks a step, as q4_0. (q8_0 weights are -127 .. 127, as
-    // llama.cpp's quantizer and galerne's write them.)
-    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-    const uint8_t* pfr = pf ? pf : w;
-    auto step = [&](int64_t b, __mmask64 k64, __mmask16 k16, bool two) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* blk = w + r * ld + b * BYTES;
-        __builtin_prefetch(pfr + r * ld + b * BYTES);
-        __builtin_prefetch(pfr + r * ld + b * BYTES + 63);
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BYTES + 2)) : _mm256_setzero_si256();
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(half_at(blk)), _mm256_set1_ps(two ? half_at(blk + BYTES) : 0.0f), 1);
-#if defined(__AVX512VNNI__)
-        const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), dpbusd(_mm512_setzero_si512(), bias, v));
-#else  // vpmaddubsw's int16 pairs would overflow on (q + 128) w: |w| times q with w's sign
-        const __m512i av = _mm512_abs_epi8(v);
-        const __mmask64 neg = _mm512_movepi8_mask(v);
-#endif
-#pragma GCC unroll 4
-        for (int mb = 0; mb < MB; ++mb) {
-          const __m512i qx = _mm512_maskz_loadu_epi8(k64, xq + mb * n + 32 * b);
-          const __m512 dx = _mm512_maskz_loadu_ps(k16, xd + mb * ld4 + 8 * b);
-#if defined(__AVX512VNNI__)
-          const __m512i isum = dpbusd(corr, _mm512_xor_si512(qx, bias), v);
-#else
-          const __m512i isum = dpbusd(_mm512_setzero_si512(), av, _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx));
-#endif
-          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), a[mb][r]);
-        }
-      }
-    };
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) step(b, ~0ull, 0xFFFF, true);
-    if (b < nb) step(b, 0xFFFFFFFFull, 0x00FF, false);
-  } else if constexpr (K == Q4_0) {
-    // Two blocks A, B a step: [A, A, B, B] (16 bytes of nibbles each), the second and
-    // fourth shifted, are A's 32 weights in order, then B's. A row's odd last block
-    // goes alone, lanes 8-15 zero.
-    constexpr __mmask32 high = 0xFF00FF00u;
+  if constexpr (K == Q8_0 || K == Q4_0) {
+    // Two blocks A, B of 32 a step, A's weights in bytes 0-31 of the vector, B's in
+    // 32-63. A row's odd last block goes alone, lanes 8-15 zero.
+    //   q4_0: [A, A, B, B] (16 bytes of nibbles each), the second and fourth shifted;
+    //         the offset of 8 is the accumulator's start (corr: -sum q a lane).
+    //   q8_0: signed weights times signed inputs. vpdpbusd takes the inputs as
+    //         unsigned q + 128 (a flipped sign bit) and the weights as they are, which
+    //         adds 128 sum w to each lane: the accumulator starts at -128 sum w, one
+    //         vpdpbusd of the weights by 128s. (q8_0 weights are -127 .. 127, as
+    //         llama.cpp's quantizer and galerne's write them.)
+    [[maybe_unused]] constexpr __mmask32 high = 0xFF00FF00u;
+    [[maybe_unused]] const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
     const uint8_t* pfr = pf ? pf : w;  // (without one, a redundant prefetch: no branch in the loop)
     auto step = [&](int64_t b, __mmask64 k64, __mmask16 k16, bool two) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* blk = w + r * ld + b * BYTES;
         __builtin_prefetch(pfr + r * ld + b * BYTES);
-        const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-        const __m256i hi = two ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + BYTES + 2)))
-                               : _mm256_setzero_si256();
-        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        v = _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 4), m4);
+        if constexpr (K == Q8_0) __builtin_prefetch(pfr + r * ld + b * BYTES + 63);  // two blocks: 68 bytes
+        __m512i v;
+        if constexpr (K == Q4_0) {
+          const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+          const __m256i hi = two ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + BYTES + 2)))
+                                 : _mm256_setzero_si256();
+          v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+          v = _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 4), m4);
+        } else {
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+          const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BYTES + 2)) : _mm256_setzero_si256();
+          v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
         const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(half_at(blk)), _mm256_set1_ps(two ? half_at(blk + BYTES) : 0.0f), 1);
+#if defined(__AVX512VNNI__)
+        [[maybe_unused]] const __m512i corr8 = _mm512_sub_epi32(_mm512_setzero_si512(), dpbusd(_mm512_setzero_si512(), bias, v));
+#else  // vpmaddubsw's int16 pairs would overflow on (q + 128) w: |w| times q with w's sign
+        [[maybe_unused]] const __m512i av = _mm512_abs_epi8(v);
+        [[maybe_unused]] const __mmask64 neg = _mm512_movepi8_mask(v);
+#endif
 #pragma GCC unroll 4
         for (int mb = 0; mb < MB; ++mb) {  // the inputs from L1 (in registers they would spill)
           const __m512i qx = _mm512_maskz_loadu_epi8(k64, xq + mb * n + 32 * b);
-          const __m512i cr = _mm512_maskz_loadu_epi32(k16, xc + mb * ld4 + 8 * b);
           const __m512 dx = _mm512_maskz_loadu_ps(k16, xd + mb * ld4 + 8 * b);
-          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dpbusd(cr, v, qx)), _mm512_mul_ps(dw, dx), a[mb][r]);
+          __m512i isum;
+          if constexpr (K == Q4_0) {
+            isum = dpbusd(_mm512_maskz_loadu_epi32(k16, xc + mb * ld4 + 8 * b), v, qx);
+          } else {
+#if defined(__AVX512VNNI__)
+            isum = dpbusd(corr8, _mm512_xor_si512(qx, bias), v);
+#else
+            isum = dpbusd(_mm512_setzero_si512(), av, _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx));
+#endif
+          }
+          a[mb][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), a[mb][r]);
         }
       }
     };
