@@ -46,9 +46,10 @@ def weighted_loss(
     the backward. With a plain ``nn.Linear`` output the projection is fused into the loss
     (:mod:`galerne.finetune.loss`: the gradients are taken while each chunk's logits are
     there); another output (LoRA or quantized), or ``fused=False``, runs each chunk under
-    activation checkpointing instead (the logits computed again in the backward). ``chunk=None``: one piece, plain autograd: the whole (rows, vocab)
-    float32 logits and their log-softmax are kept for the backward (the reference, and the
-    "before" of ``benchmarks/finetune_lora.py --loss full``).
+    activation checkpointing instead (the logits computed again in the backward).
+    ``chunk=None``: one piece, plain autograd: the whole (rows, vocab) float32 logits and
+    their log-softmax are kept for the backward (the reference, and the "before" of
+    ``benchmarks/finetune_lora.py --variants full``).
     """
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be positive, not {chunk}")

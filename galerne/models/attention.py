@@ -85,7 +85,6 @@ class NoCacheAttention:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
         self.seqlens = list(seqlens)
         self.kernel = kernel
-        self.device = torch.device(device)
         lens = torch.tensor(self.seqlens, device=device)
         self.seq_ids = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device), lens)
         starts = torch.cumsum(lens, 0) - lens
