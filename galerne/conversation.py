@@ -166,7 +166,7 @@ class Conversation:
 
     ``messages``: copies holding only the keys galerne uses: ``role`` (OpenAI's
     "developer" read as "system"), ``content`` (a string, a list of text/thinking
-    parts, or None for an assistant turn with tool calls only; a thinking part is
+    parts and, in user messages, ``{"type": "image_url", "url": str}`` parts, or None for an assistant turn with tool calls only; a thinking part is
     ``{"type": "thinking", "thinking": str, "closed": bool}`` whichever API shape it
     came in, and an assistant's OpenAI-style ``reasoning_content`` is one, first), and per role
     ``tool_calls`` (assistant; each ``{"id"?, "type", "function": {"name",
@@ -210,6 +210,13 @@ class Conversation:
             {"type": "json_schema", "json_schema": {**response_format["json_schema"], "schema": schema}})
         return cls(checked, tools, parse_tool_choice(tool_choice, tools), parallel_tool_calls,
                    schema, prefix, fmt, reasoning_effort)
+
+    @property
+    def images(self) -> list[tuple[str, str]]:
+        """(field, URL) of every image part, in order (``messages[0].content[1].image_url``)."""
+        return [(f"messages[{i}].content[{j}].image_url", part["url"])
+                for i, m in enumerate(self.messages) if isinstance(m["content"], list)
+                for j, part in enumerate(m["content"]) if part["type"] == "image_url"]
 
     @property
     def open_thinking(self) -> bool:
@@ -318,9 +325,15 @@ def _check_content(content: Any, where: str, training: bool, role: str = "user")
         at = f"{where}[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise InvalidParameter(at, "must be an object with a type")
+        if part["type"] == "image_url":
+            if role != "user":
+                raise InvalidParameter(f"{at}.type", f"a {role} message cannot hold images (only user messages can)")
+            out.append({"type": "image_url", "url": _image_url(part, at)})
+            continue
         if part["type"] not in TEXT_PARTS:
-            # The engine feeds the model text only; images and audio would need their encoders.
-            raise InvalidParameter(f"{at}.type", f"unsupported content type {part['type']!r} (text only)")
+            # Audio would need its encoder.
+            raise InvalidParameter(f"{at}.type", f"unsupported content type {part['type']!r} (text, thinking or "
+                                                 "image_url)")
         if part["type"] == "text":
             if not isinstance(part.get("text"), str):
                 raise InvalidParameter(f"{at}.text", "must be a string")
@@ -331,6 +344,21 @@ def _check_content(content: Any, where: str, training: bool, role: str = "user")
                                                      f"{' and '.join(THINKING_ROLES)} messages can)")
             out.append(_thinking_part(part, at))
     return out
+
+
+def _image_url(part: dict, where: str) -> str:
+    """An image part's URL, from OpenAI's ``{"image_url": {"url": ...}}`` or Mistral's
+    ``{"image_url": "..."}`` (its object form too). Only the shape is checked here:
+    ``images.load_image`` reads it."""
+    value = part.get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+        where = f"{where}.image_url.url"
+    else:
+        where = f"{where}.image_url"
+    if not isinstance(value, str) or not value:
+        raise InvalidParameter(where, "must be a non-empty string: a base64 data URI or an http(s) URL")
+    return value
 
 
 def _thinking_part(part: dict, where: str) -> dict:

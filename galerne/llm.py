@@ -19,14 +19,17 @@ from .config import EngineSettings
 from .engine.adapters import AdapterInfo
 from .engine.engine import Engine, PromptLogprob, StepOutput
 from .engine.request import EngineRequest, Limits, validate_request
+from .engine.sequence import Sequence as EngineSequence
 from .errors import InvalidParameter, ModelLoadError
+from .images import ImageInput, ImagePolicy, check_image_format
 from .models.attention import NoCacheAttention
 from .models.transformer import Transformer
+from .models.vision import VisionModel
 from .quant.plan import quantize_model_
 from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.adapters import merge_adapter
-from .weights.loader import load_model, resolve_model_path
+from .weights.loader import load_model, load_vision, resolve_device, resolve_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +111,31 @@ class LLM:
             log.info("merged %s adapter %s (rank %d, %s)", kind, self.adapter, rank, ", ".join(targets))
             if quantization is not None:
                 quantize_model_(transformer, quantization)
-        self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len)
+        vision = load_vision(self.checkpoint, dtype=resolve_dtype(dtype, resolve_device(device)),
+                             device=next(transformer.parameters()).device)
+        self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len, vision)
         log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)
         for name, adapter_path in (adapters or {}).items():
             self.load_adapter(name, adapter_path)
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None, **engine: object) -> "LLM":
-        """Wrap a model already in memory (built by hand, or transformed)."""
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None = None, *,
+                   vision: VisionModel | None = None, **engine: object) -> "LLM":
+        """Wrap a model already in memory (built by hand, or transformed); ``vision``: its
+        encoder and projector, for a vision-language model."""
         self = cls.__new__(cls)
         self.checkpoint = None
         self.adapter = None
         self.engine_settings = _engine_settings(engine)
-        self._setup(model, tokenizer, max_model_len)
+        self._setup(model, tokenizer, max_model_len, vision)
         return self
 
-    def _setup(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, max_model_len: int | None,
+               vision: VisionModel | None = None) -> None:
+        self.model, self.tokenizer, self.vision = model, tokenizer, vision
+        if vision is not None:
+            check_image_format(tokenizer, vision.args)
         args = model.args
         if tokenizer.vocab_size > args.vocab_size:
             raise ModelLoadError(
@@ -148,7 +158,8 @@ class LLM:
     def engine(self) -> Engine:
         """The paged engine, made on first use (it sizes and allocates the KV cache)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.engine_settings, limits=self.limits)
+            self._engine = Engine(self.model, self.tokenizer, self.engine_settings, limits=self.limits,
+                                  vision=self.vision)
         return self._engine
 
     # ------------------------------------------------------------- generation
@@ -238,8 +249,16 @@ class LLM:
         tokenizers). One conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         sp = params or SamplingParams()
-        return self._run([(None, self.validate(self.tokenizer.encode_chat(list(c), tools), sp, adapter))
-                          for c in conversations], None)
+        return self._run([(None, self.validate_chat(c, sp, tools, adapter)) for c in conversations], None)
+
+    def validate_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+                      adapter: str | None = None, *, images: ImagePolicy | None = None) -> EngineRequest:
+        """A conversation (its images too, read under ``images``: by default data URIs
+        only) as the request ``Engine.add_request`` takes, checked."""
+        if adapter is not None:
+            self.engine.adapters.resolve(adapter)
+        ids, found = self.tokenizer.encode_chat_with_images(list(messages), tools, images)
+        return validate_request(ids, params, self.limits, field="messages", adapter=adapter, images=found)
 
     def _run(self, items: list[tuple[Prompt | None, EngineRequest]], use_tqdm: bool | None) -> list[RequestOutput]:
         # Every request was validated (the callers' list comprehensions) before any runs.
@@ -281,12 +300,20 @@ class LLM:
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, token_ids: Sequence[int], *, adapter: str | None = None) -> torch.Tensor:
+    def score(self, token_ids: Sequence[int], *, adapter: str | None = None,
+              images: Sequence[ImageInput] = ()) -> torch.Tensor:
         """float32 logits (len(token_ids), vocab) for one sequence, without a cache, through
         the loaded ``adapter`` (None: the base model). The sequence may fill the context
-        (nothing is generated)."""
-        ids = validate_request(self.encode(token_ids), None, self.limits, field="token_ids").prompt
+        (nothing is generated). ``images``: the prompt's (``encode_chat_with_images``)."""
+        request = validate_request(self.encode(token_ids), None, self.limits, field="token_ids", images=images)
+        ids = request.prompt
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        embeds = None
+        if images:
+            self.engine._check_images(request)
+            seq = EngineSequence(list(ids), SamplingParams(), images=request.images)
+            with torch.inference_mode():
+                embeds = self.engine.runner.image_embeds(tokens, [(0, seq, 0, len(ids))])
         scope = contextlib.nullcontext()
         if adapter is not None:
             engine = self.engine
@@ -294,7 +321,8 @@ class LLM:
             slot = engine.adapters.slots_for([key], keep=engine.scheduler.active_adapters())[0]
             scope = engine.runner.lora.batch([slot], [len(ids)], self.device)
         with torch.inference_mode(), scope:
-            hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device))
+            hidden = self.model(tokens, torch.arange(len(ids), device=self.device), NoCacheAttention([len(ids)], self.device),
+                                embeds)
             return self.model.logits(hidden).float().cpu()
 
 

@@ -243,7 +243,6 @@ _NATIVE_LAYER = {
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
 }
-_NATIVE_VISION = {"model.vision_tower.": "vision_encoder.", "model.multi_modal_projector.": "vision_language_adapter."}
 
 
 def _interleave_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -281,8 +280,8 @@ def write_native(ref, folder: Path) -> Path:
                 t = _interleave_rows(t, text.num_key_value_heads)
             out[f"layers.{i}.{native}.{suffix}"] = t
         else:
-            prefix = next(p for p in _NATIVE_VISION if name.startswith(p))
-            out[_NATIVE_VISION[prefix] + name[len(prefix):]] = t
+            native, t = native_vision_name(name, t, cfg.vision_config.num_attention_heads)
+            out[native] = t
     save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "consolidated.safetensors"))
     params = {
         "dim": text.hidden_size, "n_layers": text.num_hidden_layers, "head_dim": text.head_dim,
@@ -306,9 +305,13 @@ def write_native(ref, folder: Path) -> Path:
                                     if types else text.sliding_window)
     if getattr(cfg, "vision_config", None) is not None:
         v = cfg.vision_config
-        params["vision_encoder"] = {"hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers,
-                                    "num_attention_heads": v.num_attention_heads, "patch_size": v.patch_size,
-                                    "image_size": v.image_size, "image_token_id": cfg.image_token_index}
+        params["vision_encoder"] = {
+            "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_channels": 3,
+            "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+            "patch_size": v.patch_size, "image_size": v.image_size, "rope_theta": v.rope_parameters["rope_theta"],
+            "image_token_id": cfg.image_token_index, "image_break_token_id": 12, "image_end_token_id": 13,
+            "adapter_bias": bool(cfg.multimodal_projector_bias), "spatial_merge_size": cfg.spatial_merge_size,
+            "add_pre_mm_projector_layer_norm": True, "mm_projector_id": "patch_merge"}
     (folder / "params.json").write_text(json.dumps(params, indent=1))
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model.v3")
     return folder
@@ -393,3 +396,79 @@ def postgres_url(postgres_cluster):
     """A ``postgresql://`` URL of a database of this session (``postgres_cluster.new_database()``
     gives a fresh one)."""
     return postgres_cluster.new_database("session")
+
+
+# ------------------------------------------------------------------ vision-language models
+
+# tekken.json of Pixtral (v3, with an image config): the image format the tiny vision
+# models below are built for is written into a copy of it.
+PIXTRAL_TEKKEN = TOKENIZERS / "tekken_240911.json"
+# The encoder of the tiny vision models: patches of 8 pixels, images up to 64 pixels a
+# side (8 x 8 patches), heads of 16 (the 2-D rotary splits each in quarters).
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                   image_size=64, patch_size=8, hidden_act="silu", initializer_range=0.2)
+
+
+def vision_tekken(folder: Path, *, patch: int = 8, max_size: int = 64, merge: int = 2) -> Path:
+    """Pixtral's tekken.json with the given image format, as ``folder/tekken.json``."""
+    data = json.loads(PIXTRAL_TEKKEN.read_text())
+    data["image"] = {"image_patch_size": patch, "max_image_size": max_size, "spatial_merge_size": merge}
+    (folder / "tekken.json").write_text(json.dumps(data))
+    return folder / "tekken.json"
+
+
+def build_vision_hf(kind: str, folder: Path, seed: int = 0):
+    """A tiny random vision-language model saved in ``folder`` with its tekken.json:
+    "mistral3" (Mistral Small 3.1's layout: projector norm, 2x2 patch merger, no biases)
+    or "llava" (Pixtral 12B's Hugging Face layout: no merger, biased projector)."""
+    import transformers
+
+    text = transformers.MistralConfig(
+        vocab_size=131072, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.2, head_dim=16)
+    vision = transformers.PixtralVisionConfig(**TINY_VISION)
+    torch.manual_seed(seed)
+    if kind == "mistral3":
+        config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=10,
+                                             spatial_merge_size=2, tie_word_embeddings=False)
+        model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    else:
+        config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=10,
+                                          projector_hidden_act="gelu", multimodal_projector_bias=True,
+                                          vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                          tie_word_embeddings=False)  # as Pixtral 12B's config.json says
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises norms to 1: random ones test that each is applied
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "ln_pre" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
+    vision_tekken(folder, merge=2 if kind == "mistral3" else 1)
+    return model
+
+
+# Pixtral's native names (mistral-inference / vLLM), from transformers 5's in memory.
+_NATIVE_VISION_NAMES = {
+    "model.vision_tower.": "vision_encoder.", "model.multi_modal_projector.norm.": "pre_mm_projector_norm.",
+    "model.multi_modal_projector.patch_merger.": "patch_merger.",
+    "model.multi_modal_projector.linear_1.": "vision_language_adapter.w_in.",
+    "model.multi_modal_projector.linear_2.": "vision_language_adapter.w_out.",
+}
+_NATIVE_VISION_LAYER = {"attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk",
+                        "attention.v_proj": "attention.wv", "attention.o_proj": "attention.wo",
+                        "feed_forward.gate_proj": "feed_forward.w1", "feed_forward.down_proj": "feed_forward.w2",
+                        "feed_forward.up_proj": "feed_forward.w3"}
+
+
+def native_vision_name(name: str, t: torch.Tensor, heads: int) -> tuple[str, torch.Tensor]:
+    """A transformers vision tensor -> its Mistral-native name, q/k rows interleaved."""
+    prefix = next(p for p in _NATIVE_VISION_NAMES if name.startswith(p))
+    out = _NATIVE_VISION_NAMES[prefix] + name[len(prefix):]
+    for hf, native in _NATIVE_VISION_LAYER.items():
+        if f".{hf}." in out:
+            out = out.replace(f".{hf}.", f".{native}.")
+            if hf in ("attention.q_proj", "attention.k_proj"):
+                t = _interleave_rows(t, heads)
+    return out, t

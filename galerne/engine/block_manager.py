@@ -131,7 +131,7 @@ class BlockManager:
         blocks: list[int] = []
         parent = None
         for i in range((seq.num_tokens - 1) // bs):
-            parent, block = self._lookup(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]), seq.adapter)
+            parent, block = self._lookup(parent, _block_tokens(seq, i, bs), seq.adapter)
             if block is None:
                 break
             blocks.append(block)
@@ -153,7 +153,7 @@ class BlockManager:
         for i in range(st.num_registered, seq.num_computed_tokens // bs):
             block = seq.block_table[i]
             assert block != NULL_BLOCK, "a block is registered before it leaves the window"
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = _block_tokens(seq, i, bs)
             key, existing = self._lookup(st.parent_key, tokens, seq.adapter)
             # Another sequence may have computed the same block at the same time: keep
             # the first one registered; this copy stays unregistered (freed first).
@@ -292,3 +292,11 @@ class BlockManager:
         for key, block in self._cached.items():
             assert self._block_key[block] == key, f"block {block} cached under {key} but keyed {self._block_key[block]}"
         assert sum(k is not None for k in self._block_key) == len(self._cached), "a block key is not in the cache"
+
+
+def _block_tokens(seq: Sequence, i: int, bs: int) -> tuple:
+    """What block ``i`` of ``seq`` is keyed by: its tokens, and the digests of the images
+    it holds tokens of (every image's [IMG] tokens are the same ids)."""
+    tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+    images = seq.images_in(i * bs, (i + 1) * bs)
+    return tokens + tuple(im.digest for im in images) if images else tokens

@@ -16,6 +16,7 @@ import torch
 from ..config import EngineSettings
 from ..errors import InvalidParameter
 from ..models.transformer import Transformer
+from ..models.vision import VisionModel
 from ..sampling.guided import GuidedMatcher, allowed_masks, compiler_for
 from ..sampling.sampler import (
     SamplingRow,
@@ -120,10 +121,13 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         limits: Limits | None = None,
+        vision: VisionModel | None = None,
     ):
         """``limits``: what requests were validated against (``validate_request``); by
-        default the tokenizer's vocabulary and the model's context."""
+        default the tokenizer's vocabulary and the model's context. ``vision``: a
+        vision-language model's encoder and projector (prompts with images)."""
         self.model, self.tokenizer = model, tokenizer
+        self.vision = vision
         self.settings = s = settings or EngineSettings()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -144,7 +148,7 @@ class Engine:
                                    max_background_seqs=background_cap(s.max_background_seqs, self.device))
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
                                    max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager,
-                                   int8_dot=s.quantized_activations == "int8")
+                                   int8_dot=s.quantized_activations == "int8", vision=vision)
         # Adapters served unmerged: load_adapter / unload_adapter, and a request's adapter.
         self.adapters = AdapterManager(self.runner, s.max_loras, s.max_lora_rank)
         self._requests: dict[str, _Request] = {}
@@ -211,6 +215,7 @@ class Engine:
             raise InvalidParameter("params", "a prompt validated for scoring has no SamplingParams to generate with")
         if request_id in self._requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
+        self._check_images(request)
         # Checked before (validate_request's callers), but an unload may have come between.
         adapter = self.adapters.resolve(request.adapter)
         guides: list[GuidedMatcher | None] = [None] * params.n
@@ -219,7 +224,8 @@ class Engine:
             first = compiler_for(self.tokenizer).matcher(params.guided)
             guides = [first] + [first.copy() for _ in range(params.n - 1)]
         seqs = [Sequence(prompt, params, request_id=request_id, index=i, adapter=adapter,
-                         max_tokens=request.max_tokens, priority=request.priority) for i in range(params.n)]
+                         max_tokens=request.max_tokens, priority=request.priority, images=request.images)
+                for i in range(params.n)]
         if params.prompt_logprobs is not None:
             for seq in seqs:  # every position is computed: none may come from the prefix cache
                 seq.use_prefix_cache = False
@@ -241,6 +247,25 @@ class Engine:
                 prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             )
         return request_id
+
+    def _check_images(self, request: EngineRequest) -> None:
+        """A prompt's images against the encoder: one it has, images of its shape, and as
+        many [IMG] tokens in each span as the encoder gives rows for it."""
+        if not request.images:
+            return
+        if self.vision is None:
+            raise InvalidParameter("messages", "this model has no vision encoder: it does not take images")
+        a = self.vision.args
+        for k, im in enumerate(request.images):
+            try:
+                self.vision.check_image(im.pixels)
+            except ValueError as e:
+                raise InvalidParameter(f"images[{k}]", str(e)) from None
+            rows = (im.pixels.shape[1] // a.token_pixels) * (im.pixels.shape[2] // a.token_pixels)
+            found = request.prompt[im.offset:im.end].count(a.image_token_id)
+            if found != rows:
+                raise InvalidParameter(f"images[{k}]", f"its span holds {found} image tokens for the encoder's {rows} "
+                                                       "rows (the tokenizer's image config does not match the model's)")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: its blocks are freed now."""

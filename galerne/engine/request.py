@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidParameter, PromptTooLong
+from ..images import ImageInput
 from ..sampling.params import SamplingParams
 
 # Priorities (lower is served first; see engine/scheduler.py): a client waiting on an
@@ -43,6 +44,7 @@ class EngineRequest:
     request_id: str
     adapter: str | None = None
     priority: int = INTERACTIVE  # lower first: INTERACTIVE, then BATCH
+    images: tuple[ImageInput, ...] = ()  # the prompt's images, in order (galerne.images)
 
 
 def validate_request(
@@ -53,10 +55,12 @@ def validate_request(
     field: str = "prompt",
     request_id: str | None = None,
     adapter: str | None = None,
+    images: Sequence[ImageInput] = (),
 ) -> EngineRequest:
     """Check a prompt (token ids) and its params; errors name the field (``field`` for
     the prompt). ``params`` None: the prompt is only scored (``LLM.score``), so it may
-    fill the context and its budget is 0."""
+    fill the context and its budget is 0. ``images``: the prompt's images
+    (``Tokenizer.encode_chat_with_images``), each span inside the prompt."""
     try:
         prompt = tuple(operator.index(t) for t in prompt_ids)
     except TypeError:
@@ -69,8 +73,12 @@ def validate_request(
     if n == context and params is not None and params.max_tokens != 0:
         raise PromptTooLong(n, context, field, 1)  # generating needs one token more
     _check_ids(prompt, limits.vocab_size, field)
+    images = tuple(images)
+    if any(not 0 <= a.offset < a.end <= n for a in images) or any(
+            a.end > b.offset for a, b in zip(images, images[1:])):
+        raise InvalidParameter(field, "image spans must lie inside the prompt, in order, without overlapping")
     if params is None:
-        return EngineRequest(prompt, None, 0, request_id or uuid.uuid4().hex, adapter)
+        return EngineRequest(prompt, None, 0, request_id or uuid.uuid4().hex, adapter, images=images)
     room = context - n
     budget = room if params.max_tokens is None else params.max_tokens
     if budget > room:
@@ -82,7 +90,7 @@ def validate_request(
         )
     if params.logit_bias:
         _check_ids([t for t, _ in params.logit_bias], limits.vocab_size, "logit_bias")
-    return EngineRequest(prompt, params, budget, request_id or uuid.uuid4().hex, adapter)
+    return EngineRequest(prompt, params, budget, request_id or uuid.uuid4().hex, adapter, images=images)
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:

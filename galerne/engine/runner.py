@@ -18,15 +18,19 @@ syncs nothing, so such steps could be captured too, with the slots in a static b
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 import torch
 
 from ..models.lora import MultiLoRA, apply_multi_lora
 from ..models.quant import QuantLinear
+from ..images import ImageInput
 from ..models.transformer import Transformer
+from ..models.vision import VisionModel
 from .paged import BatchMetadata, PagedKVCache, TorchPagedAttention, TritonPagedAttention
 from .scheduler import ScheduledSeq
+from .sequence import Sequence as Sequence_
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,14 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 use_cpu_kernel: bool = True, int8_dot: bool = True):
+                 use_cpu_kernel: bool = True, int8_dot: bool = True, vision: VisionModel | None = None):
         """``int8_dot``: on the CPU, block-quantized weights multiply inputs rounded to int8
-        (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV."""
+        (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV.
+        ``vision``: the encoder and projector of a vision-language model (prompts with
+        images), None for a text model."""
         self.model, self.cache = model, cache
+        self.vision = vision
+        self.encoder_cache = EncoderCache(ENCODER_CACHE_BYTES)
         self.int8_dot = int8_dot and cache.k.device.type == "cpu"
         for m in model.modules():
             if isinstance(m, QuantLinear):
@@ -87,7 +95,7 @@ class ModelRunner:
         logits are valid until the next step (the CPU kernel reuses its buffer).
         ``slots``: the adapter slot of each scheduled sequence (-1: the base model;
         None: all base)."""
-        entries, tokens, sample_rows, rows, spans = [], [], [], [], {}
+        entries, tokens, sample_rows, rows, spans, with_images = [], [], [], [], {}, []
         want = set(hidden_of)
         end = 0
         for i, s in enumerate(scheduled):
@@ -95,6 +103,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             entries.append((seq.block_table, start, n))
             tokens.extend(seq.token_ids[start : start + n])
+            if seq.images and seq.images_in(start, start + n):
+                with_images.append((end, seq, start, n))
             if i in want:
                 spans[i] = (end, end + n)
             end += n
@@ -102,24 +112,93 @@ class ModelRunner:
                 sample_rows.append(end - 1)  # its last new token predicts the next one
                 rows.append(i)
         adapters = slots is not None and any(s >= 0 for s in slots)
-        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of
+        decode_only = len(tokens) == len(scheduled) == len(rows) and not hidden_of and not with_images
         if self.cpu_decoder is not None and decode_only and len(tokens) <= self.cpu_decoder.max_batch:
             logits = self.cpu_decoder(tokens, entries, list(slots)) if adapters else self.cpu_decoder(tokens, entries)
             return logits, rows, {}
         if (self.graphs is not None and len(tokens) == len(scheduled) and not hidden_of and not adapters
-                and self.graphs.fits(len(tokens), entries)):
+                and not with_images and self.graphs.fits(len(tokens), entries)):
             hidden = self.graphs.run(tokens, entries)
         else:
             meta = BatchMetadata.build(entries, self.block_size, self.device)
             ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
             backend = self.attention(self.cache, meta)
+            embeds = self.image_embeds(ids, with_images) if with_images else None
             if adapters:
                 with self.lora.batch(list(slots), meta.q_lens, self.device):
-                    hidden = self.model(ids, meta.positions, backend)
+                    hidden = self.model(ids, meta.positions, backend, embeds)
             else:
-                hidden = self.model(ids, meta.positions, backend)
+                hidden = self.model(ids, meta.positions, backend, embeds)
         kept = {i: hidden[a:b] for i, (a, b) in spans.items()}
         if not rows:
             return hidden.new_empty((0, self.model.args.vocab_size), dtype=torch.float32), rows, kept
         index = torch.tensor(sample_rows, device=self.device)
         return self.model.logits(hidden.index_select(0, index)).float(), rows, kept
+
+    def image_embeds(self, ids: torch.Tensor, with_images: list[tuple[int, Sequence_, int, int]]) -> torch.Tensor:
+        """The step's input embeddings with the encoder's rows in place of the [IMG]
+        tokens of the images it holds: ``with_images`` lists (row of the sequence's first
+        new token in the flat batch, sequence, its first new token, how many). Each image
+        is encoded once, when its first tokens are scheduled, and kept in the encoder
+        cache for the chunks that follow (and for other prompts with the same image)."""
+        embeds = self.model.tok_embeddings(ids)
+        needed = {im.digest: im for _, seq, start, n in with_images for im in seq.images_in(start, start + n)}
+        features = self.encode_images(list(needed.values()))
+        img = self.vision.args.image_token_id
+        rows, parts = [], []
+        for base, seq, start, n in with_images:
+            for im in seq.images_in(start, start + n):
+                at = [im.offset + j for j, t in enumerate(seq.token_ids[im.offset:im.end]) if t == img]
+                lo = next((k for k, p in enumerate(at) if p >= start), len(at))
+                hi = next((k for k, p in enumerate(at) if p >= start + n), len(at))
+                rows.extend(base + p - start for p in at[lo:hi])
+                parts.append(features[im.digest][lo:hi])
+        if rows:
+            index = torch.tensor(rows, device=embeds.device)
+            embeds = embeds.index_copy(0, index, torch.cat(parts).to(embeds.dtype))
+        return embeds
+
+    def encode_images(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
+        """digest -> the (its [IMG] tokens, dim) rows of each image: from the encoder
+        cache, the missing ones encoded in one call."""
+        out = {im.digest: f for im in images if (f := self.encoder_cache.get(im.digest)) is not None}
+        missing = [im for im in images if im.digest not in out]
+        if missing:
+            dtype = next(self.vision.parameters()).dtype
+            for im, f in zip(missing, self.vision([im.pixels.to(self.device, dtype) for im in missing])):
+                out[im.digest] = f
+                self.encoder_cache.put(im.digest, f)
+        return out
+
+
+# The encoder cache's size: a 1024x1024 image on Mistral Small 3.1 (1024 tokens of 5120
+# floats) takes 20 MiB in float32.
+ENCODER_CACHE_BYTES = 512 << 20
+
+
+class EncoderCache:
+    """Image digest -> the encoder's rows for it, least recently used dropped first past
+    ``max_bytes`` (an entry bigger than that is not kept)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        f = self._items.get(digest)
+        if f is not None:
+            self._items.move_to_end(digest)
+        return f
+
+    def put(self, digest: str, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes or digest in self._items:
+            return
+        self._items[digest] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -32,6 +32,7 @@ class Sequence:
         adapter: Hashable | None = None,
         max_tokens: int | None = None,
         priority: int = 0,
+        images: tuple = (),
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -58,6 +59,14 @@ class Sequence:
         self.num_preemptions = 0
         # Lower is served first (engine.request.INTERACTIVE, BATCH): see the scheduler.
         self.priority = priority
+        # The prompt's images (galerne.images.ImageInput), in order: the runner puts the
+        # encoder's rows in place of their [IMG] tokens; the prefix cache keys their
+        # blocks by the images' digests.
+        self.images = images
+
+    def images_in(self, start: int, end: int) -> tuple:
+        """The images whose spans overlap tokens [start, end)."""
+        return tuple(im for im in self.images if im.offset < end and start < im.end) if self.images else ()
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .vision_args import VisionArgs
 
 # params.json has no context-length field for most releases; mistral-inference
 # does not bound positions, and Mistral's own model cards give 32k for 7B v0.3.
@@ -27,9 +28,10 @@ HF_ARCHITECTURES = {
     "Ministral3ForCausalLM",  # YaRN + llama-4 query scaling
     "Mistral3ForConditionalGeneration",  # vision-language: its language model
     "Mistral4ForCausalLM",  # multi-head latent attention + MoE with shared experts
+    "LlavaForConditionalGeneration",  # Pixtral 12B's Hugging Face layout
 }
 # Vision-language wrappers: their text_config names the language model by model_type.
-MULTIMODAL_ARCHITECTURES = {"Mistral3ForConditionalGeneration"}
+MULTIMODAL_ARCHITECTURES = {"Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration"}
 TEXT_MODEL_TYPES = {
     "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
     "ministral3": "Ministral3ForCausalLM", "llama": "LlamaForCausalLM",
@@ -168,9 +170,9 @@ class ModelArgs:
     # Token ids from the config, used only when the tokenizer does not say.
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    # A vision-language checkpoint's vision encoder config (raw), None for text models.
-    # The encoder is not built yet: its weights are skipped at load.
-    vision: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # A vision-language checkpoint's encoder and projector (models/vision.py), None for
+    # text models.
+    vision: VisionArgs | None = field(default=None, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -268,7 +270,7 @@ class ModelArgs:
             moe=moe,
             mla=mla,
             max_seq_len=int(p.get("max_seq_len") or p.get("max_position_embeddings") or DEFAULT_NATIVE_CONTEXT),
-            vision=dict(vision) if vision else None,
+            vision=VisionArgs.from_native(vision, int(p["dim"]), where) if vision else None,
             extra={k: p[k] for k in ("lora", "quantization") if k in p},
         )
 
@@ -300,7 +302,7 @@ class ModelArgs:
                 text = {**text, "tie_word_embeddings": c["tie_word_embeddings"]}  # said once, at the top
             args = cls.from_hf_config({**text, "architectures": [inner]}, f"{where} (text_config)")
             quant = {"quantization_config": c["quantization_config"]} if c.get("quantization_config") else {}
-            return dataclasses.replace(args, vision=dict(c.get("vision_config") or {"model_type": "unknown"}),
+            return dataclasses.replace(args, vision=VisionArgs.from_hf(c, args.dim, args.norm_eps, where),
                                        extra={**args.extra, **quant})
         _require(c, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"), where)
         act = c.get("hidden_act", "silu")

@@ -46,9 +46,11 @@ class Transformer(nn.Module):
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        """tokens, positions: (T,) -> hidden states (T, D)."""
-        h = self.tok_embeddings(tokens)  # (T, D)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: (T,) -> hidden states (T, D). ``embeds``: the (T, D) inputs
+        to use instead of the tokens' embeddings (a prompt's image rows in place)."""
+        h = self.tok_embeddings(tokens) if embeds is None else embeds  # (T, D)
         rope = model_rope(self.args, positions, h.dtype)
         for layer in self.layers:
             h = layer(h, rope, backend)

@@ -55,8 +55,18 @@ class RequestBody(Wire):
 # ---------------------------------------------------------------- messages
 
 
+class ImageURL(Wire):
+    url: str = Field(description="a base64 data URI (data:image/png;base64,...), or an http(s) URL where the server "
+                                 "allows them (--allow-image-urls)")
+    detail: str | None = Field(None, description="OpenAI's detail level: accepted, not used (images keep their "
+                                                  "resolution up to the model's maximum)")
+
+
 class ContentPart(Wire):
-    type: str = Field(description="'text' (and 'thinking' for reasoning models); other kinds are refused")
+    type: str = Field(description="'text', 'image_url' (user messages, models with a vision encoder) and "
+                                  "'thinking' (reasoning models); other kinds are refused")
+    image_url: str | ImageURL | None = Field(None, description="type 'image_url': the image (OpenAI's object, or "
+                                                                  "Mistral's plain string)")
     text: str | None = None
     thinking: str | list[ContentPart] | None = Field(None, description=(
         "type 'thinking': the thought, as text (mistral-common) or text chunks (Mistral's API)"))

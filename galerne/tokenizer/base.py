@@ -7,7 +7,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from galerne.errors import TokenizerError
+from galerne.errors import InvalidParameter, TokenizerError
+from galerne.images import ImageInput, ImagePolicy, LoadedImage, load_image
 
 if TYPE_CHECKING:
     from galerne.conversation import Conversation
@@ -148,14 +149,39 @@ class Tokenizer(ABC):
 
     def encode_chat(self, chat: Conversation | list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a conversation, ready for generation: a checked ``Conversation``
-        (the server's), or API-shaped messages (and tools), which are checked here."""
-        from galerne.conversation import Conversation
-
-        if not isinstance(chat, Conversation):
-            chat = Conversation.parse(chat, tools=tools)
-        elif tools is not None:
-            raise TypeError("encode_chat: give the tools inside the Conversation")
+        (the server's), or API-shaped messages (and tools), which are checked here. A
+        conversation with images needs ``encode_chat_with_images``."""
+        chat = _conversation(chat, tools)
+        if chat.images:
+            raise InvalidParameter(chat.images[0][0], "a prompt with images is encoded by encode_chat_with_images "
+                                                      "(its ids alone would lose the images)")
         return self._encode_conversation(chat)
+
+    def encode_chat_with_images(self, chat: Conversation | list[dict], tools: list[dict] | None = None,
+                                policy: ImagePolicy | None = None) -> tuple[list[int], list[ImageInput]]:
+        """``encode_chat`` for conversations that may hold images: the prompt ids and one
+        ``ImageInput`` per image, in prompt order. The images are read under ``policy``
+        (default: ``ImagePolicy()``, data URIs only)."""
+        chat = _conversation(chat, tools)
+        found = chat.images
+        if not found:
+            return self._encode_conversation(chat), []
+        policy = policy or ImagePolicy()
+        if not self.takes_images:
+            raise InvalidParameter(found[0][0], f"this model's tokenizer ({self.path.name}) has no image format: "
+                                                "image input needs a Mistral tokenizer with an image config "
+                                                "(tekken.json of a vision model)")
+        if len(found) > policy.max_images:
+            raise InvalidParameter("messages", f"{len(found)} images is over the limit of {policy.max_images} a request")
+        return self._encode_with_images(chat, [load_image(url, policy, field) for field, url in found])
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether prompts may hold images (a Mistral tokenizer with an image config)."""
+        return False
+
+    def _encode_with_images(self, chat: Conversation, images: list[LoadedImage]) -> tuple[list[int], list[ImageInput]]:
+        raise NotImplementedError
 
     @abstractmethod
     def _encode_conversation(self, chat: Conversation) -> list[int]:
@@ -173,6 +199,16 @@ class Tokenizer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _conversation(chat: Conversation | list[dict], tools: list[dict] | None) -> Conversation:
+    from galerne.conversation import Conversation
+
+    if not isinstance(chat, Conversation):
+        return Conversation.parse(chat, tools=tools)
+    if tools is not None:
+        raise TypeError("encode_chat: give the tools inside the Conversation")
+    return chat
 
 
 def _find_tokenizer_file(folder: Path) -> Path:

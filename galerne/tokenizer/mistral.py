@@ -16,6 +16,7 @@ from mistral_common.exceptions import (
     MistralCommonException,
 )
 from mistral_common.protocol.fim.request import FIMRequest
+from mistral_common.protocol.instruct.chunk import ImageChunk, ImageURLChunk
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
@@ -24,6 +25,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from galerne.conversation import check_text, mistral_tool_call_id
 from galerne.errors import InvalidParameter, TokenizerError
+from galerne.images import ImageInput, LoadedImage
 
 from .base import Tokenizer
 
@@ -112,6 +114,34 @@ class MistralCommonTokenizer(Tokenizer):
         return "list" if self._tok.version <= TokenizerVersion.v7 else "args"
 
     def _encode_conversation(self, chat: Conversation) -> list[int]:
+        return self._encode(chat).tokens
+
+    @property
+    def image_encoder(self):
+        """mistral-common's ``ImageEncoder`` (its ``image_config``: patch size, largest
+        side, merge size; its ``special_ids``), or None for a text-only tokenizer."""
+        return getattr(self._mt.instruct_tokenizer, "image_encoder", None)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_encoder is not None
+
+    def _encode_with_images(self, chat: Conversation, images: list[LoadedImage]) -> tuple[list[int], list[ImageInput]]:
+        import torch
+
+        tokenized = self._encode(chat, images)
+        ids = self.image_encoder.special_ids
+        ends = [i for i, t in enumerate(tokenized.tokens) if t == ids.img_end]
+        if len(ends) != len(images) or len(tokenized.images) != len(images):
+            raise TokenizerError(f"{self.path}: {len(images)} images gave {len(ends)} image spans")
+        out, start = [], 0
+        for image, end, pixels in zip(images, ends, tokenized.images):
+            first = tokenized.tokens.index(ids.img, start, end)
+            out.append(ImageInput(torch.from_numpy(pixels).float(), image.digest, first, end + 1 - first))
+            start = end + 1
+        return tokenized.tokens, out
+
+    def _encode(self, chat: Conversation, images: list[LoadedImage] = ()):
         messages = []
         for msg in chat.messages:
             # mistral-common takes only its own id form: foreign ids are mapped, consistently.
@@ -124,6 +154,9 @@ class MistralCommonTokenizer(Tokenizer):
             messages.append(msg)
         options = self._model_settings(chat)
         try:
+            if isinstance(msg.get("content"), list):  # image parts in mistral-common's OpenAI shape
+                msg["content"] = [{"type": "image_url", "image_url": {"url": p["url"]}} if p["type"] == "image_url"
+                                  else p for p in msg["content"]]
             request = ChatCompletionRequest.from_openai(
                 messages,
                 tools=chat.tools,
@@ -132,7 +165,8 @@ class MistralCommonTokenizer(Tokenizer):
                 model="galerne",
                 **options,
             )
-            return self._mt.encode_chat_completion(request).tokens
+            _put_images(request, images)
+            return self._mt.encode_chat_completion(request)
         except (InvalidToolException, InvalidToolSchemaException) as e:
             raise InvalidParameter("tools", str(e)) from e
         # pydantic's validation errors are ValueErrors; mistral-common also asserts on requests.
@@ -169,6 +203,18 @@ class MistralCommonTokenizer(Tokenizer):
             return self._mt.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens
         except (MistralCommonException, ValueError) as e:
             raise TokenizerError(f"{self.path}: cannot encode fill-in-the-middle request: {_message(e)}") from e
+
+
+def _put_images(request: ChatCompletionRequest, images: list[LoadedImage]) -> None:
+    """Replace the request's image URL chunks, in order, by the images galerne read (so
+    that mistral-common never fetches or decodes anything itself)."""
+    left = iter(images)
+    for msg in request.messages:
+        if isinstance(getattr(msg, "content", None), list):
+            msg.content = [ImageChunk(image=next(left).image) if isinstance(c, ImageURLChunk) else c
+                           for c in msg.content]
+    if next(left, None) is not None:
+        raise TokenizerError("the request holds fewer image chunks than the images read")
 
 
 def _message(e: Exception) -> str:

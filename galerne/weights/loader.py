@@ -29,6 +29,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..models.args import ModelArgs
 from ..models.quant import Fp8Linear, fp8_matmul_supported
 from ..models.transformer import Transformer
+from ..models.vision import VisionModel
 from ..quant import SCHEMES, QTensor, Scheme, quantize
 from ..quant import scheme as find_scheme
 from ..quant.plan import (
@@ -46,8 +47,10 @@ from .names import (
     hf_to_native,
     is_vision_tensor,
     permute_for,
+    permute_rows,
     split_packed,
     strip_text_prefix,
+    vision_hf_to_native,
 )
 
 log = logging.getLogger(__name__)
@@ -126,16 +129,19 @@ class Checkpoint:
             )
         return cls(folder, layout, config_path, args, files)
 
-    def raw_tensors(self, meta: bool = False, scales: bool | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    def raw_tensors(self, meta: bool = False, scales: bool | None = None,
+                    vision: bool = False) -> Iterator[tuple[Path, str, torch.Tensor]]:
         """Yield (file, checkpoint name, tensor) for every tensor of the files, lazily.
         With ``meta``, the tensors are shape/dtype-only, read from the file headers.
         ``scales``: True, only FP8 scale tensors; False, all but them; None, all (the
-        others are not read). A vision-language checkpoint's vision tensors are not
-        read (not built yet)."""
-        vision = self.args.vision is not None
+        others are not read). A vision-language checkpoint's vision tensors are read
+        apart: only them with ``vision`` (``load_vision``), else all but them."""
+        multimodal = self.args.vision is not None
 
         def wanted(name: str) -> bool:
-            return not (vision and is_vision_tensor(name)) and (scales is None or is_scale(name) == scales)
+            if multimodal and is_vision_tensor(name):
+                return vision
+            return not vision and (scales is None or is_scale(name) == scales)
 
         for path in self.weight_files:
             if path.suffix == ".safetensors":
@@ -353,9 +359,6 @@ def load_model(
     ``keep_fp8``; None: where the device multiplies FP8 (``fp8_matmul_supported``),
     else they are dequantized to ``dtype`` at load."""
     ckpt = open_checkpoint(folder, layout)
-    if ckpt.args.vision is not None:
-        log.warning("%s: vision encoder not loaded (image input is not supported yet); loading the language model",
-                    ckpt.folder.name)
     if ckpt.fp8 and keep_fp8 is None:
         dev = resolve_device(device)
         keep_fp8 = fp8_matmul_supported(dev)
@@ -371,6 +374,45 @@ def load_model(
                         desc=f"loading {ckpt.folder.name}", progress=progress,
                         quantization=None if stored is not None else quantization)
     return model, ckpt
+
+
+def load_vision(ckpt, *, dtype: torch.dtype, device: torch.device) -> VisionModel | None:
+    """The vision encoder and projector of a vision-language checkpoint (None for a text
+    model, or a GGUF file: llama.cpp keeps its encoder in a separate mmproj file), in
+    ``dtype`` on ``device``. Every tensor must be there, in its expected shape."""
+    a = ckpt.args.vision
+    if a is None or not isinstance(ckpt, Checkpoint):
+        return None
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in VisionModel(a).state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for path, name, t in ckpt.raw_tensors(vision=True):
+        native, rotary = name, None
+        if ckpt.layout == "hf":
+            mapped = vision_hf_to_native(name)
+            if mapped is None:
+                raise ModelLoadError("unexpected vision tensor: not part of a Pixtral encoder or its projector",
+                                     path=str(path), tensor=name)
+            native, rotary = mapped
+        if native not in shapes:
+            raise ModelLoadError(f"unexpected vision tensor (as {native}): this config's encoder has no such weight",
+                                 path=str(path), tensor=name)
+        if t.shape != shapes[native]:
+            raise ModelLoadError(f"shape {tuple(t.shape)} does not match the config's {tuple(shapes[native])}",
+                                 path=str(path), tensor=name)
+        if t.dtype in FP8_DTYPES or t.dtype == torch.uint8:
+            raise ModelLoadError("quantized vision weights are not supported (the encoder loads from float weights)",
+                                 path=str(path), tensor=name)
+        t = permute_rows(t, rotary, a.n_heads, a.n_heads, to="native")
+        state[native] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise ModelLoadError(f"the vision encoder lacks {len(missing)} tensor(s): {', '.join(missing[:5])}"
+                             f"{', ...' if len(missing) > 5 else ''}", path=str(ckpt.folder))
+    with torch.device("meta"):
+        model = VisionModel(a)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def model_from_hf_state_dict(

@@ -87,7 +87,7 @@ IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 # ``language_model.model.layers...`` + ``language_model.lm_head``.
 _HF_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                      ("language_model.lm_head.", "lm_head."))
-# Their vision encoder and projector, in both layouts: not built yet, skipped at load.
+# Their vision encoder and projector, in both layouts: read apart from the decoder's.
 _VISION = re.compile(
     r"^(model\.)?(vision_tower|multi_modal_projector)\."  # Hugging Face
     r"|^(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\."  # Mistral-native
@@ -99,6 +99,40 @@ def is_vision_tensor(name: str) -> bool:
     return _VISION.match(name) is not None
 
 
+# The vision encoder and projector (models/vision.py): Hugging Face's Pixtral / Mistral3 /
+# Llava names (after an optional "model." prefix) <-> Mistral-native, the q/k rows of the
+# encoder's attention permuted as the decoder's are.
+_VISION_TABLE: list[tuple[str, str, str | None]] = [
+    ("vision_tower.patch_conv", "vision_encoder.patch_conv", None),
+    ("vision_tower.ln_pre", "vision_encoder.ln_pre", None),
+    ("vision_tower.transformer.layers.{i}.attention_norm", "vision_encoder.transformer.layers.{i}.attention_norm", None),
+    ("vision_tower.transformer.layers.{i}.ffn_norm", "vision_encoder.transformer.layers.{i}.ffn_norm", None),
+    ("vision_tower.transformer.layers.{i}.attention.q_proj", "vision_encoder.transformer.layers.{i}.attention.wq", "q"),
+    ("vision_tower.transformer.layers.{i}.attention.k_proj", "vision_encoder.transformer.layers.{i}.attention.wk", "k"),
+    ("vision_tower.transformer.layers.{i}.attention.v_proj", "vision_encoder.transformer.layers.{i}.attention.wv", None),
+    ("vision_tower.transformer.layers.{i}.attention.o_proj", "vision_encoder.transformer.layers.{i}.attention.wo", None),
+    ("vision_tower.transformer.layers.{i}.feed_forward.gate_proj", "vision_encoder.transformer.layers.{i}.feed_forward.w1", None),
+    ("vision_tower.transformer.layers.{i}.feed_forward.down_proj", "vision_encoder.transformer.layers.{i}.feed_forward.w2", None),
+    ("vision_tower.transformer.layers.{i}.feed_forward.up_proj", "vision_encoder.transformer.layers.{i}.feed_forward.w3", None),
+    ("multi_modal_projector.norm", "pre_mm_projector_norm", None),
+    ("multi_modal_projector.patch_merger.merging_layer", "patch_merger.merging_layer", None),
+    ("multi_modal_projector.linear_1", "vision_language_adapter.w_in", None),
+    ("multi_modal_projector.linear_2", "vision_language_adapter.w_out", None),
+]
+
+
+def vision_hf_to_native(name: str) -> tuple[str, str | None] | None:
+    """A Hugging Face vision tensor's ``(native_name, rotary)``; None if unknown."""
+    return _convert(name.removeprefix("model."), _VISION_HF_TO_NATIVE)
+
+
+def vision_native_to_hf(name: str) -> tuple[str, str | None] | None:
+    """A native vision tensor's ``(hf_name, rotary)`` as transformers 5's Mistral3 names
+    it in memory (``model.vision_tower...``); None if unknown."""
+    out = _convert(name, _VISION_NATIVE_TO_HF)
+    return None if out is None else ("model." + out[0], out[1])
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     # The module path, then whatever follows it (".weight", ".lora_A.weight", ...).
@@ -107,6 +141,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 _HF_TO_NATIVE = [(_compile(hf), native, rot) for hf, native, rot in _TABLE]
 _NATIVE_TO_HF = [(_compile(native), hf, rot) for hf, native, rot in _TABLE]
+_VISION_HF_TO_NATIVE = [(_compile(hf), native, rot) for hf, native, rot in _VISION_TABLE]
+_VISION_NATIVE_TO_HF = [(_compile(native), hf, rot) for hf, native, rot in _VISION_TABLE]
 
 
 def _convert(name: str, rules) -> tuple[str, str | None] | None:
