@@ -194,6 +194,11 @@ class ServerSettings:
     max_upload_mb: float = setting(512.0, "largest file POST /v1/files takes, in MiB; past it, 413")
     max_running_jobs: int = setting(1, "fine-tuning jobs trained at once by this server, each in its own worker process")
     job_nproc: int = setting(1, "processes (GPUs) per fine-tuning job; above 1 the worker runs under torchrun")
+    allow_image_urls: bool = setting(False, "fetch the http(s) URLs of image parts (off: images come inline as base64 "
+                                            "data URIs, so that the server never reaches into the network it sits in)")
+    max_image_mb: float = setting(10.0, "largest image a request may hold, in MiB (encoded); a body with images must "
+                                        "also fit --max-body-mb")
+    image_url_timeout: float = setting(10.0, "seconds an image URL has to download in full (--allow-image-urls)")
     batch_concurrency: int = setting(16, "requests of a batch job the engine runs at once, at low priority beside "
                                          "interactive ones (which always go first); the rest of the batch waits in "
                                          "its file, never in the engine's queue")
@@ -216,6 +221,9 @@ class ServerSettings:
         for name in ("max_running_jobs", "job_nproc"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_image_mb", "image_url_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameter(name, f"must be > 0, got {getattr(self, name)}")
         if not self.max_upload_mb > 0:
             raise InvalidParameter("max_upload_mb", f"must be > 0, got {self.max_upload_mb}")
         if self.database_url and not re.match(r"(sqlite|postgres|postgresql)(\+\w+)?://", self.database_url):

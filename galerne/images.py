@@ -150,8 +150,9 @@ def _decode(data: bytes, policy: ImagePolicy, field: str) -> Image:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except UnidentifiedImageError:
         raise InvalidParameter(field, f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise InvalidParameter(field, f"image dimensions over the limit of {policy.max_pixels} pixels") from None
+    except Image.DecompressionBombError:  # PIL's own bound, far above ours
+        raise InvalidParameter(field, f"image dimensions are over the limits ({policy.max_side} pixels a side, "
+                                      f"{policy.max_pixels} in all)") from None
     except Exception as e:  # noqa: BLE001 - a malformed header raises all kinds
         raise InvalidParameter(field, f"not a decodable image: {type(e).__name__}") from None
     w, h = image.size

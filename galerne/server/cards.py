@@ -29,7 +29,8 @@ def model_card(server: ServerState) -> dict:
         "max_context_length": server.max_model_len, "aliases": server.model_ids[1:],
         "capabilities": {"completion_chat": True, "completion_fim": fim,
                          "function_calling": tok.special_token_id("[TOOL_CALLS]") is not None,
-                         "fine_tuning": False, "vision": False, "classification": False},
+                         "fine_tuning": False, "classification": False,
+                         "vision": server.llm.vision is not None and tok.takes_images},
         "default_model_temperature": MISTRAL_DEFAULT_TEMPERATURE, "deprecation": None,
     }
     return server.card

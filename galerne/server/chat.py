@@ -118,9 +118,11 @@ def prepare(server: ServerState, req: ChatRequest, adapter: str | None = None) -
     chat = Conversation.parse(messages, tools=req.tools, tool_choice=req.tool_choice,
                               response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
                               reasoning_effort=req.reasoning_effort)
-    prompt = server.tokenizer.encode_chat(chat)
+    if chat.images and server.llm.vision is None:
+        raise InvalidParameter(chat.images[0][0], f"{server.model_id} has no vision encoder: it does not take images")
+    prompt, images = server.tokenizer.encode_chat_with_images(chat, policy=server.image_policy)
     return validate_request(prompt, chat_params(server, req, chat), server.limits, field="messages",
-                            adapter=adapter), chat
+                            adapter=adapter, images=images), chat
 
 
 def reasoning_prompt(tokenizer) -> str | list[dict]:

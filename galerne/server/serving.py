@@ -129,7 +129,8 @@ def check_text_length(chars: int, context: int) -> None:
 def text_chars(body: Any) -> int:
     """The characters of the strings in a parsed JSON body (keys too). Each item of a
     top-level ``prompt`` list is a prompt of its own (legacy completions): the list
-    counts as its longest item."""
+    counts as its longest item. An image part's URL is not text (a base64 image becomes
+    image tokens, bounded by --max-image-mb, not characters' tokens): it is not counted."""
     if isinstance(body, dict) and isinstance(body.get("prompt"), list) and body["prompt"]:
         rest = _chars([v for k, v in body.items() if k != "prompt"]) + sum(len(k) for k in body)
         return rest + max(_chars(p) for p in body["prompt"])
@@ -144,7 +145,8 @@ def _chars(value: Any) -> int:
             total += len(v)
         elif isinstance(v, dict):
             total += sum(len(k) for k in v)
-            stack.extend(v.values())
+            image = v.get("type") == "image_url"
+            stack.extend(item for k, item in v.items() if not (image and k == "image_url"))
         elif isinstance(v, list):
             stack.extend(v)
     return total

@@ -12,6 +12,7 @@ from ..config import ServerSettings
 from ..engine.adapters import AdapterInfo
 from ..engine.async_engine import AsyncEngine
 from ..engine.request import Limits
+from ..images import ImagePolicy
 from ..llm import LLM
 from ..platform import Platform
 from ..platform.supervisor import Supervisor
@@ -49,6 +50,13 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.llm.tokenizer
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        """What a request's images may be (--allow-image-urls, --max-image-mb)."""
+        s = self.settings
+        return ImagePolicy(allow_urls=s.allow_image_urls, max_bytes=int(s.max_image_mb * 2**20),
+                           timeout_s=s.image_url_timeout)
 
     @property
     def max_model_len(self) -> int:
