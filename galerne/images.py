@@ -126,7 +126,7 @@ def _fetch(url: str, policy: ImagePolicy, field: str) -> bytes:
                 raise InvalidParameter(field, f"the image at this URL ({declared} bytes) is over the limit of "
                                               f"{policy.max_bytes} bytes")
             chunks, size = [], 0
-            while chunk := response.read(1 << 16):
+            while chunk := response.read1(1 << 16):  # what has come: the deadline is checked as it comes
                 size += len(chunk)
                 if size > policy.max_bytes:
                     raise InvalidParameter(field, f"the image at this URL is over the limit of {policy.max_bytes} bytes")

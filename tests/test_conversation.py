@@ -56,7 +56,7 @@ def test_parse_normalises_both_apis_spellings():
 BAD = [
     (dict(messages=[USER, {"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}]),
      "messages[1].tool_calls[0].function.name", "non-empty string", ("tokenizer", "data")),
-    (dict(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "messages[0].content[0].type", "text only",
+    (dict(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "messages[0].content[0].type", "text, thinking or image_url",
      ("tokenizer",)),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "objectx"}}}]),
      "tools[0].function.parameters", "invalid JSON schema", ("tokenizer", "data")),

@@ -54,15 +54,16 @@ def test_transformers5_naming_of_a_vision_checkpoint_loads(tiny_factory, tmp_pat
     assert torch.equal(a, b)
 
 
-def test_the_vision_encoder_is_skipped_with_one_log_line(tiny_factory, tmp_path, caplog):
+def test_the_vision_encoder_loads_from_the_native_layout(tiny_factory, tmp_path):
+    """The encoder and projector load with the language model (their parity with
+    transformers: tests/test_vision.py)."""
     _, ref = tiny_factory("mistral3")
     native = write_native(ref, tmp_path / "native")
-    with caplog.at_level(logging.INFO, logger="galerne"):
-        llm = LLM(native, device="cpu", dtype="float32")
-    lines = [r for r in caplog.records if "vision encoder" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
-    assert "not loaded" in lines[0].getMessage()
-    assert llm.model.args.vision is not None and llm.model.args.vision["image_token_id"] == 10
+    llm = LLM(native, device="cpu", dtype="float32")
+    assert llm.model.args.vision is not None and llm.model.args.vision.image_token_id == 10
+    assert llm.vision is not None and llm.vision.args.spatial_merge_size == 2
+    # Its tokenizer (tokenizer.model.v3) has no image format: text only.
+    assert not llm.tokenizer.takes_images
 
 
 @pytest.mark.parametrize("kind", ["ministral3", "ministral3-mscale", "ministral", "mistral3-ministral3"])

@@ -566,7 +566,8 @@ BAD_MESSAGES = [
     ([{"content": "hi"}], "messages[0].role", "missing"),
     ([{"role": "user"}], "messages[0].content", "missing"),
     ([{"role": "user", "content": 3}], "messages[0].content", "string or a list"),
-    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].type", "text only"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].image_url", "non-empty string"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type", "text, thinking or image_url"),
     (
         [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "a", "function": {}}]}],
         "messages[1].tool_calls[0].function.name",
