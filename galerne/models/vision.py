@@ -49,7 +49,8 @@ class _Attention(nn.Module):
         k = apply_rotary(self.wk(x).view(shape), cos, sin)
         v = self.wv(x).view(shape)
         # Each image attends to itself only: one attention per image (no (N, N) mask).
-        out = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
+        # 4-D inputs: torch's CPU flash kernel takes them (3-D ones fall to the math path, 5x slower).
+        out = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qi, ki, vi)))[0].transpose(0, 1)
                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return self.wo(torch.cat(out).flatten(1))
 
