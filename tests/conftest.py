@@ -130,7 +130,8 @@ def build_hf(kind: str, folder: Path, seed: int = 0, **overrides):
         inner = next(v for v in TINY.values() if v[0] == text)[1]  # the first kind of that class
         text_config = getattr(transformers, text)(**{**kwargs, **inner, **overrides})
         vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
+                                                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=16,
+                                                  hidden_act="silu")  # as Mistral's releases have it
         config = getattr(transformers, cls_name)(text_config=text_config, vision_config=vision,
                                                  tie_word_embeddings=False)
         torch.manual_seed(seed)

@@ -204,3 +204,31 @@ def test_vision_args_from_both_layouts(vision_factory, tmp_path):
     _, llava = vision_factory("llava")
     lv = ModelArgs.from_hf_config(llava.config.to_dict()).vision
     assert not lv.patch_merger and not lv.pre_norm and lv.adapter_bias and lv.spatial_merge_size == 1
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "llava"])
+def test_convert_keeps_the_vision_encoder_and_transformers_loads_the_result(vision_factory, tmp_path, kind):
+    """HF -> native -> HF round trips are bit-identical, vision tensors included, and the
+    written HF folder is one transformers loads and runs to the same logits."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from galerne.weights.export import convert
+
+    folder, ref = vision_factory(kind)
+    native = convert(folder, tmp_path / "native", "mistral")
+    params = json.loads((native / "params.json").read_text())
+    assert params["vision_encoder"]["spatial_merge_size"] == (2 if kind == "mistral3" else 1)
+    assert any(k.startswith("vision_encoder.transformer.layers.1.attention.wq") for k in
+               load_file(str(native / "consolidated.safetensors")))
+    back = convert(native, tmp_path / "hf", "hf")
+    # The names transformers' save_pretrained wrote, and the same tensors.
+    first, second = load_file(str(folder / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert set(first) == set(second)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    cls = transformers.Mistral3ForConditionalGeneration if kind == "mistral3" else transformers.LlavaForConditionalGeneration
+    again = cls.from_pretrained(back, dtype=torch.float32).eval()
+    llm = LLM(back, device="cpu", dtype="float32")
+    ids, images = llm.tokenizer.encode_chat_with_images(PROMPTS["one image"]())
+    assert torch.equal(reference_logits(again, ids, images), reference_logits(ref, ids, images))
+    assert (llm.score(ids, images=images) - reference_logits(ref, ids, images)).abs().max() < 1e-4

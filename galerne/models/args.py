@@ -360,7 +360,9 @@ class ModelArgs:
 
     # ------------------------------------------------------------------ writers
 
-    def to_params_json(self) -> dict[str, Any]:
+    def to_params_json(self, with_vision: bool = False) -> dict[str, Any]:
+        """``params.json``; ``with_vision``: with the ``vision_encoder`` (a checkpoint
+        written with its vision tensors)."""
         p: dict[str, Any] = {
             "dim": self.dim,
             "n_layers": self.n_layers,
@@ -406,10 +408,15 @@ class ModelArgs:
         if self.query_scaling:
             q = self.query_scaling
             p["llama_4_scaling"] = {"beta": q.beta, "original_max_position_embeddings": q.original_max_position_embeddings}
+        if with_vision and self.vision is not None:
+            p["vision_encoder"] = self.vision.to_native()
         return p
 
-    def to_hf_config(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """A text-only config (a vision checkpoint's language model is written alone)."""
+    def to_hf_config(self, dtype: str = "bfloat16", with_vision: bool = False) -> dict[str, Any]:
+        """The language model's config; ``with_vision``: the vision-language one around
+        it (``VisionArgs.to_hf``), for a checkpoint written with its vision tensors."""
+        if with_vision and self.vision is not None:
+            return self.vision.to_hf(self.to_hf_config(dtype), dtype)
         sw = self.sliding_window
         per_layer = isinstance(sw, tuple) and len(set(sw)) > 1
         if self.mla:

@@ -122,6 +122,46 @@ class VisionArgs:
             adapter_bias=bool(c.get("multimodal_projector_bias", llava)),
         )
 
+    def to_native(self) -> dict[str, Any]:
+        """``params.json``'s ``vision_encoder`` (mistral-inference's field names)."""
+        if self.act != "silu" or self.feature_layers not in (None, self.n_layers) or (
+                self.head_dim not in (None, self.hidden_size // self.n_heads)):
+            raise ConfigError("this vision encoder (its activation, feature layer or head size) has no params.json "
+                              "spelling")
+        return {
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size, "num_channels": self.num_channels,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads, "patch_size": self.patch_size,
+            "image_size": self.image_size, "rope_theta": self.rope_theta, "image_token_id": self.image_token_id,
+            "image_break_token_id": self.image_break_token_id, "image_end_token_id": self.image_end_token_id,
+            "adapter_bias": self.adapter_bias, "spatial_merge_size": self.spatial_merge_size,
+            "add_pre_mm_projector_layer_norm": self.pre_norm,
+            "mm_projector_id": "patch_merge" if self.patch_merger else "",
+        }
+
+    def to_hf(self, text: dict[str, Any], dtype: str) -> dict[str, Any]:
+        """The whole ``config.json`` around the language model's ``text`` config:
+        ``Mistral3ForConditionalGeneration`` (projector norm and patch merger, Mistral
+        Small 3.1's) or ``LlavaForConditionalGeneration`` (neither, Pixtral 12B's)."""
+        vision = {"model_type": "pixtral", "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                  "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                  "head_dim": self.dim_per_head, "num_channels": self.num_channels, "patch_size": self.patch_size,
+                  "image_size": self.image_size, "hidden_act": self.act,
+                  "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
+        layer = -1 if self.feature_layers in (None, self.n_layers) else self.feature_layers
+        text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")}
+        common = {"vision_config": vision, "text_config": text, "image_token_index": self.image_token_id,
+                  "projector_hidden_act": "gelu", "multimodal_projector_bias": self.adapter_bias,
+                  "vision_feature_layer": layer, "tie_word_embeddings": text.get("tie_word_embeddings", False),
+                  "torch_dtype": dtype}
+        if self.patch_merger and self.pre_norm:
+            return {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+                    "spatial_merge_size": self.spatial_merge_size, **common}
+        if not self.patch_merger and not self.pre_norm:
+            return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                    "vision_feature_select_strategy": "full", **common}
+        raise ConfigError("a vision projector with only one of the norm and the patch merger has no Hugging Face "
+                          "config (Mistral3 has both, Llava neither)")
+
     def with_tokens(self, *, img: int | None, img_break: int | None, img_end: int | None) -> "VisionArgs":
         """These args with the tokenizer's image token ids where it has them."""
         return dataclasses.replace(self, image_token_id=self.image_token_id if img is None else img,

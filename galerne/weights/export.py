@@ -18,14 +18,23 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
-from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype
-from .names import native_to_hf, pack_experts, permute_for, to_native_file
+from .loader import _ST_TO_TORCH, Checkpoint, resolve_dtype, vision_native_items
+from .names import (
+    is_vision_tensor,
+    native_to_hf,
+    pack_experts,
+    permute_for,
+    permute_rows,
+    to_native_file,
+    vision_native_to_hf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +129,15 @@ def convert(
     if is_gguf(src):
         raise ModelLoadError("a GGUF file converts to GGUF only (--to gguf): its tokenizer is inside it", path=str(src))
     ckpt = Checkpoint.open(src)
-    if ckpt.args.vision is not None:
-        log.warning("%s: the vision encoder is not converted (image input is not supported yet); "
-                    "the output holds the language model only", ckpt.folder.name)
     dst = _prepare_destination(dst, ckpt.folder)
     # Plan every file from the headers first (names, shapes, dtypes), then stream
-    # the tensors through: only one tensor is in memory at a time.
-    metas = ((native, meta) for _, _, native, meta in ckpt.native_tensors(meta=True))
-    tensors = ((native, t) for _, _, native, t in ckpt.native_tensors())
-    return write_checkpoint(dst, to, ckpt.args, metas, tensors, companions_from=ckpt.folder, dtype=dtype, progress=progress)
+    # the tensors through: only one tensor is in memory at a time. A vision-language
+    # checkpoint's encoder and projector follow the language model.
+    metas = ((native, meta) for _, _, native, meta in chain(ckpt.native_tensors(meta=True),
+                                                            vision_native_items(ckpt, meta=True)))
+    tensors = ((native, t) for _, _, native, t in chain(ckpt.native_tensors(), vision_native_items(ckpt)))
+    return write_checkpoint(dst, to, ckpt.args, metas, tensors, companions_from=ckpt.folder, dtype=dtype, progress=progress,
+                            with_vision=ckpt.args.vision is not None)
 
 
 def save_model(
@@ -177,8 +186,6 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, to: st
     _check_layout(to)
     if stored_schemes(ckpt.args) is not None:
         raise ModelLoadError("this checkpoint is already quantized; quantize its float original", path=str(ckpt.folder))
-    if ckpt.args.vision is not None:
-        log.warning("%s: the vision encoder is not written (image input is not supported yet)", ckpt.folder.name)
     dst = _prepare_destination(dst, ckpt.folder)
     chosen: dict[str, str] = {}
 
@@ -189,28 +196,42 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, to: st
         chosen[native] = s.name
         return torch.empty(meta.shape[0], s.row_bytes(meta.shape[1]), dtype=torch.uint8, device="meta")
 
+    # The vision encoder and projector stay in float (a small part of the bytes; the
+    # encoder's quality matters for every image token).
     metas = [(native, planned(native, meta)) for _, _, native, meta in ckpt.native_tensors(meta=True)]
+    metas += [(native, meta) for _, _, native, meta in vision_native_items(ckpt, meta=True)]
     tensors = ((native, quantize(t.float(), chosen[native]) if native in chosen else t)
-               for _, _, native, t in ckpt.native_tensors())
+               for _, _, native, t in chain(ckpt.native_tensors(), vision_native_items(ckpt)))
     names = {native: (to_native_file(native, ckpt.args) if to == "mistral" else native_to_hf(native, ckpt.args)[0])
              for native in chosen}
     cfg = {"quant_method": "galerne", "scheme": target.name, "tensors": {names[n]: s for n, s in chosen.items()}}
     key = "quantization" if to == "mistral" else "quantization_config"
     return write_checkpoint(dst, to, ckpt.args, iter(metas), tensors, companions_from=ckpt.folder, dtype=None,
-                            progress=progress, config_extra={key: cfg})
+                            progress=progress, config_extra={key: cfg}, with_vision=ckpt.args.vision is not None)
 
 
 def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: Path | None, dtype: str | None,
-                     progress: bool | None, shard_bytes: int | None = None, config_extra: dict | None = None) -> Path:
+                     progress: bool | None, shard_bytes: int | None = None, config_extra: dict | None = None,
+                     with_vision: bool = False) -> Path:
     """Write (native name, tensor) items in layout ``to``: ``metas`` (shape/dtype-only
     tensors, for planning the files) and ``tensors`` must list the same names in
-    the same order. ``config_extra``: keys added to the written config."""
+    the same order. ``config_extra``: keys added to the written config. ``with_vision``:
+    the items include the vision encoder's and projector's, and the config is the
+    vision-language one (Hugging Face: the names transformers' save_pretrained writes,
+    ``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
+    ``multi_modal_projector.*``)."""
     cast = resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+    v = a.vision if with_vision else None
 
     def target(native: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
         if to == "mistral":
             return to_native_file(native, a), t
+        if v is not None and is_vision_tensor(native):
+            name, rotary = vision_native_to_hf(native)  # type: ignore[misc]
+            return name, permute_rows(t, rotary, v.n_heads, v.n_heads, to="hf")
         name, rotary = native_to_hf(native, a)  # type: ignore[misc]
+        if v is not None:
+            name = "language_model." + name
         return name, permute_for(a, t, rotary, to="hf")
 
     def kept(items):
@@ -235,9 +256,10 @@ def write_checkpoint(dst: Path, to: str, a, metas, tensors, *, companions_from: 
 
     out_dtype = cast or next((e.dtype for e in entries if e.dtype.is_floating_point), torch.float32)
     if to == "mistral":
-        (dst / "params.json").write_text(json.dumps({**a.to_params_json(), **(config_extra or {})}, indent=2) + "\n")
+        (dst / "params.json").write_text(json.dumps({**a.to_params_json(with_vision), **(config_extra or {})}, indent=2)
+                                         + "\n")
     else:
-        config = {**a.to_hf_config(str(out_dtype).removeprefix("torch.")), **(config_extra or {})}
+        config = {**a.to_hf_config(str(out_dtype).removeprefix("torch."), with_vision), **(config_extra or {})}
         (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": by_name}

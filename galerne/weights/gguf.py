@@ -469,8 +469,8 @@ def write_gguf(src: str | Path, dst: str | Path, *, scheme: str | None = None, p
     a = ckpt.args
     _check_writable(a, str(src))
     if a.vision is not None:
-        log.warning("%s: the vision encoder is not written (image input is not supported yet); the GGUF holds the "
-                    "language model only", Path(src).name)
+        log.warning("%s: the vision encoder is not written: llama.cpp keeps it in a separate mmproj GGUF, which "
+                    "galerne does not write yet; the GGUF holds the language model only", Path(src).name)
     plan = _plan(ckpt, scheme.lower() if scheme else None)
     # The writer holds the metadata and the tensor list in memory until the header is
     # written: everything it needs is gathered (and checked) before the file is opened.

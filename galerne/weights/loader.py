@@ -386,14 +386,7 @@ def load_vision(ckpt, *, dtype: torch.dtype, device: torch.device) -> VisionMode
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in VisionModel(a).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    for path, name, t in ckpt.raw_tensors(vision=True):
-        native, rotary = name, None
-        if ckpt.layout == "hf":
-            mapped = vision_hf_to_native(name)
-            if mapped is None:
-                raise ModelLoadError("unexpected vision tensor: not part of a Pixtral encoder or its projector",
-                                     path=str(path), tensor=name)
-            native, rotary = mapped
+    for path, name, native, t in vision_native_items(ckpt):
         if native not in shapes:
             raise ModelLoadError(f"unexpected vision tensor (as {native}): this config's encoder has no such weight",
                                  path=str(path), tensor=name)
@@ -403,7 +396,6 @@ def load_vision(ckpt, *, dtype: torch.dtype, device: torch.device) -> VisionMode
         if t.dtype in FP8_DTYPES or t.dtype == torch.uint8:
             raise ModelLoadError("quantized vision weights are not supported (the encoder loads from float weights)",
                                  path=str(path), tensor=name)
-        t = permute_rows(t, rotary, a.n_heads, a.n_heads, to="native")
         state[native] = t.to(device=device, dtype=dtype)
     missing = sorted(set(shapes) - set(state))
     if missing:
@@ -413,6 +405,24 @@ def load_vision(ckpt, *, dtype: torch.dtype, device: torch.device) -> VisionMode
         model = VisionModel(a)
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def vision_native_items(ckpt: Checkpoint, meta: bool = False) -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+    """(file, checkpoint name, native name, tensor in native layout) of the vision
+    encoder's and projector's tensors (none for a text model)."""
+    a = ckpt.args.vision
+    if a is None:
+        return
+    for path, name, t in ckpt.raw_tensors(meta, vision=True):
+        if ckpt.layout != "hf":
+            yield path, name, name, t
+            continue
+        mapped = vision_hf_to_native(name)
+        if mapped is None:
+            raise ModelLoadError("unexpected vision tensor: not part of a Pixtral encoder or its projector",
+                                 path=str(path), tensor=name)
+        native, rotary = mapped
+        yield path, name, native, permute_rows(t, rotary, a.n_heads, a.n_heads, to="native")
 
 
 def model_from_hf_state_dict(

@@ -127,10 +127,10 @@ def vision_hf_to_native(name: str) -> tuple[str, str | None] | None:
 
 
 def vision_native_to_hf(name: str) -> tuple[str, str | None] | None:
-    """A native vision tensor's ``(hf_name, rotary)`` as transformers 5's Mistral3 names
-    it in memory (``model.vision_tower...``); None if unknown."""
-    out = _convert(name, _VISION_NATIVE_TO_HF)
-    return None if out is None else ("model." + out[0], out[1])
+    """A native vision tensor's ``(hf_name, rotary)`` as transformers' save_pretrained
+    writes Mistral3 and Llava files (``vision_tower...``, ``multi_modal_projector...``);
+    None if unknown."""
+    return _convert(name, _VISION_NATIVE_TO_HF)
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
