@@ -10,9 +10,12 @@ if [ -d .whl ]; then  # mistral-common and its pure-Python needs, carried as whe
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py tests/test_triton_lora.py \
+timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py tests/test_triton_lora.py \
   tests/test_triton_attention.py tests/test_quant.py::test_int4_on_cuda_matches_the_dequantized_weight \
-  tests/test_finetune_gpu.py tests/test_finetune_attention.py 2>  tests/test_finetune_gpu.py tests/test_finetune_attention.py -k "cuda or varlen" 2>&11 | tail -20 | tee "$OUT/tests.txt"
+  tests/test_finetune_gpu.py "tests/test_vision.py::test_cuda_images_match_transformers" 2>&1 | tail -20 \
+  | tee "$OUT/tests.txt"
+timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_finetune_attention.py -k "cuda or varlen" 2>&1 \
+  | tail -5 | tee -a "$OUT/tests.txt"
 cd benchmarks
 timeout 70 python3 decode_latency.py --model mistral-7b --device cuda --repeats 2 --baselines transformers \
   --baseline-new-tokens 64 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/decode.txt"

@@ -232,3 +232,32 @@ def test_convert_keeps_the_vision_encoder_and_transformers_loads_the_result(visi
     ids, images = llm.tokenizer.encode_chat_with_images(PROMPTS["one image"]())
     assert torch.equal(reference_logits(again, ids, images), reference_logits(ref, ids, images))
     assert (llm.score(ids, images=images) - reference_logits(ref, ids, images)).abs().max() < 1e-4
+
+
+def test_preempted_sequences_with_images_recompute_the_same_answer(vision_factory):
+    """A KV cache for about half the batch: sequences are preempted (their KV dropped)
+    and recomputed, their images encoded again or taken from the encoder cache."""
+    folder, _ = vision_factory("mistral3")
+    convos = [user(f"Picture {k}", picture(32 + 8 * k, 48, 20 + k)) for k in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(folder, device="cpu", dtype="float32").chat(convos, params)]
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block, kv heads, head_dim, fp32
+    small = LLM(folder, device="cpu", dtype="float32", block_size=4, kv_cache_gb=per_block * 60 / 1e9)
+    small.engine.runner.encoder_cache.max_bytes = 0  # every recompute encodes its image again
+    assert [o.token_ids for o in small.chat(convos, params)] == expected
+    assert small.engine.stats()["num_preemptions"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_images_match_transformers(vision_factory):
+    """The encoder and a prompt with images on the GPU (float32, the Triton paged
+    attention), against transformers on the CPU."""
+    folder, ref = vision_factory("mistral3")
+    llm = LLM(folder, device="cuda", dtype="float32", block_size=16)
+    messages = PROMPTS["several images"]()
+    ids, images = llm.tokenizer.encode_chat_with_images(messages)
+    want = torch.log_softmax(reference_logits(ref, ids, images), -1)
+    assert (llm.score(ids, images=images).cpu() - reference_logits(ref, ids, images)).abs().max() < 1e-3
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1))[0]
+    assert out.token_ids[0] == int(want[-1].argmax())
