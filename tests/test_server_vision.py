@@ -166,3 +166,19 @@ def test_image_urls_only_with_the_flag_and_under_limits(folder, image_host):
             r = _post(live, _image(image_host + path))
             assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
             assert time.monotonic() - started < 5
+
+
+def test_langchain_clients_send_images(live, expected):
+    """LangChain's image messages: ChatOpenAI sends OpenAI's parts, ChatMistralAI
+    Mistral's; both get the answer LLM.chat gives."""
+    from langchain_core.messages import HumanMessage
+    from langchain_mistralai import ChatMistralAI
+    from langchain_openai import ChatOpenAI
+
+    message = HumanMessage(content=[{"type": "text", "text": "What is this?"},
+                                    {"type": "image_url", "image_url": {"url": data_uri(picture(40, 24, 0))}}])
+    oai = ChatOpenAI(model=MODEL, api_key=KEY, base_url=live.url + "/v1", max_tokens=8, temperature=0, max_retries=0)
+    assert oai.invoke([message]).content == expected[0]
+    mistral = ChatMistralAI(model=MODEL, api_key=KEY, endpoint=live.url + "/v1", max_tokens=8, temperature=0,
+                            max_retries=0)
+    assert mistral.invoke([message]).content == expected[0]
