@@ -564,7 +564,8 @@ def test_bad_values_name_the_field(oai, mis, live):
     with pytest.raises(openai.BadRequestError) as e:  # the tokenizer's checks name the field too
         oai.chat.completions.create(model=MODEL, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
-    assert e.value.body["param"] == "messages[0].content[0].type"
+    assert e.value.body["param"] == "messages[0].content[0].image_url"  # a text model: no vision encoder
+    assert "no vision encoder" in e.value.body["message"]
 
 
 # ------------------------------------------------------------------ disconnects

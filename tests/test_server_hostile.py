@@ -196,7 +196,7 @@ def test_text_longer_than_the_context_is_refused_before_tokenizing(tiny):
     context = llm.max_model_len
     limit = context * CHARS_PER_TOKEN
     calls = []
-    for name in ("encode_chat", "encode", "encode_fim"):
+    for name in ("encode_chat_with_images", "encode", "encode_fim"):
         original = getattr(llm.tokenizer, name)
         setattr(llm.tokenizer, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
@@ -209,7 +209,8 @@ def test_text_longer_than_the_context_is_refused_before_tokenizing(tiny):
         assert calls == []  # refused before the tokenizer saw them
         # Within the bound, the tokenizer decides (this text is still too long, by its tokens).
         r = client.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "hello " * 600}]})
-        assert r.status_code == 400 and "characters" not in r.json()["error"]["message"] and calls == ["encode_chat"]
+        assert r.status_code == 400 and "characters" not in r.json()["error"]["message"]
+        assert calls == ["encode_chat_with_images"]
         # Each prompt of a batch is a prompt of its own: three within the bound are not one past it.
         prompts = ["hello " * (limit // 12)] * 3
         assert len("".join(prompts)) > limit
@@ -491,3 +492,11 @@ def _on_loop() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def test_image_urls_are_not_counted_as_text():
+    """A base64 image is bounded by --max-image-mb, not by the context's characters."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}}
+    mistral = {"type": "image_url", "image_url": "data:image/png;base64," + "A" * 10_000}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image, mistral]}]}
+    assert text_chars(body) < 200
