@@ -161,18 +161,30 @@ def _eager_experts(model) -> None:
         model.set_experts_implementation("eager")
 
 
-@pytest.fixture(scope="session")
-def tiny_factory(tmp_path_factory):
-    """Cached builder: tiny_factory(kind) -> (folder, transformers model)."""
+def _cached(tmp_path_factory, build):
+    """kind -> (folder, transformers model), ``build(kind, folder)`` once per kind."""
     cache: dict[str, tuple[Path, object]] = {}
 
     def get(kind: str):
         if kind not in cache:
             folder = tmp_path_factory.mktemp(kind)
-            cache[kind] = (folder, build_hf(kind, folder))
+            cache[kind] = (folder, build(kind, folder))
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Cached builder: tiny_factory(kind) -> (folder, transformers model)."""
+    return _cached(tmp_path_factory, build_hf)
+
+
+@pytest.fixture(scope="session")
+def vision_factory(tmp_path_factory):
+    """Cached builder of the tiny vision-language models: vision_factory("mistral3" or
+    "llava") -> (folder, transformers model)."""
+    return _cached(tmp_path_factory, lambda kind, folder: build_vision_hf(kind, folder))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import build_vision_hf
 from mistralai.client import Mistral
 from PIL import Image
 from test_server import KEY, LiveServer
@@ -28,10 +27,8 @@ MODEL = "tiny-vision"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vision")
-    build_vision_hf("mistral3", folder)
-    return folder
+def folder(vision_factory):
+    return vision_factory("mistral3")[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_vision_hf, vision_tekken, write_native
+from conftest import vision_tekken, write_native
 from PIL import Image
 
 from galerne import LLM, SamplingParams
@@ -36,19 +36,6 @@ def user(*parts) -> list[dict]:
     content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": {"url": data_uri(p)}}
                for p in parts]
     return [{"role": "user", "content": content}]
-
-
-@pytest.fixture(scope="module")
-def vision_factory(tmp_path_factory):
-    cache: dict = {}
-
-    def get(kind: str):
-        if kind not in cache:
-            folder = tmp_path_factory.mktemp(kind)
-            cache[kind] = (folder, build_vision_hf(kind, folder))
-        return cache[kind]
-
-    return get
 
 
 def reference_logits(ref, ids: list[int], images) -> torch.Tensor:
