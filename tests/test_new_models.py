@@ -5,7 +5,6 @@ converter's round trip, and configs refused by name."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
