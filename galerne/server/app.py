@@ -104,7 +104,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     # Outermost last: HeadAsGet, _Tracking, LocalGuard (no API key only), CORS (allowed
     # origins only), BodyGuard, then FastAPI's exception handling and the routes.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
-                       uploads={"/v1/files": settings.max_upload_bytes})
+                       uploads={"/v1/files": settings.max_upload_bytes, "/v1/files/validate": settings.max_upload_bytes})
     if settings.allowed_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin, allow_headers=["*"],
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
