@@ -401,6 +401,8 @@ function chatBusy(busy) {
 }
 
 function initChat() {
+  // On a phone the settings start folded: the conversation gets the screen.
+  if (window.matchMedia("(max-width: 820px)").matches) $("chat-settings-fold").open = false;
   const form = $("chat-form");
   const input = $("chat-input");
   enterSends(input, form);
@@ -497,8 +499,7 @@ function initCompare() {
     const runs = [["a", $("compare-model-a").value], ["b", $("compare-model-b").value]].map(([side, model]) => {
       const column = $(`compare-${side}`);
       const bubble = answerBubble(model || "(no model)");
-      column.replaceChildren(el("article", { class: "msg user" }, el("div", { class: "who", text: "prompt" }),
-        el("div", { class: "text", text })), bubble.node);
+      column.replaceChildren(bubble.node);
       const controller = new AbortController();
       compare.controllers.push(controller);
       return runAnswer({ model, messages, ...params }, bubble, controller.signal);
@@ -798,6 +799,13 @@ async function readEvents(id) {
 
 function renderJob(job) {
   watch.job = job;
+  for (const b of $("jobs-list").querySelectorAll("button")) {  // the list's line of this job follows it
+    if (b.querySelector(".id")?.textContent !== job.id) continue;
+    const badge = b.querySelector(".badge");
+    badge.textContent = job.status;
+    badge.className = `badge ${job.status}`;
+    if (job.fine_tuned_model) b.querySelector(".model").textContent = job.fine_tuned_model;
+  }
   $("job-title").textContent = job.fine_tuned_model || job.id;
   const badge = $("job-status");
   badge.textContent = job.status;
