@@ -451,6 +451,39 @@ def test_keyboard_only_chat(page, live):
     assert text_of(page, "#chat-log .msg.user .text") == "Hi\nthere"
 
 
+# ------------------------------------------------------------------ fine-tuning
+
+
+def test_a_job_refused_then_started_and_cancelled(page, live, http):
+    record = http.post("/v1/files", files={"file": ("small.jsonl", jsonl(GOOD))}, data={"purpose": "fine-tune"}).json()
+    try:
+        open_console(page, live, "finetune")
+        page.wait_for_function(f"() => document.querySelector('#ft-training option[value=\"{record['id']}\"]') !== null")
+        page.select_option("#ft-training", record["id"])
+        page.fill("#ft-steps", "1000")
+        page.fill("#ft-rank", "100000")  # past the server's --max-lora-rank: its reason is shown
+        page.click("#ft-create")
+        error = page.locator("#ft-form-error")
+        error.wait_for()
+        assert "lora_rank" in error.inner_text() and page.locator("#job").is_hidden()
+        page.fill("#ft-rank", "4")
+        page.fill("#ft-seq-len", "128")
+        page.click("#ft-create")
+        page.wait_for_selector("#job:not([hidden])")
+        assert error.is_hidden()
+        page.click("#job-cancel")
+        page.wait_for_function("() => document.querySelector('#job-status').textContent === 'cancelled'")
+        assert page.locator("#job-cancel").is_hidden() and page.locator("#job-chat").is_hidden()
+        job = page.locator("#jobs-list button[aria-current=true]")
+        job.wait_for()
+        job_id = job.locator(".id").inner_text()
+        assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled"
+    finally:
+        deadline = time.monotonic() + 60
+        while http.delete(f"/v1/files/{record['id']}").status_code == 409 and time.monotonic() < deadline:
+            time.sleep(0.5)  # until its cancelled job's worker has stopped
+
+
 # ------------------------------------------------------------------ fine-tuning (slow)
 
 
