@@ -653,7 +653,7 @@ function initData() {
 // ------------------------------------------------------------------ fine-tuning
 
 const FINISHED = ["succeeded", "failed", "cancelled"];
-const watch = { id: null, job: null, events: new Map(), timer: null, busy: false };
+const watch = { id: null, token: null, job: null, events: new Map(), timer: null };
 
 function fillFileSelects() {
   const tuning = files.filter((f) => f.purpose === "fine-tune");
@@ -745,26 +745,24 @@ function initFinetune() {
 
 async function watchJob(id) {
   clearTimeout(watch.timer);
-  watch.id = id;
-  watch.job = null;
-  watch.events = new Map();
+  const token = {};  // a poll of another watch (an older one, still in flight) stops at its next turn
+  Object.assign(watch, { id, token, job: null, events: new Map() });
   setError($("job-error"), "");
   $("job-chart").replaceChildren();
   show($("job"), true);
   for (const b of $("jobs-list").querySelectorAll("button")) {
     b.setAttribute("aria-current", String(b.querySelector(".id")?.textContent === id));
   }
-  await pollJob();
+  await pollJob(token);
 }
 
-async function pollJob() {
+async function pollJob(token) {
   const id = watch.id;
-  if (!id || watch.busy) return;
-  watch.busy = true;
+  if (token !== watch.token) return;
   try {
     const job = await api(`v1/fine_tuning/jobs/${encodeURIComponent(id)}`);
-    await readEvents(id);
-    if (id !== watch.id) return;
+    await readEvents(id, token);
+    if (token !== watch.token) return;
     renderJob(job);
     if (FINISHED.includes(job.status)) {
       refreshJobs();
@@ -772,21 +770,19 @@ async function pollJob() {
       return;
     }
   } catch (e) {
-    if (id === watch.id) setError($("job-error"), e.message);
-  } finally {
-    watch.busy = false;
+    if (token === watch.token) setError($("job-error"), e.message);
   }
-  if (id === watch.id) watch.timer = setTimeout(pollJob, POLL_MS);
+  if (token === watch.token) watch.timer = setTimeout(() => pollJob(token), POLL_MS);
 }
 
 /** The job's new events: pages of the newest first, until one already read. */
-async function readEvents(id) {
+async function readEvents(id, token) {
   let after = null;
   for (;;) {
     const query = new URLSearchParams({ limit: "500" });
     if (after) query.set("after", after);
     const page = await api(`v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?${query}`);
-    if (id !== watch.id) return;
+    if (token !== watch.token) return;
     let known = false;
     for (const e of page.data) {
       if (watch.events.has(e.id)) { known = true; break; }
