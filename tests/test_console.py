@@ -195,6 +195,24 @@ def open_console(page, live, tab: str = "chat"):
     assert page.evaluate("localStorage.length") == 0
 
 
+def test_a_wrong_key_is_asked_again_and_a_key_can_be_forgotten(page, live):
+    page.goto(live.url + "/")
+    page.locator("#key-dialog").wait_for(state="visible")
+    page.fill("#key-input", "wrong-key")
+    page.click("#key-save")
+    page.wait_for_function("() => document.querySelector('#key-reason').textContent.includes('invalid API key')")
+    assert page.locator("#key-dialog").is_visible() and page.locator("#chat-model option").count() == 0
+    page.fill("#key-input", KEY)
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#chat-model option').length > 0")
+    assert text_of(page, "#server-status") == f"serving {BASE}"
+    page.click("#key-button")
+    page.click("#key-forget")
+    assert page.evaluate("sessionStorage.length") == 0
+    page.reload()
+    page.locator("#key-dialog").wait_for(state="visible")  # asked again: the key is gone
+
+
 def shoot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
