@@ -1,7 +1,7 @@
 """Run by .ci/run with the Python of a fresh virtualenv that holds torch and galerne's
 wheel, and nothing of the checkout: the installed package is complete (the CPU kernel's
-C++ source, the built-in model) and a decode step goes through the kernel, compiled from
-the installed source, giving the tokens of the torch path."""
+C++ source, the built-in model, the console's page) and a decode step goes through the
+kernel, compiled from the installed source, giving the tokens of the torch path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from galerne import LLM, SamplingParams
 root = Path(galerne.__file__).resolve().parent
 if "site-packages" not in root.parts:
     sys.exit(f"wheel check: galerne was imported from {root}, not from the installed wheel")
-for part in ("kernels/cpu_decode.cpp", "assets/galerne-mini/config.json"):
+for part in ("kernels/cpu_decode.cpp", "assets/galerne-mini/config.json", "server/console/static/index.html",
+             "server/console/static/app.js"):
     if not (root / part).is_file():
         sys.exit(f"wheel check: the wheel lacks galerne/{part}")
 

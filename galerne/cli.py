@@ -135,8 +135,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
             auth = f"API key required ({len(settings.api_key)} key(s))" if settings.api_key else "no authentication"
+            console = f"; the console at http://{_url_host(settings.host)}:{port}/" if settings.console else ""
             print(f"galerne: serving {app.state.server.model_id} on http://{_url_host(settings.host)}:{port}/v1 "
-                  f"({auth}; docs at /docs)", file=sys.stderr, flush=True)
+                  f"({auth}; docs at /docs{console})", file=sys.stderr, flush=True)
             platform = app.state.server.platform
             print(f"galerne: files, jobs and fine-tuned models in {platform.data.root} ({platform.store.kind} store)",
                   file=sys.stderr, flush=True)

@@ -202,6 +202,8 @@ class ServerSettings:
     batch_concurrency: int = setting(16, "requests of a batch job the engine runs at once, at low priority beside "
                                          "interactive ones (which always go first); the rest of the batch waits in "
                                          "its file, never in the engine's queue")
+    console: bool = setting(True, "serve the browser console (chat, compare, data, fine-tuning) at /, with the API's "
+                                  "keys (--no-console: the API only)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -1,6 +1,6 @@
 """The wheel ships every file of the package: the modules, and the data they read at run
-time (the CPU kernel's C++ source, compiled on the user's machine; the built-in model).
-CI also installs the wheel in a fresh virtualenv and decodes through the kernel (.ci/run)."""
+time (the CPU kernel's C++ source, compiled on the user's machine; the built-in model; the
+console's page). CI also installs the wheel in a fresh virtualenv and decodes through the kernel (.ci/run)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def _package_files() -> list[str]:
 def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     files = _package_files()
     assert "galerne/kernels/cpu_decode.cpp" in files
+    assert {"galerne/server/console/static/index.html", "galerne/server/console/static/app.js"} <= set(files)
     src = tmp_path / "src"
     for name in ("pyproject.toml", "README.md", "LICENSE", *files):  # a copy: the build leaves build/ beside it
         (src / name).parent.mkdir(parents=True, exist_ok=True)

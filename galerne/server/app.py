@@ -33,7 +33,7 @@ from ..engine.async_engine import AsyncEngine
 from ..llm import LLM
 from ..platform import Platform
 from ..platform.supervisor import Supervisor
-from . import adapters, chat, errors, files, finetuning
+from . import adapters, chat, console, errors, files, finetuning
 from . import dialect as dialects
 from .auth import require_api_key
 from .batch import routes as batch_routes
@@ -104,7 +104,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     # Outermost last: HeadAsGet, _Tracking, LocalGuard (no API key only), CORS (allowed
     # origins only), BodyGuard, then FastAPI's exception handling and the routes.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
-                       uploads={"/v1/files": settings.max_upload_bytes})
+                       uploads={"/v1/files": settings.max_upload_bytes, "/v1/files/validate": settings.max_upload_bytes})
     if settings.allowed_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin, allow_headers=["*"],
                            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], expose_headers=["Retry-After"], max_age=600)
@@ -121,6 +121,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None, *, model_name: 
     app.include_router(batch_routes.router)
     app.include_router(_models_router())
     app.include_router(_ops_router())
+    if settings.console:
+        app.include_router(console.router())  # the page at /, its files at /console/ (no key: they hold no data)
     app.openapi = lambda: _openapi(app)
     return app
 

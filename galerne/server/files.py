@@ -1,6 +1,7 @@
 """Files, in both APIs' shapes (one object carries OpenAI's and Mistral's fields):
 
     POST   /v1/files                 multipart: file, purpose ("fine-tune" | "batch")
+    POST   /v1/files/validate        the same form: every line's problem, nothing stored (the console's check)
     GET    /v1/files                 OpenAI's paging (after, limit, order) or Mistral's (page, page_size)
     GET    /v1/files/{id}
     GET    /v1/files/{id}/content
@@ -11,14 +12,17 @@ An upload is received into the data directory's ``tmp/`` (at most ``--max-upload
 checked, then moved into ``files/`` and recorded. A ``fine-tune`` file gets the checks of
 ``galerne data validate`` with the served model's tokenizer (a line it could not train on
 is a 400 that names the line and the problem, and nothing is stored); a ``batch`` file,
-one JSON object with a ``body`` per line.
+one JSON object with a ``body`` per line. ``POST /v1/files/validate`` runs the same checks
+(``examine``) and answers all of the problems, line by line, without storing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["files"])
 
 MAX_FILENAME = 255
 SHOWN_PROBLEMS = 5
+LISTED_PROBLEMS = 1000  # what POST /v1/files/validate lists (it counts them all)
 COPY_CHUNK = 1 << 20
 # Jobs that still read their input files: a file they name cannot be deleted meanwhile.
 ACTIVE_JOB_STATUSES = ("VALIDATING", "VALIDATED", "QUEUED", "STARTED", "RUNNING", "PAUSED", "CANCELLATION_REQUESTED",
@@ -62,6 +67,33 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 async def upload_file(request: Request) -> dict:
     server: ServerState = request.app.state.server
     platform = server.platform
+    async with _received(request) as (tmp, filename, purpose, content_type):
+        doc = await asyncio.to_thread(inspect, server, tmp, filename, purpose)
+        record = await asyncio.to_thread(add_file, platform, tmp, filename=filename, purpose=purpose,
+                                         mimetype=content_type or "application/jsonl", **doc)
+    return file_object(record)
+
+
+@router.post("/v1/files/validate", summary="Check a file as an upload is checked, line by line; nothing is stored",
+             openapi_extra=UPLOAD_BODY)
+async def validate_file(request: Request) -> dict:
+    """``ok``, the line count, every problem (``line``, ``reason``; the first LISTED_PROBLEMS
+    of them, ``num_problems`` counts all), a problem of the whole file (``error``: unreadable,
+    empty), and the record's fields an upload would store (``details``)."""
+    server: ServerState = request.app.state.server
+    async with _received(request) as (tmp, filename, purpose, _):
+        found = await asyncio.to_thread(examine, server, tmp, filename, purpose)
+    return {"object": "file.validation", "filename": filename, "purpose": purpose, "ok": found.ok,
+            "num_lines": found.lines, "num_problems": len(found.problems), "error": found.error,
+            "problems": [{"line": p.line, "reason": p.reason} for p in found.problems[:LISTED_PROBLEMS]],
+            "details": found.doc if found.ok else None}
+
+
+@contextlib.asynccontextmanager
+async def _received(request: Request):
+    """The multipart upload (file, purpose), copied into the data directory's ``tmp/``:
+    (its path, filename, purpose, content type); the copy is removed afterwards."""
+    platform = platform_of(request)
     try:
         form = await request.form(max_files=1, max_fields=8)
     except ClientDisconnect:
@@ -79,14 +111,11 @@ async def upload_file(request: Request) -> dict:
         tmp = platform.data.tmp(new_id("up-"))
         try:
             await asyncio.to_thread(_copy, upload.file, tmp)
-            doc = await asyncio.to_thread(inspect, server, tmp, filename, purpose)
-            record = await asyncio.to_thread(add_file, platform, tmp, filename=filename, purpose=purpose,
-                                             mimetype=upload.content_type or "application/jsonl", **doc)
+            yield tmp, filename, purpose, upload.content_type
         finally:
             tmp.unlink(missing_ok=True)
     finally:
         await form.close()
-    return file_object(record)
 
 
 def _filename(raw: str | None) -> str:
@@ -107,12 +136,37 @@ def _copy(src, dest: Path) -> None:
         os.fsync(out.fileno())
 
 
+@dataclass
+class Examined:
+    """What the checks of an uploaded file found: its lines, the problems of its lines, a
+    problem of the whole file (``error``), and the record's fields when it has none."""
+
+    lines: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    error: str | None = None
+    doc: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.error is None
+
+
 def inspect(server: ServerState, path: Path, filename: str, purpose: str) -> dict[str, Any]:
     """The record's fields of an uploaded file, after its checks (an InvalidParameter on
     ``file`` naming the lines at fault when it fails them)."""
+    found = examine(server, path, filename, purpose)
+    if found.error is not None:
+        raise InvalidParameter("file", f"{filename}: {found.error}")
+    if found.problems:
+        raise _refuse(filename, found.problems, found.lines)
+    return found.doc
+
+
+def examine(server: ServerState, path: Path, filename: str, purpose: str) -> Examined:
+    """The checks of an uploaded file of ``purpose``, every line's (upload and validation share them)."""
     if purpose == "fine-tune":
-        return _inspect_finetune(server, path, filename)
-    return _inspect_batch(path, filename)
+        return _examine_finetune(server, path, filename)
+    return _examine_batch(path, filename)
 
 
 def _refuse(filename: str, problems: list[Problem], lines: int) -> InvalidParameter:
@@ -122,28 +176,27 @@ def _refuse(filename: str, problems: list[Problem], lines: int) -> InvalidParame
                                     "nothing was stored (galerne data validate shows every problem)")
 
 
-def _inspect_finetune(server: ServerState, path: Path, filename: str) -> dict[str, Any]:
-    problems: list[Problem] = []
-    lines = tokens = trained = longest = pretrain = 0
+def _examine_finetune(server: ServerState, path: Path, filename: str) -> Examined:
+    found = Examined()
+    tokens = trained = longest = pretrain = 0
     try:
         for _raw, sample in check_file(path, server.tokenizer, server.max_model_len):
-            lines += 1
+            found.lines += 1
             if isinstance(sample, Problem):
-                problems.append(Problem(filename, sample.line, sample.reason))
+                found.problems.append(Problem(filename, sample.line, sample.reason))
                 continue
             tokens += len(sample.tokens)
             trained += sample.trained_tokens
             longest = max(longest, len(sample.tokens))
             pretrain += _is_pretrain(_raw)
     except DataError as e:
-        raise InvalidParameter("file", f"{filename}: {e.reason}") from None
-    if problems:
-        raise _refuse(filename, problems, lines)
-    if lines == 0:
-        raise InvalidParameter("file", f"{filename}: the file is empty: a fine-tuning file holds one JSON "
-                                       "conversation per line")
-    return {"num_lines": lines, "sample_type": "pretrain" if pretrain == lines else "instruct", "tokens": tokens,
-            "trained_tokens": trained, "longest_sample": longest}
+        found.error = e.reason
+        return found
+    if found.lines == 0:
+        found.error = "the file is empty: a fine-tuning file holds one JSON conversation per line"
+    found.doc = {"num_lines": found.lines, "sample_type": "pretrain" if pretrain == found.lines else "instruct",
+                 "tokens": tokens, "trained_tokens": trained, "longest_sample": longest}
+    return found
 
 
 def _is_pretrain(raw: bytes) -> bool:
@@ -154,24 +207,23 @@ def _is_pretrain(raw: bytes) -> bool:
     return isinstance(obj, dict) and "text" in obj and "messages" not in obj
 
 
-def _inspect_batch(path: Path, filename: str) -> dict[str, Any]:
-    problems: list[Problem] = []
-    lines = 0
+def _examine_batch(path: Path, filename: str) -> Examined:
+    found = Examined()
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            lines += 1
+            found.lines += 1
             try:
                 obj = json.loads(raw)
             except (ValueError, RecursionError) as e:
-                problems.append(Problem(filename, n, f"bad JSON: {getattr(e, 'msg', e)}"))
+                found.problems.append(Problem(filename, n, f"bad JSON: {getattr(e, 'msg', e)}"))
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("body"), dict):
-                problems.append(Problem(filename, n, 'not a request: a batch line is {"custom_id": ..., "body": {...}}'))
-    if problems:
-        raise _refuse(filename, problems, lines)
-    if lines == 0:
-        raise InvalidParameter("file", f"{filename}: the file is empty: a batch file holds one request per line")
-    return {"num_lines": lines, "sample_type": "batch_request"}
+                found.problems.append(Problem(filename, n, 'not a request: a batch line is {"custom_id": ..., '
+                                                           '"body": {...}}'))
+    if found.lines == 0:
+        found.error = "the file is empty: a batch file holds one request per line"
+    found.doc = {"num_lines": found.lines, "sample_type": "batch_request"}
+    return found
 
 
 # ------------------------------------------------------------------ reading
