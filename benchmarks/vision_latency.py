@@ -126,7 +126,7 @@ def main() -> None:
         with torch.inference_mode():
             inputs = dict(input_ids=torch.tensor([ids]), pixel_values=pixels[None], image_sizes=size)
             t = time.perf_counter()
-            ref(**inputs)  # the prefill alone: transformers' time to its first token
+            ref(**inputs, logits_to_keep=1)  # the prefill alone (last row's logits, as generate does)
             ttft_theirs.append(time.perf_counter() - t)
             t = time.perf_counter()
             gen = ref.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
