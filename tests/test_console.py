@@ -565,3 +565,63 @@ def test_fine_tune_the_bakery_and_chat_with_the_result(page, live, http):
     assert "3.80" in text_of(page, "#compare-b .msg.assistant .text")
     assert text_of(page, "#compare-a .msg.assistant .text") != text_of(page, "#compare-b .msg.assistant .text")
     shoot(page, "compare")
+
+
+# ------------------------------------------------------------------ images (vision models)
+
+
+@pytest.fixture(scope="module")
+def vision_live(vision_factory):
+    folder, _ = vision_factory("mistral3")
+    llm = LLM(folder, device="cpu", dtype="float32")
+    app = create_app(llm, ServerSettings(api_key=[KEY], served_model_name=[VISION]))
+    with LiveServer(app) as server:
+        yield server
+
+
+VISION = "tiny-vision"
+
+
+def test_images_attach_to_a_message_for_a_vision_model(browser, vision_live, live, tmp_path):
+    """The Image button shows for a model whose card says it sees images (not for
+    galerne-mini); attached images go with the message as image parts, and the answer
+    is the API's own for the same message."""
+    from PIL import Image
+
+    from test_vision import data_uri, picture
+
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        open_console(page, live)
+        assert not page.is_visible("#chat-attach")  # galerne-mini sees no images
+        open_console(page, vision_live)
+        page.locator("#chat-attach").wait_for(state="visible")
+        image = tmp_path / "red <b>square<i>.png"
+        picture(40, 24, 0).save(image)
+        page.set_input_files("#chat-image", str(image))
+        page.locator("#chat-attachments .chip").wait_for(state="visible")
+        assert "red <b>square<i>.png" in text_of(page, "#chat-attachments")  # as text
+        page.fill("#chat-temperature", "0")
+        page.fill("#chat-max-tokens", "6")
+        page.fill("#chat-input", "What is this?")
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => !document.querySelector('#chat-send').disabled "
+                               "&& document.querySelectorAll('#chat-log .msg.assistant').length === 1")
+        page.wait_for_function("() => document.querySelector('#chat-log .msg.assistant .text').textContent.length > 0")
+        page.set_input_files("#chat-image", str(image))  # the next message's, for the screenshot
+        shoot(page, "chat-image")
+        page.click("#chat-attachments .chip button")  # removed again
+        assert page.locator("#chat-attachments").is_hidden()
+        shown = text_of(page, "#chat-log .msg.assistant .text")
+        assert "image: red <b>square<i>.png" in text_of(page, "#chat-log .msg.user")
+        r = httpx.post(vision_live.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+            "model": VISION, "temperature": 0, "max_tokens": 6, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": data_uri(Image.open(image))}}]}]})
+        assert r.status_code == 200 and shown.strip() == r.json()["choices"][0]["message"]["content"].strip()
+        assert errors == []
+    finally:
+        context.close()

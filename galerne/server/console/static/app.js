@@ -226,6 +226,7 @@ function modelOptions(select, { baseOnly = false } = {}) {
 
 function fillModelSelects() {
   modelOptions($("chat-model"));
+  updateAttach();
   modelOptions($("compare-model-a"));
   const b = $("compare-model-b");
   const hadB = b.value;
@@ -393,7 +394,37 @@ function enterSends(textarea, form) {
 
 // ------------------------------------------------------------------ chat
 
-const chat = { history: [], controller: null };
+const chat = { history: [], controller: null, images: [] };  // images: {name, url} to send with the next message
+
+// Whether the model picked in ``select`` takes images (its card's capabilities).
+function seesImages(select) {
+  const card = models.find((m) => m.id === select.value);
+  return Boolean(card && card.capabilities && card.capabilities.vision);
+}
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function renderAttachments() {
+  const box = $("chat-attachments");
+  box.replaceChildren(...chat.images.map((image, i) => el("span", { class: "chip" },
+    el("span", { text: `image: ${image.name}` }),
+    el("button", { type: "button", class: "link", "aria-label": `Remove ${image.name}`, text: "\u00d7",
+                   onclick: () => { chat.images.splice(i, 1); renderAttachments(); } }))));
+  show(box, chat.images.length > 0);
+}
+
+function updateAttach() {
+  const sees = seesImages($("chat-model"));
+  show($("chat-attach"), sees);
+  if (!sees && chat.images.length) { chat.images = []; renderAttachments(); }
+}
 
 function chatBusy(busy) {
   $("chat-send").disabled = busy;
@@ -406,6 +437,18 @@ function initChat() {
   const form = $("chat-form");
   const input = $("chat-input");
   enterSends(input, form);
+  $("chat-model").addEventListener("change", updateAttach);
+  $("chat-attach").addEventListener("click", () => $("chat-image").click());
+  $("chat-image").addEventListener("change", async () => {
+    const picker = $("chat-image");
+    for (const file of picker.files) {
+      try { chat.images.push({ name: file.name, url: await readAsDataURL(file) }); }
+      catch (e) { alertInLog(`${file.name}: cannot read it (${e.message})`); }
+    }
+    picker.value = "";
+    renderAttachments();
+    input.focus();
+  });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     if (chat.controller) return;
@@ -420,12 +463,19 @@ function initChat() {
     }
     show($("chat-empty"), false);
     input.value = "";
+    const images = chat.images;
+    chat.images = [];
+    renderAttachments();
     const log = $("chat-log");
-    log.append(el("article", { class: "msg user" }, el("div", { class: "who", text: "you" }), el("div", { class: "text", text })));
+    log.append(el("article", { class: "msg user" }, el("div", { class: "who", text: "you" }), el("div", { class: "text", text }),
+      ...images.map((image) => el("div", { class: "muted attached", text: `image: ${image.name}` }))));
     const bubble = answerBubble(model);
     log.append(bubble.node);
     log.scrollTop = log.scrollHeight;
-    chat.history.push({ role: "user", content: text });
+    // With images: OpenAI's content parts (the server reads Mistral's too); they stay in the
+    // history, so that follow-up questions are about the same pictures.
+    chat.history.push({ role: "user", content: images.length ? [{ type: "text", text },
+      ...images.map((image) => ({ type: "image_url", image_url: { url: image.url } }))] : text });
     const messages = [];
     const system = $("chat-system").value.trim();
     if (system) messages.push({ role: "system", content: system });
