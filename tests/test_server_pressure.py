@@ -123,9 +123,12 @@ def test_a_disconnect_during_a_long_prefill_freezes_nothing(tiny_factory):
 
     (start, end), = long_steps
     assert start < disconnected < end
-    assert health.status_code == 200 and health_latency < 0.5, health_latency
-    assert metrics.status_code == 200 and metrics_latency < 0.5, metrics_latency
-    assert answered < end  # both answered while the long step ran
+    # Both answered while the long step ran, well before it ends (a frozen loop would wait
+    # for the whole step): half of it at most. (0.5 s failed now and then in the full suite,
+    # whose earlier tests leave the process busier, at 0.59-0.69 s.)
+    assert health.status_code == 200 and health_latency < LONG_STEP / 2, health_latency
+    assert metrics.status_code == 200 and metrics_latency < LONG_STEP / 2, metrics_latency
+    assert answered < end
     # The other stream ran across the long step: its one long gap is that step, which it
     # shares; no more than that.
     assert arrivals[0] < start and arrivals[-1] > end and len(arrivals) > 200
