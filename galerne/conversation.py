@@ -316,8 +316,14 @@ def check_messages(messages: Any, *, training: bool = False) -> tuple[list[dict]
 def _check_content(content: Any, where: str, training: bool, role: str = "user") -> str | list[dict] | None:
     if content is None or isinstance(content, str):
         return content
-    if training:
+    if training and role != "user":
         raise InvalidParameter(where, "must be a string")
+    if training:  # a user message of a vision model's data: text and image parts
+        if not isinstance(content, list) or not content:
+            raise InvalidParameter(where, "must be a string, or a non-empty list of text and image_url parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+                raise InvalidParameter(f"{where}[{j}]", "a training line's user parts are text or image_url parts")
     if not isinstance(content, list):
         raise InvalidParameter(where, "must be a string or a list of content parts")
     out = []

@@ -79,6 +79,23 @@ class ImageInput:
         return self.offset + self.length
 
 
+def image_inputs(tokens: list[int], pixels: list, digests: list[str], img: int, img_end: int) -> list[ImageInput]:
+    """The ``ImageInput`` of each image of a prompt that mistral-common encoded: its
+    pixels (numpy, (C, H, W)) and digest, its span from its first ``[IMG]`` to its
+    ``[IMG_END]``, images in order."""
+    import torch
+
+    ends = [i for i, t in enumerate(tokens) if t == img_end]
+    if not len(ends) == len(pixels) == len(digests):
+        raise ValueError(f"{len(digests)} images gave {len(ends)} image spans and {len(pixels)} pixel arrays")
+    out, start = [], 0
+    for array, digest, end in zip(pixels, digests, ends):
+        first = tokens.index(img, start, end)
+        out.append(ImageInput(torch.from_numpy(array).float(), digest, first, end + 1 - first))
+        start = end + 1
+    return out
+
+
 def load_image(url: object, policy: ImagePolicy, field: str) -> LoadedImage:
     """The image an ``image_url`` names, decoded and checked; ``field`` names the part in
     errors (``messages[0].content[1].image_url``)."""

@@ -106,13 +106,13 @@ class LLM:
         transformer, self.checkpoint = load_model(path, dtype=dtype, device=device, layout=layout, progress=progress,
                                                   quantization=None if adapter is not None else quantization)
         self.adapter = Path(adapter) if adapter is not None else None
+        vision = load_vision(self.checkpoint, dtype=resolve_dtype(dtype, resolve_device(device)),
+                             device=next(transformer.parameters()).device)
         if self.adapter is not None:
-            kind, rank, targets = merge_adapter(transformer, self.adapter)
+            kind, rank, targets = merge_adapter(transformer, self.adapter, vision)
             log.info("merged %s adapter %s (rank %d, %s)", kind, self.adapter, rank, ", ".join(targets))
             if quantization is not None:
                 quantize_model_(transformer, quantization)
-        vision = load_vision(self.checkpoint, dtype=resolve_dtype(dtype, resolve_device(device)),
-                             device=next(transformer.parameters()).device)
         self._setup(transformer, Tokenizer.from_path(tokenizer or path), max_model_len, vision)
         log.info("loaded %s (%s layout, %.1fM parameters, %s on %s)", path, self.checkpoint.layout,
                  transformer.args.n_params / 1e6, next(transformer.parameters()).dtype, self.device)

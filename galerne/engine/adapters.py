@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import InvalidParameter, ModelLoadError
 from ..models.lora import MULTI_TARGETS, MultiLoRA, multi_lora_unsupported
-from ..weights.adapters import AdapterWeights, read_adapter
+from ..weights.adapters import AdapterWeights, projector_file, read_adapter, read_projector, with_projector
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class AdapterManager:
             raise ModelLoadError(f"adapters can't be served unmerged on this model ({reason}); merge it at load instead",
                                  path=str(path))
         weights = read_adapter(path, self.model, max_rank=self.max_rank)
+        file = projector_file(path)
+        if file is not None and self.runner.vision is not None:  # trained on images with it
+            weights.projector = read_projector(file, self.runner.vision)
         for module in weights.tensors:
             if module.rpartition(".")[2] not in MULTI_TARGETS or not module.startswith("layers."):
                 raise ModelLoadError(f"{module} is not among the layers served with adapters unmerged "
@@ -121,6 +124,8 @@ class AdapterManager:
         info = AdapterInfo(name, str(weights.path), weights.layout, weights.rank, weights.effective_scaling,
                            weights.targets)
         self._by_name[name] = self._loaded[key] = _Loaded(key, weights, info)
+        if weights.projector is not None:
+            self.runner.adapter_vision[key] = with_projector(self.runner.vision, weights.projector)
         log.info("loaded %s adapter %r from %s (rank %d, %s)", weights.layout, name, weights.path, weights.rank,
                  ", ".join(weights.targets))
         return info
@@ -145,6 +150,7 @@ class AdapterManager:
 
     def _drop(self, entry: _Loaded) -> None:
         del self._loaded[entry.key]
+        self.runner.adapter_vision.pop(entry.key, None)
         slot = self._slot.pop(entry.key, None)
         if slot is not None:  # free: reused first (zeroed by the next occupant's copy)
             self._occupant[slot] = None

@@ -46,6 +46,9 @@ class ModelRunner:
         images), None for a text model."""
         self.model, self.cache = model, cache
         self.vision = vision
+        # Adapters trained on images carry their own projector (engine/adapters.py): the
+        # vision model each one's sequences use, sharing the base's encoder.
+        self.adapter_vision: dict = {}
         self.encoder_cache = EncoderCache(ENCODER_CACHE_BYTES)
         self.int8_dot = int8_dot and cache.k.device.type == "cpu"
         for m in model.modules():
@@ -142,32 +145,39 @@ class ModelRunner:
         is encoded once, when its first tokens are scheduled, and kept in the encoder
         cache for the chunks that follow (and for other prompts with the same image)."""
         embeds = self.model.tok_embeddings(ids)
-        needed = {im.digest: im for _, seq, start, n in with_images for im in seq.images_in(start, start + n)}
-        features = self.encode_images(list(needed.values()))
+        # By the vision model each sequence's adapter uses (its projector, or the base's).
+        needed: dict = {}
+        for _, seq, start, n in with_images:
+            key = seq.adapter if seq.adapter in self.adapter_vision else None
+            needed.setdefault(key, {}).update((im.digest, im) for im in seq.images_in(start, start + n))
+        features = {key: self.encode_images(list(images.values()), key) for key, images in needed.items()}
         img = self.vision.args.image_token_id
         rows, parts = [], []
         for base, seq, start, n in with_images:
+            mine = features[seq.adapter if seq.adapter in self.adapter_vision else None]
             for im in seq.images_in(start, start + n):
                 at = [im.offset + j for j, t in enumerate(seq.token_ids[im.offset:im.end]) if t == img]
                 lo = next((k for k, p in enumerate(at) if p >= start), len(at))
                 hi = next((k for k, p in enumerate(at) if p >= start + n), len(at))
                 rows.extend(base + p - start for p in at[lo:hi])
-                parts.append(features[im.digest][lo:hi])
+                parts.append(mine[im.digest][lo:hi])
         if rows:
             index = torch.tensor(rows, device=embeds.device)
             embeds = embeds.index_copy(0, index, torch.cat(parts).to(embeds.dtype))
         return embeds
 
-    def encode_images(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
-        """digest -> the (its [IMG] tokens, dim) rows of each image: from the encoder
-        cache, the missing ones encoded in one call."""
-        out = {im.digest: f for im in images if (f := self.encoder_cache.get(im.digest)) is not None}
+    def encode_images(self, images: list[ImageInput], adapter=None) -> dict[str, torch.Tensor]:
+        """digest -> the (its [IMG] tokens, dim) rows of each image, through the projector
+        of ``adapter`` (an adapter key in ``adapter_vision``; None: the base's): from the
+        encoder cache, the missing ones encoded in one call."""
+        vision = self.vision if adapter is None else self.adapter_vision[adapter]
+        out = {im.digest: f for im in images if (f := self.encoder_cache.get((im.digest, adapter))) is not None}
         missing = [im for im in images if im.digest not in out]
         if missing:
             dtype = next(self.vision.parameters()).dtype
-            for im, f in zip(missing, self.vision([im.pixels.to(self.device, dtype) for im in missing])):
+            for im, f in zip(missing, vision([im.pixels.to(self.device, dtype) for im in missing])):
                 out[im.digest] = f
-                self.encoder_cache.put(im.digest, f)
+                self.encoder_cache.put((im.digest, adapter), f)
         return out
 
 
@@ -177,20 +187,21 @@ ENCODER_CACHE_BYTES = 512 << 20
 
 
 class EncoderCache:
-    """Image digest -> the encoder's rows for it, least recently used dropped first past
-    ``max_bytes`` (an entry bigger than that is not kept)."""
+    """(image digest, adapter key or None) -> the rows for the image through that
+    adapter's projector, least recently used dropped first past ``max_bytes`` (an entry
+    bigger than that is not kept)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict = OrderedDict()
 
-    def get(self, digest: str) -> torch.Tensor | None:
+    def get(self, digest) -> torch.Tensor | None:
         f = self._items.get(digest)
         if f is not None:
             self._items.move_to_end(digest)
         return f
 
-    def put(self, digest: str, features: torch.Tensor) -> None:
+    def put(self, digest, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
         if size > self.max_bytes or digest in self._items:
             return

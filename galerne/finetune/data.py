@@ -42,6 +42,8 @@ class DataError(GalerneError):
 class Sample:
     tokens: list[int]
     weights: list[float]  # weights[i]: loss weight of predicting tokens[i]
+    # The images of a vision model's line (galerne.images.ImageInput, spans in ``tokens``).
+    images: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -63,6 +65,7 @@ class PackedBatch:
     tokens: list[int]
     weights: list[float]
     seqlens: list[int] = field(default_factory=list)
+    images: list = field(default_factory=list)  # ImageInput, spans in ``tokens``
 
 
 # --------------------------------------------------------------------------- encoding
@@ -104,7 +107,35 @@ def _finetuning_tokenizer(path: str):
     return MistralTokenizer.from_file(path, mode=ValidationMode.finetuning)
 
 
-def _to_request(messages: list[dict], tools: list[dict] | None):
+def _user_content(content, images: Iterator):
+    """A user message's content for mistral-common: its text, or its chunks with the
+    images read (``images``: the LoadedImage of each image part, in order)."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+
+    if isinstance(content, str):
+        return content
+    return [TextChunk(text=p["text"]) if p["type"] == "text" else ImageChunk(image=next(images).image) for p in content]
+
+
+def _read_images(messages: list[dict]) -> list:
+    """The LoadedImage of every image part of a training line, read as a request's are
+    (data URIs only: a training file names no URLs to fetch)."""
+    from galerne.images import ImagePolicy, load_image
+
+    policy = ImagePolicy()
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m["content"], list):
+            for j, part in enumerate(m["content"]):
+                if part["type"] == "image_url":
+                    try:
+                        out.append(load_image(part["url"], policy, f"messages[{i}].content[{j}].image_url"))
+                    except InvalidParameter as e:
+                        raise DataError(str(e)) from None
+    return out
+
+
+def _to_request(messages: list[dict], tools: list[dict] | None, images: list = ()):
     from mistral_common.protocol.instruct.messages import (
         FinetuningAssistantMessage,
         SystemMessage,
@@ -120,12 +151,13 @@ def _to_request(messages: list[dict], tools: list[dict] | None):
     )
 
     out = []
+    left = iter(images)
     for m in messages:
         role = m["role"]
         if role == "system":
             out.append(SystemMessage(content=m["content"]))
         elif role == "user":
-            out.append(UserMessage(content=m["content"]))
+            out.append(UserMessage(content=_user_content(m["content"], left)))
         elif role == "assistant":
             calls = None
             if m.get("tool_calls"):
@@ -181,10 +213,15 @@ def _encode_chat(tokenizer, obj: dict) -> Sample:
     messages, tools = _check_conversation(obj)
     if not isinstance(tokenizer, MistralCommonTokenizer):
         raise TokenizerError(f"{tokenizer.path}: instruct data needs a Mistral tokenizer (this one is {tokenizer.kind})")
+    images = _read_images(messages)
+    if images and not tokenizer.takes_images:
+        raise DataError(f"the line holds images but the model's tokenizer ({tokenizer.path.name}) has no image format "
+                        "(a vision model's tekken.json)")
     mt = _finetuning_tokenizer(str(tokenizer.path))
     it = mt.instruct_tokenizer
+    pixels = []
     try:
-        request = _to_request(messages, tools)
+        request = _to_request(messages, tools, images)
         validated = mt._chat_completion_request_validator.validate_request(request)
         instruct = mt._instruct_request_normalizer.from_chat_completion_request(validated)
         # encode_instruct's loop, keeping each message's tokens apart.
@@ -202,10 +239,11 @@ def _encode_chat(tokenizer, obj: dict) -> Sample:
         for idx, msg in enumerate(instruct.messages):
             w = 0.0
             if isinstance(msg, UserMessage):
-                new, _, _ = it.encode_user_message(
+                new, found, _ = it.encode_user_message(
                     msg, instruct.available_tools, idx == last_user, idx == first_user,
                     system_prompt=instruct.system_prompt, force_img_first=True, settings=instruct.settings,
                 )
+                pixels += found or []
             elif isinstance(msg, ToolMessage):
                 new, _, _ = it.encode_tool_message(msg, idx < last_user)
             elif isinstance(msg, AssistantMessage):
@@ -226,7 +264,15 @@ def _encode_chat(tokenizer, obj: dict) -> Sample:
         raise DataError(f"rejected by mistral-common: {type(e).__name__}: {e}") from e
     if tokens != full:
         raise DataError("per-message encoding differs from mistral-common's (unsupported conversation)")
-    return Sample(tokens, weights)
+    if not images:
+        return Sample(tokens, weights)
+    from galerne.images import image_inputs
+
+    ids = tokenizer.image_encoder.special_ids
+    try:
+        return Sample(tokens, weights, image_inputs(tokens, pixels, [im.digest for im in images], ids.img, ids.img_end))
+    except ValueError as e:
+        raise DataError(f"cannot place the line's images: {e}") from None
 
 
 # --------------------------------------------------------------------------- packing
@@ -262,9 +308,18 @@ def pack_stream(samples: Iterable[Sample], seq_len: int, *, pad_id: int = 0) -> 
 
 
 def _append(batch: PackedBatch, s: Sample) -> None:
+    if s.images:
+        batch.images += shifted(s.images, len(batch.tokens))
     batch.tokens += s.tokens
     batch.weights += s.weights
     batch.seqlens.append(len(s.tokens))
+
+
+def shifted(images: list, by: int) -> list:
+    """``images`` (ImageInput) with their spans ``by`` tokens later (a sample packed after others)."""
+    import dataclasses
+
+    return [dataclasses.replace(im, offset=im.offset + by) for im in images]
 
 
 def _padded(batch: PackedBatch, seq_len: int, pad_id: int) -> PackedBatch:

@@ -74,14 +74,22 @@ def weighted_loss(
     return total, w_all.sum()
 
 
-def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weighted_loss`` of one packed sequence (document masking, per-document positions)."""
+def batch_loss(model, batch: PackedBatch, chunk: int | None = 1024, fused: bool = True,
+               vision=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weighted_loss`` of one packed sequence (document masking, per-document positions).
+    ``vision``: a vision model's encoder and projector (``models.vision.VisionModel``), for
+    sequences with images: their rows replace the [IMG] embeddings."""
     device = next(model.parameters()).device
     tokens = torch.tensor(batch.tokens, device=device)
     weights = torch.tensor(batch.weights, device=device, dtype=torch.float32)
     seqlens = batch.seqlens or [len(batch.tokens)]
     backend = NoCacheAttention(seqlens, device)
-    hidden = model(tokens, backend.positions, backend)
+    embeds = None
+    if batch.images:
+        if vision is None:
+            raise ValueError("a sequence with images, and no vision encoder")
+        embeds = vision.embed(model.tok_embeddings(tokens), batch.tokens, batch.images)
+    hidden = model(tokens, backend.positions, backend, embeds)
     return weighted_loss(model, hidden, tokens, weights, chunk=chunk, fused=fused)
 
 

@@ -51,7 +51,8 @@ from torch import nn
 
 from galerne.errors import ConfigError
 from galerne.finetune.config import FinetuneConfig, config_yaml, parse_sources
-from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream
+from galerne.finetune.data import DataError, PackedBatch, Sample, pack, pack_stream, shifted
+from galerne.weights.adapters import PROJECTOR_FILE, load_projector
 from galerne.finetune.evaluate import loss_sums
 from galerne.finetune.evaluate import result as eval_result
 from galerne.finetune.files import RunDir
@@ -232,8 +233,12 @@ def sequence_stream(sources, cfg: FinetuneConfig, pad_id: int) -> Iterator[Packe
 
 def concat(seqs: Sequence[PackedBatch]) -> PackedBatch:
     """Sequences side by side as one micro-batch (documents stay apart: document masking)."""
+    images, at = [], 0
+    for s in seqs:
+        images += shifted(s.images, at)
+        at += len(s.tokens)
     return PackedBatch([t for s in seqs for t in s.tokens], [w for s in seqs for w in s.weights],
-                       [n for s in seqs for n in s.seqlens])
+                       [n for s in seqs for n in s.seqlens], images)
 
 
 def local_microbatches(global_batch: Sequence[PackedBatch], cfg: FinetuneConfig, d: Dist) -> list[PackedBatch]:
@@ -249,12 +254,13 @@ class LossModule(nn.Module):
     """(weighted loss sum, weight) of a micro-batch, as a module so that DDP sees the whole
     computation (the chunked logits included) inside its forward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, vision: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.vision = vision  # a vision model's encoder (frozen) and projector (trained), for data with images
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.model, batch)
+        return batch_loss(self.model, batch, vision=self.vision)
 
 
 def _sum_hook(state, bucket):
@@ -343,6 +349,24 @@ def build_model(cfg: FinetuneConfig, folder: Path, device: torch.device) -> tupl
     if blocks:
         checkpoint_blocks(model, blocks)
     return model, ckpt
+
+
+def build_vision(cfg: FinetuneConfig, ckpt, sources, eval_batches, dtype: torch.dtype, device: torch.device,
+                 d: Dist) -> nn.Module | None:
+    """The base's vision encoder (frozen) and projector (trained), when the data holds
+    images; None otherwise (a vision model trained on text keeps its projector as it is)."""
+    if not any(s.images for _, group in sources for s in group) and not any(b.images for b in eval_batches):
+        return None
+    from galerne.weights.loader import load_vision
+
+    if not cfg.lora.enable and d.world > 1:
+        raise ConfigError("fine-tuning all weights on data with images runs in one process for now (FSDP shards "
+                          "the language model only); use LoRA, or nproc 1")
+    vision = load_vision(ckpt, dtype=dtype, device=device)
+    if vision is None:
+        raise ConfigError(f"the data holds images but {cfg.model_id_or_path} has no vision encoder")
+    vision.train_projector()
+    return vision
 
 
 def checkpointed_blocks(cfg: FinetuneConfig, model: nn.Module, device: torch.device) -> int:
@@ -467,9 +491,10 @@ class Run:
     """One training run's state and outputs."""
 
     def __init__(self, cfg: FinetuneConfig, d: Dist, run_dir: RunDir, base: Path, model: nn.Module, ckpt_info,
-                 opt: torch.optim.Optimizer, sched):
+                 opt: torch.optim.Optimizer, sched, vision: nn.Module | None = None):
         self.cfg, self.d, self.dir, self.run_dir, self.base = cfg, d, run_dir, run_dir.path, base
         self.model, self.ckpt_info, self.opt, self.sched = model, ckpt_info, opt, sched
+        self.vision = vision  # trained on data with images: its projector is saved with the weights
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
         self.on_checkpoint: Callable[[Path, int], None] | None = None
@@ -542,6 +567,15 @@ class Run:
             save_mistral_adapter(self.model, folder)
         else:  # the trained dtype, for an exact resume; ``folder`` is still empty
             save_model(self.model, folder, "mistral", companions_from=self.base, progress=False, state_dict=state)
+        self._save_projector(folder)
+
+    def _save_projector(self, folder: Path) -> None:
+        """The projector trained on images, beside the adapter or weights (PROJECTOR_FILE)."""
+        if self.vision is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.vision.projector_state().items()},
+                      str(folder / PROJECTOR_FILE))
 
     def save_outputs(self) -> Path | None:
         state = self._full_state() if self.sharded and self.cfg.save_adapters else None  # every process
@@ -553,13 +587,14 @@ class Run:
             with self.dir.staged(ADAPTER_DIR) as out:
                 save_peft_adapter(self.model, out, base_model_name_or_path=self.cfg.model_id_or_path)
                 save_mistral_adapter(self.model, out)
+                self._save_projector(out)
             return self.run_dir / ADAPTER_DIR
         from galerne.weights.export import save_model
 
         stored = next(t for _, _, t in self.ckpt_info.tensors(meta=True)).dtype  # the base's dtype
         with self.dir.staged(MODEL_DIR) as out:
             save_model(self.model, out, self.ckpt_info.layout, companions_from=self.base, progress=False,
-                       dtype=str(stored).removeprefix("torch."), state_dict=state)
+                       dtype=str(stored).removeprefix("torch."), state_dict=state, vision=self.vision)
         return self.run_dir / MODEL_DIR
 
     # -- loading
@@ -601,6 +636,8 @@ class Run:
                 raise ConfigError(f"--resume: {key} is {b!r} but the checkpoint's run used {a!r}", path=str(folder))
 
     def _load_weights(self, folder: Path) -> None:
+        if self.vision is not None:
+            load_projector(self.vision, folder / PROJECTOR_FILE)
         if self.cfg.lora.enable:
             from galerne.weights.adapters import load_mistral_adapter
 
@@ -707,7 +744,7 @@ class StopRequest:
 
 
 def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtype: torch.dtype | None,
-             loss_module: nn.Module | None = None) -> dict[str, float]:
+             loss_module: nn.Module | None = None, vision: nn.Module | None = None) -> dict[str, float]:
     """Weighted loss over every trained token of the eval set (sharded over processes), and
     its perplexity exp(loss). Under FSDP the forward goes through ``loss_module`` (the root
     gathers the embeddings and output) and every process runs the same number of forwards
@@ -720,7 +757,8 @@ def evaluate(model: nn.Module, batches: Sequence[PackedBatch], d: Dist, amp_dtyp
         short = -(-len(batches) // d.world) - len(mine)
         loss_sums(loss_module, batches[:1] * short, amp_dtype=amp_dtype, loss_fn=loss_module)  # the collectives only
     else:
-        sums = loss_sums(model, mine, amp_dtype=amp_dtype)
+        sums = loss_sums(model, mine, amp_dtype=amp_dtype,
+                         loss_fn=None if vision is None else lambda b: batch_loss(model, b, vision=vision))
     total = torch.tensor(sums, dtype=torch.float64, device=device)
     d.all_reduce(total)
     r = eval_result(float(total[0]), float(total[1]))
@@ -762,14 +800,17 @@ def train(
     sources, eval_batches, skipped = load_data(cfg, tokenizer, pad_id)
 
     model, ckpt_info = build_model(cfg, base, device)
-    _, _, amp_dtype = _precision(cfg, device)
+    _, train_dtype, amp_dtype = _precision(cfg, device)
+    vision = build_vision(cfg, ckpt_info, sources, eval_batches, train_dtype, device, d)
     # Wrapped before the optimizer is made: FSDP2 replaces the parameters by their shards.
-    loss_module, no_sync = _wrap(LossModule(model), d, device, find_unused=model.args.moe is not None,
+    loss_module, no_sync = _wrap(LossModule(model, vision), d, device, find_unused=model.args.moe is not None,
                                  shard=not cfg.lora.enable, amp_dtype=amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
+    if vision is not None:
+        params += [p for p in vision.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
-    run = Run(cfg, d, run_dir, base, model, ckpt_info, opt, sched)
+    run = Run(cfg, d, run_dir, base, model, ckpt_info, opt, sched, vision)
     run.on_checkpoint = on_checkpoint
     torch.manual_seed(cfg.seed + d.rank)  # dropout
     random.seed(cfg.seed)
@@ -812,7 +853,7 @@ def train(
                     emit({"step": p.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                           "tokens": p.tokens, "tokens_per_s": tok_s, "elapsed": p.elapsed})
                 if eval_batches and _due(p.step, cfg.eval_freq, cfg.max_steps):
-                    result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module)
+                    result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module, vision)
                     emit({"step": p.step, **result.eval})
                 if cfg.ckpt_freq and _due(p.step, cfg.ckpt_freq, cfg.max_steps):
                     run.save_checkpoint()
@@ -835,7 +876,7 @@ def train(
     result.checkpoint = run.last_checkpoint
     if not result.interrupted:
         if eval_batches and result.eval is None and p.step == cfg.max_steps and not result.losses:
-            result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module)  # resumed at the end: evaluate anyway
+            result.eval = evaluate(model, eval_batches, d, amp_dtype, loss_module, vision)  # resumed at the end: evaluate anyway
         result.output = run.save_outputs()
     return result
 

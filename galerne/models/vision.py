@@ -167,7 +167,11 @@ class VisionModel(nn.Module):
     def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images (C, H, W) as mistral-common prepares them (normalised, sides multiples
         of patch_size * spatial_merge_size) -> per image, (its [IMG] tokens, text_dim)."""
-        x, grids = self.vision_encoder(images)
+        return self.project(*self.vision_encoder(images))
+
+    def project(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The projector: the encoder's rows (``vision_encoder``'s output) -> per image,
+        (its [IMG] tokens, text_dim). Fine-tuning trains it; the encoder stays frozen."""
         if self.pre_mm_projector_norm is not None:
             x = self.pre_mm_projector_norm(x)
         m = self.args.spatial_merge_size
@@ -177,6 +181,38 @@ class VisionModel(nn.Module):
             raise ConfigError(f"spatial_merge_size {m} without a patch merger")
         x = self.vision_language_adapter(x)
         return list(x.split([(r // m) * (c // m) for r, c in grids]))
+
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        """The projector's tensors (native names): what fine-tuning changes."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vision_encoder.")}
+
+    def train_projector(self) -> list[torch.nn.Parameter]:
+        """Freeze the encoder, let the projector learn; its parameters."""
+        self.requires_grad_(False)
+        params = [p for name, p in self.named_parameters() if not name.startswith("vision_encoder.")]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def embed(self, embeds: torch.Tensor, tokens: list[int], images: list) -> torch.Tensor:
+        """``embeds`` (T, D) of ``tokens`` with the rows of ``images`` (ImageInput, whole
+        spans inside ``tokens``) in place of their [IMG] tokens; out of place, so that
+        gradients reach the projector. The encoder runs without gradients."""
+        if not images:
+            return embeds
+        dtype = self.patch_conv_dtype
+        with torch.no_grad():
+            x, grids = self.vision_encoder([im.pixels.to(embeds.device, dtype) for im in images])
+        rows = [im.offset + j for im in images for j, t in enumerate(tokens[im.offset:im.end])
+                if t == self.args.image_token_id]
+        features = torch.cat(self.project(x, grids))
+        if features.shape[0] != len(rows):
+            raise ValueError(f"{len(rows)} image tokens for {features.shape[0]} encoder rows")
+        return embeds.index_copy(0, torch.tensor(rows, device=embeds.device), features.to(embeds.dtype))
+
+    @property
+    def patch_conv_dtype(self) -> torch.dtype:
+        return self.vision_encoder.patch_conv.weight.dtype
 
     def check_image(self, pixels: torch.Tensor) -> None:
         """Refuse an image this encoder cannot take (shape), naming what is wrong."""

@@ -25,7 +25,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from galerne.conversation import check_text, mistral_tool_call_id
 from galerne.errors import InvalidParameter, TokenizerError
-from galerne.images import ImageInput, LoadedImage
+from galerne.images import ImageInput, LoadedImage, image_inputs
 
 from .base import Tokenizer
 
@@ -127,19 +127,13 @@ class MistralCommonTokenizer(Tokenizer):
         return self.image_encoder is not None
 
     def _encode_with_images(self, chat: Conversation, images: list[LoadedImage]) -> tuple[list[int], list[ImageInput]]:
-        import torch
-
         tokenized = self._encode(chat, images)
         ids = self.image_encoder.special_ids
-        ends = [i for i, t in enumerate(tokenized.tokens) if t == ids.img_end]
-        if len(ends) != len(images) or len(tokenized.images) != len(images):
-            raise TokenizerError(f"{self.path}: {len(images)} images gave {len(ends)} image spans")
-        out, start = [], 0
-        for image, end, pixels in zip(images, ends, tokenized.images):
-            first = tokenized.tokens.index(ids.img, start, end)
-            out.append(ImageInput(torch.from_numpy(pixels).float(), image.digest, first, end + 1 - first))
-            start = end + 1
-        return tokenized.tokens, out
+        try:
+            found = image_inputs(tokenized.tokens, tokenized.images, [im.digest for im in images], ids.img, ids.img_end)
+        except ValueError as e:
+            raise TokenizerError(f"{self.path}: {e}") from None
+        return tokenized.tokens, found
 
     def _encode(self, chat: Conversation, images: list[LoadedImage] = ()):
         messages = []

@@ -130,6 +130,9 @@ class AdapterWeights:
     scaling: float | None  # None: the files do not say (callers pick a default)
     alpha: float | None
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # A vision model's projector trained with it (PROJECTOR_FILE beside the adapter), once
+    # read against the model's (``read_projector``); None: the base's projector serves.
+    projector: dict[str, torch.Tensor] | None = None
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -389,11 +392,15 @@ def adapter_spec(path: str | Path) -> tuple[int, tuple[str, ...]]:
     return ranks.pop(), tuple(sorted(targets))
 
 
-def merge_adapter(model, path: str | Path) -> tuple[str, int, tuple[str, ...]]:
+def merge_adapter(model, path: str | Path, vision=None) -> tuple[str, int, tuple[str, ...]]:
     """Fold the adapter at ``path`` into ``model``'s base weights (in float32, whatever
     the weights' dtype): the model stays a plain model, as fast as the base. The adapter
-    is read and checked whole before any weight changes. Returns (layout, rank, targets)."""
+    is read and checked whole before any weight changes. A projector trained with it
+    (PROJECTOR_FILE) goes into ``vision``, the model's encoder and projector. Returns
+    (layout, rank, targets)."""
     adapter = read_adapter(path, model)
+    file = projector_file(path)
+    projector = read_projector(file, vision) if file is not None and vision is not None else None
     linears = {name: model.get_submodule(name) for name in adapter.tensors}
     for name, m in linears.items():
         if type(m) is not nn.Linear:
@@ -405,4 +412,68 @@ def merge_adapter(model, path: str | Path) -> tuple[str, int, tuple[str, ...]]:
             w = linears[name].weight
             delta = scaling * (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32))  # (out, in)
             w.copy_((w.float() + delta).to(w.dtype))
+    if projector is not None:
+        load_projector(vision, projector)
     return adapter.layout, adapter.rank, adapter.targets
+
+
+# A vision model fine-tuned on images: its projector (pre_mm_projector_norm, patch_merger,
+# vision_language_adapter, native names) is trained too, and travels beside the adapter
+# (or the checkpoint) in this file; the encoder stays the base's.
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def read_projector(path: str | Path, vision) -> dict[str, torch.Tensor]:
+    """The projector tensors of ``path``, checked against ``vision`` (the base's
+    ``VisionModel``: the same names and shapes), in its dtype and on its device."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"cannot read the projector: {e}", path=str(path)) from None
+    own = vision.projector_state()
+    if set(state) != set(own):
+        raise ModelLoadError(f"the projector's tensors are not this model's ({', '.join(sorted(set(state) ^ set(own))[:4])})",
+                             path=str(path))
+    out = {}
+    for name, t in state.items():
+        if t.shape != own[name].shape:
+            raise ModelLoadError(f"shape {tuple(t.shape)} is not the model's {tuple(own[name].shape)}", path=str(path),
+                                 tensor=name)
+        out[name] = t.to(device=own[name].device, dtype=own[name].dtype)
+    return out
+
+
+def projector_file(adapter_path: str | Path) -> Path | None:
+    """The PROJECTOR_FILE beside an adapter (its folder, or its file's), if there is one."""
+    path = Path(adapter_path)
+    file = (path if path.is_dir() else path.parent) / PROJECTOR_FILE
+    return file if file.is_file() else None
+
+
+def with_projector(vision, state: dict[str, torch.Tensor]):
+    """A ``VisionModel`` sharing ``vision``'s encoder (the same modules, no copy), its
+    projector ``state`` (``read_projector``)."""
+    import copy
+
+    out = copy.copy(vision)  # the same submodules...
+    out._modules = dict(vision._modules)  # ...in a dict of its own
+    for part in ("pre_mm_projector_norm", "patch_merger", "vision_language_adapter"):
+        module = getattr(vision, part)
+        if module is not None:
+            out._modules[part] = copy.deepcopy(module)
+    load_projector(out, state)
+    return out
+
+
+def load_projector(vision, path_or_state) -> None:
+    """Put the projector of ``path_or_state`` (PROJECTOR_FILE, or its tensors read) into
+    ``vision``, in place."""
+    state = path_or_state if isinstance(path_or_state, dict) else read_projector(path_or_state, vision)
+    params = dict(vision.named_parameters())
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)

@@ -143,19 +143,22 @@ def convert(
 def save_model(
     model, dst: str | Path, to: str, *, companions_from: str | Path | None = None,
     dtype: str | None = None, progress: bool | None = None, shard_bytes: int | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, vision=None,
 ) -> Path:
     """Write an in-memory model (e.g. with a LoRA adapter merged) as a checkpoint
     folder of layout ``to``; tokenizer files are copied from ``companions_from``.
     ``state_dict``: the tensors to write instead of ``model.state_dict()`` (the full
-    weights gathered from FSDP shards)."""
+    weights gathered from FSDP shards). ``vision``: a vision-language model's encoder
+    and projector (``models.vision.VisionModel``), written with it."""
     _check_layout(to)
     dst = _prepare_destination(dst, Path(companions_from) if companions_from else None)
     state = {k: v.detach() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
+    if vision is not None:
+        state.update((k, v.detach()) for k, v in vision.state_dict().items())
     metas = ((k, v.to("meta")) for k, v in state.items())
     return write_checkpoint(dst, to, model.args, metas, iter(state.items()),
                             companions_from=Path(companions_from) if companions_from else None, dtype=dtype, progress=progress,
-                            shard_bytes=shard_bytes)
+                            shard_bytes=shard_bytes, with_vision=vision is not None)
 
 
 def _check_layout(to: str) -> None:
