@@ -6,6 +6,7 @@ time limit."""
 from __future__ import annotations
 
 import base64
+import json
 import http.server
 import io
 import threading
@@ -179,3 +180,60 @@ def test_langchain_clients_send_images(live, expected):
     mistral = ChatMistralAI(model=MODEL, api_key=KEY, endpoint=live.url + "/v1", max_tokens=8, temperature=0,
                             max_retries=0)
     assert mistral.invoke([message]).content == expected[0]
+
+
+def test_a_fine_tuning_file_with_images_is_checked_line_by_line(live):
+    """The platform's file check reads image lines as training does: a good one passes,
+    a bad image is its line's problem, nothing is stored by the check."""
+    good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Colour?"},
+                                                       {"type": "image_url", "image_url": data_uri(picture(16, 16, 0))}]},
+                         {"role": "assistant", "content": "Red."}]}
+    bad = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,@@"}]},
+                        {"role": "assistant", "content": "?"}]}
+    body = (json.dumps(good) + "\n" + json.dumps(bad) + "\n").encode()
+    r = httpx.post(live.url + "/v1/files/validate", headers={"Authorization": f"Bearer {KEY}"},
+                   files={"file": ("images.jsonl", body)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    v = r.json()
+    assert [p["line"] for p in v["problems"]] == [2] and "not valid base64" in v["problems"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_job_on_images_serves_its_projector(folder, tmp_path):
+    """The loop through the API: a JSONL with images uploaded, a LoRA job run by the
+    server, its model then asked about an image: the answer is the merged adapter's
+    (the trained projector is used), not the base's."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Colour?"},
+                                                        {"type": "image_url", "image_url": data_uri(picture(32, 32, k))}]},
+                          {"role": "assistant", "content": "Red."}]} for k in range(4)]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llm = LLM(folder, device="cpu", dtype="float32", quantized_activations="float")
+    app = create_app(llm, ServerSettings(served_model_name=[MODEL], data_dir=str(tmp_path / "data"), max_body_mb=8.0))
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        upload = client.files.create(file=open(train_file, "rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=MODEL, training_file=upload.id, suffix="img", seed=0,
+            extra_body={"hyperparameters": {"training_steps": 6, "learning_rate_multiplier": 100, "batch_size": 1,
+                                            "seq_len": 256, "lora_rank": 4}})
+        deadline = time.monotonic() + 600
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, "the job did not finish in 10 minutes"
+            time.sleep(1)
+            job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job.error
+        question = rows[0]["messages"][:1]
+
+        def answer(model: str):
+            r = client.chat.completions.create(model=model, messages=question, max_tokens=4, temperature=0,
+                                               logprobs=True)
+            return [t.logprob for t in r.choices[0].logprobs.content]
+
+        tuned, base = answer(job.fine_tuned_model), answer(MODEL)
+        # The fine-tuned model the platform serves: its adapter, with the projector beside it.
+        adapter = tmp_path / "data" / "models" / job.id
+        assert (adapter / "projector.safetensors").is_file()
+    merged = LLM(folder, device="cpu", dtype="float32", adapter=adapter, quantized_activations="float")
+    want = merged.chat(question, SamplingParams(temperature=0, max_tokens=4, logprobs=1))[0].outputs[0].logprobs
+    assert tuned == pytest.approx(want, abs=1e-3) and tuned != pytest.approx(base, abs=1e-3)
