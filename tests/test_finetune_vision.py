@@ -145,3 +145,35 @@ def test_full_weights_on_images_write_a_vision_checkpoint(vision, tmp_path):
     assert llm.vision is not None and llm.tokenizer.takes_images
     ids, images = llm.tokenizer.encode_chat_with_images(PROMPTS["one image"]())
     assert llm.score(ids, images=images).shape == (len(ids), llm.model.args.vocab_size)
+
+
+@pytest.mark.slow
+def test_resume_on_images_restores_the_projector(vision, tmp_path):
+    """Stopped at step 3 and resumed: the losses and the trained projector are an
+    uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from galerne.finetune.trainer import checkpoint_dirs
+
+    folder, _ = vision
+    rows = [line(q, picture(24, 24, k), a) for k, (q, a) in enumerate([("Colour?", "Red."), ("Shape?", "Round.")])]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(run: str):
+        return load_config(None, {"model_id_or_path": str(folder), "run_dir": str(tmp_path / run),
+                                  "data": {"instruct_data": str(data)}, "seq_len": 256, "max_steps": 6,
+                                  "ckpt_freq": 3, "lora": {"rank": 4}, "optim": {"lr": 1e-2}})
+
+    full = train(cfg("full"), progress_bar=False)
+
+    def stop_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    first = train(cfg("split"), on_log=stop_at_3, progress_bar=False)
+    assert first.interrupted and (checkpoint_dirs(tmp_path / "split")[-1] / PROJECTOR_FILE).is_file()
+    rest = train(cfg("split"), resume=True, progress_bar=False)
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(full.losses), rtol=0, atol=1e-6)
+    a, b = load_file(str(full.output / PROJECTOR_FILE)), load_file(str(rest.output / PROJECTOR_FILE))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
