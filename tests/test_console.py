@@ -283,16 +283,21 @@ def test_chat_streams_and_stop_cancels_on_the_server(page, live):
     assert page.locator("#chat-log .msg.user").count() == 2
 
 
-def test_compare_streams_two_answers_together(page, live):
-    open_console(page, live, "compare")
-    page.select_option("#compare-model-a", BASE)
-    page.select_option("#compare-model-b", BASE)
+def compare(page, a: str, b: str, question: str, max_tokens: int) -> tuple[str, str]:
+    """Ask ``question`` to models ``a`` and ``b`` side by side (greedy), on the Compare tab."""
+    page.select_option("#compare-model-a", a)
+    page.select_option("#compare-model-b", b)
     page.fill("#compare-temperature", "0")
-    page.fill("#compare-max-tokens", "32")
-    page.fill("#compare-input", "Hello! Who are you?")
+    page.fill("#compare-max-tokens", str(max_tokens))
+    page.fill("#compare-input", question)
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelectorAll('.column .msg.assistant.done').length === 2")
-    a, b = (text_of(page, f"#compare-{s} .msg.assistant .text") for s in "ab")
+    return tuple(text_of(page, f"#compare-{side} .msg.assistant .text") for side in "ab")
+
+
+def test_compare_streams_two_answers_together(page, live):
+    open_console(page, live, "compare")
+    a, b = compare(page, BASE, BASE, "Hello! Who are you?", 32)
     assert a and a == b  # the same model, greedy: the same answer
     for side in "ab":
         assert "completion tokens" in text_of(page, f"#compare-{side} .msg.assistant .stats")
@@ -555,15 +560,8 @@ def test_fine_tune_the_bakery_and_chat_with_the_result(page, live, http):
 
     # the base and the result, side by side
     page.click("#tab-compare")
-    page.select_option("#compare-model-a", BASE)
-    page.select_option("#compare-model-b", model)
-    page.fill("#compare-temperature", "0")
-    page.fill("#compare-max-tokens", "48")
-    page.fill("#compare-input", "How much is a seeded loaf?")
-    page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('.column .msg.assistant.done').length === 2")
-    assert "3.80" in text_of(page, "#compare-b .msg.assistant .text")
-    assert text_of(page, "#compare-a .msg.assistant .text") != text_of(page, "#compare-b .msg.assistant .text")
+    base_answer, tuned_answer = compare(page, BASE, model, "How much is a seeded loaf?", 48)
+    assert "3.80" in tuned_answer and base_answer != tuned_answer
     shoot(page, "compare")
 
 
