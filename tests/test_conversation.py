@@ -97,8 +97,11 @@ def test_each_problem_names_its_field_for_every_reader(v3, request_, field, text
     ([USER, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, {"role": "assistant", "content": "x"}],
      "messages[1].tool_call_id", "answers no call"),
     ([USER], "messages[0].role", "not the assistant"),
-    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "x"}],
-     "messages[0].content", "must be a string"),
+    # Parts: a user's may be text and images (vision models' data); other roles' are strings.
+    ([USER, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
+     "messages[1].content", "must be a string"),
+    ([{"role": "user", "content": [{"type": "thinking", "thinking": "hi"}]}, {"role": "assistant", "content": "x"}],
+     "messages[0].content[0]", "text or image_url parts"),
 ])
 def test_training_lines_follow_mistral_finetunes_rules(v3, messages, field, text):
     """What a request may do (foreign call ids, content parts, ending on the user) a
