@@ -36,7 +36,6 @@ from common import CACHE, SHAPES, machine, median, report
 from PIL import Image
 
 from galerne import LLM, SamplingParams
-from galerne.engine.runner import ENCODER_CACHE_BYTES, EncoderCache
 
 TOKENIZER = "mistral_instruct_tokenizer_241114.model.v7m1"
 
@@ -104,7 +103,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     e2e_ours, ttft_ours, e2e_theirs, ttft_theirs, tokens = [], [], [], [], None
     for _ in range(args.repeats):
-        llm.engine.runner.encoder_cache = EncoderCache(ENCODER_CACHE_BYTES)  # no help from an earlier round
+        llm.engine.runner.encoder_cache.clear()  # no help from an earlier round
         llm.engine.block_manager.reset_prefix_cache()
         request = llm.validate_chat(messages, params)
         t = time.perf_counter()

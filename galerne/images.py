@@ -78,6 +78,11 @@ class ImageInput:
     def end(self) -> int:
         return self.offset + self.length
 
+    def rows(self, tokens, img: int) -> list[int]:
+        """The positions in ``tokens`` (the prompt) of this image's ``img`` ([IMG]) tokens,
+        in order: where the encoder's rows for it go, one each."""
+        return [self.offset + j for j, t in enumerate(tokens[self.offset:self.end]) if t == img]
+
 
 def image_inputs(tokens: list[int], pixels: list, digests: list[str], img: int, img_end: int) -> list[ImageInput]:
     """The ``ImageInput`` of each image of a prompt that mistral-common encoded: its

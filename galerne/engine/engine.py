@@ -258,11 +258,10 @@ class Engine:
         a = self.vision.args
         for k, im in enumerate(request.images):
             try:
-                self.vision.check_image(im.pixels)
+                rows = self.vision.check_image(im.pixels)
             except ValueError as e:
                 raise InvalidParameter(f"images[{k}]", str(e)) from None
-            rows = (im.pixels.shape[1] // a.token_pixels) * (im.pixels.shape[2] // a.token_pixels)
-            found = request.prompt[im.offset:im.end].count(a.image_token_id)
+            found = len(im.rows(request.prompt, a.image_token_id))
             if found != rows:
                 raise InvalidParameter(f"images[{k}]", f"its span holds {found} image tokens for the encoder's {rows} "
                                                        "rows (the tokenizer's image config does not match the model's)")

@@ -18,13 +18,13 @@ syncs nothing, so such steps could be captured too, with the slots in a static b
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 import torch
 
 from ..models.lora import MultiLoRA, apply_multi_lora
 from ..models.quant import QuantLinear
+from ..cache import ByteLRU
 from ..images import ImageInput
 from ..models.transformer import Transformer
 from ..models.vision import VisionModel
@@ -49,7 +49,9 @@ class ModelRunner:
         # Adapters trained on images carry their own projector (engine/adapters.py): the
         # vision model each one's sequences use, sharing the base's encoder.
         self.adapter_vision: dict = {}
-        self.encoder_cache = EncoderCache(ENCODER_CACHE_BYTES)
+        # (image digest, adapter key or None) -> the rows for the image through that
+        # adapter's projector; an entry as big as the whole cache is still kept.
+        self.encoder_cache: ByteLRU = ByteLRU(ENCODER_CACHE_BYTES, max_item_bytes=ENCODER_CACHE_BYTES)
         self.int8_dot = int8_dot and cache.k.device.type == "cpu"
         for m in model.modules():
             if isinstance(m, QuantLinear):
@@ -156,7 +158,7 @@ class ModelRunner:
         for base, seq, start, n in with_images:
             mine = features[seq.adapter if seq.adapter in self.adapter_vision else None]
             for im in seq.images_in(start, start + n):
-                at = [im.offset + j for j, t in enumerate(seq.token_ids[im.offset:im.end]) if t == img]
+                at = im.rows(seq.token_ids, img)
                 lo = next((k for k, p in enumerate(at) if p >= start), len(at))
                 hi = next((k for k, p in enumerate(at) if p >= start + n), len(at))
                 rows.extend(base + p - start for p in at[lo:hi])
@@ -174,42 +176,13 @@ class ModelRunner:
         out = {im.digest: f for im in images if (f := self.encoder_cache.get((im.digest, adapter))) is not None}
         missing = [im for im in images if im.digest not in out]
         if missing:
-            dtype = next(self.vision.parameters()).dtype
+            dtype = vision.patch_conv_dtype
             for im, f in zip(missing, vision([im.pixels.to(self.device, dtype) for im in missing])):
                 out[im.digest] = f
-                self.encoder_cache.put((im.digest, adapter), f)
+                self.encoder_cache.put((im.digest, adapter), f, f.numel() * f.element_size())
         return out
 
 
 # The encoder cache's size: a 1024x1024 image on Mistral Small 3.1 (1024 tokens of 5120
 # floats) takes 20 MiB in float32.
 ENCODER_CACHE_BYTES = 512 << 20
-
-
-class EncoderCache:
-    """(image digest, adapter key or None) -> the rows for the image through that
-    adapter's projector, least recently used dropped first past ``max_bytes`` (an entry
-    bigger than that is not kept)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict = OrderedDict()
-
-    def get(self, digest) -> torch.Tensor | None:
-        f = self._items.get(digest)
-        if f is not None:
-            self._items.move_to_end(digest)
-        return f
-
-    def put(self, digest, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
-        if size > self.max_bytes or digest in self._items:
-            return
-        self._items[digest] = features
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-
-    def __len__(self) -> int:
-        return len(self._items)

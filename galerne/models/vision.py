@@ -203,8 +203,7 @@ class VisionModel(nn.Module):
         dtype = self.patch_conv_dtype
         with torch.no_grad():
             x, grids = self.vision_encoder([im.pixels.to(embeds.device, dtype) for im in images])
-        rows = [im.offset + j for im in images for j, t in enumerate(tokens[im.offset:im.end])
-                if t == self.args.image_token_id]
+        rows = [p for im in images for p in im.rows(tokens, self.args.image_token_id)]
         features = torch.cat(self.project(x, grids))
         if features.shape[0] != len(rows):
             raise ValueError(f"{len(rows)} image tokens for {features.shape[0]} encoder rows")
@@ -214,11 +213,13 @@ class VisionModel(nn.Module):
     def patch_conv_dtype(self) -> torch.dtype:
         return self.vision_encoder.patch_conv.weight.dtype
 
-    def check_image(self, pixels: torch.Tensor) -> None:
-        """Refuse an image this encoder cannot take (shape), naming what is wrong."""
+    def check_image(self, pixels: torch.Tensor) -> int:
+        """Refuse an image this encoder cannot take (shape), naming what is wrong; else the
+        rows it gives for it (one per [IMG] token)."""
         a = self.args
         if pixels.dim() != 3 or pixels.shape[0] != a.num_channels:
             raise ValueError(f"image of shape {tuple(pixels.shape)}: expected ({a.num_channels}, H, W)")
         if pixels.shape[1] % a.token_pixels or pixels.shape[2] % a.token_pixels:
             raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} pixels: sides must be multiples of "
                              f"{a.token_pixels}")
+        return (pixels.shape[1] // a.token_pixels) * (pixels.shape[2] // a.token_pixels)
