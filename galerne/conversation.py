@@ -214,9 +214,7 @@ class Conversation:
     @property
     def images(self) -> list[tuple[str, str]]:
         """(field, URL) of every image part, in order (``messages[0].content[1].image_url``)."""
-        return [(f"messages[{i}].content[{j}].image_url", part["url"])
-                for i, m in enumerate(self.messages) if isinstance(m["content"], list)
-                for j, part in enumerate(m["content"]) if part["type"] == "image_url"]
+        return image_parts(self.messages)
 
     @property
     def open_thinking(self) -> bool:
@@ -350,6 +348,14 @@ def _check_content(content: Any, where: str, training: bool, role: str = "user")
                                                      f"{' and '.join(THINKING_ROLES)} messages can)")
             out.append(_thinking_part(part, at))
     return out
+
+
+def image_parts(messages: list[dict]) -> list[tuple[str, str]]:
+    """(field, URL) of every image part of checked ``messages`` (a request's, or a training
+    line's), in order."""
+    return [(f"messages[{i}].content[{j}].image_url", part["url"])
+            for i, m in enumerate(messages) if isinstance(m["content"], list)
+            for j, part in enumerate(m["content"]) if part["type"] == "image_url"]
 
 
 def _image_url(part: dict, where: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from galerne.conversation import check_messages, check_tools
+from galerne.conversation import check_messages, check_tools, image_parts
 from galerne.errors import GalerneError, InvalidParameter, TokenizerError
 
 
@@ -123,16 +123,10 @@ def _read_images(messages: list[dict]) -> list:
     from galerne.images import ImagePolicy, load_image
 
     policy = ImagePolicy()
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m["content"], list):
-            for j, part in enumerate(m["content"]):
-                if part["type"] == "image_url":
-                    try:
-                        out.append(load_image(part["url"], policy, f"messages[{i}].content[{j}].image_url"))
-                    except InvalidParameter as e:
-                        raise DataError(str(e)) from None
-    return out
+    try:
+        return [load_image(url, policy, field) for field, url in image_parts(messages)]
+    except InvalidParameter as e:
+        raise DataError(str(e)) from None
 
 
 def _to_request(messages: list[dict], tools: list[dict] | None, images: list = ()):
