@@ -456,17 +456,14 @@ def projector_file(adapter_path: str | Path) -> Path | None:
 
 def with_projector(vision, state: dict[str, torch.Tensor]):
     """A ``VisionModel`` sharing ``vision``'s encoder (the same modules, no copy), its
-    projector ``state`` (``read_projector``)."""
-    import copy
+    projector ``state`` (``read_projector``: every projector tensor, checked)."""
+    from ..models.vision import VisionModel
 
-    out = copy.copy(vision)  # the same submodules...
-    out._modules = dict(vision._modules)  # ...in a dict of its own
-    for part in ("pre_mm_projector_norm", "patch_merger", "vision_language_adapter"):
-        module = getattr(vision, part)
-        if module is not None:
-            out._modules[part] = copy.deepcopy(module)
-    load_projector(out, state)
-    return out
+    with torch.device("meta"):
+        out = VisionModel(vision.args)
+    out.vision_encoder = vision.vision_encoder
+    out.load_state_dict(state, strict=False, assign=True)  # the encoder's keys: its own modules
+    return out.eval()
 
 
 def load_projector(vision, path_or_state) -> None:
