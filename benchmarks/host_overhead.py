@@ -52,7 +52,7 @@ def measure(batch: int, steps: int, sampled: bool) -> dict:
 
     # The model itself is stubbed (its forward returns ready hidden states, its logits
     # ready rows): the runner's batch building, metadata and row selection still run.
-    def forward(ids, positions, attention):
+    def forward(ids, positions, attention, embeds=None):
         return torch.zeros(ids.shape[0], args.dim)
 
     def head(hidden):

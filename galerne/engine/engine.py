@@ -138,7 +138,8 @@ class Engine:
         num_blocks = self._num_blocks()
         # One block more than the manager owns: a scratch block that CUDA-graph
         # padding rows write into.
-        self.cache = PagedKVCache(args, num_blocks + 1, s.block_size, self.dtype, self.device, storage=self.kv_dtype)
+        self.cache = PagedKVCache(args, num_blocks + 1, s.block_size, self.dtype, self.device, storage=self.kv_dtype,
+                                  huge_pages=s.huge_pages)
         windows = [args.window(i) for i in range(args.n_layers)]
         # Blocks can be released only when every layer forgets them.
         window = max(windows) if all(w is not None for w in windows) else None
@@ -148,7 +149,7 @@ class Engine:
                                    max_background_seqs=background_cap(s.max_background_seqs, self.device))
         self.runner = ModelRunner(model, self.cache, use_cuda_graphs=not s.enforce_eager,
                                    max_num_seqs=s.max_num_seqs, use_cpu_kernel=not s.enforce_eager,
-                                   int8_dot=s.quantized_activations == "int8", vision=vision)
+                                   int8_dot=s.quantized_activations == "int8", vision=vision, huge_pages=s.huge_pages)
         # Adapters served unmerged: load_adapter / unload_adapter, and a request's adapter.
         self.adapters = AdapterManager(self.runner, s.max_loras, s.max_lora_rank)
         self._requests: dict[str, _Request] = {}

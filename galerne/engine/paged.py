@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import hugepages
 from ..models.args import ModelArgs
 from ..models.attention import allowed_mask, sdpa
 
@@ -52,18 +53,20 @@ class PagedKVCache:
     (``write``/``read``)."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 storage: torch.dtype | None = None):
+                 storage: torch.dtype | None = None, huge_pages: bool = True):
         self.dtype, self.storage = dtype, storage or dtype
         self.latent = args.mla is not None
         st = self.storage
+        # On the CPU, attention streams the cache as a decode step streams the weights.
+        zeros = hugepages.zeros if huge_pages else torch.zeros
         if self.latent:
             m = args.mla
-            self.k = torch.zeros((args.n_layers, num_blocks, block_size, 1, m.latent_dim), dtype=st, device=device)
+            self.k = zeros((args.n_layers, num_blocks, block_size, 1, m.latent_dim), dtype=st, device=device)
             self.v = self.k[..., : m.kv_lora_rank]
         else:
             shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
-            self.k = torch.zeros(shape, dtype=st, device=device)
-            self.v = torch.zeros(shape, dtype=st, device=device)
+            self.k = zeros(shape, dtype=st, device=device)
+            self.v = zeros(shape, dtype=st, device=device)
         self.k_scale = self.v_scale = None
         if st == torch.int8:  # one scale per (token, head); a latent's values share its keys'
             self.k_scale = torch.zeros(self.k.shape[:-1], dtype=torch.float32, device=device)

@@ -25,6 +25,7 @@ import torch
 from ..models.lora import MultiLoRA, apply_multi_lora
 from ..models.quant import QuantLinear
 from ..cache import ByteLRU
+from ..hugepages import move_to_huge_pages
 from ..images import ImageInput
 from ..models.transformer import Transformer
 from ..models.vision import VisionModel
@@ -39,11 +40,13 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
-                 use_cpu_kernel: bool = True, int8_dot: bool = True, vision: VisionModel | None = None):
+                 use_cpu_kernel: bool = True, int8_dot: bool = True, vision: VisionModel | None = None,
+                 huge_pages: bool = True):
         """``int8_dot``: on the CPU, block-quantized weights multiply inputs rounded to int8
         (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV.
         ``vision``: the encoder and projector of a vision-language model (prompts with
-        images), None for a text model."""
+        images), None for a text model. ``huge_pages``: on the CPU, the model's weights
+        are moved into 2 MB pages (``galerne.hugepages``)."""
         self.model, self.cache = model, cache
         self.vision = vision
         # Adapters trained on images carry their own projector (engine/adapters.py): the
@@ -73,6 +76,8 @@ class ModelRunner:
             sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]
             self.graphs = DecodeGraphs(model, cache, sizes, max_blocks)
         self.cpu_decoder = None
+        if self.device.type == "cpu" and huge_pages:
+            move_to_huge_pages(model)  # a decode step streams every weight: 2 MB pages read faster
         if self.device.type == "cpu" and use_cpu_kernel:
             from ..kernels.cpu import CpuDecoder
 
