@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--huge-pages", default="on",
+                    help="galerne's weights in 2 MB pages (--huge-pages): on, off, or 'on,off' (each a contender)")
     ap.add_argument("--kernel-march", default=None, help="galerne's CPU kernel built for this -march (x86-64-v3: AVX2)")
     args = ap.parse_args()
     if args.kernel_march:
@@ -57,7 +59,12 @@ def main() -> None:
     import llama_cpp
     from llamacpp_baseline import decoder
 
-    llm = LLM(gguf, device="cpu", kv_cache_gb=0.5, max_model_len=args.prompt_tokens + args.new_tokens + 16)
+    modes = [m.strip() for m in args.huge_pages.split(",") if m.strip()]
+    if not modes or set(modes) - {"on", "off"}:
+        raise SystemExit(f"--huge-pages: on, off or on,off, got {args.huge_pages!r}")
+    llms = {m: LLM(gguf, device="cpu", kv_cache_gb=0.5, max_model_len=args.prompt_tokens + args.new_tokens + 16,
+                   huge_pages=m == "on") for m in modes}
+    llm = llms[modes[0]]
     kernel = llm.engine.runner.cpu_decoder is not None
     system = llama_cpp.llama_print_system_info().decode()
     print(f"{gguf.name}: {gguf.stat().st_size / 1e9:.2f} GB; galerne's kernel "
@@ -67,8 +74,11 @@ def main() -> None:
     vocab = llm.model.args.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt_tokens,), generator=g).tolist()
     run_llamacpp, close = decoder(gguf, prompt, args.new_tokens, threads=torch.get_num_threads())
-    contenders = {"galerne": lambda: galerne_decode(llm, prompt, args.new_tokens, torch.device("cpu")),
-                  "llama.cpp": run_llamacpp}
+    contenders = {"galerne": lambda: galerne_decode(llm, prompt, args.new_tokens, torch.device("cpu"))}
+    for m in modes[1:]:
+        contenders[f"galerne, huge pages {m}"] = lambda e=llms[m]: galerne_decode(e, prompt, args.new_tokens,
+                                                                                   torch.device("cpu"))
+    contenders["llama.cpp"] = run_llamacpp
     for fn in contenders.values():
         fn()  # warm-up: the file's pages into the page cache, allocators
     runs: dict[str, list[float]] = {name: [] for name in contenders}
@@ -78,11 +88,11 @@ def main() -> None:
     close()
     figures = {name: round(median(r), 2) for name, r in runs.items()}
     for name, tps in figures.items():
-        print(f"  {name:<10} {tps:8.2f} tokens/s   (runs: {min(runs[name]):.2f}-{max(runs[name]):.2f})")
+        print(f"  {name:<26} {tps:8.2f} tokens/s   (runs: {min(runs[name]):.2f}-{max(runs[name]):.2f})")
     wins = sum(a > b for a, b in zip(runs["galerne"], runs["llama.cpp"]))
     print(f"  galerne / llama.cpp: {figures['galerne'] / figures['llama.cpp']:.2f}x (ahead in {wins} of {args.repeats} rounds)")
     report("decode_gguf", {"gguf": gguf.name, "bytes": gguf.stat().st_size, "prompt_tokens": args.prompt_tokens,
-                           "new_tokens": args.new_tokens, "kernel": kernel,
+                           "new_tokens": args.new_tokens, "kernel": kernel, "huge_pages": modes,
                            "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
                            "llamacpp_avx512": "AVX512 = 1" in system, "tokens_per_s": figures,
                            "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()}})
