@@ -39,8 +39,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--huge-pages", default="on",
-                    help="galerne's weights in 2 MB pages (--huge-pages): on, off, or 'on,off' (each a contender)")
+    ap.add_argument("--huge-pages", default="off",
+                    help="galerne's weights in 2 MB pages (--huge-pages): off (the default's), on, or 'off,on' (each a "
+                         "contender)")
     ap.add_argument("--kernel-march", default=None, help="galerne's CPU kernel built for this -march (x86-64-v3: AVX2)")
     args = ap.parse_args()
     if args.kernel_march:
@@ -61,7 +62,7 @@ def main() -> None:
 
     modes = [m.strip() for m in args.huge_pages.split(",") if m.strip()]
     if not modes or set(modes) - {"on", "off"}:
-        raise SystemExit(f"--huge-pages: on, off or on,off, got {args.huge_pages!r}")
+        raise SystemExit(f"--huge-pages: off, on or off,on, got {args.huge_pages!r}")
     llms = {m: LLM(gguf, device="cpu", kv_cache_gb=0.5, max_model_len=args.prompt_tokens + args.new_tokens + 16,
                    huge_pages=m == "on") for m in modes}
     llm = llms[modes[0]]

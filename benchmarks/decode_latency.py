@@ -87,6 +87,7 @@ def main() -> None:
                          "(int8, float; both: 'int8,float'), each a galerne contender")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="CPU: before each run, wait up to this many seconds for other processes to go idle (0: don't)")
+    ap.add_argument("--huge-pages", action="store_true", help="galerne's weights and KV cache in 2 MB pages (CPU)")
     ap.add_argument("--kernel-march", default=None,
                     help="build galerne's CPU kernel for this -march (x86-64-v3: the AVX2 code) instead of native")
     args = ap.parse_args()
@@ -113,7 +114,8 @@ def main() -> None:
         modes = modes[:1]  # only block weights on the CPU tell the two apart
     # One engine per mode over the same weights (the last made sets QuantLinear's mode,
     # which only the prefill's last rows read: the decode kernel holds its own).
-    llms = {m: LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), quantized_activations=m) for m in modes}
+    llms = {m: LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), quantized_activations=m,
+                              huge_pages=args.huge_pages) for m in modes}
     llm = llms[modes[0]]
     if device.type == "cpu":
         decoder = llm.engine.runner.cpu_decoder
@@ -186,7 +188,7 @@ def main() -> None:
         print(f"  galerne / transformers: {figures['galerne'] / base:.2f}x")
     report("decode_latency", {
         "model": args.model, "arch": args.arch, "dtype": str(dtype), "device": str(device), "prompt_tokens": args.prompt_tokens,
-        "quantization": args.quantization, "activations": modes, "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
+        "quantization": args.quantization, "activations": modes, "huge_pages": args.huge_pages, "kernel_march": os.environ.get("GALERNE_CPU_MARCH", "native"),
         "new_tokens": args.new_tokens, "weight_bytes": wbytes, "peak_bandwidth_Bps": round(bw),
         "tokens_per_s": figures, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "mbu": {k: round(v * wbytes / bw, 4) for k, v in figures.items()},

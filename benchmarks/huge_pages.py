@@ -1,11 +1,10 @@
 """One CPU decode step with the weights in 4 KB pages against the same weights in 2 MB pages.
 
-The engine moves a CPU model's weights into transparent huge pages at start
-(``galerne/hugepages.py``, ``--huge-pages``). This times the decode kernel's step on
+With ``--huge-pages`` the engine moves a CPU model's weights into transparent huge
+pages at start (``galerne/hugepages.py``). This times the decode kernel's step on
 one sequence (a 150-token context) over the same values in both places: the 4 KB
 side is a plain torch copy of every tensor (anonymous memory, as
-``--no-huge-pages`` leaves a float checkpoint after loading), the 2 MB side the
-engine's. Rounds alternate between the two; each round is the median of --steps
+a float checkpoint quantized or cast at load is), the 2 MB side the engine's. Rounds alternate between the two; each round is the median of --steps
 steps, and the figure the median of the rounds.
 
     python benchmarks/huge_pages.py                          # cpu-125m float32
@@ -56,7 +55,7 @@ def main() -> None:
         from galerne.quant.plan import quantize_model_
 
         quantize_model_(ours, args.quantization)
-    runner = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer())).engine.runner  # moves the weights
+    runner = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), huge_pages=True).engine.runner  # moves the weights
     huge = [t.data for _, _, t in _tensors(runner.model)]
     small = [t.clone() for t in huge]
     table = list(range(64))

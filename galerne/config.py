@@ -84,9 +84,10 @@ class EngineSettings:
                                                  "int8 (the inputs rounded to 8 bits per block of 32, integer dot "
                                                  "products: llama.cpp's way, faster decode) or float (float32 inputs: "
                                                  "exactly the dequantized weights' products)", choices=("int8", "float"))
-    huge_pages: bool = setting(True, "on the CPU, hold the weights and the KV cache in 2 MB pages (Linux's transparent "
-                                     "huge pages, where the kernel allows them): decode steps read memory faster "
-                                     "(2-10% shorter steps measured); loading copies the weights into them once",
+    huge_pages: bool = setting(False, "on the CPU, hold the weights and the KV cache in 2 MB pages (Linux's transparent "
+                                      "huge pages, where the kernel allows them): decode steps 1-4% shorter (measured), "
+                                      "for a load that copies the weights once instead of mapping them (seconds per "
+                                      "GB on a VM whose memory is cold): for long-running servers",
                                flag="--huge-pages")
     gpu_memory_utilization: float = setting(0.90, "fraction of the GPU's memory galerne may use (weights + activations + KV cache)")
     max_num_seqs: int = setting(256, "most sequences running at once")

@@ -6,8 +6,11 @@ Linux backs anonymous memory with 2 MB pages where the program asks for them
 (``/sys/kernel/mm/transparent_hugepage/enabled`` at ``madvise``, the common
 default) or everywhere (``always``); torch's allocator never asks. Measured on a
 2-core Xeon: ``tensor.sum()`` over 512 MB reads 20.5 GB/s in 4 KB pages and 28.7
-in 2 MB pages; the CPU decode kernel's step on cpu-125m takes 4-5% less time in
-float32, 5-10% in bfloat16 and 2-3% in q4_0 (benchmarks/README.md).
+in 2 MB pages; the CPU decode kernel, whose rows are prefetched, gains less: its
+step on cpu-125m is 1.2% shorter in float32, 4.2% in bfloat16 and 1.6% in q4_0
+(``benchmarks/huge_pages.py``). The engine does this only with ``--huge-pages``
+(``EngineSettings.huge_pages``): the weights are then copied at load instead of
+mapped (docs/engine.md).
 
 :func:`move_to_huge_pages` copies a module's CPU parameters and buffers into one
 private anonymous mapping advised ``MADV_HUGEPAGE`` before it is touched, one

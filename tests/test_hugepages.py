@@ -129,7 +129,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path, monkeypatch):
 def test_the_engine_serves_from_huge_pages():
     from galerne import LLM, SamplingParams
 
-    llm = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1)
+    llm = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1, huge_pages=True)
     out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     arenas = sorted(hugepages._arenas)
     model = llm.engine.runner.model
@@ -139,11 +139,11 @@ def test_the_engine_serves_from_huge_pages():
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_huge_pages_off_keeps_the_weights_where_they_are():
+def test_huge_pages_off_by_default_keeps_the_weights_where_they_are():
     from galerne import LLM, SamplingParams
 
-    on = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1)
-    off = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1, huge_pages=False)
+    on = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1, huge_pages=True)
+    off = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1)
     ptr = off.model.output.weight.data_ptr()
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     assert off.generate([[1, 5, 9]], params)[0].outputs[0].token_ids == on.generate([[1, 5, 9]], params)[0].outputs[0].token_ids

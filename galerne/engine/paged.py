@@ -53,7 +53,7 @@ class PagedKVCache:
     (``write``/``read``)."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 storage: torch.dtype | None = None, huge_pages: bool = True):
+                 storage: torch.dtype | None = None, huge_pages: bool = False):
         self.dtype, self.storage = dtype, storage or dtype
         self.latent = args.mla is not None
         st = self.storage

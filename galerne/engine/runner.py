@@ -41,7 +41,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache, *, use_cuda_graphs: bool = True, max_num_seqs: int = 256,
                  use_cpu_kernel: bool = True, int8_dot: bool = True, vision: VisionModel | None = None,
-                 huge_pages: bool = True):
+                 huge_pages: bool = False):
         """``int8_dot``: on the CPU, block-quantized weights multiply inputs rounded to int8
         (``--quantized-activations``), in the decode kernel and in QuantLinear's GEMV.
         ``vision``: the encoder and projector of a vision-language model (prompts with
