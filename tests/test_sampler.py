@@ -486,3 +486,19 @@ def test_a_cut_row_draws_from_its_support_with_the_right_frequencies():
     crowd = [SamplingRow(SamplingParams()) for _ in range(5)]
     mixed = sample_batch(logits[:6], crowd[:2] + [SamplingRow(seeded, generator=make_generator(seeded, "cpu"))] + crowd[2:])
     assert mixed.token_ids[2] == alone[0] == alone[1] == alone[2]
+
+
+def test_first_max_is_torchs_first_maximum():
+    from galerne.sampling.sampler import first_max
+
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 3, 9):
+        x = torch.randn(b, 32768, generator=g)
+        assert torch.equal(first_max(x), x.max(dim=-1).indices)
+        assert first_max(x).dtype == torch.int64
+    x = torch.tensor([[1.0, 5.0, 5.0, 2.0], [float("-inf")] * 4, [0.0, float("nan"), 9.0, float("nan")],
+                      [3.0, 3.0, 3.0, 3.0]])
+    assert first_max(x).tolist() == [1, 0, 1, 0] == x.max(dim=-1).indices.tolist()
+    wide = torch.randn(4, 64, generator=g)
+    assert torch.equal(first_max(wide[:, ::2]), wide[:, ::2].max(dim=-1).indices)  # not contiguous
+    assert torch.equal(first_max(wide.bfloat16()), wide.bfloat16().max(dim=-1).indices)  # not float32: torch's

@@ -340,11 +340,21 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     # A CPU exponential can be exactly 0 (log1p(-u) with u = 0): 0/0 would be NaN and
     # win the argmax for a forbidden token.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    drawn = torch.argmax(rows / q, dim=-1)
+    drawn = first_max(rows / q).to(probs.device)
     if len(dense) == B:
         return drawn
     tokens[torch.tensor(dense, device=probs.device)] = drawn
     return tokens
+
+
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its first maximum (a NaN counts as the maximum), as int64.
+    On the CPU through numpy's argmax: torch's ``max(dim=-1)`` over rows of 32,768
+    float32 took 40 us for one row and 11 ms for 256 on the 2-core Xeon, numpy's
+    argmax 4 us and 1.2 ms."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0:
+        return torch.from_numpy(x.detach().contiguous().numpy().argmax(axis=-1))
+    return x.max(dim=-1).indices
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
@@ -363,11 +373,10 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOu
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     rand = [i for i, r in enumerate(rows) if not r.params.greedy]
     if len(greedy) == B:
-        # max's indices: the first maximum, like argmax, in half its time on CPU.
-        tokens = processed.max(dim=-1).indices
+        tokens = first_max(processed)
     elif greedy:
         g_idx = torch.tensor(greedy, dtype=torch.long, device=device)
-        tokens[g_idx] = processed[g_idx].max(dim=-1).indices
+        tokens[g_idx] = first_max(processed[g_idx]).to(device)
     if rand:
         r_idx = torch.tensor(rand, dtype=torch.long, device=device)
         probs = sampling_probs(processed[r_idx], [rows[i].params for i in rand])
