@@ -64,14 +64,19 @@ def test_move_keeps_values_parameters_and_ties_and_takes_huge_pages():
     assert torch.equal(m.mid.weight, before["mid.weight"] + 1) and torch.equal(m.out(m.emb(torch.tensor([1, 2, 3]))), y)
 
 
-@needs_thp
-def test_a_file_mapped_tensor_gives_its_pages_back_and_still_reads(tmp_path):
-    path = tmp_path / "w.bin"
-    data = torch.randn(64 * MB // 4)
+def _mapped(path, data: torch.Tensor) -> torch.Tensor:
+    """``data`` written to ``path`` and viewed through a private (copy-on-write) map of
+    the file, as the safetensors loader maps quantized blocks."""
     path.write_bytes(data.numpy().tobytes())
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # as the safetensors loader maps blocks
-    mapped = torch.frombuffer(mm, dtype=torch.float32)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.float32)
+
+
+@needs_thp
+def test_a_file_mapped_tensor_gives_its_pages_back_and_still_reads(tmp_path):
+    data = torch.randn(64 * MB // 4)
+    mapped = _mapped(tmp_path / "w.bin", data)
     m = nn.Module()
     m.w = nn.Parameter(mapped, requires_grad=False)
     assert torch.equal(m.w, data)  # every page read: resident
@@ -85,11 +90,7 @@ def test_a_file_mapped_tensor_gives_its_pages_back_and_still_reads(tmp_path):
 @needs_thp
 def test_a_written_page_of_a_private_file_mapping_is_kept(tmp_path):
     path = tmp_path / "w.bin"
-    data = torch.zeros(32 * MB // 4)
-    path.write_bytes(data.numpy().tobytes())
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    mapped = torch.frombuffer(mm, dtype=torch.float32)
+    mapped = _mapped(path, torch.zeros(32 * MB // 4))
     mapped[12345] = 7.0  # this process's own copy of that page, not the file's
     m = nn.Module()
     m.register_buffer("w", mapped)

@@ -385,9 +385,9 @@ inline void dequant_row(Kind k, const uint8_t* src, int64_t n, float* out) {
 // dim 768), too short for the hardware prefetcher to ramp up before the next
 // group starts: prefetching them took bf16 from 22 to 30 GB/s on 2 cores. Dense
 // rows are prefetched into L2 (_MM_HINT_T1): a float32 step on cpu-125m went from
-// 15.2 to 13.4 ms (2-core Xeon, weights in 2 MB pages; 14.1 ms prefetching into L1,
-// 37 ms with the non-temporal hint). Quantized rows stay with L1: into L2 their
-// steps were 4-10% slower.
+// 15.2 to 13.7 ms in 4 KB pages, 14.5 to 13.4 in 2 MB pages (2-core Xeon; into L1:
+// 14.4 / 14.1 ms; the non-temporal hint: 37 ms). Quantized rows stay with L1: into
+// L2 their steps were 4-10% slower.
 
 template <int R, int MB>
 inline void tile(const float* w, int64_t ld, const float* xf, const bf16*, int64_t ldx, int64_t n, float* out,
