@@ -23,18 +23,6 @@ import torch
 from common import SHAPES, models, report, v3_tokenizer
 
 
-def _tensors(model):
-    return [(o, n, t) for o in model.modules() for n, t in [*o._parameters.items(), *o._buffers.items()] if t is not None]
-
-
-def _place(model, values) -> None:
-    for (owner, name, t), v in zip(_tensors(model), values):
-        if name in owner._parameters:
-            t.data = v
-        else:
-            owner._buffers[name] = v
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpu-125m", choices=sorted(SHAPES))
@@ -56,7 +44,11 @@ def main() -> None:
 
         quantize_model_(ours, args.quantization)
     runner = LLM.from_model(ours, Tokenizer.from_path(v3_tokenizer()), huge_pages=True).engine.runner  # moves the weights
-    huge = [t.data for _, _, t in _tensors(runner.model)]
+    def place(values) -> None:
+        for (owner, name, is_param, t), v in zip(list(hugepages.tensors(runner.model)), values):
+            hugepages.replace(owner, name, is_param, t, v)
+
+    huge = [t.data for *_, t in hugepages.tensors(runner.model)]
     small = [t.clone() for t in huge]
     table = list(range(64))
 
@@ -73,7 +65,7 @@ def main() -> None:
     rounds: dict[str, list[float]] = {"4 KB pages": [], "2 MB pages": []}
     for _ in range(args.rounds):
         for name, values in (("4 KB pages", small), ("2 MB pages", huge)):
-            _place(runner.model, values)
+            place(values)
             rounds[name].append(step_ms())
     med = {k: statistics.median(v) for k, v in rounds.items()}
     for k, v in rounds.items():

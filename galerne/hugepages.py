@@ -96,6 +96,11 @@ def _maps() -> list[tuple[int, int, bool]]:
     return sorted(ranges)
 
 
+def in_arena(address: int) -> bool:
+    """Whether ``address`` lies in a live mapping made by :func:`arena`."""
+    return any(lo <= address < hi for lo, hi in _arenas)
+
+
 def _find(ranges, address: int):
     i = bisect.bisect_right(ranges, (address, float("inf"))) - 1
     return ranges[i] if i >= 0 and ranges[i][0] <= address < ranges[i][1] else None
@@ -128,14 +133,23 @@ def _release_file_pages(address: int, nbytes: int) -> None:
     libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
 
 
-def _tensors(module: nn.Module):
-    """(owner module, attribute name, is parameter, tensor) of every CPU tensor."""
+def tensors(module: nn.Module):
+    """(owner module, attribute name, is parameter, tensor) of every parameter and buffer."""
     for owner in module.modules():
         for name, p in owner.named_parameters(recurse=False):
             yield owner, name, True, p
         for name, b in owner.named_buffers(recurse=False):
             if b is not None:
                 yield owner, name, False, b
+
+
+def replace(owner: nn.Module, name: str, is_param: bool, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new`` where :func:`tensors` found ``old``: a parameter keeps its Parameter
+    object (optimizers, hooks, the CPU kernel's lookups), a buffer is reassigned."""
+    if is_param:
+        old.data = new
+    else:
+        owner._buffers[name] = new
 
 
 def move_to_huge_pages(module: nn.Module) -> int:
@@ -152,9 +166,9 @@ def move_to_huge_pages(module: nn.Module) -> int:
     seen: dict[tuple[int, int, torch.dtype, tuple], int] = {}  # tied tensors: one copy
     plan = []
     total = 0
-    for owner, name, is_param, t in _tensors(module):
+    for owner, name, is_param, t in tensors(module):
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or t.is_quantized \
-                or _find(sorted(_arenas), t.data_ptr()) is not None:
+                or in_arena(t.data_ptr()):
             continue
         key = (t.data_ptr(), t.numel(), t.dtype, tuple(t.shape))
         if key not in seen:
@@ -176,9 +190,6 @@ def move_to_huge_pages(module: nn.Module) -> int:
             where = _find(maps, t.data_ptr())
             if where is not None and where[2]:
                 _release_file_pages(t.data_ptr(), nbytes)
-        if is_param:
-            t.data = new  # the Parameter object stays (optimizers, hooks, the CPU kernel's lookups)
-        else:
-            owner._buffers[name] = new
+        replace(owner, name, is_param, t, new)
     log.debug("weights in huge pages: %.1f MB", total / 2**20)
     return total

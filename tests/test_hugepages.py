@@ -55,7 +55,7 @@ def test_move_keeps_values_parameters_and_ties_and_takes_huge_pages():
     assert dict(m.named_parameters()) == params  # the same Parameter objects
     assert m.out.weight is m.emb.weight
     ptrs = {m.emb.weight.data_ptr(), m.mid.weight.data_ptr(), m.blocks.data_ptr(), m.small.data_ptr()}
-    assert all(hugepages._find(sorted(hugepages._arenas), p) for p in ptrs)
+    assert all(hugepages.in_arena(p) for p in ptrs)
     assert all(p % hugepages.ALIGN == 0 for p in ptrs)
     assert _smaps(m.emb.weight.data_ptr()).get("AnonHugePages", 0) >= 16 * 1024
     assert hugepages.move_to_huge_pages(m) == 0  # already there: nothing copied twice
@@ -113,7 +113,7 @@ def test_nothing_moves_without_huge_pages(monkeypatch):
     m = Tied()
     ptr = m.emb.weight.data_ptr()
     assert hugepages.move_to_huge_pages(m) == 0 and m.emb.weight.data_ptr() == ptr
-    assert not hugepages._find(sorted(hugepages._arenas), hugepages.zeros((8 * MB,), dtype=torch.float32).data_ptr())
+    assert not hugepages.in_arena(hugepages.zeros((8 * MB,), dtype=torch.float32).data_ptr())
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path, monkeypatch):
@@ -132,11 +132,10 @@ def test_the_engine_serves_from_huge_pages():
 
     llm = LLM("galerne-mini", device="cpu", kv_cache_gb=0.1, huge_pages=True)
     out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    arenas = sorted(hugepages._arenas)
     model = llm.engine.runner.model
-    assert hugepages._find(arenas, model.output.weight.data_ptr())
-    assert all(hugepages._find(arenas, p.data_ptr()) for p in model.layers[0].parameters())
-    assert hugepages._find(arenas, llm.engine.runner.cache.k.data_ptr())
+    assert hugepages.in_arena(model.output.weight.data_ptr())
+    assert all(hugepages.in_arena(p.data_ptr()) for p in model.layers[0].parameters())
+    assert hugepages.in_arena(llm.engine.runner.cache.k.data_ptr())
     assert len(out[0].outputs[0].token_ids) == 4
 
 
@@ -148,6 +147,5 @@ def test_huge_pages_off_by_default_keeps_the_weights_where_they_are():
     ptr = off.model.output.weight.data_ptr()
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     assert off.generate([[1, 5, 9]], params)[0].outputs[0].token_ids == on.generate([[1, 5, 9]], params)[0].outputs[0].token_ids
-    arenas = sorted(hugepages._arenas)
-    assert off.model.output.weight.data_ptr() == ptr and not hugepages._find(arenas, ptr)
-    assert not hugepages._find(arenas, off.engine.runner.cache.k.data_ptr())
+    assert off.model.output.weight.data_ptr() == ptr and not hugepages.in_arena(ptr)
+    assert not hugepages.in_arena(off.engine.runner.cache.k.data_ptr())
